@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike import losses
+from t5xlike import decoding, losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -75,3 +75,28 @@ class TokenModel:
   def metrics(self, sums: Mapping[str, Array]) -> dict[str, Array]:
     """Reported metrics (`loss`, `z_loss`, `accuracy`) from summed `loss_fn` statistics."""
     return losses.token_metrics(sums)
+
+  def score_batch(self, params: Any, batch: Batch) -> Array:
+    """Log-likelihood (natural log) of each target token, float32 [b, length];
+    0 where `weight_feature` is 0. A row's score is the sum over its length,
+    minus its summed token cross entropy (without z-loss and smoothing)."""
+    log_probs = jax.nn.log_softmax(self.logits(params, batch).astype(jnp.float32), axis=-1)
+    targets = jnp.asarray(batch[self.target_feature])
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.asarray(batch[self.weight_feature]) > 0, picked, 0.0)
+
+  def predict_batch(self, params: Any, batch: Batch, config: decoding.DecodingConfig,
+                    max_length: int, eos_id: int,
+                    rng: Array | None = None) -> tuple[Array, Array]:
+    """Generates up to `max_length` tokens per row (jit it with the config,
+    lengths and eos static). Needs the model's `decoding_start`,
+    `decoding_step` and `gather_decoding_rows`.
+
+    Returns:
+      tokens int32 [b, max_length] (EOS kept, 0 after it) and scores float32
+      [b] (see `t5xlike.decoding`).
+    """
+    state, first_logits = self.decoding_start(params, batch, max_length)
+    step = lambda tokens, state: self.decoding_step(params, tokens, state)
+    return decoding.decode(config, step, state, first_logits, max_length, eos_id,
+                           self.gather_decoding_rows, rng=rng)

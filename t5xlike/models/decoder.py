@@ -217,8 +217,10 @@ class Transformer(nn.Module):
                decoder_segment_ids: Array | None = None,
                decoder_positions: Array | None = None,
                decoder_causal_attention: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
-    if decode:
+               decode: bool = False, decode_mask: Array | None = None) -> Array:
+    if decode and decode_mask is not None:
+      mask = decode_mask
+    elif decode:
       valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
       mask = layers.decoder_mask(valid, decoder_causal_attention)
     else:
@@ -295,7 +297,8 @@ class DecoderOnlyModel(base.TokenModel):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def decode_step(self, params: Any, cache: Any, tokens: Array, positions: Array | None = None,
-                  causal_attention: Array | None = None) -> tuple[Array, Any]:
+                  causal_attention: Array | None = None,
+                  mask: Array | None = None) -> tuple[Array, Any]:
     """Feeds the next tokens of every row through the cache.
 
     Args:
@@ -307,10 +310,58 @@ class DecoderOnlyModel(base.TokenModel):
         cache_index .. cache_index + n - 1.
       causal_attention: optional int [batch, n], 1 on prefix positions that
         see each other bidirectionally (prefix-LM prefill).
+      mask: optional bool [batch, 1, n, max_length], which cache slots each new
+        token sees (absolute; replaces the causal / prefix mask of the chunk),
+        e.g. to hide the padding of left-padded prompts.
     Returns:
       (float32 logits [batch, n, vocab], the updated cache).
     """
     logits, variables = self.network.apply(
         {"params": params, "cache": cache}, tokens, None, decoder_positions=positions,
-        decoder_causal_attention=causal_attention, decode=True, mutable=["cache"])
+        decoder_causal_attention=causal_attention, decode=True, decode_mask=mask,
+        mutable=["cache"])
     return logits, variables["cache"]
+
+  # -- decoding protocol of `t5xlike.decoding` (see base.TokenModel.predict_batch) --
+  def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:
+    """Reads each row's prompt and returns (state, logits [b, vocab] of the first token).
+
+    The prompt is what the decoder feature converter puts before the
+    targets: with `decoder_causal_attention` (prefix LM) the positions where
+    it is 1 (the BOS 0 and the inputs), which see each other bidirectionally
+    as in training; without it the BOS alone (causal LM). Prompts are left-
+    padded to the batch's width P in a cache of P + max_length + 1 slots;
+    padded slots are hidden and RoPE positions count from each row's first
+    real token, so every row is decoded as if alone.
+    """
+    tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    rows, width = tokens.shape
+    prefix = batch.get("decoder_causal_attention")
+    if prefix is None:
+      prompt_width, prompt_len = 1, jnp.ones((rows,), jnp.int32)
+    else:
+      prompt_width, prompt_len = width, jnp.sum(jnp.asarray(prefix) > 0, axis=1).astype(jnp.int32)
+    index = jnp.arange(prompt_width, dtype=jnp.int32)[None] - (prompt_width - prompt_len)[:, None]
+    valid = index >= 0
+    prompt = jnp.where(valid, jnp.take_along_axis(tokens, jnp.maximum(index, 0), axis=1), 0)
+    slots = prompt_width + max_length + 1
+    slot_valid = jnp.concatenate([valid, jnp.ones((rows, slots - prompt_width), jnp.bool_)], 1)
+    mask = valid[:, None, :, None] & slot_valid[:, None, None, :]
+    mask = mask & (jnp.arange(slots)[None, None, None, :] < prompt_width)
+    logits, cache = self.decode_step(params, self.init_cache(rows, slots), prompt,
+                                     positions=jnp.maximum(index, 0), mask=mask)
+    state = {"cache": cache, "slot_valid": slot_valid, "next_position": prompt_len}
+    return state, logits[:, -1]
+
+  def decoding_step(self, params: Any, tokens: Array, state: Any) -> tuple[Array, Any]:
+    """Feeds tokens int [b, 1]; returns (logits [b, vocab], state)."""
+    logits, cache = self.decode_step(
+        params, state["cache"], tokens, positions=state["next_position"][:, None],
+        mask=state["slot_valid"][:, None, None, :])
+    return logits[:, 0], {**state, "cache": cache, "next_position": state["next_position"] + 1}
+
+  def gather_decoding_rows(self, state: Any, rows: Array) -> Any:
+    """The decoding state of rows `rows` (int [m])."""
+    take = lambda x: jnp.take(x, rows, axis=0)
+    return {"cache": layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers),
+            "slot_valid": take(state["slot_valid"]), "next_position": take(state["next_position"])}

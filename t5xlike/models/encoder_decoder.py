@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
-from t5xlike.models import base
+from t5xlike.models import base, layers
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -48,3 +49,38 @@ class EncoderDecoderModel(base.TokenModel):
         batch["decoder_target_tokens"], encoder_segment_ids=batch.get("encoder_segment_ids"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         deterministic=dropout_rng is None, rngs=rngs)
+
+  # -- decoding protocol of `t5xlike.decoding` (see base.TokenModel.predict_batch) --
+  def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:
+    """Encodes `encoder_input_tokens` once, feeds the decoder its BOS (id 0)
+    and returns (state, logits [b, vocab] of the first target token).
+
+    State: the decoder's KV cache (max_length + 1 slots), the encoder output
+    [b, le, embed] and the encoder tokens [b, le] (for the cross-attention mask).
+    """
+    encoder_tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
+    encoded = self.network.apply({"params": params}, encoder_tokens, method="encode")
+    rows, slots = encoder_tokens.shape[0], max_length + 1
+    decoder_tokens = jnp.zeros((rows, slots), jnp.int32)
+    shapes = jax.eval_shape(lambda: self.network.init(
+        jax.random.key(0), encoded, encoder_tokens, decoder_tokens, None, decode=True,
+        max_decode_length=slots, method="decode"))["cache"]
+    state = {"cache": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+             "encoded": encoded, "encoder_input_tokens": encoder_tokens}
+    return self.decoding_step(params, jnp.zeros((rows, 1), jnp.int32), state)[::-1]
+
+  def decoding_step(self, params: Any, tokens: Array, state: Any) -> tuple[Array, Any]:
+    """Feeds tokens int [b, 1]; returns (logits [b, vocab], state)."""
+    logits, variables = self.network.apply(
+        {"params": params, "cache": state["cache"]}, state["encoded"],
+        state["encoder_input_tokens"], tokens, None, decode=True,
+        max_decode_length=layers.cache_length(state["cache"]), method="decode",
+        mutable=["cache"])
+    return logits[:, 0], {**state, "cache": variables["cache"]}
+
+  def gather_decoding_rows(self, state: Any, rows: Array) -> Any:
+    """The decoding state of rows `rows` (int [m])."""
+    take = lambda x: jnp.take(x, rows, axis=0)
+    return {"cache": layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers),
+            "encoded": take(state["encoded"]),
+            "encoder_input_tokens": take(state["encoder_input_tokens"])}

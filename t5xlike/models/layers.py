@@ -523,6 +523,30 @@ def run_stack(layer_cls: type[nn.Module], num_layers: int, x: Array, *args: Any,
   return x
 
 
+#: Cache variables that are counters, not per-row arrays.
+CACHE_COUNTERS = ("cache_index", "decode_position")
+
+
+def gather_cache_rows(cache: Any, rows: Array, scanned: bool) -> Any:
+  """The KV cache of batch rows `rows` (int [m]): every cached array taken
+  along its batch axis (0, or 1 under a scanned stack's leading `layers`
+  axis); counters (`CACHE_COUNTERS`) shared by the rows are kept."""
+  def take(path, x):
+    if getattr(path[-1], "key", None) in CACHE_COUNTERS:
+      return x
+    in_scan = scanned and any(getattr(k, "key", None) == "layers" for k in path)
+    return jnp.take(x, rows, axis=1 if in_scan else 0)
+  return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def cache_length(cache: Any) -> int:
+  """The number of slots of a KV cache (the max_length it was created for)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    if getattr(path[-1], "key", None) == "cached_key":
+      return x.shape[-3]
+  raise ValueError("not a KV cache: no cached_key")
+
+
 def stack_layer_params(stack: dict, num_layers: int) -> dict:
   """One stack's unscanned parameters (`layers_<i>` subtrees) -> scanned
   (one `layers` subtree, arrays with a leading `layers` axis); other entries kept."""

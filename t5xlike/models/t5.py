@@ -104,10 +104,11 @@ def _dropout(cfg) -> nn.Dropout:
   return layers.residual_dropout(cfg.dropout_rate)
 
 
-def _attention(cfg: T5Config, name: str) -> layers.MultiHeadAttention:
+def _attention(cfg: T5Config, name: str, decode: bool = False) -> layers.MultiHeadAttention:
   return layers.MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim,
                                    dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype,
-                                   float32_logits=cfg.float32_attention_logits, name=name)
+                                   float32_logits=cfg.float32_attention_logits, decode=decode,
+                                   name=name)
 
 
 def _mlp(cfg: T5Config) -> layers.MlpBlock:
@@ -149,9 +150,14 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One decoder block: causal self-attention, cross-attention, MLP."""
+  """One decoder block: causal self-attention, cross-attention, MLP.
+
+  With `decode=True` the self-attention keeps a KV cache (`cache` collection,
+  see `layers.MultiHeadAttention`); cross-attention reads the encoder output.
+  """
   config: T5Config
   deterministic: bool = True
+  decode: bool = False
   scanned: bool = False
 
   @nn.compact
@@ -160,7 +166,8 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     deterministic = self.deterministic
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_self_attention_layer_norm")(x)
-    y = _attention(cfg, "self_attention")(y, y, self_mask, bias, deterministic=deterministic)
+    y = _attention(cfg, "self_attention", self.decode)(y, y, self_mask, bias,
+                                                       deterministic=deterministic)
     x = _constrain(x + _dropout(cfg)(y, deterministic=deterministic))
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_cross_attention_layer_norm")(x)
     y = _attention(cfg, "encoder_decoder_attention")(y, encoded, cross_mask, None,
@@ -173,12 +180,13 @@ class DecoderLayer(nn.Module):
 
 
 def _run_stack(cfg: T5Config, layer_cls: type[nn.Module], num_layers: int, x: Array,
-               *args: Array, deterministic: bool) -> Array:
+               *args: Array, deterministic: bool, **layer_attrs) -> Array:
   """Applies `num_layers` layers to x: a Python loop (`layers_<i>`) or one
   `nn.scan` (`layers`, parameters stacked on a leading `layers` axis).
   `args` are passed unchanged to every layer (masks, biases, encoder output)."""
   return layers.run_stack(layer_cls, num_layers, x, *args, scan=cfg.scan_layers,
-                          remat=cfg.remat_policy, config=cfg, deterministic=deterministic)
+                          remat=cfg.remat_policy, config=cfg, deterministic=deterministic,
+                          **layer_attrs)
 
 
 class Encoder(nn.Module):
@@ -204,16 +212,33 @@ class Decoder(nn.Module):
   shared_embedding: layers.Embed
 
   @nn.compact
-  def __call__(self, encoded: Array, tokens: Array, self_mask: Array, cross_mask: Array,
-               deterministic: bool) -> Array:
-    """encoded: [b, le, embed]; tokens: int [b, ld] -> logits float32 [b, ld, vocab]."""
+  def __call__(self, encoded: Array, tokens: Array, self_mask: Array | None, cross_mask: Array,
+               deterministic: bool, decode: bool = False,
+               max_decode_length: int | None = None) -> Array:
+    """encoded: [b, le, embed]; tokens: int [b, ld] -> logits float32 [b, ld, vocab].
+
+    With `decode=True`, `tokens` are the next ld tokens of every row, written
+    to a KV cache of `max_decode_length` slots; `self_mask` is then None
+    (every earlier token visible) and the relative position biases are those
+    of positions p .. p + ld - 1, where p = `decode_position`, a `cache`
+    variable counting the tokens fed so far (the first, `init`, call with
+    ld = max_decode_length creates the cache and counts nothing).
+    """
     cfg = self.config
     length = tokens.shape[-1]
-    bias = _relpos(cfg)(length, length, bidirectional=False)
+    if decode and self.has_variable("cache", "decode_position"):
+      position = self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
+      full = _relpos(cfg)(max_decode_length, max_decode_length, bidirectional=False)
+      bias = jax.lax.dynamic_slice_in_dim(full, position.value, length, axis=2)
+      position.value = position.value + length
+    else:
+      if decode:
+        self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
+      bias = _relpos(cfg)(length, length, bidirectional=False)
     y = _dropout(cfg)(self.shared_embedding(tokens), deterministic=deterministic)
     y = _constrain(y)
     y = _run_stack(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, bias, self_mask,
-                   cross_mask, deterministic=deterministic)
+                   cross_mask, deterministic=deterministic, decode=decode)
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -252,8 +277,21 @@ class Transformer(nn.Module):
     return self.encoder(encoder_input_tokens, mask, deterministic)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
-             decoder_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+             decoder_target_tokens: Array | None, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, deterministic: bool = True,
+             decode: bool = False, max_decode_length: int | None = None) -> Array:
+    """Decoder logits float32 [b, ld, vocab] given the encoder output [b, le, embed].
+
+    With `decode=True` (the `cache` collection mutable) `decoder_input_tokens`
+    are the next tokens of every row, fed through a KV cache of
+    `max_decode_length` slots (see `Decoder`); `decoder_target_tokens` and
+    the segment ids are ignored.
+    """
+    if decode:
+      cross_mask = layers.attention_mask(jnp.ones(decoder_input_tokens.shape, jnp.bool_),
+                                         encoder_input_tokens > 0)
+      return self.decoder(encoded, decoder_input_tokens, None, cross_mask, deterministic,
+                          decode=True, max_decode_length=max_decode_length)
     target_valid = decoder_target_tokens > 0
     self_mask = layers.attention_mask(target_valid, target_valid)
     self_mask = self_mask & layers.causal_mask(decoder_target_tokens.shape[-1])
