@@ -1,0 +1,123 @@
+"""Metric functions for seqio tasks, on maintained libraries.
+
+seqio's contract: a *predict* metric is `fn(targets, predictions) -> {name:
+value}` over the postprocessed targets and predictions of a whole split (in
+the same order); a *score* metric is `fn(targets, scores)`, where `scores` are
+the summed log-likelihoods of the targets. seqio tells them apart by the
+names of the positional arguments, so keep them.
+
+Every value is in percent (0-100, as T5 reports GLUE and SuperGLUE), except
+`mean_log_likelihood` (nats per example).
+
+  accuracy             sklearn.metrics.accuracy_score x 100 (labels or strings
+                       compared as given).
+  sequence_accuracy    exact match of the strings after `str.strip`, x 100.
+  f1_binary            sklearn.metrics.f1_score (positive class 1) x 100,
+                       invalid predictions counted wrong.
+  mcc                  sklearn.metrics.matthews_corrcoef x 100.
+  bleu                 sacrebleu.corpus_bleu, T5's settings (tokenize='intl',
+                       smooth_method='exp'); one or several references.
+  rouge                rouge_score: rouge1, rouge2, rougeLsum F-measure, stemmed,
+                       mean over examples, x 100.
+  mean_log_likelihood  mean of the scores (score metric).
+
+Core module: no TensorFlow or seqio here (the evaluation loop may run
+without them); the libraries are imported on first use.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
+
+
+def accuracy(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]:
+  """{'accuracy': percent of predictions equal to their target}."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  return {"accuracy": 100.0 * float(metrics.accuracy_score(list(targets), list(predictions)))}
+
+
+def sequence_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """{'sequence_accuracy': percent of predictions equal to their target after strip()}."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  score = metrics.accuracy_score([str(t).strip() for t in targets],
+                                 [str(p).strip() for p in predictions])
+  return {"sequence_accuracy": 100.0 * float(score)}
+
+
+def f1_binary(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+  """{'f1': percent F1 of the positive class 1 (GLUE MRPC, QQP); targets are 0/1}.
+
+  A prediction that is neither 0 nor 1 (e.g. -1, text that is no label)
+  counts as the wrong class, as in T5's `f1_score_with_invalid`: a false
+  negative when the target is 1, a false positive when it is 0.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  targets, predictions = np.asarray(targets), np.asarray(predictions)
+  predictions = np.where(np.isin(predictions, (0, 1)), predictions, 1 - targets)
+  score = metrics.f1_score(targets, predictions, pos_label=1, average="binary",
+                           zero_division=0.0)
+  return {"f1": 100.0 * float(score)}
+
+
+def mcc(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+  """{'matthews_corrcoef': percent Matthews correlation (GLUE CoLA)}."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  return {"matthews_corrcoef":
+          100.0 * float(metrics.matthews_corrcoef(list(targets), list(predictions)))}
+
+
+def _references(targets: Sequence[str | Sequence[str]]) -> list[list[str]]:
+  """sacrebleu's reference streams: [stream][example] from [example] or [example][ref]."""
+  if all(isinstance(t, str) for t in targets):
+    return [list(targets)]
+  counts = {len(t) for t in targets}
+  if len(counts) != 1:
+    raise ValueError(f"bleu: every example needs the same number of references, got {counts}")
+  return [list(stream) for stream in zip(*targets)]
+
+
+def bleu(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
+  """{'bleu': corpus BLEU in percent (sacrebleu, as T5 computes it)}.
+
+  `targets`: one reference string per example, or a list of references per
+  example (the same number for every example).
+  """
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  result = sacrebleu.corpus_bleu(list(predictions), _references(targets), smooth_method="exp",
+                                 smooth_value=0.0, force=False, lowercase=False, tokenize="intl",
+                                 use_effective_order=False)
+  return {"bleu": float(result.score)}
+
+
+def _summary_lines(text: str) -> str:
+  """One sentence per line, as rougeLsum expects (T5 splits at ' . ')."""
+  return text.replace(" . ", " .\n")
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str],
+          rouge_types: Sequence[str] = ROUGE_TYPES) -> dict[str, float]:
+  """{'rouge1', 'rouge2', 'rougeLsum'}: mean F-measure over examples, in percent.
+
+  rouge_score's RougeScorer with the Porter stemmer, each target scored
+  against its prediction.
+  """
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  if len(targets) != len(predictions):
+    raise ValueError(f"rouge: {len(targets)} targets but {len(predictions)} predictions")
+  scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=True)
+  totals = dict.fromkeys(rouge_types, 0.0)
+  for target, prediction in zip(targets, predictions):
+    scores = scorer.score(_summary_lines(target), _summary_lines(prediction))
+    for name in rouge_types:
+      totals[name] += scores[name].fmeasure
+  count = max(len(targets), 1)
+  return {name: 100.0 * total / count for name, total in totals.items()}
+
+
+def mean_log_likelihood(targets: Sequence[Any], scores: Sequence[float]) -> dict[str, float]:
+  """{'mean_log_likelihood': mean summed log-likelihood of the targets, nats per example}."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  del targets
+  return {"mean_log_likelihood": float(np.mean(np.asarray(scores, np.float64)))}
