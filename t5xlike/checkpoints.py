@@ -131,3 +131,101 @@ def save_params(path: str | epath.Path, step: int, params: Any) -> epath.Path:
                                             "params": params})
     checkpointer.wait_until_finished()
   return directory
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} of the leaves of a nested-dict tree (arrays, ShapeDtypeStructs,
+  orbax metadata; `nn.LogicallyPartitioned` boxes are leaves with their value's shape)."""
+  boxed = lambda x: hasattr(x, "unbox") and hasattr(x, "names")
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=boxed)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path):
+          tuple(getattr(leaf, "value", leaf).shape) for path, leaf in leaves}
+
+
+def saved_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
+  """`flat_shapes` of the parameters of a step directory, from orbax metadata
+  (no array is loaded)."""
+  path = validate_step_dir(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path / "state")
+  tree = getattr(metadata, "item_metadata", metadata)
+  return flat_shapes(getattr(tree, "tree", tree).get("params", {}))
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  out: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def restore_matching_params(path: str | epath.Path,
+                            abstract_params: Any) -> tuple[dict[str, Any], list[str]]:
+  """Restores the parameters of `abstract_params` that a step directory holds.
+
+  For a run whose parameter tree extends the checkpoint's: a task head on a
+  pretrained body (ELECTRA's discriminator {embedder, encoder, binary_head}
+  -> a classifier {embedder, encoder, classifier}), adapters or LoRA on a
+  pretrained model. Parameters are matched by path ('encoder/layers_0/mlp/
+  wi/kernel'); the checkpoint's other parameters (here `binary_head`) are
+  left unread (orbax partial restore) and logged.
+
+  Args:
+    path: a step directory (`.../checkpoint_<N>`, with `state/` holding `params`).
+    abstract_params: the run's parameters: a nested dict of ShapeDtypeStructs
+      (with shardings, as in the abstract train state) or arrays.
+  Returns:
+    (the restored parameters: the subtree of `abstract_params` present in the
+    checkpoint, laid out and sharded as `abstract_params` says; the sorted
+    paths of `abstract_params` absent from the checkpoint).
+  Raises:
+    ValueError: a shared path with another shape (naming the path and both
+      shapes), or no parameter in common.
+  """
+  path = validate_step_dir(path)
+  saved = saved_param_shapes(path)
+  wanted = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  wanted = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in wanted}
+  mismatched = [f"{name}: checkpoint {saved[name]} vs model {tuple(leaf.shape)}"
+                for name, leaf in wanted.items()
+                if name in saved and saved[name] != tuple(leaf.shape)]
+  if mismatched:
+    raise ValueError(f"{path} has parameters of other shapes than the model: "
+                     f"{'; '.join(mismatched[:3])}"
+                     f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}")
+  shared = {name: checkpoint_abstract(leaf) for name, leaf in wanted.items() if name in saved}
+  if not shared:
+    raise ValueError(f"{path} shares no parameter with the model (checkpoint: "
+                     f"{', '.join(sorted(saved)[:4])}, ...; model: "
+                     f"{', '.join(sorted(wanted)[:4])}, ...)")
+  unused = sorted(set(saved) - set(wanted))
+  if unused:
+    log.info("%d checkpoint parameter(s) not in the model, not restored: %s", len(unused),
+             ", ".join(unused))
+  item = {"params": _nested(shared)}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return restored["params"], sorted(set(wanted) - set(saved))
+
+
+def checkpoint_abstract(leaf: Any) -> jax.ShapeDtypeStruct:
+  """A ShapeDtypeStruct (with the sharding, where the leaf has one) to restore `leaf` into."""
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+def restore_step(path: str | epath.Path) -> jax.Array:
+  """The int32 step saved in a step directory (nothing else is read)."""
+  path = validate_step_dir(path)
+  item = {"step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return restored["step"]

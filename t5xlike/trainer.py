@@ -279,7 +279,7 @@ class LoopConfig:
 
 def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: LoopConfig,
                writer: metrics.MetricsWriter, checkpointer: checkpoints.Checkpointer,
-               run_eval: Callable[[Any], Mapping[str, Mapping[str, float]]] | None = None,
+               run_eval: Callable[[int, Any], Mapping[str, Mapping[str, float]]] | None = None,
                tokens_per_batch: int = 0) -> TrainState:
   """Trains from `state.step` to `config.train_steps`.
 
@@ -319,7 +319,7 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
     is_final = step == total
     if run_eval is not None and config.eval_period and (step % config.eval_period == 0
                                                         or is_final):
-      for task, values in run_eval(state.params).items():
+      for task, values in run_eval(step, state.params).items():
         writer.write_eval(step, task, values)
         log.info("eval step %d %s | %s", step, task, " | ".join(
             f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))

@@ -17,23 +17,11 @@ import gin
 import jax
 from etils import epath
 
-from t5xlike import checkpoints, config, metrics, partitioning, trainer as trainer_lib
+from t5xlike import checkpoints, config, entry, metrics, partitioning, trainer as trainer_lib
 from t5xlike.data import feature_converters, pipeline
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
-_RUN_STARTED = False
-
-
-def run_started() -> bool:
-  """True once `train` has passed validation and may have written files."""
-  return _RUN_STARTED
-
-
-def reset_run_started() -> None:
-  """Called by the entry point before each run (tests run several in one process)."""
-  global _RUN_STARTED
-  _RUN_STARTED = False
 
 
 def import_task_module(module: str | None) -> None:
@@ -68,7 +56,8 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
           num_microbatches: int = 1, use_cached_tasks: bool = False,
           task_cache_dir: str | None = None, pack: bool = False, data_threads: int = 0,
-          require_initial_checkpoint: bool = False) -> trainer_lib.TrainState | None:
+          require_initial_checkpoint: bool = False, fresh_optimizer_state: bool = False,
+          inference_evaluator: Any = None) -> trainer_lib.TrainState | None:
   """Trains `model` on a seqio task/mixture; returns the final state.
 
   Args mirror the T5X macros: MODEL_DIR, TRAIN_STEPS (total steps),
@@ -85,6 +74,11 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   sense from a checkpoint, such as SPDF's dense fine-tuning). A model with
   `exports(params) -> {name: params}` (ELECTRA's discriminator) has those
   written to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>` at the end.
+  `fresh_optimizer_state` starts from INITIAL_CHECKPOINT_PATH's parameters and
+  step with a new optimizer state (fine-tuning). `inference_evaluator` (an
+  `evaluation.InferenceEvaluator`) adds the tasks' metric functions to every
+  evaluation (rows per task in metrics/eval.jsonl, outputs in
+  MODEL_DIR/inference_eval/).
   """
   # ---- validation: nothing is written before this block has passed. ----
   if not model_dir:
@@ -140,8 +134,7 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   abstract_state = trainer.abstract_state(example_batch)
 
   # ---- the run: from here on MODEL_DIR is written. ----
-  global _RUN_STARTED
-  _RUN_STARTED = True
+  entry.mark_run_started()
   is_main = jax.process_index() == 0
   model_dir = epath.Path(model_dir)
   if is_main:
@@ -149,8 +142,12 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     (model_dir / "config.gin").write_text(gin.operative_config_str())
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints,
                                           async_save=async_checkpointing)
+  resuming = checkpointer.latest_step() is not None
   state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
                          initial_checkpoint_path, random_seed)
+  if fresh_optimizer_state and initial_checkpoint_path and not resuming:
+    log.info("fresh optimizer state (fresh_optimizer_state=True)")
+    state = trainer.state_from_params(state.params, state.step, random_seed)
   start = int(jax.device_get(state.step))
   _log_startup(trainer, state, partitioner, train_feed, start, train_steps, abstract_state)
   if start >= train_steps:
@@ -159,10 +156,14 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     checkpointer.close()
     return state
 
-  def run_eval(params):
+  def run_eval(step, params):
     with make_eval_feed() as eval_feed:
       values = trainer_lib.evaluate(trainer, params, itertools.islice(eval_feed, eval_steps))
-    return {mixture_or_task_name: values}
+    results = {mixture_or_task_name: values}
+    if inference_evaluator is not None:
+      results.update(inference_evaluator.evaluate(model, params, step,
+                                                  model_dir if is_main else None))
+    return results
 
   writer = metrics.MetricsWriter(model_dir, enabled=is_main)
   tokens_per_batch = feature_converters.tokens_per_batch(example_batch) * jax.process_count()
@@ -187,7 +188,10 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
                    initial_checkpoint_path, random_seed) -> trainer_lib.TrainState:
   """Resumes from MODEL_DIR's newest checkpoint (train state and data position), else
   starts from INITIAL_CHECKPOINT_PATH (train state and step; data from the start),
-  else initialises from RANDOM_SEED."""
+  else initialises from RANDOM_SEED. An INITIAL_CHECKPOINT_PATH with another parameter
+  tree (e.g. ELECTRA's discriminator under a classifier head) gives the parameters it
+  shares (same path and shape) and its step; the others come from RANDOM_SEED (logged),
+  the optimizer state is fresh; a shared path of another shape is a ConfigError."""
   latest = checkpointer.latest_step()
   if latest is not None:
     log.info("resuming from %s", checkpoints.step_dir(checkpointer.directory, latest))
@@ -196,6 +200,24 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
     return state
   if initial_checkpoint_path:
     log.info("starting from INITIAL_CHECKPOINT_PATH=%s", initial_checkpoint_path)
+    if (checkpoints.saved_param_shapes(initial_checkpoint_path)
+        != checkpoints.flat_shapes(abstract_state.params)):
+      # Another parameter tree (a task head, adapters on a pretrained body): the
+      # shared parameters and the step from the checkpoint, the rest from RANDOM_SEED,
+      # a fresh optimizer state.
+      try:
+        restored, missing = checkpoints.restore_matching_params(initial_checkpoint_path,
+                                                                abstract_state.params)
+      except ValueError as error:
+        raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH: {config.one_line(error)}") from None
+      log.info("%d parameter(s) not in the checkpoint, initialised from RANDOM_SEED=%d: %s",
+               len(missing), random_seed, ", ".join(missing))
+      from flax import traverse_util  # pylint: disable=g-import-not-at-top
+      params = traverse_util.flatten_dict(trainer.init_state(random_seed, example_batch).params)
+      params.update(traverse_util.flatten_dict(restored))
+      return trainer.state_from_params(traverse_util.unflatten_dict(params),
+                                       checkpoints.restore_step(initial_checkpoint_path),
+                                       random_seed)
     expected = [(tuple(leaf.shape), str(leaf.dtype))
                 for leaf in jax.tree.leaves(abstract_state.opt_state)]
     if checkpoints.saved_leaf_shapes(initial_checkpoint_path, "opt_state") == expected:

@@ -50,10 +50,23 @@ OBJECTIVE_GINS = sorted(str(p.relative_to(GIN_DIR)) for p in (GIN_DIR / "objecti
 
 
 @pytest.mark.parametrize("files", [["quickstart.gin"],
-                                   ["models/t5_1_1/small.gin", "runs/pretrain.gin"]]
+                                   ["models/t5_1_1/small.gin", "runs/pretrain.gin"],
+                                   ["models/t5_1_1/tiny.gin", "runs/finetune.gin"]]
                          + [[name] for name in OBJECTIVE_GINS])
 def test_run_configs_bind_every_macro(files):
   config.configure(files)
   defined = config._defined_macros()  # pylint: disable=protected-access
   gin.clear_config()
   assert set(REQUIRED_MACROS) <= defined
+
+
+@pytest.mark.parametrize("run,macros", [
+    ("runs/eval.gin", ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR")),
+    ("runs/infer.gin", ("CHECKPOINT_PATH", "INFER_OUTPUT_DIR", "RANDOM_SEED"))])
+def test_eval_and_infer_configs_bind_their_macros(run, macros):
+  config.configure(["models/decoder/tiny.gin", run])
+  defined = config._defined_macros()  # pylint: disable=protected-access
+  gin.clear_config()
+  common = ("MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "TASK_FEATURE_LENGTHS",
+            "BATCH_SIZE", "USE_CACHED_TASKS", "MESH_SHAPE", "VOCABULARY")
+  assert set(macros) | set(common) <= defined

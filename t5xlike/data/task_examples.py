@@ -1,0 +1,76 @@
+"""Examples of a task (or of each task of a mixture) for inference and evaluation.
+
+Reads a split after the task's deterministic preprocessors, in file order,
+through `sources.open_source` (in memory, or the task cache with
+USE_CACHED_TASKS), and applies its post-cache EOS preprocessors, so the
+examples are exactly what the model was trained on (without an objective).
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+from typing import Any, Mapping
+
+import numpy as np
+import seqio
+
+from t5xlike.data import pipeline, sources
+
+
+def import_module(module: str | None) -> None:
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as error:
+      raise ValueError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: {error}") from None
+
+
+def leaf_tasks(name: str) -> list[seqio.Task]:
+  """The task, or the tasks of a mixture (recursively), in registration order."""
+  task_or_mixture = sources.get_task(name)
+  if isinstance(task_or_mixture, seqio.Mixture):
+    return list(task_or_mixture.tasks)
+  return [task_or_mixture]
+
+
+def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int], *,
+               use_cached: bool, cache_dir: str | None,
+               max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The first `max_examples` (all if None) examples of a task split, with the
+  task's post-cache EOS appended as in training (trimmed to length - 1 first)."""
+  source = sources.open_source(task, split, use_cached=use_cached, cache_dir=cache_dir)
+  if isinstance(source, sources.SequentialSource):
+    with source:
+      examples = list(itertools.islice(source.iterate(), max_examples))
+  else:
+    count = len(source) if max_examples is None else min(max_examples, len(source))
+    examples = [source[i] for i in range(count)]
+  if not examples:
+    raise ValueError(f"{task.name}/{split} holds no example")
+  eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
+  return [pipeline.append_eos(ex, source.eos_features, feature_lengths, eos_id)
+          for ex in examples]
+
+
+def text_row(task: seqio.Task, example: dict[str, np.ndarray]) -> dict[str, Any]:
+  """{'inputs', 'targets'} decoded with the task's vocabularies (EOS dropped)."""
+  row = {}
+  for name in ("inputs", "targets"):
+    if name in example and name in task.output_features:
+      row[name] = task.output_features[name].vocabulary.decode(
+          [int(i) for i in example[name]])
+  return row
+
+
+def read_tasks(name: str, split: str, feature_lengths: Mapping[str, int], *,
+               module: str | None = None, use_cached: bool = False,
+               cache_dir: str | None = None, max_examples: int | None = None
+               ) -> list[tuple[str, list[dict[str, Any]], list[dict[str, np.ndarray]]]]:
+  """[(task name, decoded text rows, token examples)] of each task of `name`."""
+  import_module(module)
+  jobs = []
+  for task in leaf_tasks(name):
+    examples = read_split(task, split, feature_lengths, use_cached=use_cached,
+                          cache_dir=cache_dir, max_examples=max_examples)
+    jobs.append((task.name, [text_row(task, ex) for ex in examples], examples))
+  return jobs

@@ -1,0 +1,65 @@
+"""What every command-line entry point shares: flags -> gin -> one root call.
+
+`run_entry` sets up logging, parses `--gin_file` / `--gin.NAME=VALUE` and the
+entry's own flags, starts `jax.distributed` where asked, loads the gin files
+and calls the entry's gin root. Exit codes: 0 done, 2 a configuration or
+input error (one line on stderr, no file written: the root marks when it
+starts writing with `mark_run_started`), anything else a crash with its
+traceback. T5XLIKE_TRACEBACK=1 shows the traceback of configuration errors.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from t5xlike import config
+
+_RUN_STARTED = False
+
+
+def mark_run_started() -> None:
+  """Called by a root once validation has passed and it may write files:
+  later exceptions are crashes (traceback), not configuration errors."""
+  global _RUN_STARTED
+  _RUN_STARTED = True
+
+
+def run_started() -> bool:
+  return _RUN_STARTED
+
+
+def run_entry(description: str, call_root: Callable[[argparse.Namespace], object],
+              add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+              argv: Sequence[str] | None = None) -> int:
+  """Runs one entry point; `call_root(args)` calls the gin root after configuration."""
+  global _RUN_STARTED
+  _RUN_STARTED = False
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout)
+  logging.getLogger("t5xlike").setLevel(logging.INFO)
+  config.quiet_gin_search_logs()
+  parser = config.build_parser(description)
+  if add_flags is not None:
+    add_flags(parser)
+  try:
+    args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
+    config.initialize_distributed(args)
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:  # Only process 0 reports progress.
+      logging.getLogger("t5xlike").setLevel(logging.WARNING)
+    config.configure(args.gin_file, args.gin_overrides, args.gin_bindings, args.gin_search_paths)
+    call_root(args)
+  except config.ConfigError as error:
+    print(f"error: {config.one_line(error)}", file=sys.stderr)
+    return 2
+  except Exception as error:  # pylint: disable=broad-except
+    if _RUN_STARTED or os.environ.get("T5XLIKE_TRACEBACK"):
+      raise
+    # Raised while gin built the run (e.g. a required binding is missing):
+    # nothing has been written yet, so it is a configuration error.
+    print(f"error: {config.one_line(error)}", file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,182 @@
+"""Evaluation with the tasks' seqio metric functions (`python -m t5xlike.eval`, and
+evaluation during training).
+
+For each task of a mixture, `InferenceEvaluator` reads the split's examples,
+predicts (greedy by default) when the task has prediction metrics
+(`metric_fns(targets, predictions)`) and scores the targets when it has
+score metrics (`score_metric_fns(targets, scores)`), following seqio's
+contract: targets are the decoded target ids and predictions the decoded
+generated ids, both through `task.postprocess_fn(text, example=...,
+is_target=...)`; a metric function returns `{name: value}` (values may be
+seqio `MetricValue`s). Each task adds `loss` (mean negative log-likelihood
+per target token, from the scores) when scored. Writes
+`<output_dir>/metrics/eval.jsonl` rows `{"step", "task", <metric>: value}`
+and `<output_dir>/inference_eval/<task>-<step>.jsonl` (input, target,
+prediction).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+from etils import epath
+
+from t5xlike import checkpoints, config, decoding, entry, inference, metrics, partitioning
+from t5xlike import prediction
+
+log = logging.getLogger(__name__)
+
+
+def _plain_metric(value: Any) -> Any:
+  value = getattr(value, "value", value)  # seqio.metrics.Scalar and friends.
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return value
+
+
+class InferenceEvaluator:
+  """Task metrics of a model on the `split` of each task of a mixture.
+
+  Args:
+    mixture_or_task_name: the task or mixture whose tasks are evaluated.
+    feature_lengths: TASK_FEATURE_LENGTHS.
+    batch_size: examples per compiled call.
+    split: the split evaluated (seqio tasks name it 'validation' mostly).
+    max_examples: at most this many examples per task (None: all).
+    decoding_config: how predictions are decoded (default greedy).
+    max_decode_length: default the 'targets' length.
+    use_cached_tasks, task_cache_dir: as in training.
+    mixture_or_task_module: imported first (registers the tasks).
+  """
+
+  def __init__(self, mixture_or_task_name: str, feature_lengths: Mapping[str, int],
+               batch_size: int = 32, split: str = "validation", max_examples: int | None = None,
+               decoding_config: decoding.DecodingConfig | None = None,
+               max_decode_length: int | None = None, use_cached_tasks: bool = False,
+               task_cache_dir: str | None = None, mixture_or_task_module: str | None = None):
+    from t5xlike.data import task_examples  # pylint: disable=g-import-not-at-top
+    self.feature_lengths = dict(feature_lengths)
+    self.batch_size, self.max_decode_length = batch_size, max_decode_length
+    self.decoding_config = decoding_config
+    task_examples.import_module(mixture_or_task_module)
+    self.tasks = []
+    for task in task_examples.leaf_tasks(mixture_or_task_name):
+      if not (task.predict_metric_fns or task.score_metric_fns):
+        log.info("evaluation: task %s has no metric functions: skipped", task.name)
+        continue
+      examples = task_examples.read_split(task, split, self.feature_lengths,
+                                          use_cached=use_cached_tasks, cache_dir=task_cache_dir,
+                                          max_examples=max_examples)
+      self.tasks.append((task, examples, [task_examples.text_row(task, ex) for ex in examples]))
+    if not self.tasks:
+      raise ValueError(f"{mixture_or_task_name} has no task with metric functions to evaluate")
+    self.names = [task.name for task, _, _ in self.tasks]
+
+  def evaluate(self, model: Any, params: Any, step: int,
+               output_dir: str | epath.Path | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {metric: value}}; writes the inference outputs under `output_dir`."""
+    eos_id = getattr(getattr(model, "vocabulary", None), "eos_id", 1)
+    predictor = inference.Predictor(model, params, self.feature_lengths, self.batch_size,
+                                    self.decoding_config, self.max_decode_length, eos_id)
+    results = {}
+    for task, examples, rows in self.tasks:
+      vocabulary = task.output_features["targets"].vocabulary
+      texts = scores = None
+      outputs = [{"input": row.get("inputs"), "target": row["targets"]} for row in rows]
+      speed = {}
+      if task.predict_metric_fns:
+        texts = [vocabulary.decode(p.ids) for p in predictor.predict(examples)]
+        speed["decode_tokens_per_second"] = predictor.last_stats["decode_tokens_per_second"]
+        for out, text in zip(outputs, texts):
+          out["prediction"] = text
+      scores = [s.total for s in predictor.score(examples)]
+      for out, score in zip(outputs, scores):
+        out["score"] = score
+      scored_tokens = predictor.last_stats["scored_tokens"]
+      values = task_metrics(task, examples, rows, texts, scores)
+      values.update(loss=-sum(scores) / max(scored_tokens, 1), examples=len(examples), **speed)
+      results[task.name] = values
+      if output_dir is not None:
+        prediction.write_jsonl(epath.Path(output_dir) / "inference_eval" /
+                               f"{task.name}-{step}.jsonl", outputs)
+    return results
+
+
+def task_metrics(task: Any, examples: Sequence[Mapping[str, Any]],
+                 rows: Sequence[Mapping[str, str]], predictions: Sequence[str] | None,
+                 scores: Sequence[float] | None) -> dict[str, Any]:
+  """A task's metric values (seqio's contract) from decoded predictions and/or scores.
+
+  Targets are the decoded target texts `rows[i]['targets']`; targets and
+  predictions go through `task.postprocess_fn(text, example=..., is_target=...)`;
+  then `metric_fn(targets, predictions)` for each prediction metric and
+  `metric_fn(targets, scores)` for each score metric.
+  """
+  post = lambda text, example, is_target: task.postprocess_fn(text, example=example,
+                                                              is_target=is_target)
+  targets = [post(row["targets"], ex, True) for ex, row in zip(examples, rows)]
+  values: dict[str, Any] = {}
+  if predictions is not None:
+    processed = [post(text, ex, False) for text, ex in zip(predictions, examples)]
+    for metric_fn in task.predict_metric_fns:
+      values.update({k: _plain_metric(v) for k, v in metric_fn(targets, processed).items()})
+  if scores is not None:
+    for metric_fn in task.score_metric_fns:
+      values.update({k: _plain_metric(v) for k, v in metric_fn(targets, list(scores)).items()})
+  return values
+
+
+def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | None,
+             mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+             batch_size: int, mixture_or_task_module: str | None = None,
+             split: str = "validation", max_examples: int | None = None,
+             decoding_config: decoding.DecodingConfig | None = None,
+             max_decode_length: int | None = None, use_cached_tasks: bool = False,
+             task_cache_dir: str | None = None,
+             mesh_shape: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
+  """Evaluates CHECKPOINT_PATH on every task of MIXTURE_OR_TASK_NAME (gin root of
+  `python -m t5xlike.eval`); writes EVAL_OUTPUT_DIR/metrics/eval.jsonl and
+  EVAL_OUTPUT_DIR/inference_eval/<task>-<step>.jsonl. Returns {task: metrics}."""
+  # ---- validation: nothing is written before this block has passed. ----
+  if not checkpoint_path:
+    raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
+                             "MODEL_DIR/checkpoint_<N>)")
+  if not eval_output_dir:
+    raise config.ConfigError("EVAL_OUTPUT_DIR is not set (pass --gin.EVAL_OUTPUT_DIR=DIR)")
+  config.require_int("BATCH_SIZE", batch_size)
+  try:
+    checkpoints.validate_step_dir(checkpoint_path)
+  except ValueError as error:
+    raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
+  try:
+    evaluator = InferenceEvaluator(
+        mixture_or_task_name, task_feature_lengths, batch_size, split=split,
+        max_examples=max_examples, decoding_config=decoding_config,
+        max_decode_length=max_decode_length, use_cached_tasks=use_cached_tasks,
+        task_cache_dir=task_cache_dir, mixture_or_task_module=mixture_or_task_module)
+  except ValueError as error:
+    raise config.ConfigError(config.one_line(error)) from None
+  partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
+      "data_fsdp_tensor"))
+  example_batch = inference.example_features(model, task_feature_lengths)
+  try:
+    params, step = inference.restore_params(model, checkpoint_path, example_batch, partitioner)
+  except ValueError as error:
+    raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
+                             f"{config.one_line(error)}") from None
+
+  # ---- the run. ----
+  entry.mark_run_started()
+  results = evaluator.evaluate(model, params, step, eval_output_dir)
+  writer = metrics.MetricsWriter(eval_output_dir)
+  try:
+    for task, values in results.items():
+      writer.write_eval(step, task, values)
+      log.info("eval step %d %s | %s", step, task, " | ".join(
+          f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)))
+  finally:
+    writer.close()
+  log.info("wrote %s", epath.Path(eval_output_dir) / "metrics" / "eval.jsonl")
+  return results

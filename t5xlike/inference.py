@@ -1,0 +1,172 @@
+"""Batched prediction and scoring with a trained model (no TensorFlow).
+
+`Predictor` restores a model's parameters from a checkpoint step directory,
+turns examples (`{"inputs": int ids, "targets": int ids}`, ids exactly as
+given) into the model's features with its feature converter, pads the last
+batch to the fixed batch size (one compilation), and runs jit-compiled
+decoding (`t5xlike.decoding`, KV cache) or scoring (log-likelihood of the
+targets). Used by `python -m t5xlike.infer`, `python -m t5xlike.eval` and
+evaluation during training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5xlike import checkpoints, decoding, partitioning
+from t5xlike.data import feature_converters
+
+log = logging.getLogger(__name__)
+Example = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Prediction:
+  """One generated sequence: ids up to and including the first EOS (when
+  generated) and its score (summed log-likelihood; beam search: divided by
+  the length penalty)."""
+  ids: list[int]
+  score: float
+
+
+@dataclasses.dataclass
+class Score:
+  """Log-likelihood (natural log) of given targets: the sum and per token."""
+  total: float
+  token_scores: list[float]
+
+
+def example_features(model: Any, feature_lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """A one-row batch of the model's features at these lengths (shapes for init)."""
+  convert = feature_converters.get_converter(model.feature_converter)
+  example = {name: np.ones((1,), np.int32) for name in ("inputs", "targets")
+             if name in feature_lengths}
+  return dict(convert([example], feature_lengths))
+
+
+def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
+                    partitioner: partitioning.Partitioner) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs of the parameters with their shardings, the boxed tree)."""
+  shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+            for k, v in batch_shapes.items()}
+  boxed = jax.eval_shape(model.init, jax.random.key(0), shapes)["params"]
+  shardings = partitioner.variable_shardings(boxed)
+  unboxed = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
+                         is_leaf=lambda x: hasattr(x, "names"))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      unboxed, shardings), boxed
+
+
+def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, Any],
+                   partitioner: partitioning.Partitioner) -> tuple[Any, int]:
+  """(parameters, step) of a checkpoint step directory, laid out on the mesh."""
+  abstract, _ = abstract_params(model, batch_shapes, partitioner)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=partitioner.replicated())
+  params, step = checkpoints.restore_params_from_path(checkpoint_path, abstract, step)
+  return params, int(step)
+
+
+class Predictor:
+  """Predicts and scores lists of examples with one model and its parameters.
+
+  Args:
+    model: a token model with `feature_converter`, `predict_batch`, `score_batch`.
+    params: its parameters (e.g. from `restore_params`).
+    feature_lengths: TASK_FEATURE_LENGTHS ('inputs', 'targets'): the padded
+      lengths of the features; longer examples are truncated (logged).
+    batch_size: rows per compiled call.
+    decoding_config: how predictions choose tokens.
+    max_decode_length: most tokens generated per example (default: the
+      'targets' length; never the example's own targets).
+    eos_id: the vocabulary's EOS id (generation stops there, and it is kept).
+    seed: sampling seed (batch i uses fold_in(seed, i)).
+  """
+
+  def __init__(self, model: Any, params: Any, feature_lengths: Mapping[str, int],
+               batch_size: int, decoding_config: decoding.DecodingConfig | None = None,
+               max_decode_length: int | None = None, eos_id: int = 1, seed: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.model, self.params = model, params
+    self.feature_lengths = dict(feature_lengths)
+    self.batch_size = batch_size
+    self.decoding_config = decoding_config or decoding.DecodingConfig()
+    self.max_decode_length = int(max_decode_length or self.feature_lengths["targets"])
+    if self.max_decode_length < 1:
+      raise ValueError(f"max_decode_length must be >= 1, got {self.max_decode_length}")
+    self.eos_id = eos_id
+    self.seed = seed
+    self.convert = feature_converters.get_converter(model.feature_converter)
+    self._predict = jax.jit(functools.partial(
+        model.predict_batch, config=self.decoding_config, max_length=self.max_decode_length,
+        eos_id=eos_id))
+    self._compiled_predict = None
+    self._score = jax.jit(model.score_batch)
+    self.last_stats: dict[str, float] = {}
+
+  def _batches(self, examples: Sequence[Example],
+               drop_targets: bool) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(features of a full batch, number of real rows), padded with copies of row 0."""
+    for start in range(0, len(examples), self.batch_size):
+      chunk = [dict(ex) for ex in examples[start:start + self.batch_size]]
+      real = len(chunk)
+      if drop_targets:
+        for ex in chunk:
+          ex["targets"] = np.zeros((0,), np.int32)
+      chunk += [chunk[0]] * (self.batch_size - real)
+      yield self.convert(chunk, self.feature_lengths), real
+
+  def _warn_truncated(self, examples: Sequence[Example], features: Sequence[str]) -> None:
+    for name in features:
+      limit = self.feature_lengths.get(name)
+      long = sum(1 for ex in examples if name in ex and len(ex[name]) > (limit or 0))
+      if limit is not None and long:
+        log.warning("%d of %d examples have %s longer than %d tokens: truncated", long,
+                    len(examples), name, limit)
+
+  def predict(self, examples: Sequence[Example]) -> list[Prediction]:
+    """Generated ids and scores of each example (its `targets`, if any, unused)."""
+    self._warn_truncated(examples, ["inputs"])
+    out: list[Prediction] = []
+    generated, compile_seconds = 0, 0.0
+    start = time.perf_counter()
+    for index, (batch, real) in enumerate(self._batches(examples, drop_targets=True)):
+      rng = jax.random.fold_in(jax.random.key(self.seed), index)
+      if self._compiled_predict is None:  # Compiled once, outside the timing.
+        compile_start = time.perf_counter()
+        self._compiled_predict = self._predict.lower(self.params, batch, rng=rng).compile()
+        compile_seconds = time.perf_counter() - compile_start
+      tokens, scores = jax.device_get(self._compiled_predict(self.params, batch, rng=rng))
+      for ids, score in zip(decoding.trim_after_eos(tokens[:real], self.eos_id), scores[:real]):
+        out.append(Prediction(ids=[int(i) for i in ids], score=float(score)))
+        generated += len(ids)
+    seconds = time.perf_counter() - start - compile_seconds
+    self.last_stats = {"examples": len(examples), "generated_tokens": generated,
+                       "seconds": seconds, "compile_seconds": compile_seconds,
+                       "decode_tokens_per_second": generated / seconds if seconds else 0.0}
+    return out
+
+  def score(self, examples: Sequence[Example]) -> list[Score]:
+    """Log-likelihood of each example's `targets` given its `inputs`."""
+    self._warn_truncated(examples, ["inputs", "targets"])
+    out: list[Score] = []
+    start = time.perf_counter()
+    weight_name = self.model.weight_feature
+    for batch, real in self._batches(examples, drop_targets=False):
+      token_scores = np.asarray(jax.device_get(self._score(self.params, batch)))
+      weights = np.asarray(batch[weight_name]) > 0
+      for row in range(real):
+        values = token_scores[row][weights[row]]
+        out.append(Score(total=float(values.sum(dtype=np.float64)),
+                         token_scores=[float(v) for v in values]))
+    seconds = time.perf_counter() - start
+    self.last_stats = {"examples": len(examples), "seconds": seconds,
+                       "scored_tokens": sum(len(s.token_scores) for s in out)}
+    return out
