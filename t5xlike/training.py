@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import gin
 import jax
+import numpy as np
 from etils import epath
 
 from t5xlike import checkpoints, config, entry, metrics, partitioning, trainer as trainer_lib
@@ -132,6 +133,8 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
                                 num_microbatches=num_microbatches)
   example_batch = _validated(lambda: _first_batch(train_feed), "training data")
   abstract_state = trainer.abstract_state(example_batch)
+  if initial_checkpoint_path:
+    _check_initial_checkpoint(initial_checkpoint_path, abstract_state.params)
 
   # ---- the run: from here on MODEL_DIR is written. ----
   entry.mark_run_started()
@@ -228,6 +231,30 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
         initial_checkpoint_path, abstract_state.params, abstract_state.step)
     return trainer.state_from_params(params, step, random_seed)
   return trainer.init_state(random_seed, example_batch)
+
+
+def _check_initial_checkpoint(path: str, abstract_params: Any) -> None:
+  """A shared parameter of another shape is a ConfigError (before anything is
+  written); a model mostly absent from the checkpoint is warned about."""
+  saved = checkpoints.saved_param_shapes(path)
+  wanted = checkpoints.flat_shapes(abstract_params)
+  mismatched = [f"{name}: checkpoint {saved[name]} vs model {shape}"
+                for name, shape in wanted.items() if name in saved and saved[name] != shape]
+  if mismatched:
+    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={path} does not fit the model: "
+                             f"{'; '.join(mismatched[:3])}"
+                             f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}")
+  size = lambda shape: int(np.prod(shape))
+  shared = sum(size(shape) for name, shape in wanted.items() if name in saved)
+  total = sum(size(shape) for shape in wanted.values())
+  if not shared:
+    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={path} shares no parameter with the "
+                             f"model (is it a checkpoint of this architecture? scanned vs "
+                             f"unscanned layers differ in their paths)")
+  if shared < 0.5 * total:
+    log.warning("INITIAL_CHECKPOINT_PATH holds only %.0f%% of the model's parameters; the "
+                "rest start from RANDOM_SEED (scanned vs unscanned layers differ in paths)",
+                100.0 * shared / total)
 
 
 def _check_vocabulary_fits(model, feed, objective) -> None:

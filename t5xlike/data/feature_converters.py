@@ -14,6 +14,10 @@ per model family (a model names its converter in `model.feature_converter`):
 - `encoder` (MLM, ELECTRA): `inputs` (the corrupted sequence), `targets`
   (the original one) and `mlm_weights` (1 where a prediction is scored),
   each of length `inputs`.
+- `encoder_classification` (sequence classification, `ClassifierModel`):
+  `inputs` -> `encoder_input_tokens` [b, inputs], the scalar integer `label`
+  -> `classification_labels` [b]. Needs TASK_FEATURE_LENGTHS['inputs'] only.
+  Never packed: one sequence per row (`UNPACKED_CONVERTERS`).
 
 Without packing each example fills one row, 0-padded or truncated; the
 decoder input is the target shifted right with 0 as BOS.
@@ -123,11 +127,46 @@ def encoder_batch(examples: Sequence[Example], feature_lengths: Mapping[str, int
   }
 
 
+def encoder_classification_batch(examples: Sequence[Example],
+                                 feature_lengths: Mapping[str, int]) -> Batch:
+  """Sequence-classification features: one example per row, never packed.
+
+  Examples hold `inputs` (token ids, EOS already appended by the pipeline)
+  and `label` (a scalar integer, e.g. a seqio feature with rank 0). Returns
+  encoder_input_tokens int32 [b, L_in] (0-padded / truncated) and
+  classification_labels int32 [b]:
+
+    inputs [9 4 1] label 1, inputs [5 1] label 0, L_in 4:
+    encoder_input_tokens   9 4 1 0
+                           5 1 0 0
+    classification_labels  1 0
+  """
+  _require(feature_lengths, ("inputs",), "encoder_classification")
+  labels = []
+  for ex in examples:
+    if "label" not in ex:
+      raise ValueError(f"the encoder_classification feature converter needs a 'label' feature; "
+                       f"the example has {sorted(ex)}")
+    label = np.asarray(ex["label"])
+    if label.ndim != 0 or not np.issubdtype(label.dtype, np.integer):
+      raise ValueError(f"'label' must be a scalar integer, got {label.dtype} {label.shape}")
+    labels.append(int(label))
+  return {
+      "encoder_input_tokens": pad_or_truncate([ex["inputs"] for ex in examples],
+                                              feature_lengths["inputs"]),
+      "classification_labels": np.asarray(labels, np.int32).reshape(len(labels)),
+  }
+
+
 CONVERTERS: dict[str, Callable[[Sequence[Example], Mapping[str, int]], Batch]] = {
     "encoder_decoder": encoder_decoder_batch,
     "decoder": decoder_batch,
     "encoder": encoder_batch,
+    "encoder_classification": encoder_classification_batch,
 }
+
+#: Converters with one example per row that the packed pipeline must refuse.
+UNPACKED_CONVERTERS = ("encoder_classification",)
 
 
 def get_converter(name: str) -> Callable[[Sequence[Example], Mapping[str, int]], Batch]:

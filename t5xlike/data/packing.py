@@ -100,6 +100,9 @@ def pack_lengths(converter: str, feature_lengths: Mapping[str, int]) -> dict[str
   causal_attention: L_in + L_t each}; encoder: {inputs, targets,
   mlm_weights: L_in each}.
   """
+  if converter in feature_converters.UNPACKED_CONVERTERS:
+    raise ValueError(f"the {converter} feature converter keeps one sequence per row and does "
+                     f"not pack: set training.train.pack=False")
   _check_converter(converter)
   if converter == "encoder_decoder":
     _require(feature_lengths, ("inputs", "targets"), converter)

@@ -85,7 +85,7 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   objective the vocabulary (`setup`) and asks it for its raw length (which
   validates TASK_FEATURE_LENGTHS). Without an objective (supervised) the
   lengths must name `inputs` and `targets`, except for the decoder converter
-  (causal LM on `targets`). ValueError on bad input.
+  (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
   """
   feature = objective.source_feature if objective is not None else None
   if feature is not None and feature not in task.output_features:
@@ -95,8 +95,10 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   if objective is not None:
     objective.setup(vocabulary)
     return vocabulary, objective.raw_length(feature_lengths)
-  missing = {"inputs", "targets"} - set(feature_lengths)
-  if missing and feature_converter != "decoder":
+  required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
+      feature_converter, ("inputs", "targets"))
+  missing = set(required) - set(feature_lengths)
+  if missing:
     raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")
   return vocabulary, None
 

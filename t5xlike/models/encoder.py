@@ -15,10 +15,12 @@ Modules:
   MLMHead       BERT/ELECTRA masked-LM head: dense, gelu, norm, logits
                 through the shared token table transposed, plus a bias.
   BinaryHead    ELECTRA discriminator head: dense, gelu, one logit per token.
+  ClassificationHead  sequence classification (GLUE-style fine-tuning): pooled
+                representation, dense, gelu, dropout, class logits.
   EncoderNetwork  Embedder (own or shared) + EncoderStack + one head.
 
 Parameter tree of `EncoderNetwork(config, head='mlm')` (`head='binary'`
-replaces `mlm_head` by `binary_head`):
+replaces `mlm_head` by `binary_head`, `head='classifier'` by `classifier`):
   embedder/token_embedder/embedding          [vocab, embedding_dim]  (vocab, embed)
   embedder/position_embedding                [max_length, embedding_dim] (length, embed)
   encoder/embedding_projection/kernel        [embedding_dim, emb_dim] (embed, mlp),
@@ -31,6 +33,13 @@ replaces `mlm_head` by `binary_head`):
   mlm_head/output_bias                       [vocab]
   binary_head/dense/kernel                   [emb_dim, emb_dim] (embed, mlp)
   binary_head/logit/kernel                   [emb_dim] (mlp,)
+  classifier/dense/kernel                    [emb_dim, emb_dim] (embed, mlp)
+  classifier/out/kernel                      [emb_dim, num_classes] (mlp, None)
+  classifier/out/bias                        [num_classes] (None,)
+The body (`embedder`, `encoder`) is named the same under every head, so a
+discriminator exported by ELECTRA (`{embedder, encoder, binary_head}`)
+restores into a classifier (`{embedder, encoder, classifier}`): see
+`t5xlike.checkpoints.restore_matching_params`.
 With `scan_layers=True` the `layers_<i>` subtrees become one `layers` subtree.
 Flax refuses a logical name twice in one array, so the two maps between the
 tables' width and a network's hidden size name the tables' side `embed`
@@ -42,6 +51,9 @@ Batches (feature converter `encoder`), all [batch, length]:
   encoder_target_tokens  int32, the original token at every position
   mlm_weights            float32, 1.0 where the masked-LM prediction is scored
   encoder_segment_ids, encoder_positions  optional (packing)
+Classification batches (feature converter `encoder_classification`, model
+`t5xlike.models.classifier.ClassifierModel`): `encoder_input_tokens` int32
+[batch, length] and `classification_labels` int32 [batch].
 """
 from __future__ import annotations
 
@@ -58,7 +70,8 @@ from t5xlike.models import base, layers, t5
 Array = jax.Array
 Batch = Mapping[str, Array]
 
-HEADS = ("mlm", "binary", "none")
+HEADS = ("mlm", "binary", "classifier", "none")
+POOLINGS = ("mean", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,24 +261,92 @@ class BinaryHead(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def pool(hidden: Array, tokens: Array, pooling: str = "mean") -> Array:
+  """One vector per sequence: hidden [b, l, d], tokens int [b, l] -> [b, d].
+
+  'mean': the average over the non-padding positions (tokens > 0; a row of
+  padding only gives zeros). 'first': the first position, as BERT / ELECTRA
+  read their [CLS] token (meaningful only when the data starts every
+  sequence with such a token).
+  """
+  if pooling == "first":
+    return hidden[:, 0]
+  if pooling != "mean":
+    raise ValueError(f"unknown pooling {pooling!r}; known: {POOLINGS}")
+  valid = (tokens > 0).astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * valid, axis=1)
+  return (total / jnp.maximum(jnp.sum(valid, axis=1), 1.0)).astype(hidden.dtype)
+
+
+class _Logits(nn.Module):
+  """[..., n] -> float32 [..., features]: `kernel [n, features]` (mlp, None) plus
+  `bias [features]` (the class prior), both float32."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(layers.default_kernel_init,
+                                                               ("mlp", None)),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                      (self.features,), jnp.float32)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32) + bias
+
+
+class ClassificationHead(nn.Module):
+  """Sequence classification head (BERT §4.1's classification layer on a pooled vector).
+
+  hidden [b, l, emb_dim] -> `pool` ('mean' over non-padding tokens, or the
+  'first' token) [b, emb_dim] -> `dense` [emb_dim, emb_dim] -> gelu ->
+  dropout (config.dropout_rate) -> `out` -> float32 logits [b, num_classes].
+  Parameters `dense/kernel` (`embed`, `mlp`; bias-free like the blocks),
+  `out/kernel` (`mlp`, None) and `out/bias` (None,); the class axis is small
+  and never sharded.
+
+  Pooling defaults to 'mean': the task data here carries no [CLS] token
+  (inputs are plain token ids + EOS), and under a bidirectional encoder the
+  first position is just the first word. 'first' reproduces BERT/ELECTRA
+  when the inputs do start with [CLS]. A row holds one sequence (no packing:
+  mean pooling would mix packed segments).
+  """
+  config: EncoderConfig
+  num_classes: int
+  pooling: str = "mean"
+
+  @nn.compact
+  def __call__(self, hidden: Array, tokens: Array, deterministic: bool = True) -> Array:
+    cfg = self.config
+    pooled = pool(hidden, tokens, self.pooling)
+    h = layers.Dense(cfg.emb_dim, ("embed", "mlp"), dtype=cfg.jnp_dtype, name="dense")(pooled)
+    # Plain dropout: `residual_dropout` shares a mask along axis -2, here the batch.
+    h = nn.Dropout(rate=cfg.dropout_rate)(nn.gelu(h), deterministic=deterministic)
+    return _Logits(self.num_classes, dtype=cfg.jnp_dtype, name="out")(h)
+
+
 class EncoderNetwork(nn.Module):
   """An encoder-only network with one head.
 
   `__call__(encoder_input_tokens [b, l], encoder_segment_ids=None,
   encoder_positions=None, deterministic=True)` returns float32 logits:
-  [b, l, vocab] for head='mlm', [b, l] for head='binary', and the hidden
-  states [b, l, emb_dim] for head='none'. Token id 0 is padding (masked out
-  of attention); segment ids restrict attention to packed segments.
+  [b, l, vocab] for head='mlm', [b, l] for head='binary', [b, num_classes]
+  for head='classifier', and the hidden states [b, l, emb_dim] for
+  head='none'. Token id 0 is padding (masked out of attention); segment ids
+  restrict attention to packed segments.
 
   Attributes:
     config: the EncoderConfig.
-    head: 'mlm', 'binary' or 'none'.
+    head: 'mlm', 'binary', 'classifier' or 'none'.
     shared_embedder: an `Embedder` created by a parent module (ELECTRA's
       generator and discriminator share one); None creates `embedder` here.
+    num_classes: classes of head='classifier' (unused by the other heads).
+    pooling: 'mean' or 'first', the classifier's pooling (`pool`).
   """
   config: EncoderConfig
   head: str = "mlm"
   shared_embedder: Embedder | None = None
+  num_classes: int = 2
+  pooling: str = "mean"
 
   def setup(self):
     cfg = self.config
@@ -279,6 +360,12 @@ class EncoderNetwork(nn.Module):
       self.mlm_head = MLMHead(cfg)
     elif self.head == "binary":
       self.binary_head = BinaryHead(cfg)
+    elif self.head == "classifier":
+      if int(self.num_classes) < 2:
+        raise ValueError(f"a classifier needs num_classes >= 2, got {self.num_classes}")
+      if self.pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {self.pooling!r}; known: {POOLINGS}")
+      self.classifier = ClassificationHead(cfg, int(self.num_classes), self.pooling)
 
   def _get_embedder(self) -> Embedder:
     return self.embedder if self.shared_embedder is None else self.shared_embedder
@@ -301,6 +388,8 @@ class EncoderNetwork(nn.Module):
       return self.mlm_head(hidden, self._get_embedder())
     if self.head == "binary":
       return self.binary_head(hidden)
+    if self.head == "classifier":
+      return self.classifier(hidden, encoder_input_tokens, deterministic)
     return hidden
 
 
