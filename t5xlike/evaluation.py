@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from etils import epath
 
-from t5xlike import checkpoints, config, decoding, entry, inference, metrics, partitioning
+from t5xlike import config, decoding, entry, inference, metrics
 from t5xlike import prediction
 
 log = logging.getLogger(__name__)
@@ -140,16 +140,11 @@ def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | 
   `python -m t5xlike.eval`); writes EVAL_OUTPUT_DIR/metrics/eval.jsonl and
   EVAL_OUTPUT_DIR/inference_eval/<task>-<step>.jsonl. Returns {task: metrics}."""
   # ---- validation: nothing is written before this block has passed. ----
-  if not checkpoint_path:
-    raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
-                             "MODEL_DIR/checkpoint_<N>)")
+  if not checkpoint_path:  # Checked first: reading the tasks is wasted without it.
+    inference.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
   if not eval_output_dir:
     raise config.ConfigError("EVAL_OUTPUT_DIR is not set (pass --gin.EVAL_OUTPUT_DIR=DIR)")
   config.require_int("BATCH_SIZE", batch_size)
-  try:
-    checkpoints.validate_step_dir(checkpoint_path)
-  except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
   try:
     evaluator = InferenceEvaluator(
         mixture_or_task_name, task_feature_lengths, batch_size, split=split,
@@ -158,14 +153,8 @@ def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | 
         task_cache_dir=task_cache_dir, mixture_or_task_module=mixture_or_task_module)
   except ValueError as error:
     raise config.ConfigError(config.one_line(error)) from None
-  partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
-      "data_fsdp_tensor"))
-  example_batch = inference.example_features(model, task_feature_lengths)
-  try:
-    params, step = inference.restore_params(model, checkpoint_path, example_batch, partitioner)
-  except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
-                             f"{config.one_line(error)}") from None
+  params, step = inference.load_checkpoint(model, checkpoint_path, task_feature_lengths,
+                                          mesh_shape)
 
   # ---- the run. ----
   entry.mark_run_started()

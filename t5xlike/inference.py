@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike import checkpoints, decoding, partitioning
+from t5xlike import checkpoints, config, decoding, partitioning
 from t5xlike.data import feature_converters
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,30 @@ def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, 
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=partitioner.replicated())
   params, step = checkpoints.restore_params_from_path(checkpoint_path, abstract, step)
   return params, int(step)
+
+
+def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Mapping[str, int],
+                    mesh_shape: Mapping[str, int] | None) -> tuple[Any, int]:
+  """(parameters, step) of CHECKPOINT_PATH for `model` on a mesh of MESH_SHAPE.
+
+  Raises config.ConfigError (one line) when the path is unset, not a step
+  directory, or holds parameters of another architecture.
+  """
+  if not checkpoint_path:
+    raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
+                             "MODEL_DIR/checkpoint_<N>)")
+  try:
+    checkpoints.validate_step_dir(checkpoint_path)
+    partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
+        "data_fsdp_tensor"))
+  except ValueError as error:
+    raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
+  try:
+    return restore_params(model, checkpoint_path, example_features(model, feature_lengths),
+                          partitioner)
+  except ValueError as error:
+    raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
+                             f"{config.one_line(error)}") from None
 
 
 class Predictor:

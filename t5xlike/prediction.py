@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, config, decoding, entry, inference, partitioning
+from t5xlike import config, decoding, entry, inference
 
 log = logging.getLogger(__name__)
 MODES = ("predict", "score")
@@ -166,9 +166,8 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
   # ---- validation: nothing is written before this block has passed. ----
   if mode not in MODES:
     raise config.ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
-  if not checkpoint_path:
-    raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
-                             "MODEL_DIR/checkpoint_<N>)")
+  if not checkpoint_path:  # Checked first: reading the input is wasted without it.
+    inference.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
   config.require_int("BATCH_SIZE", batch_size)
   if max_decode_length is not None:
     config.require_int("--max_decode_length", max_decode_length)
@@ -189,18 +188,8 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
                             use_cached_tasks, task_cache_dir, max_examples)
     except ValueError as error:
       raise config.ConfigError(config.one_line(error)) from None
-  partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
-      "data_fsdp_tensor"))
-  try:
-    checkpoints.validate_step_dir(checkpoint_path)
-  except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
-  example_batch = inference.example_features(model, task_feature_lengths)
-  try:
-    params, step = inference.restore_params(model, checkpoint_path, example_batch, partitioner)
-  except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
-                             f"{config.one_line(error)}") from None
+  params, step = inference.load_checkpoint(model, checkpoint_path, task_feature_lengths,
+                                          mesh_shape)
 
   # ---- the run. ----
   entry.mark_run_started()

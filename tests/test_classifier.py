@@ -11,6 +11,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from flax import traverse_util
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -239,16 +240,6 @@ def classifier_args(model_dir, initial, steps, *extra):
           "--gin.EVAL_STEPS=2", *extra]
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(value)
-  return out
-
-
 def _rows(model_dir, kind):
   path = pathlib.Path(model_dir) / "metrics" / f"{kind}.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines()]
@@ -256,7 +247,8 @@ def _rows(model_dir, kind):
 
 def _flat_params(step_dir):
   with ocp.StandardCheckpointer() as checkpointer:
-    return _flat(checkpointer.restore(pathlib.Path(step_dir) / "state")["params"])
+    params = checkpointer.restore(pathlib.Path(step_dir) / "state")["params"]
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
 class _Records(logging.Handler):
