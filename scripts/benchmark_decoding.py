@@ -40,6 +40,7 @@ def main() -> None:
   parser.add_argument("--max_length", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  config.quiet_gin_search_logs()
   model, params = build(args.model, args.input_length)
   print(f"{args.model}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
         f"{jax.devices()[0].device_kind}, inputs {args.input_length}, decode {args.max_length}")

@@ -338,3 +338,28 @@ def test_score_is_minus_the_summed_token_losses(t5_unscanned, decoder_unscanned)
                                                  batch["decoder_target_tokens"], weights, 0.0)
   np.testing.assert_allclose(scores.sum(), -float(loss_sum), rtol=1e-5)
   assert (scores[weights == 0] == 0).all()
+
+
+def test_filter_logits_equals_sorting_reference():
+  logits = np.asarray(jax.random.normal(jax.random.key(0), (16, 300))) * 3.0
+  for k in (1, 7, 40, 299):
+    kept = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k=k)) > NEG_KEPT
+    np.testing.assert_array_equal(kept, logits >= np.sort(logits, axis=1)[:, -k][:, None])
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  order = np.argsort(-probs, axis=1)
+  cumulative = np.cumsum(np.take_along_axis(probs, order, 1), axis=1)
+
+  def nucleus(p):  # the smallest set of most likely tokens holding >= p of the mass
+    sets = np.zeros(probs.shape, bool)
+    for row, size in enumerate((cumulative < p).sum(1) + 1):
+      sets[row, order[row, :size]] = True
+    return sets
+
+  for p in (0.1, 0.5, 0.9, 0.99):
+    kept = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_p=p)) > NEG_KEPT
+    # Float32 sums may differ from float64 by ~1e-6 at the boundary.
+    assert (nucleus(p - 1e-5) <= kept).all() and (kept <= nucleus(p + 1e-5)).all()
+
+
+NEG_KEPT = decoding.NEG_INF / 2
