@@ -2,8 +2,10 @@
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -207,6 +209,9 @@ def test_cache_tasks_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, mes
 
 
 def test_cache_tasks_entry_point(tmp_path):
+  stale = (tmp_path / "user_function_qa" /
+           f".train.incomplete-{socket.gethostname()}-{dead_pid()}-0123456789ab")
+  stale.mkdir(parents=True)
   result = subprocess.run(
       [sys.executable, "-m", "t5xlike.cache_tasks", "--tasks=user_mixture",
        "--module=tests.user_tasks", f"--output_dir={tmp_path}"],
@@ -215,6 +220,8 @@ def test_cache_tasks_entry_point(tmp_path):
   lines = [line for line in result.stdout.splitlines() if " examples, tokens: " in line]
   assert [line.split(":")[0] for line in lines] == [
       "user_function_qa/train", "user_function_qa/validation", "user_text_lines/train"]
+  assert f"removing {stale}, left by an interrupted task cache writer" in result.stdout
+  assert not stale.exists()
   assert lines[2].startswith("user_text_lines/train: 7 examples, tokens: inputs ")
   for task, split in [("user_function_qa", "train"), ("user_function_qa", "validation"),
                       ("user_text_lines", "train")]:
@@ -222,3 +229,99 @@ def test_cache_tasks_entry_point(tmp_path):
     memory = sources.load_in_memory(task, split)
     assert_same_examples(cached.__getitems__(range(len(cached))),
                          memory.__getitems__(range(len(memory))))
+
+
+def dead_pid() -> int:
+  """The pid of a process that has exited."""
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  process.wait()
+  return process.pid
+
+
+def test_stale_writer_directories_are_removed_at_the_next_write(tmp_path, caplog):
+  task_dir, host, pid = tmp_path / "user_function_qa", socket.gethostname(), dead_pid()
+  names = {"dead": f".train.incomplete-{host}-{pid}-0123456789ab",
+           "dead_old": f".train.old-{host}-{pid}-0123456789ac",
+           "live": f".train.incomplete-{host}-{os.getpid()}-0123456789ad",
+           "foreign_old": ".train.incomplete-other-host-12-0123456789ae",
+           "foreign_new": ".validation.incomplete-other-host-13-0123456789af",
+           "legacy_old": ".train.incomplete-0123456789b0"}
+  two_days_ago = time.time() - 2 * 24 * 3600
+  for key, name in names.items():
+    (task_dir / name).mkdir(parents=True)
+    (task_dir / name / "part-0").write_bytes(b"x")
+    if key.endswith("_old") and key != "dead_old":
+      for path in (task_dir / name / "part-0", task_dir / name):
+        os.utime(path, (two_days_ago, two_days_ago))
+  stale = {path.name: why for path, why in task_cache.stale_directories(task_dir)}
+  assert sorted(stale) == sorted(names[k] for k in ("dead", "dead_old", "foreign_old",
+                                                    "legacy_old"))
+  assert stale[names["dead"]] == f"its writer, pid {pid} on this host, is no longer running"
+  assert stale[names["legacy_old"]].startswith("untouched for 48 h")
+  with caplog.at_level(logging.WARNING, logger="t5xlike.data.task_cache"):
+    task_cache.write_cache("user_function_qa", "train", tmp_path, progress=False)
+  assert sorted(p.name for p in task_dir.iterdir()) == sorted(
+      [names["live"], names["foreign_new"], "train"])
+  assert (f"removing {task_dir / names['dead']}, left by an interrupted task cache writer "
+          f"(its writer, pid {pid} on this host, is no longer running)") in caplog.text
+
+
+def second_generation(tmp_path, monkeypatch, num_shards):
+  """A cache of user_function_qa/train (1 shard) and a complete newer one (num_shards)
+  waiting in its temporary directory: (final, temp, new stats)."""
+  task_cache.write_cache("user_function_qa", "train", tmp_path, num_shards=1, progress=False)
+  pending = []
+  monkeypatch.setattr(task_cache, "_replace", lambda temp, final: pending.append((temp, final)))
+  stats = task_cache.write_cache("user_function_qa", "train", tmp_path, num_shards=num_shards,
+                                 progress=False)
+  monkeypatch.undo()
+  (temp, final), = pending
+  return final, temp, stats
+
+
+def test_reader_waits_for_a_replacement_under_way(tmp_path, monkeypatch):
+  final, temp, new = second_generation(tmp_path, monkeypatch, num_shards=2)
+  steps = task_cache._replacement(temp, final)  # pylint: disable=protected-access
+  assert next(steps) == "aside" and not final.exists()  # The instant readers could see nothing.
+  progress = []
+  monkeypatch.setattr(task_cache, "_sleep",  # Each poll of the reader lets the writer go on.
+                      lambda seconds: progress.append(next(steps, "done")))
+  source = sources.open_source("user_function_qa", "train", use_cached=True,
+                               cache_dir=str(tmp_path))
+  assert progress == ["in", "deleted"] and source.stats == new
+  assert_same_examples(source.__getitems__(range(5)),
+                       sources.load_in_memory("user_function_qa", "train").__getitems__(range(5)))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2], ids=["same_shard_names", "other_shard_names"])
+def test_reader_retries_when_the_cache_is_replaced_while_it_opens(tmp_path, monkeypatch,
+                                                                  num_shards):
+  final, temp, new = second_generation(tmp_path, monkeypatch, num_shards)
+  original, calls = task_cache.read_stats, []
+
+  def read_stats_then_replace(directory, text=None):
+    stats = original(directory, text)
+    if not calls:  # The whole replacement between reading stats.json and opening the shards.
+      calls.append(stats["id"])
+      task_cache._replace(temp, final)  # pylint: disable=protected-access
+    return stats
+
+  monkeypatch.setattr(task_cache, "read_stats", read_stats_then_replace)
+  monkeypatch.setattr(task_cache, "_sleep", lambda seconds: pytest.fail("no replacement waits"))
+  source = sources.CachedSource(final)
+  assert calls and calls[0] != new["id"] and source.stats == new
+  memory = sources.load_in_memory("user_function_qa", "train")
+  assert_same_examples(source.__getitems__(range(5)), memory.__getitems__(range(5)))
+  np.testing.assert_array_equal(source.token_lengths("targets"), memory.token_lengths("targets"))
+
+
+def test_open_cache_outlives_its_replacement(tmp_path):
+  task_cache.write_cache("user_function_qa", "train", tmp_path, num_shards=2, progress=False)
+  directory = tmp_path / "user_function_qa" / "train"
+  before = sources.CachedSource(directory)
+  after_stats = task_cache.write_cache("user_function_qa", "train", tmp_path, num_shards=1,
+                                       progress=False)
+  assert before.stats["id"] != after_stats["id"]  # The old files are deleted, still open here:
+  memory = sources.load_in_memory("user_function_qa", "train")
+  assert_same_examples(before.__getitems__([4, 0, 3]), memory.__getitems__([4, 0, 3]))
+  assert sources.CachedSource(directory).stats == after_stats

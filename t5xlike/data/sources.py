@@ -28,13 +28,23 @@ pipeline does itself after trimming; sources report those features as
 Sources (`name`, `split`, `eos_features` on all of them):
   InMemorySource   a list of examples (tests, small tasks; `load_in_memory`).
   CachedSource     a task cache written by `t5xlike.data.task_cache`
-                   (`python -m t5xlike.cache_tasks`): ArrayRecord shards read
-                   with grain.
+                   (`python -m t5xlike.cache_tasks`): ArrayRecord shards.
+  DirectSource     `t5xlike.data.direct_sources`: a TFDS dataset prepared as
+                   ArrayRecord, or local text files, read by index, the
+                   deterministic preprocessors (rekey, tokenize, ...)
+                   replayed outside tf.data: no tf.data pipeline, no cache.
   SequentialSource large uncached tasks: the deterministic preprocessors in
                    file order, resumed by position; no random access.
 Random-access sources have `__len__`, `__getitem__(i) -> example`,
-`__getitems__(indices)` and `token_lengths(feature) -> int64 [len]`.
-`open_source` picks one from USE_CACHED_TASKS and the split's size.
+`__getitems__(indices)` and `token_lengths(feature) -> int64 [len]`, and
+serve the same examples in the same order (example i is the i-th of seqio's
+TensorFlow read of the split).
+
+`open_source` picks one. USE_CACHED_TASKS=True: the cache. Otherwise: in
+memory when the split has at most `in_memory_max_examples` examples, else
+the direct source when the task qualifies (after checking its first
+examples against TensorFlow), else in file order; the log says which and
+why.
 """
 from __future__ import annotations
 
@@ -211,6 +221,30 @@ def _check_tfds_prepared(task: seqio.Task, split: str) -> None:
         f"tfds.builder({name!r}, data_dir={root!r}).download_and_prepare()") from None
 
 
+def _tensorflow_reads(task: seqio.Task, split: str) -> bool:
+  """False for a TFDS dataset prepared only in a format tfds.load cannot read (ArrayRecord)."""
+  if not isinstance(task.source, seqio.TfdsDataSource):
+    return True
+  from t5xlike.data import direct_sources  # pylint: disable=g-import-not-at-top
+  loader = task.source.tfds_dataset
+  return direct_sources.tensorflow_reads_tfds(
+      loader._get_builder(split))  # pylint: disable=protected-access
+
+
+def _check_tensorflow_reads(task: seqio.Task, split: str) -> None:
+  if not _tensorflow_reads(task, split):
+    loader = task.source.tfds_dataset
+    name, _ = loader.get_split_params(split)
+    builder = loader._get_builder(split)  # pylint: disable=protected-access
+    raise ValueError(
+        f"task {task.name!r} reads TFDS dataset {name}, prepared as "
+        f"{builder.info.file_format.value} only, which TensorFlow (tfds.load) cannot read: "
+        f"t5xlike reads such datasets by random access, without tf.data and without a task "
+        f"cache, when the task's preprocessors before seqio.CacheDatasetPlaceholder are "
+        f"seqio's rekey/tokenize (t5xlike.data.direct_sources); otherwise prepare it as "
+        f"tfrecord too (tfds build {name} --data_dir={builder.data_dir_root})")
+
+
 def _dataset_options() -> tf.data.Options:
   """tf.data without autotuning: its background model thread, competing with
   XLA for the cores, made destroying an iterator take tens of seconds."""
@@ -241,6 +275,7 @@ def deterministic_dataset(task: seqio.Task, split: str) -> tuple[tf.data.Dataset
   In file order, autotune off; kept features map name -> is a token feature.
   """
   check_split(task, split)
+  _check_tensorflow_reads(task, split)
   dataset = task.source.get_dataset(split=split, shuffle=False)
   precache, _ = split_preprocessors(task)
   if task.supports_caching:
@@ -328,20 +363,19 @@ class InMemorySource:
 
 
 class CachedSource:
-  """A task cache written by `task_cache.write_cache`, read by index with grain."""
+  """A task cache written by `task_cache.write_cache`, read by index (`task_cache.open_cache`:
+  every shard opened at once, one generation even if the cache is replaced)."""
 
   def __init__(self, directory: str | epath.PathLike):
-    import grain  # pylint: disable=g-import-not-at-top  (only cached runs need it)
-    self.directory = epath.Path(directory)
-    self.stats = task_cache.read_stats(self.directory)
+    opened = task_cache.open_cache(directory)  # One generation, even across a replacement.
+    self.directory, self.stats = opened.directory, opened.stats
     self.name, self.split = self.stats["task"], self.stats["split"]
     self.eos_features = tuple(self.stats["eos_features"])
-    paths = task_cache.shard_paths(self.directory, self.stats)
-    self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    self._records = opened.records
     if len(self._records) != self.stats["num_examples"]:
       raise ValueError(f"task cache {self.directory} is damaged: {len(self._records)} records, "
                        f"stats.json says {self.stats['num_examples']}")
-    self._lengths: dict[str, np.ndarray] = {}
+    self._lengths: dict[str, np.ndarray] = opened.lengths
 
   def __len__(self) -> int:
     return int(self.stats["num_examples"])
@@ -357,7 +391,7 @@ class CachedSource:
   def token_lengths(self, feature: str) -> np.ndarray:
     """Length of `feature` in every example: int64 [len(self)] (from lengths.<feature>.npy)."""
     if feature not in self._lengths:
-      self._lengths[feature] = task_cache.read_lengths(self.directory, self.stats, feature)
+      task_cache.read_lengths(self.directory, self.stats, feature)  # KeyError naming the features.
     return self._lengths[feature]
 
   def __repr__(self) -> str:
@@ -410,7 +444,9 @@ def load_in_memory(task: seqio.Task | str, split: str,
 
   Raises SplitTooLargeError (a ValueError) naming `cache_tasks` when the
   split has more than `max_examples` examples (counted before preprocessing
-  where the source knows, else while reading).
+  where the source knows, else while reading). A TFDS dataset that
+  TensorFlow cannot read (prepared as ArrayRecord only) is read through its
+  direct source.
   """
   task = resolve_task(task)
   eos = check_postcache_preprocessors(task)
@@ -418,6 +454,11 @@ def load_in_memory(task: seqio.Task | str, split: str,
   too_large = SplitTooLargeError(
       f"{task.name}/{split} has more than {max_examples} examples to hold in memory: cache it "
       f"with {CACHE_COMMAND} --tasks={task.name} --output_dir=DIR and set USE_CACHED_TASKS=True")
+  if not _tensorflow_reads(task, split):
+    direct, _ = _open_direct(task, split)
+    if direct is None:
+      _check_tensorflow_reads(task, split)  # Raises: neither TensorFlow nor a direct reader.
+    return _direct_in_memory(direct, max_examples, too_large)
   count = _input_count(task, split)
   if count is not None and count > max_examples:
     raise too_large
@@ -431,33 +472,78 @@ def load_in_memory(task: seqio.Task | str, split: str,
   return InMemorySource(examples, name=task.name, split=split, eos_features=eos)
 
 
+def _direct_in_memory(direct, max_examples: int, too_large: Exception) -> InMemorySource:
+  if len(direct) > max_examples:
+    raise too_large
+  return InMemorySource(direct.__getitems__(range(len(direct))), name=direct.name,
+                        split=direct.split, eos_features=direct.eos_features)
+
+
+def _open_direct(task: seqio.Task, split: str):
+  """(DirectSource, None), or (None, why the task split cannot be read directly)."""
+  from t5xlike.data import direct_sources  # pylint: disable=g-import-not-at-top
+  try:
+    return direct_sources.DirectSource(task, split), None
+  except direct_sources.NotDirect as reason:
+    return None, str(reason)
+
+
 def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, use_cached: bool,
-                cache_dir: str | None,
-                in_memory_max_examples: int = 200_000
-                ) -> CachedSource | InMemorySource | SequentialSource:
-  """The source of one task split.
+                cache_dir: str | None, in_memory_max_examples: int = 200_000
+                ) -> ("CachedSource | InMemorySource | direct_sources.DirectSource | "
+                      "SequentialSource"):
+  """The source of one task split (a mixture is refused: open each task).
 
   use_cached=True: the cache `cache_dir/<task>/<split>` (ValueError with the
-  `cache_tasks` command when missing). use_cached=False: `load_in_memory` when
-  the split has at most `in_memory_max_examples` examples, else a
-  SequentialSource (file order, no global shuffle). Mixtures are refused:
-  open each task.
+  `cache_tasks` command when missing). use_cached=False, in this order:
+    1. in memory (`load_in_memory`) when the split has at most
+       `in_memory_max_examples` examples;
+    2. a `direct_sources.DirectSource` (random access, preprocessors replayed
+       outside tf.data) when the task qualifies and its first examples equal
+       TensorFlow's;
+    3. a SequentialSource (file order, no global shuffle).
+  The log names the choice and the reason.
   """
   task = resolve_task(mixture_or_task_name_or_task)
   check_postcache_preprocessors(task)
   check_split(task, split, need_data=not use_cached)
   if use_cached:
     return _open_cached(task, split, cache_dir)
-  try:
-    source = load_in_memory(task, split, max_examples=in_memory_max_examples)
-  except SplitTooLargeError:
-    log.warning("reading %s/%s in file order: no global shuffle (cache it with %s --tasks=%s "
-                "--output_dir=DIR for a shuffled, random-access pipeline)",
-                task.name, split, CACHE_COMMAND, task.name)
-    return SequentialSource(task, split)
-  log.info("read %s/%s into memory: %d examples (random access, global shuffle)",
-           task.name, split, len(source))
-  return source
+  direct, why = _open_direct(task, split)
+  if direct is None:
+    _check_tensorflow_reads(task, split)  # Neither TensorFlow nor a direct reader: say why.
+  count = len(direct) if direct is not None else _input_count(task, split)
+  if count is None or count <= in_memory_max_examples:
+    try:
+      if direct is not None and not direct.tensorflow_reads:
+        source = _direct_in_memory(direct, in_memory_max_examples, SplitTooLargeError())
+      else:
+        source = load_in_memory(task, split, max_examples=in_memory_max_examples)
+    except SplitTooLargeError:
+      pass
+    else:
+      log.info("read %s/%s into memory%s: %d examples (random access, global shuffle; up to %d "
+               "examples are held in memory)", task.name, split,
+               "" if direct is None or direct.tensorflow_reads else " through its direct reader",
+               len(source), in_memory_max_examples)
+      return source
+  if direct is not None:
+    from t5xlike.data import direct_sources  # pylint: disable=g-import-not-at-top
+    try:
+      direct.verify()
+    except direct_sources.NotDirect as reason:
+      why = f"its direct reader differs from seqio's TensorFlow read: {reason}"
+      log.warning("%s/%s: %s", task.name, split, why)
+    else:
+      log.info("reading %s/%s directly: %d examples by random access from %s (global shuffle), "
+               "preprocessors %s replayed outside tf.data (more than %d "
+               "examples to hold in memory)", task.name, split, len(direct), direct.description,
+               ", ".join(precache_names(task)) or "none", in_memory_max_examples)
+      return direct
+  log.warning("reading %s/%s in file order: no global shuffle (cache it with %s --tasks=%s "
+              "--output_dir=DIR for a shuffled, random-access pipeline; not read directly: %s)",
+              task.name, split, CACHE_COMMAND, task.name, why)
+  return SequentialSource(task, split)
 
 
 def _open_cached(task: seqio.Task, split: str, cache_dir: str | None) -> CachedSource:
@@ -466,7 +552,7 @@ def _open_cached(task: seqio.Task, split: str, cache_dir: str | None) -> CachedS
     raise ValueError(f"USE_CACHED_TASKS=True needs a task cache directory; write one with "
                      f"{command}")
   directory = epath.Path(cache_dir) / task.name / split
-  if not task_cache.is_cache(directory):
+  if not task_cache.is_cache(directory) and not task_cache.wait_for_replacement(directory):
     raise ValueError(f"task {task.name} has no cache in {cache_dir}: run {command}")
   source = CachedSource(directory)
   if source.stats["precache_preprocessors"] != precache_names(task):

@@ -16,21 +16,38 @@ Layout of `output_dir/<task>/<split>/`:
                                 rank, token, tokens (sum of lengths),
                                 max_length}}), eos_features,
                                 precache_preprocessors (names), precache_seed,
-                                seqio_version, shards (file names), seconds.
+                                seqio_version, shards (file names), seconds,
+                                id (of the write that made it).
 
-A cache is written into `.<split>.incomplete-<id>` beside its final place
-and renamed into place when complete, so readers never accept half a cache
-(a crash leaves the `.incomplete-` directory behind, which readers ignore;
-delete it). An existing cache of the split is replaced. Written on local
-disks; the reading side goes through `etils.epath`.
+A cache is written into `.<split>.incomplete-<host>-<pid>-<id>` beside its
+final place and renamed into place when complete, so readers never accept
+half a cache. An existing cache is replaced in three steps: renamed aside to
+`.<split>.old-<host>-<pid>-<id>`, the new one renamed in, the old one
+deleted (`_replacement`). Readers (`open_cache`) open the shards eagerly and
+re-read stats.json afterwards, so an open cache is one generation, whatever
+replaces it later (open files outlive the rename and the deletion); a reader
+that meets the split directory missing while an `.old-` sibling says a
+replacement is under way, or whose stats.json changed while it opened the
+files, waits for the replacement and tries once more.
+
+A writer killed mid-way leaves its `.incomplete-` (or `.old-`) directory
+behind; readers ignore it and the next write into the same task directory
+removes it (`remove_stale`: its writer, on this host, is no longer running;
+one from another host, or without a pid, once untouched for
+`STALE_SECONDS`), saying so in the log (`cache_tasks` prints it). Written on
+local disks; the reading side goes through `etils.epath`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import re
+import socket
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -41,6 +58,11 @@ FORMAT_VERSION = 1
 STATS = "stats.json"
 SHARD_BYTES = 256 << 20  # Target shard size of a cache written without num_shards.
 PROGRESS_EVERY = 10_000  # Examples between progress log lines.
+STALE_SECONDS = 24 * 3600  # Age after which a foreign writer's leftovers count as stale.
+REPLACE_WAIT_SECONDS = 10.0  # How long a reader waits for a replacement under way.
+_POLL_SECONDS = 0.05
+_PRIVATE = re.compile(r"^\.(?P<split>.+)\.(?P<kind>incomplete|old)-"
+                      r"(?:(?P<host>.+)-(?P<pid>\d+)-)?(?P<id>[0-9a-f]{12})$")
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +90,14 @@ def is_cache(directory: str | epath.PathLike) -> bool:
   return (epath.Path(directory) / STATS).exists()
 
 
-def read_stats(directory: str | epath.PathLike) -> dict[str, Any]:
-  """stats.json of a cache, or a ValueError saying why it is not one."""
-  path = epath.Path(directory) / STATS
-  if not path.exists():
+def read_stats(directory: str | epath.PathLike, text: str | None = None) -> dict[str, Any]:
+  """stats.json of a cache (or its `text`, already read), or a ValueError saying why not."""
+  if text is None:
+    text = _stats_text(epath.Path(directory))
+  if text is None:
     raise ValueError(f"{directory} is not a t5xlike task cache (no {STATS}): write it with "
                      f"python -m t5xlike.cache_tasks")
-  stats = json.loads(path.read_text())
+  stats = json.loads(text)
   if stats.get("format") != FORMAT or stats.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{directory} holds a cache of format {stats.get('format')} version "
                      f"{stats.get('format_version')}, this t5xlike reads {FORMAT} version "
@@ -88,6 +111,123 @@ def shard_paths(directory: str | epath.PathLike, stats: Mapping[str, Any]) -> li
   if missing:
     raise ValueError(f"task cache {directory} is damaged: missing {', '.join(missing)}")
   return paths
+
+
+class ShardReader:
+  """Records of ArrayRecord shards by global index, every shard opened at once.
+
+  Open readers keep reading the files they opened even after the cache is
+  replaced or deleted (POSIX), so a reader never mixes two generations.
+  """
+
+  def __init__(self, paths: Sequence[epath.PathLike]):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self._readers = []
+    for path in paths:
+      reader = array_record_module.ArrayRecordReader(
+          os.fspath(path), "readahead_buffer_size:0", file_reader_buffer_size=32768)
+      if not reader.ok():
+        self.close()
+        raise FileNotFoundError(f"cannot open the task cache shard {path}")
+      self._readers.append(reader)
+    counts = [reader.num_records() for reader in self._readers]
+    self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index: int) -> bytes:
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[bytes]:
+    keys = np.asarray(indices, np.int64)
+    if keys.size and (keys.min() < 0 or keys.max() >= len(self)):
+      raise IndexError(f"record index out of range [0, {len(self)})")
+    shards = np.searchsorted(self._offsets, keys, side="right") - 1
+    out: list[bytes] = [b""] * len(keys)
+    for shard in np.unique(shards):
+      where = np.flatnonzero(shards == shard)
+      records = self._readers[shard].read((keys[where] - self._offsets[shard]).tolist())
+      for i, record in zip(where, records):
+        out[i] = record
+    return out
+
+  def close(self) -> None:
+    for reader in self._readers:
+      reader.close()
+    self._readers = []
+
+
+@dataclasses.dataclass
+class OpenCache:
+  """A complete cache, opened: one generation of stats, shards and lengths."""
+  directory: epath.Path
+  stats: dict[str, Any]
+  records: ShardReader
+  lengths: dict[str, np.ndarray]  # Every token feature.
+
+
+class CacheReplaced(ValueError):
+  """stats.json changed (or vanished) while a reader opened the cache."""
+
+
+def _open_once(directory: epath.Path) -> OpenCache:
+  text = _stats_text(directory)
+  stats = read_stats(directory, text)
+  records = ShardReader(shard_paths(directory, stats))
+  lengths = {k: read_lengths(directory, stats, k) for k, v in stats["features"].items()
+             if v["token"]}
+  if _stats_text(directory) != text:  # Replaced while opening: the files may mix generations.
+    records.close()
+    raise CacheReplaced(f"the task cache {directory} was replaced while it was being opened")
+  return OpenCache(directory, stats, records, lengths)
+
+
+def open_cache(directory: str | epath.PathLike) -> OpenCache:
+  """Opens a complete cache; tries once more across a replacement by another writer.
+
+  ValueError (not a cache, damaged, another format) otherwise.
+  """
+  directory = epath.Path(directory)
+  try:
+    return _open_once(directory)
+  except (ValueError, OSError):
+    if not wait_for_replacement(directory):
+      raise
+  return _open_once(directory)
+
+
+def _stats_text(directory: epath.Path) -> str | None:
+  try:
+    return (directory / STATS).read_text()
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
+def _replacing(directory: epath.Path) -> bool:
+  """Whether a live writer has renamed this cache aside and not yet put the new one in."""
+  if not directory.parent.exists():
+    return False
+  for path in directory.parent.iterdir():
+    match = _PRIVATE.match(path.name)
+    if (match and match["kind"] == "old" and match["split"] == directory.name
+        and _writer_alive(match) is not False):
+      return True
+  return False
+
+
+def _sleep(seconds: float) -> None:
+  time.sleep(seconds)
+
+
+def wait_for_replacement(directory: str | epath.PathLike) -> bool:
+  """Waits (at most REPLACE_WAIT_SECONDS) while a replacement of this cache is under
+  way; whether a complete cache is there afterwards."""
+  directory = epath.Path(directory)
+  deadline = time.monotonic() + REPLACE_WAIT_SECONDS
+  while _replacing(directory) and time.monotonic() < deadline:
+    _sleep(_POLL_SECONDS)
+  return is_cache(directory)
 
 
 def read_lengths(directory: str | epath.PathLike, stats: Mapping[str, Any],
@@ -137,9 +277,8 @@ class _ShardWriter:
 def _reshard(directory: epath.Path, parts: list[epath.Path], total: int,
              num_shards: int) -> list[str]:
   """Rewrites the parts as `num_shards` shards of contiguous ranges; their names."""
-  import grain  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  records = grain.sources.ArrayRecordDataSource([str(p) for p in parts])
+  records = ShardReader(parts)
   names = [shard_name(i, num_shards) for i in range(num_shards)]
   for i, name in enumerate(names):
     writer = array_record_module.ArrayRecordWriter(str(directory / name), "group_size:1")
@@ -148,7 +287,7 @@ def _reshard(directory: epath.Path, parts: list[epath.Path], total: int,
       for record in records.__getitems__(list(range(chunk, min(chunk + 1024, stop)))):
         writer.write(record)
     writer.close()
-  del records
+  records.close()
   for part in parts:
     part.unlink()
   return names
@@ -202,7 +341,9 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
   _, features = sources.deterministic_dataset(task, split)  # Validates before writing.
   final = epath.Path(output_dir) / task.name / split
   final.parent.mkdir(parents=True, exist_ok=True)
-  temp = final.parent / f".{split}.incomplete-{uuid.uuid4().hex[:12]}"
+  remove_stale(final.parent)
+  cache_id = uuid.uuid4().hex[:12]
+  temp = final.parent / _private_name(split, "incomplete", cache_id)
   temp.mkdir()
   start = time.time()
   label = f"{task.name}/{split}"
@@ -228,7 +369,7 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
         "num_examples": total, "features": info, "eos_features": eos_features,
         "precache_preprocessors": sources.precache_names(task),
         "precache_seed": sources.PRECACHE_SEED, "seqio_version": seqio.__version__,
-        "shards": shards, "seconds": round(time.time() - start, 3),
+        "shards": shards, "seconds": round(time.time() - start, 3), "id": cache_id,
     }
     (temp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
     _replace(temp, final)
@@ -240,10 +381,92 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
 
 def _replace(temp: epath.Path, final: epath.Path) -> None:
   """Moves the complete cache into place, replacing an older one."""
+  for _ in _replacement(temp, final):
+    pass
+
+
+def _replacement(temp: epath.Path, final: epath.Path) -> Iterator[str]:
+  """The steps of `_replace`, one per `next()` (tests interleave readers between them).
+
+  POSIX cannot rename a directory over a non-empty one, so an existing cache
+  is renamed aside first ("aside"), the new one renamed in ("in"), the old
+  one deleted ("deleted"); between the first two steps the split directory
+  is missing and its `.old-` sibling tells readers to wait (`open_cache`).
+  """
   if final.exists():
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+    old = final.parent / _private_name(final.name, "old", uuid.uuid4().hex[:12])
     final.rename(old)
+    yield "aside"
     temp.rename(final)
+    yield "in"
     old.rmtree()
+    yield "deleted"
   else:
     temp.rename(final)
+    yield "in"
+
+
+# -- writers' leftovers ---------------------------------------------------------
+def _private_name(split: str, kind: str, cache_id: str) -> str:
+  """`.<split>.<kind>-<host>-<pid>-<id>`: a writer's directory beside the split's."""
+  return f".{split}.{kind}-{socket.gethostname()}-{os.getpid()}-{cache_id}"
+
+
+def _writer_alive(match: re.Match) -> bool | None:
+  """Whether the writer named in a private directory runs; None: not known here."""
+  if match["pid"] is None or match["host"] != socket.gethostname():
+    return None
+  try:
+    os.kill(int(match["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _age_seconds(path: epath.Path) -> float:
+  """Seconds since anything in the directory (or the directory) last changed."""
+  newest = path.stat().mtime
+  for child in path.iterdir():
+    try:
+      newest = max(newest, child.stat().mtime)
+    except FileNotFoundError:
+      continue
+  return time.time() - newest
+
+
+def stale_directories(task_dir: str | epath.PathLike) -> list[tuple[epath.Path, str]]:
+  """[(directory, why)] of interrupted writers' leftovers in `output_dir/<task>/`:
+  `.incomplete-` / `.old-` directories whose writer (on this host) is no longer
+  running, or, from another host or an older t5xlike (no pid), untouched for
+  STALE_SECONDS."""
+  task_dir = epath.Path(task_dir)
+  if not task_dir.exists():
+    return []
+  stale = []
+  for path in sorted(task_dir.iterdir()):
+    match = _PRIVATE.match(path.name)
+    if not match or not path.is_dir():
+      continue
+    alive = _writer_alive(match)
+    if alive is False:
+      stale.append((path, f"its writer, pid {match['pid']} on this host, is no longer running"))
+    elif alive is None:
+      try:
+        age = _age_seconds(path)
+      except FileNotFoundError:
+        continue
+      if age > STALE_SECONDS:
+        stale.append((path, f"untouched for {age / 3600:.0f} h"))
+  return stale
+
+
+def remove_stale(task_dir: str | epath.PathLike) -> list[epath.Path]:
+  """Deletes `stale_directories(task_dir)`, logging each; returns them."""
+  removed = []
+  for path, why in stale_directories(task_dir):
+    log.warning("removing %s, left by an interrupted task cache writer (%s)", path, why)
+    path.rmtree(missing_ok=True)
+    removed.append(path)
+  return removed
