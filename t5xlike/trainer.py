@@ -54,6 +54,23 @@ def parameter_summary(params: Any) -> list[tuple[str, int]]:
   return rows
 
 
+def _stop_untrained(params: Any, trainable: Any) -> Any:
+  """`params` with no gradient flowing to the parameters (layers, along the
+  leading axes) outside `trainable` (bool arrays per leaf; None: all train)."""
+  if trainable is None:
+    return params
+
+  def stop(p, mask):
+    mask = np.asarray(mask, bool)
+    if mask.all():
+      return p
+    if not mask.any():
+      return jax.lax.stop_gradient(p)
+    mask = mask.reshape(mask.shape + (1,) * (p.ndim - mask.ndim))
+    return jnp.where(mask, p, jax.lax.stop_gradient(p))
+  return jax.tree.map(stop, params, trainable)
+
+
 class Trainer:
   """Compiles and runs the train and eval steps of one model on one mesh.
 
@@ -68,17 +85,24 @@ class Trainer:
     partitioner: the mesh and logical axis rules.
     num_microbatches: gradient accumulation: the batch is processed in this
       many micro-batches per optimizer step.
+    finetuning: None, or a fine-tuning technique (`t5xlike.finetuning.base`):
+      once the parameter tree is known its `wrap_optimizer` wraps the
+      (per-layer) optimizer and its `trainable` mask decides which
+      parameters (layers of scanned leaves) get gradients.
   """
 
   def __init__(self, model: Any, optimizer: optax.GradientTransformation,
                learning_rate_schedule: Callable[[Any], Any],
-               partitioner: partitioning.Partitioner, num_microbatches: int = 1):
+               partitioner: partitioning.Partitioner, num_microbatches: int = 1,
+               finetuning: Any = None):
     if num_microbatches < 1:
       raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     self.num_microbatches = num_microbatches
     self.model = model
     self.base_optimizer = optimizer
     self.optimizer = optimizer  # Made per-layer for scanned stacks in _compile_init.
+    self.finetuning = finetuning
+    self.trainable = None  # Per-leaf (per-layer) bool masks; None: everything trains.
     self.schedule = learning_rate_schedule
     self.partitioner = partitioner
     self._train_step = None
@@ -112,6 +136,9 @@ class Trainer:
         and x.names[:1] == ("layers",) else 0, boxed,
         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     self.optimizer = optim.per_layer(self.base_optimizer, stacked)
+    if self.finetuning is not None:
+      self.optimizer = self.finetuning.wrap_optimizer(self.optimizer, boxed)
+      self.trainable = self.finetuning.trainable(boxed)
     # Only the shapes of the batch matter: init traces with zeros (dead code for XLA).
     init_fn = lambda rng: self._init_fn(
         rng, {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()})
@@ -160,7 +187,7 @@ class Trainer:
     one micro-batch at a time, same result as the full batch.
     """
     def summed_loss(p, b, rng):
-      _, stats = self.model.loss_fn(p, b, rng)
+      _, stats = self.model.loss_fn(_stop_untrained(p, self.trainable), b, rng)
       return stats["loss_sum"], stats
     grad_fn = jax.grad(summed_loss, has_aux=True)
     k = self.num_microbatches

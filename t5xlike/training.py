@@ -20,6 +20,7 @@ from etils import epath
 
 from t5xlike import checkpoints, config, entry, metrics, partitioning, trainer as trainer_lib
 from t5xlike.data import feature_converters, pipeline
+from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
           num_microbatches: int = 1, use_cached_tasks: bool = False,
           task_cache_dir: str | None = None, pack: bool = False, data_threads: int = 0,
           require_initial_checkpoint: bool = False, fresh_optimizer_state: bool = False,
-          inference_evaluator: Any = None) -> trainer_lib.TrainState | None:
+          inference_evaluator: Any = None, finetuning: Any = None
+          ) -> trainer_lib.TrainState | None:
   """Trains `model` on a seqio task/mixture; returns the final state.
 
   Args mirror the T5X macros: MODEL_DIR, TRAIN_STEPS (total steps),
@@ -79,7 +81,11 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   step with a new optimizer state (fine-tuning). `inference_evaluator` (an
   `evaluation.InferenceEvaluator`) adds the tasks' metric functions to every
   evaluation (rows per task in metrics/eval.jsonl, outputs in
-  MODEL_DIR/inference_eval/).
+  MODEL_DIR/inference_eval/). `finetuning` (a technique of
+  `t5xlike.finetuning`, e.g. `gin_configs/finetune/llrd.gin`) selects the
+  trained parameters and their learning rates (the trainer wraps the
+  optimizer) and may change the parameters once when the run starts from
+  INITIAL_CHECKPOINT_PATH (`initialize`; never on a resume).
   """
   # ---- validation: nothing is written before this block has passed. ----
   if not model_dir:
@@ -130,9 +136,13 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
                              "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
   trainer = trainer_lib.Trainer(model, optimizer(learning_rate=learning_rate_schedule),
                                 learning_rate_schedule, partitioner,
-                                num_microbatches=num_microbatches)
+                                num_microbatches=num_microbatches, finetuning=finetuning)
   example_batch = _validated(lambda: _first_batch(train_feed), "training data")
-  abstract_state = trainer.abstract_state(example_batch)
+  if finetuning is not None:  # The technique meets the parameter tree here (bad groups...).
+    abstract_state = _validated(lambda: trainer.abstract_state(example_batch),
+                                f"finetuning={finetuning!r}")
+  else:
+    abstract_state = trainer.abstract_state(example_batch)
   if initial_checkpoint_path:
     _check_initial_checkpoint(initial_checkpoint_path, abstract_state.params)
 
@@ -148,6 +158,11 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   resuming = checkpointer.latest_step() is not None
   state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
                          initial_checkpoint_path, random_seed)
+  if finetuning is not None and initial_checkpoint_path and not resuming:
+    params = finetuning.initialize(
+        state.params, lambda: trainer.init_state(random_seed, example_batch).params)
+    if params is not state.params:
+      state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
   if fresh_optimizer_state and initial_checkpoint_path and not resuming:
     log.info("fresh optimizer state (fresh_optimizer_state=True)")
     state = trainer.state_from_params(state.params, state.step, random_seed)
@@ -284,6 +299,12 @@ def _log_startup(trainer, state, partitioner, feed, start: int, train_steps: int
            jax.devices()[0].device_kind, jax.process_count(), partitioner.describe())
   for module, count in trainer_lib.parameter_summary(state.params):
     log.info("  params %-32s %12s", module, f"{count:,}")
+  if trainer.finetuning is not None:
+    for line in trainer.finetuning.describe(trainer.boxed_params):
+      log.info("finetuning: %s", line)
+  trainable, total = selection.count(trainer.boxed_params, trainer.trainable)
+  log.info("trainable parameters: %s of %s (%.1f%%)", f"{trainable:,}", f"{total:,}",
+           100.0 * trainable / max(total, 1))
   log.info("partitioning plan (parameter, logical axes, mesh axes, global -> per-device shape):")
   for line in partitioner.plan(trainer.boxed_params, abstract_state):
     log.info("  %s", line)

@@ -1,0 +1,17 @@
+"""Fine-tuning techniques, plugged into one trainer through one protocol.
+
+`base`: the protocol (`wrap_optimizer`, `trainable`, `initialize`,
+`describe`) that `training.train(finetuning=...)` and the `Trainer` call,
+and `Combine`. `selection`: parameter groups (path regex + layer indices)
+-> per-leaf / per-layer masks and depths, scanned and unscanned alike.
+`updates`: the optax wrapper (per-layer update scales; frozen parameters
+without optimizer state). Techniques: `freezing` (Freeze, FreezeLower),
+`llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft` (HalfFineTuning).
+Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft}.gin`.
+"""
+from t5xlike.finetuning.base import Combine, FineTuning
+from t5xlike.finetuning.freezing import Freeze, FreezeLower
+from t5xlike.finetuning.hft import HalfFineTuning
+from t5xlike.finetuning.llrd import LayerwiseDecay
+from t5xlike.finetuning.reinit import ReinitTop
+from t5xlike.finetuning.selection import Group
