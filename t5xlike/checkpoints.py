@@ -152,6 +152,29 @@ def saved_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
   return flat_shapes(getattr(tree, "tree", tree).get("params", {}))
 
 
+def check_param_shapes(path: str | epath.Path,
+                       wanted: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+  """The saved parameter shapes of a step directory (`saved_param_shapes`), checked
+  against a model's `{path: shape}` (`flat_shapes`).
+
+  Raises:
+    ValueError: a shared parameter path with another shape (naming the path and
+      both shapes), or no parameter path in common.
+  """
+  saved = saved_param_shapes(path)
+  mismatched = [f"{name}: checkpoint {saved[name]} vs model {shape}"
+                for name, shape in wanted.items() if name in saved and saved[name] != shape]
+  if mismatched:
+    raise ValueError(f"{path} does not fit the model: {'; '.join(mismatched[:3])}"
+                     f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}")
+  if not set(saved) & set(wanted):
+    raise ValueError(f"{path} shares no parameter with the model (checkpoint: "
+                     f"{', '.join(sorted(saved)[:4])}, ...; model: "
+                     f"{', '.join(sorted(wanted)[:4])}, ...; scanned and unscanned layers "
+                     f"differ in their paths)")
+  return saved
+
+
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
   """{'a/b': x} -> {'a': {'b': x}}."""
   out: dict[str, Any] = {}
@@ -188,21 +211,10 @@ def restore_matching_params(path: str | epath.Path,
       shapes), or no parameter in common.
   """
   path = validate_step_dir(path)
-  saved = saved_param_shapes(path)
+  saved = check_param_shapes(path, flat_shapes(abstract_params))
   wanted = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   wanted = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in wanted}
-  mismatched = [f"{name}: checkpoint {saved[name]} vs model {tuple(leaf.shape)}"
-                for name, leaf in wanted.items()
-                if name in saved and saved[name] != tuple(leaf.shape)]
-  if mismatched:
-    raise ValueError(f"{path} has parameters of other shapes than the model: "
-                     f"{'; '.join(mismatched[:3])}"
-                     f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}")
   shared = {name: checkpoint_abstract(leaf) for name, leaf in wanted.items() if name in saved}
-  if not shared:
-    raise ValueError(f"{path} shares no parameter with the model (checkpoint: "
-                     f"{', '.join(sorted(saved)[:4])}, ...; model: "
-                     f"{', '.join(sorted(wanted)[:4])}, ...)")
   unused = sorted(set(saved) - set(wanted))
   if unused:
     log.info("%d checkpoint parameter(s) not in the model, not restored: %s", len(unused),

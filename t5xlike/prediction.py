@@ -127,16 +127,6 @@ def write_jsonl(path: str | epath.Path, rows: Iterable[Mapping[str, Any]]) -> ep
   return path
 
 
-def _task_examples(name: str, split: str, feature_lengths: Mapping[str, int],
-                   module: str | None, use_cached: bool, cache_dir: str | None,
-                   max_examples: int | None):
-  """[(task name, rows, examples)] of a task or of each task of a mixture."""
-  from t5xlike.data import task_examples  # pylint: disable=g-import-not-at-top
-  return task_examples.read_tasks(name, split, feature_lengths, module=module,
-                                  use_cached=use_cached, cache_dir=cache_dir,
-                                  max_examples=max_examples)
-
-
 def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapping[str, int],
           batch_size: int, mode: str = "predict", input_path: str | None = None,
           output_path: str | None = None, max_decode_length: int | None = None,
@@ -183,9 +173,11 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
     jobs = [(None, rows, examples)]
   else:
     try:
-      jobs = _task_examples(mixture_or_task_name, split, task_feature_lengths,
-                            mixture_or_task_module,
-                            use_cached_tasks, task_cache_dir, max_examples)
+      from t5xlike.data import task_examples  # pylint: disable=g-import-not-at-top
+      jobs = task_examples.read_tasks(mixture_or_task_name, split, task_feature_lengths,
+                                      module=mixture_or_task_module,
+                                      use_cached=use_cached_tasks, cache_dir=task_cache_dir,
+                                      max_examples=max_examples)
     except ValueError as error:
       raise config.ConfigError(config.one_line(error)) from None
   params, step = inference.load_checkpoint(model, checkpoint_path, task_feature_lengths,

@@ -8,7 +8,6 @@ INITIAL_CHECKPOINT_PATH, or from scratch) and trains to TRAIN_STEPS.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 from typing import Any, Callable, Mapping
@@ -19,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from t5xlike import checkpoints, config, entry, metrics, partitioning, trainer as trainer_lib
-from t5xlike.data import feature_converters, pipeline
+from t5xlike.data import feature_converters, pipeline, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
 
@@ -27,13 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def import_task_module(module: str | None) -> None:
-  if not module:
-    return
+  """Imports MIXTURE_OR_TASK_MODULE; a ConfigError when it cannot be imported."""
   try:
-    importlib.import_module(module)
-  except ImportError as error:
-    raise config.ConfigError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: "
-                             f"{config.one_line(error)}") from None
+    task_examples.import_module(module)
+  except ValueError as error:
+    raise config.ConfigError(str(error)) from None
 
 
 def _validated(fn: Callable[[], Any], what: str) -> Any:
@@ -249,23 +246,16 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
 
 
 def _check_initial_checkpoint(path: str, abstract_params: Any) -> None:
-  """A shared parameter of another shape is a ConfigError (before anything is
-  written); a model mostly absent from the checkpoint is warned about."""
-  saved = checkpoints.saved_param_shapes(path)
+  """A shared parameter of another shape, or none shared, is a ConfigError (before
+  anything is written); a model mostly absent from the checkpoint is warned about."""
   wanted = checkpoints.flat_shapes(abstract_params)
-  mismatched = [f"{name}: checkpoint {saved[name]} vs model {shape}"
-                for name, shape in wanted.items() if name in saved and saved[name] != shape]
-  if mismatched:
-    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={path} does not fit the model: "
-                             f"{'; '.join(mismatched[:3])}"
-                             f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}")
+  try:
+    saved = checkpoints.check_param_shapes(path, wanted)
+  except ValueError as error:
+    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={config.one_line(error)}") from None
   size = lambda shape: int(np.prod(shape))
   shared = sum(size(shape) for name, shape in wanted.items() if name in saved)
   total = sum(size(shape) for shape in wanted.values())
-  if not shared:
-    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={path} shares no parameter with the "
-                             f"model (is it a checkpoint of this architecture? scanned vs "
-                             f"unscanned layers differ in their paths)")
   if shared < 0.5 * total:
     log.warning("INITIAL_CHECKPOINT_PATH holds only %.0f%% of the model's parameters; the "
                 "rest start from RANDOM_SEED (scanned vs unscanned layers differ in paths)",

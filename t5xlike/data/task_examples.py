@@ -14,23 +14,23 @@ from typing import Any, Mapping
 import numpy as np
 import seqio
 
+from t5xlike import config
 from t5xlike.data import pipeline, sources
 
 
 def import_module(module: str | None) -> None:
+  """Imports MIXTURE_OR_TASK_MODULE (it registers the tasks); ValueError in one line."""
   if module:
     try:
       importlib.import_module(module)
     except ImportError as error:
-      raise ValueError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: {error}") from None
+      raise ValueError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: "
+                       f"{config.one_line(error)}") from None
 
 
 def leaf_tasks(name: str) -> list[seqio.Task]:
-  """The task, or the tasks of a mixture (recursively), in registration order."""
-  task_or_mixture = sources.get_task(name)
-  if isinstance(task_or_mixture, seqio.Mixture):
-    return list(task_or_mixture.tasks)
-  return [task_or_mixture]
+  """The task, or the tasks of a mixture, in the mixture's order."""
+  return pipeline.resolve_tasks(sources.get_task(name))
 
 
 def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int], *,
