@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 import tasks.embedded
 from t5xlike import cache_tasks, train
-from t5xlike.data import direct_sources, pipeline, sources
+from t5xlike.data import direct_sources, pipeline, preprocessor_replay, sources
 from t5xlike.objectives import span_corruption
 from tests import user_tasks
 
@@ -105,12 +105,12 @@ def registered(tmp_path_factory):
   seqio.TaskRegistry.add(
       "direct_lines",
       source=seqio.TextLineDataSource({"train": write_lines(root / "lines")}, skip_header_lines=1),
-      preprocessors=[functools.partial(direct_sources.parse_lines, key="targets"),
+      preprocessors=[functools.partial(preprocessor_replay.parse_lines, key="targets"),
                      seqio.preprocessors.tokenize_and_append_eos, seqio.CacheDatasetPlaceholder()],
       output_features=features(inputs_required=False), metric_fns=[])
   seqio.TaskRegistry.add(
       "direct_tsv", source=seqio.TextLineDataSource({"train": str(user_tasks.TSV_PATH)}),
-      preprocessors=[functools.partial(direct_sources.parse_tsv,
+      preprocessors=[functools.partial(preprocessor_replay.parse_tsv,
                                        field_names=["inputs", "targets"]),
                      functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
                      seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos],
@@ -163,9 +163,9 @@ def test_tokens_are_those_of_seqio_tensorflow_op():
   vocabulary = tasks.embedded.vocabulary()
   expected = vocabulary.encode_tf(tf.constant(TIE)).numpy().tolist()
   assert vocabulary.encode(TIE) != expected  # Why the replay runs tf_text's op, not sentencepiece.
-  encode = direct_sources._encoder(vocabulary)  # pylint: disable=protected-access
+  encode = preprocessor_replay._encoder(vocabulary)  # pylint: disable=protected-access
   assert [ids.tolist() for ids in encode([TIE.encode(), b""])] == [expected, []]
-  assert direct_sources._encoder(  # pylint: disable=protected-access
+  assert preprocessor_replay._encoder(  # pylint: disable=protected-access
       seqio.PassThroughVocabulary(8)) is None
 
 
@@ -235,7 +235,7 @@ def test_tfrecord_only_dataset_keeps_the_tensorflow_path(registered, caplog):
 
 def test_tasks_that_do_not_qualify_say_why():
   def why(name):
-    with pytest.raises(direct_sources.NotDirect) as error:
+    with pytest.raises(preprocessor_replay.NotDirect) as error:
       direct_sources.DirectSource(name, "train")
     return str(error.value)
   assert "its source is a FunctionDataSource" in why("user_function_qa")

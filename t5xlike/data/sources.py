@@ -48,7 +48,6 @@ why.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import weakref
@@ -60,7 +59,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from t5xlike.data import task_cache
+from t5xlike.data import preprocessor_replay, task_cache
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +114,6 @@ def _name(preprocessor: Any) -> str:
   return seqio.utils.function_name(preprocessor)
 
 
-def _unwrapped(preprocessor: Any) -> Any:
-  while isinstance(preprocessor, functools.partial):
-    preprocessor = preprocessor.func
-  return preprocessor
-
-
 def _seed_argument(preprocessor: Any) -> str | None:
   """'seed' or 'seeds' when the preprocessor takes one (seqio's random convention)."""
   try:
@@ -131,7 +124,7 @@ def _seed_argument(preprocessor: Any) -> str | None:
 
 
 def _is_eos(preprocessor: Any) -> bool:
-  return _unwrapped(preprocessor) in _EOS_PREPROCESSORS
+  return preprocessor_replay.unwrap_partial(preprocessor)[0] in _EOS_PREPROCESSORS
 
 
 def split_preprocessors(task: seqio.Task) -> tuple[list[Any], list[Any]]:
@@ -484,7 +477,7 @@ def _open_direct(task: seqio.Task, split: str):
   from t5xlike.data import direct_sources  # pylint: disable=g-import-not-at-top
   try:
     return direct_sources.DirectSource(task, split), None
-  except direct_sources.NotDirect as reason:
+  except preprocessor_replay.NotDirect as reason:
     return None, str(reason)
 
 
@@ -528,10 +521,9 @@ def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, u
                len(source), in_memory_max_examples)
       return source
   if direct is not None:
-    from t5xlike.data import direct_sources  # pylint: disable=g-import-not-at-top
     try:
       direct.verify()
-    except direct_sources.NotDirect as reason:
+    except preprocessor_replay.NotDirect as reason:
       why = f"its direct reader differs from seqio's TensorFlow read: {reason}"
       log.warning("%s/%s: %s", task.name, split, why)
     else:
