@@ -196,6 +196,9 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     for name, params in model.exports(state.params).items():  # Every process: orbax
       where = checkpoints.save_params(model_dir / name, train_steps, params)  # saves together.
       log.info("exported %s parameters to %s", name, where)
+  if finetuning is not None:
+    for where in finetuning.export(state.params, model_dir, train_steps, initial_checkpoint_path):
+      log.info("finetuning export: %s", where)
   return state
 
 

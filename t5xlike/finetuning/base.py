@@ -24,6 +24,16 @@ INITIAL_CHECKPOINT_PATH (never when it resumes from MODEL_DIR):
 
   F.describe(params) -> list[str]: lines for the startup log.
 
+and, once training has reached TRAIN_STEPS, on every process (orbax saves
+together):
+
+  F.export(params, model_dir, step, base_checkpoint) -> list[epath.Path]
+      Writes what the technique leaves beside the run's own checkpoints (a
+      PEFT checkpoint of the trained parameters only, a sparse delta, merged
+      LoRA weights...) under `model_dir`; `base_checkpoint` is
+      INITIAL_CHECKPOINT_PATH (or None). Returns the directories written
+      (logged). The default writes nothing.
+
 `FineTuning` implements all four from one method, `update_scales(params)`
 (see `updates.scaled`: per-leaf / per-layer learning-rate multipliers, 0 =
 frozen); techniques override it and/or `initialize`. `Combine` stacks
@@ -69,6 +79,11 @@ class FineTuning:
     del params
     return [repr(self)]
 
+  def export(self, params: Any, model_dir: Any, step: int,
+             base_checkpoint: str | None) -> list[Any]:
+    del params, model_dir, step, base_checkpoint
+    return []
+
 
 @dataclasses.dataclass(frozen=True)
 class Combine(FineTuning):
@@ -88,6 +103,10 @@ class Combine(FineTuning):
 
   def describe(self, params):
     return [line for t in self.techniques for line in t.describe(params)]
+
+  def export(self, params, model_dir, step, base_checkpoint):
+    return [path for t in self.techniques
+            for path in t.export(params, model_dir, step, base_checkpoint)]
 
 
 def where(mask: Any, new: Any, old: Any) -> Any:
