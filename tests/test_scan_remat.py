@@ -72,16 +72,23 @@ def test_scanned_model_trains_like_the_plain_one(plain_and_scanned):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", ("mlp_hidden", "attention_out")])
-def test_remat_policies_give_the_same_gradients(policy):
+def _scanned_gradients(policy):
   batch = batches(1)[0]
-  grads = {}
-  for name, p in (("none", "none"), ("remat", policy)):
-    cfg = t5.T5Config(**{**BASE, "scan_layers": True, "remat_policy": p})
-    model = encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))
-    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
-    grads[name] = jax.jit(jax.grad(lambda q: model.loss_fn(q, batch, None)[0]))(params)
-  for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["remat"])):
+  cfg = t5.T5Config(**{**BASE, "scan_layers": True, "remat_policy": policy})
+  model = encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+  return jax.jit(jax.grad(lambda q: model.loss_fn(q, batch, None)[0]))(params)
+
+
+@pytest.fixture(scope="module")
+def gradients_without_remat():
+  return _scanned_gradients("none")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", ("mlp_hidden", "attention_out")])
+def test_remat_policies_give_the_same_gradients(gradients_without_remat, policy):
+  remat = _scanned_gradients(policy)
+  for a, b in zip(jax.tree.leaves(gradients_without_remat), jax.tree.leaves(remat)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
