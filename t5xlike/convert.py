@@ -45,6 +45,9 @@ def _flags(parser) -> None:
   parser.add_argument("--mlp_activation", default="gelu",
                       help="T5X sources: the MLP activation the arrays cannot tell "
                            "(gelu: T5.1.1/mT5/Flan-T5; silu: UL2; relu: T5 v1.0)")
+  parser.add_argument("--relative_attention_max_distance", type=int, default=128,
+                      help="T5X sources: T5's relative position max distance (128 in every "
+                           "released T5X model)")
   parser.add_argument("--max_position_embeddings", type=int, default=2048,
                       help="HF Llama export: max_position_embeddings of config.json")
 
@@ -89,7 +92,9 @@ def load_source(args) -> tuple[Any, dict, Any]:
     scanned, pairs = t5x_format.read(args.checkpoint)
     flat = dict(_logged(pairs, dtypes))
     network_config = t5x_format.t5_config({n: v.shape for n, v in flat.items()},
-                                          args.mlp_activation, scan_layers=_scan(args, scanned))
+                                          args.mlp_activation,
+                                          args.relative_attention_max_distance,
+                                          scan_layers=_scan(args, scanned))
     vocabulary = output_dir.Vocabulary()
     if args.vocabulary:
       vocabulary = output_dir.Vocabulary(

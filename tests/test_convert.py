@@ -199,3 +199,230 @@ def test_round_trip_ours_hf_ours_is_exact(name, request, tmp_path):
     np.testing.assert_array_equal(back[key], value, err_msg=key)
   assert (tmp_path / "back" / "model.gin").read_text() == (
       imported.out_dir / "model.gin").read_text()
+
+
+# ---- T5X checkpoints, written here in T5X's layouts. ----
+
+def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
+  """A T5X TensorStore spec as the `checkpoint` file stores it (path relative)."""
+  return {"driver": "zarr", "dtype": dtype,
+          "kvstore": {"driver": "file", "path": name.replace("/", ".")},
+          "metadata": {"shape": list(value.shape), "chunks": list(value.shape),
+                       "dtype": "<f4" if dtype == "float32" else "bfloat16",
+                       "compressor": {"id": "gzip", "level": 1}}}
+
+
+def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
+                      bfloat16: tuple[str, ...] = ()) -> dict:
+  """A T5X step directory: `checkpoint` msgpack {'version': 3, 'optimizer': {'target',
+  'state'}}; 2-D arrays in TensorStore zarr (those in `bfloat16` cast), 1-D ones inline.
+  Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models.
+  Returns the parameters as saved (unscanned, float32)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  directory.mkdir(parents=True)
+  saved = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if k.endswith(bfloat16) else v)
+           for k, v in flat.items()}
+  tree = dict(flat)
+  if scanned:
+    stacked = param_trees.stack(flat)
+    tree = {k: (np.moveaxis(v, 0, 1) if "/layers/" in k else v) for k, v in stacked.items()}
+  target = {}
+  for name, value in tree.items():
+    if value.ndim < 2:
+      target[name] = value
+      continue
+    base = bool(bfloat16) and name.endswith(bfloat16)
+    dtype = "bfloat16" if base else "float32"
+    spec = _ts_spec(f"target/{name}", value, dtype)
+    store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(
+        directory / spec["kvstore"]["path"])}}, create=True).result()
+    store.write(value.astype(ml_dtypes.bfloat16) if base else value).result()
+    target[name] = spec
+  contents = {"version": 3, "optimizer": {"target": param_trees.unflatten(target),
+                                          "state": {"step": np.asarray(100, np.int32)}}}
+  (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
+  return saved
+
+
+def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
+  assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
+                  "--relative_attention_max_distance=16", *flags) == 0
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  config.configure([str(out / "model.gin")])
+  cfg = output_dir.configured_model().network.config
+  gin.clear_config()
+  return cfg, output_dir.read_params(out / "checkpoint", cfg)
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned):
+  saved = write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned,
+                            bfloat16=("token_embedder/embedding", "mlp/wi_0/kernel"))
+  cfg, params = _t5x_import(tmp_path / "checkpoint_100", tmp_path / "ours")
+  assert cfg == t5_v11.model.network.config.__class__(
+      **{**t5_v11.model.network.config.__dict__, "scan_layers": scanned})
+  assert sorted(params) == sorted(saved)
+  for key, value in saved.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "checkpoint_7", {
+        "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}})
+  cfg, params = _t5x_import(tmp_path / "checkpoint_7", tmp_path / "ours",
+                            "--mlp_activation=relu")
+  assert cfg == t5_v10.model.network.config
+  for key, value in t5_v10.flat.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_t5x_shape_mismatch_is_one_line_error_naming_the_path(t5_v11, tmp_path, capsys):
+  flat = dict(t5_v11.flat)
+  flat["encoder/layers_1/mlp/wo/kernel"] = flat["encoder/layers_1/mlp/wo/kernel"][:-1]
+  write_t5x_msgpack(tmp_path / "checkpoint_1", flat, scanned=False)
+  code = _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'ours'}")
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "encoder/layers_1/mlp/wo/kernel: got (63, 32)" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "ours").exists()
+  assert not list(tmp_path.glob(".ours*"))
+
+
+# ---- End to end: convert, then `python -m t5xlike.infer --mode=score`. ----
+
+def _score_with_infer(out_dir: pathlib.Path, rows: list, tmp_path: pathlib.Path,
+                      lengths: str) -> list[float]:
+  source, scored = tmp_path / f"{out_dir.name}_in.jsonl", tmp_path / f"{out_dir.name}_out.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  code = infer.main([f"--gin_file={out_dir / 'model.gin'}", "--gin_file=runs/infer.gin",
+                     f"--gin.CHECKPOINT_PATH={out_dir / 'checkpoint'}",
+                     f"--gin.TASK_FEATURE_LENGTHS={lengths}", "--gin.BATCH_SIZE=2",
+                     "--mode=score", f"--input={source}", f"--output={scored}"])
+  assert code == 0
+  return [json.loads(line)["score"] for line in scored.read_text().splitlines()]
+
+
+def _log_likelihood(logits: np.ndarray, targets: list[int]) -> float:
+  logits = logits[:len(targets)].astype(np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                              keepdims=True)) - logits.max(-1, keepdims=True)
+  return float(sum(log_probs[i, t] for i, t in enumerate(targets)))
+
+
+_T5_ROWS = [{"input_ids": [5, 17, 99, 3, 42, 8, 1], "target_ids": [7, 64, 12, 1]},
+            {"input_ids": [11, 2, 120, 1], "target_ids": [33, 9, 81, 100, 27, 1]}]
+
+
+def _hf_t5_scores(model, rows) -> list[float]:
+  scores = []
+  for row in rows:
+    targets = row["target_ids"]
+    logits = hf_reference.t5_logits(model, np.asarray([row["input_ids"]]),
+                                    np.asarray([[0] + targets[:-1]]))[0]
+    scores.append(_log_likelihood(logits, targets))
+  return scores
+
+
+def test_cli_hf_and_t5x_to_infer_score_equals_transformers(t5_v11, llama, tmp_path):
+  lengths = "{'inputs': 10, 'targets': 8}"
+  expected = _hf_t5_scores(t5_v11.hf_model, _T5_ROWS)
+  np.testing.assert_allclose(_score_with_infer(t5_v11.out_dir, _T5_ROWS, tmp_path, lengths),
+                             expected, atol=1e-4, rtol=0)
+  # The same weights as a scanned T5X checkpoint.
+  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
+  assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_100'}",
+                  f"--output={tmp_path / 'from_t5x'}",
+                  "--relative_attention_max_distance=16") == 0
+  np.testing.assert_allclose(
+      _score_with_infer(tmp_path / "from_t5x", _T5_ROWS, tmp_path, lengths), expected,
+      atol=1e-4, rtol=0)
+  # Llama: a causal LM scores its targets after the BOS (id 0, t5xlike's convention).
+  rows = [{"input_ids": [], "target_ids": [5, 17, 99, 3, 42, 1]},
+          {"input_ids": [], "target_ids": [11, 2, 120]}]
+  expected = [_log_likelihood(hf_reference.llama_logits(
+      llama.hf_model, np.asarray([[0] + r["target_ids"][:-1]]))[0], r["target_ids"])
+              for r in rows]
+  np.testing.assert_allclose(_score_with_infer(llama.out_dir, rows, tmp_path, lengths),
+                             expected, atol=1e-4, rtol=0)
+
+
+# ---- Bad input: one line, exit 2, nothing written. ----
+
+@pytest.mark.parametrize("flags, message", [
+    (["--from=hf", "--checkpoint={tmp}/nowhere"], "--checkpoint="),
+    (["--from=hf", "--checkpoint={tmp}"], "no config.json"),
+    (["--from=t5x", "--checkpoint={tmp}"], "not a T5X checkpoint"),
+    (["--from=t5xlike", "--to=t5xlike", "--checkpoint={tmp}"], "both t5xlike"),
+    (["--from=t5xlike", "--to=hf", "--checkpoint={tmp}"], "needs the model gin"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(flags, message, tmp_path, capsys):
+  source = tmp_path / "source"
+  source.mkdir()
+  flags = [f.replace("{tmp}", str(source)) for f in flags]
+  assert _convert(*flags, f"--output={tmp_path / 'out'}") == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_hf_config_is_refused(tmp_path, capsys):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  assert _convert("--from=hf", f"--checkpoint={tmp_path}", f"--output={tmp_path}/o") == 2
+  assert "model_type='gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_weight_reader_reads_sharded_safetensors(t5_v10, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(str(t5_v10.hf_dir / "model.safetensors"))
+  names = sorted(tensors)
+  halves = {"a.safetensors": names[:10], "b.safetensors": names[10:]}
+  for file, part in halves.items():
+    save_file({n: tensors[n] for n in part}, str(tmp_path / file))
+  (tmp_path / hf_weights.SAFETENSORS_INDEX).write_text(json.dumps(
+      {"weight_map": {n: f for f, part in halves.items() for n in part}}))
+  reader = hf_weights.WeightReader(tmp_path)
+  assert reader.names() == names
+  np.testing.assert_array_equal(reader.get(names[15]), tensors[names[15]])
+
+
+def test_pytorch_bin_weights_import_like_safetensors(t5_v10, tmp_path):
+  """HF's PyTorch `pytorch_model.bin` (read only where torch is installed)."""
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text((t5_v10.hf_dir / "config.json").read_text())
+  torch.save(load_file(str(t5_v10.hf_dir / "model.safetensors")),
+             tmp_path / "hf" / "pytorch_model.bin")
+  assert _convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
+                  f"--output={tmp_path / 'ours'}") == 0
+  params = output_dir.read_params(tmp_path / "ours" / "checkpoint", t5_v10.model.network.config)
+  for key, value in t5_v10.flat.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_flax_msgpack_weights_read_as_state_dict_names(t5_v10, tmp_path):
+  """HF's Flax layout (`flax_model.msgpack`: `kernel` [in, out], `embedding`, norm
+  `weight`) reads as the PyTorch names and layout."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  reference = hf_weights.WeightReader(t5_v10.hf_dir)
+  flax_tree = {}
+  for name in reference.names():
+    value = reference.get(name)
+    *parents, _ = name.split(".")
+    if name.endswith("layer_norm.weight"):
+      leaf = "weight"
+    elif parents[-1] in ("shared", "relative_attention_bias"):
+      leaf = "embedding"
+    else:
+      leaf, value = "kernel", value.T
+    flax_tree["/".join(parents + [leaf])] = value
+  (tmp_path / hf_weights.FLAX).write_bytes(serialization.msgpack_serialize(
+      param_trees.unflatten(flax_tree)))
+  reader = hf_weights.WeightReader(tmp_path)
+  assert reader.names() == reference.names()
+  for name in reference.names():
+    np.testing.assert_array_equal(reader.get(name), reference.get(name), err_msg=name)
