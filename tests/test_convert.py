@@ -426,3 +426,29 @@ def test_flax_msgpack_weights_read_as_state_dict_names(t5_v10, tmp_path):
   assert reader.names() == reference.names()
   for name in reference.names():
     np.testing.assert_array_equal(reader.get(name), reference.get(name), err_msg=name)
+
+
+def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
+  """An HF T5 directory with `spiece.model`: OUT holds a copy, model.gin binds it
+  with T5's 100 extra ids, and the export carries it back."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  spm = pathlib.Path(__file__).resolve().parents[1] / "tasks" / "embedded" / "spm.model"
+  hf_config = transformers.T5Config(vocab_size=8192, d_model=16, d_kv=4, d_ff=16, num_layers=1,
+                                    num_heads=2, feed_forward_proj="gated-gelu",
+                                    tie_word_embeddings=False)
+  hf_dir = hf_reference.save(transformers.T5ForConditionalGeneration(hf_config), tmp_path / "hf")
+  (hf_dir / "spiece.model").write_bytes(spm.read_bytes())
+  assert _convert("--from=hf", f"--checkpoint={hf_dir}", f"--output={tmp_path / 'ours'}") == 0
+  assert (tmp_path / "ours" / "spiece.model").read_bytes() == spm.read_bytes()
+  config.configure([str(tmp_path / "ours" / "model.gin")])
+  vocabulary = output_dir.configured_model().vocabulary
+  gin.clear_config()
+  assert isinstance(vocabulary, seqio.SentencePieceVocabulary)
+  assert vocabulary.sentencepiece_model_file == str((tmp_path / "ours" / "spiece.model").resolve())
+  assert vocabulary.extra_ids == 100 and vocabulary.vocab_size == 8100
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={tmp_path / 'ours' / 'checkpoint'}",
+                  f"--output={tmp_path / 'back'}") == 0
+  assert (tmp_path / "back" / "spiece.model").read_bytes() == spm.read_bytes()
+  assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["extra_ids"] == 100
