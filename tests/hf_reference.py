@@ -32,14 +32,25 @@ def t5_model(v1_1: bool, seed: int = 0) -> transformers.T5ForConditionalGenerati
   return model
 
 
-def llama_model(seed: int = 0) -> transformers.LlamaForCausalLM:
+def mt5_model(seed: int = 3) -> transformers.MT5ForConditionalGeneration:
+  """mT5 (model_type 'mt5': T5.1.1's architecture, untied head), 1+1 layers."""
+  torch.manual_seed(seed)
+  config = transformers.MT5Config(
+      vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+      num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  model = transformers.MT5ForConditionalGeneration(config).eval()
+  model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32))
+  return model
+
+
+def llama_model(seed: int = 0, tied: bool = False) -> transformers.LlamaForCausalLM:
   """Llama-style: d_model 32, 4 query heads x 8 sharing 2 key/value heads, SwiGLU 64,
-  2 layers, RoPE base 500, RMS eps 1e-5, untied head."""
+  2 layers, RoPE base 500, RMS eps 1e-5, untied (or tied) head."""
   torch.manual_seed(seed)
   config = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-      max_position_embeddings=64, tie_word_embeddings=False,
+      max_position_embeddings=64, tie_word_embeddings=tied,
       rope_parameters={"rope_type": "default", "rope_theta": 500.0})
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
@@ -54,12 +65,13 @@ def save(model, directory: pathlib.Path) -> pathlib.Path:
   directory.mkdir(parents=True, exist_ok=True)
   model.config.save_pretrained(directory)
   tensors = {}
-  for name, tensor in model.state_dict().items():
+  state = model.state_dict()
+  embedding = state.get("shared.weight", state.get("model.embed_tokens.weight"))
+  for name, tensor in state.items():
     if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
       continue  # Tied to shared.weight.
-    if name == "lm_head.weight" and model.config.tie_word_embeddings and getattr(
-        model.config, "scale_decoder_outputs", True):
-      continue
+    if name == "lm_head.weight" and torch.equal(tensor, embedding):
+      continue  # Tied (T5 v1.0, tied Llama).
     tensors[name] = tensor.detach().clone().contiguous()
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
   return directory

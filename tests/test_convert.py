@@ -87,6 +87,17 @@ def llama(tmp_path_factory):
   return _import(tmp_path_factory, "llama", hf_reference.llama_model(), _llama_batch())
 
 
+@pytest.fixture(scope="module")
+def mt5(tmp_path_factory):
+  return _import(tmp_path_factory, "mt5", hf_reference.mt5_model(), _t5_batch())
+
+
+@pytest.fixture(scope="module")
+def llama_tied(tmp_path_factory):
+  return _import(tmp_path_factory, "llama_tied", hf_reference.llama_model(seed=4, tied=True),
+                 _llama_batch())
+
+
 def _hf_t5_logits(model, batch):
   return hf_reference.t5_logits(model, batch["encoder_input_tokens"],
                                 batch["decoder_input_tokens"])
@@ -139,7 +150,22 @@ def load_hf(cls, directory, capfd):
   finally:
     logger.removeHandler(records)
   printed = capfd.readouterr()
-  return loaded.eval(), info, records.messages + [printed.out, printed.err]
+  lines = [line.strip() for text in (printed.out, printed.err)
+           for line in text.replace("\r", "\n").splitlines()]
+  lines = [line for line in lines if line and not line.startswith("Loading weights")]
+  return loaded.eval(), info, records.messages + lines
+
+
+def test_hf_mt5_import_matches_transformers(mt5):
+  assert not mt5.model.network.config.logits_via_embedding
+  np.testing.assert_allclose(mt5.logits, _hf_t5_logits(mt5.hf_model, mt5.batch), atol=TOL, rtol=0)
+
+
+def test_hf_tied_llama_import_matches_transformers(llama_tied):
+  assert llama_tied.model.network.config.tie_embeddings
+  assert "decoder/logits_dense/kernel" not in llama_tied.flat
+  np.testing.assert_allclose(llama_tied.logits, hf_reference.llama_logits(
+      llama_tied.hf_model, llama_tied.batch["decoder_input_tokens"]), atol=TOL, rtol=0)
 
 
 def _export(imported, tmp_path, capfd):
@@ -174,16 +200,22 @@ def test_export_t5_to_transformers(name, request, tmp_path, capfd):
   loaded, info, warnings = _export(imported, tmp_path, capfd)
   assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
   assert not _weights_warnings(warnings), warnings
+  # transformers >= 5 always ties T5's lm_head; an untied head is loaded with a warning.
+  assert all("will NOT tie them" in w for w in warnings) and (
+      bool(warnings) == (name == "t5_v11")), warnings
   np.testing.assert_allclose(_hf_t5_logits(loaded, imported.batch), imported.logits,
                              atol=TOL, rtol=0)
 
 
-def test_export_llama_to_transformers(llama, tmp_path, capfd):
-  loaded, info, warnings = _export(llama, tmp_path, capfd)
+@pytest.mark.parametrize("name", ["llama", "llama_tied"])
+def test_export_llama_to_transformers(name, request, tmp_path, capfd):
+  imported = request.getfixturevalue(name)
+  loaded, info, warnings = _export(imported, tmp_path, capfd)
   assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-  assert not _weights_warnings(warnings), warnings
-  np.testing.assert_allclose(hf_reference.llama_logits(loaded, llama.batch["decoder_input_tokens"]),
-                             llama.logits, atol=TOL, rtol=0)
+  assert not warnings, warnings  # Not even a tying warning.
+  np.testing.assert_allclose(
+      hf_reference.llama_logits(loaded, imported.batch["decoder_input_tokens"]),
+      imported.logits, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["t5_v11", "llama"])
@@ -279,6 +311,16 @@ def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path):
   assert cfg == t5_v10.model.network.config
   for key, value in t5_v10.flat.items():
     np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_t5x_to_hf_matches_the_original_transformers_model(t5_v11, tmp_path, capfd):
+  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
+  assert _convert("--from=t5x", "--to=hf", f"--checkpoint={tmp_path / 'checkpoint_100'}",
+                  f"--output={tmp_path / 'hf'}", "--relative_attention_max_distance=16") == 0
+  loaded, info, _ = load_hf(type(t5_v11.hf_model), tmp_path / "hf", capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"])
+  np.testing.assert_allclose(_hf_t5_logits(loaded, t5_v11.batch),
+                             _hf_t5_logits(t5_v11.hf_model, t5_v11.batch), atol=1e-6, rtol=0)
 
 
 def test_t5x_shape_mismatch_is_one_line_error_naming_the_path(t5_v11, tmp_path, capsys):

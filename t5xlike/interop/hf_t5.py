@@ -9,6 +9,7 @@ time (1/sqrt(d_kv) lives in the query weights); HF's `gated-gelu` is
 (`logits_via_embedding`). transformers >= 5 always ties `lm_head` to
 `shared` and reads the rescaling from `scale_decoder_outputs` (older
 versions: from `tie_word_embeddings`); both keys are read and written.
+mT5 (`model_type='mt5'`) never rescales, whatever its config says.
 
 Activation names (`feed_forward_proj`): 'gated-gelu' <-> ('gelu', 'linear'),
 'gated-silu' <-> ('silu', 'linear'), 'gated-relu' <-> ('relu', 'linear'),
@@ -61,7 +62,9 @@ def config_from_hf(hf: Mapping[str, Any], scan_layers: bool = False) -> t5.T5Con
   if epsilon != LAYER_NORM_EPSILON:
     raise ValueError(f"layer_norm_epsilon={epsilon}: t5xlike's T5 uses {LAYER_NORM_EPSILON}")
   tied = hf.get("tie_word_embeddings", True)
-  scaled = hf.get("scale_decoder_outputs", tied)
+  # mT5 never rescales (its transformers code has no d_model**-0.5; its config forces
+  # tie_word_embeddings=True on save); T5 reads the rescaling as described above.
+  scaled = False if hf["model_type"] == "mt5" else hf.get("scale_decoder_outputs", tied)
   layers = int(hf.get("num_layers", 6))
   return t5.T5Config(
       vocab_size=int(hf["vocab_size"]), emb_dim=int(hf["d_model"]),
