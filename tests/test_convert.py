@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from t5xlike import convert, infer  # pylint: disable=g-import-not-at-top
 from t5xlike.data import feature_converters
-from t5xlike.interop import hf_weights, network_shapes, output_dir, param_trees, t5x_format
+from t5xlike.interop import hf_weights, output_dir, param_trees
 from tests import hf_reference
 
 TOL = 1e-4
@@ -494,3 +494,18 @@ def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
                   f"--output={tmp_path / 'back'}") == 0
   assert (tmp_path / "back" / "spiece.model").read_bytes() == spm.read_bytes()
   assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["extra_ids"] == 100
+
+
+def test_conversion_imports_no_torch_transformers_or_tensorflow(t5_v10, tmp_path):
+  """HF -> t5xlike -> HF in a fresh interpreter loads neither PyTorch nor TensorFlow."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (f"import sys\nfrom t5xlike import convert\n"
+          f"assert convert.main(['--from=hf', '--checkpoint={t5_v10.hf_dir}', "
+          f"'--output={tmp_path / 'ours'}']) == 0\n"
+          "bad = [m for m in ('torch', 'transformers', 'tensorflow') if m in sys.modules]\n"
+          "print('loaded:', bad)\nsys.exit(1 if bad else 0)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert (tmp_path / "ours" / "model.gin").exists()

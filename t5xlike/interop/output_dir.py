@@ -15,7 +15,6 @@ Read: a step directory plus the model gin that built it (MODEL).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import shutil
 from typing import Any, Mapping
@@ -26,7 +25,6 @@ from t5xlike import checkpoints
 from t5xlike.interop import param_trees
 from t5xlike.models import decoder, t5
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 MODEL_GIN = "model.gin"

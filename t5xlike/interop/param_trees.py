@@ -83,12 +83,6 @@ def count_layers(names: Iterable[str], stack_name: str) -> int:
   return max(indices) + 1 if indices else 0
 
 
-def describe(flat: Mapping[str, Any]) -> str:
-  """One line per parameter: `path shape dtype` (for conversion reports)."""
-  return "\n".join(f"  {name} {tuple(np.shape(v))} {getattr(v, 'dtype', '?')}"
-                   for name, v in sorted(flat.items()))
-
-
 def shape_mismatches(flat: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
   """'path: got S, model wants T' / 'path: missing' / 'path: not in the model' lines."""
   lines = [f"{name}: got {tuple(np.shape(flat[name]))}, the model wants {shape}"

@@ -17,7 +17,6 @@ array); `t5_config` derives a `t5.T5Config` from their shapes.
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 from typing import Any, Iterator
 
@@ -26,7 +25,6 @@ import numpy as np
 from t5xlike.interop import param_trees
 from t5xlike.models import t5
 
-log = logging.getLogger(__name__)
 
 MSGPACK = "checkpoint"
 SCANNED_LAYER_AXIS = 1
