@@ -245,10 +245,11 @@ def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
 
 
 def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
-                      bfloat16: tuple[str, ...] = ()) -> dict:
+                      bfloat16: tuple[str, ...] = (), gcs: bool = False) -> dict:
   """A T5X step directory: `checkpoint` msgpack {'version': 3, 'optimizer': {'target',
   'state'}}; 2-D arrays in TensorStore zarr (those in `bfloat16` cast), 1-D ones inline.
-  Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models.
+  Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models. `gcs`:
+  the specs T5X writes for a gs:// directory (bucket placeholder, top-level path).
   Returns the parameters as saved (unscanned, float32)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
@@ -271,6 +272,9 @@ def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
     store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(
         directory / spec["kvstore"]["path"])}}, create=True).result()
     store.write(value.astype(ml_dtypes.bfloat16) if base else value).result()
+    if gcs:
+      spec = {**spec, "path": spec["kvstore"]["path"],
+              "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket"}}
     target[name] = spec
   contents = {"version": 3, "optimizer": {"target": param_trees.unflatten(target),
                                           "state": {"step": np.asarray(100, np.int32)}}}
@@ -289,10 +293,10 @@ def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
   return cfg, output_dir.read_params(out / "checkpoint", cfg)
 
 
-@pytest.mark.parametrize("scanned", [False, True])
-def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned):
+@pytest.mark.parametrize("scanned, gcs", [(False, False), (True, False), (False, True)])
+def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned, gcs):
   saved = write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned,
-                            bfloat16=("token_embedder/embedding", "mlp/wi_0/kernel"))
+                            bfloat16=("token_embedder/embedding", "mlp/wi_0/kernel"), gcs=gcs)
   cfg, params = _t5x_import(tmp_path / "checkpoint_100", tmp_path / "ours")
   assert cfg == t5_v11.model.network.config.__class__(
       **{**t5_v11.model.network.config.__dict__, "scan_layers": scanned})
@@ -301,11 +305,15 @@ def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned):
     np.testing.assert_array_equal(params[key], value, err_msg=key)
 
 
-def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path):
+@pytest.mark.parametrize("item, use_ocdbt", [("", True), ("state", False)])
+def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path, item, use_ocdbt):
+  """Orbax T5X: the train state dict {'target', 'state'} as a PyTree checkpoint, in the
+  step directory or its `state` item (T5X's CheckpointManager, use_ocdbt=False)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "checkpoint_7", {
-        "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}})
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(tmp_path / "checkpoint_7" / item, args=ocp.args.PyTreeSave({
+        "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}}))
   cfg, params = _t5x_import(tmp_path / "checkpoint_7", tmp_path / "ours",
                             "--mlp_activation=relu")
   assert cfg == t5_v10.model.network.config
