@@ -75,7 +75,8 @@ class Checkpointer:
 
 
 def validate_step_dir(path: str | epath.Path) -> epath.Path:
-  """Checks that `path` is a complete t5xlike step directory (`.../checkpoint_<N>`)."""
+  """Checks that `path` is a complete t5xlike step directory (`.../checkpoint_<N>`, or
+  any directory holding `state`, such as a converted model's `OUT/checkpoint`)."""
   path = epath.Path(path)
   if not (path / "state").exists():
     raise ValueError(f"{path} is not a t5xlike checkpoint step directory (no 'state' inside); "
@@ -125,7 +126,13 @@ def save_params(path: str | epath.Path, step: int, params: Any) -> epath.Path:
   given it as INITIAL_CHECKPOINT_PATH restores the parameters and the step
   and starts a fresh optimizer state.
   """
-  directory = step_dir(path, step)
+  return save_params_at(step_dir(path, step), step, params)
+
+
+def save_params_at(directory: str | epath.Path, step: int, params: Any) -> epath.Path:
+  """Writes `{step, params}` as the step directory `directory` (`directory/state`),
+  whatever its name (e.g. a converted model's `OUT/checkpoint`)."""
+  directory = epath.Path(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / "state", {"step": jax.numpy.asarray(step, jax.numpy.int32),
                                             "params": params})

@@ -1,0 +1,138 @@
+"""The t5xlike side of a conversion: write or read a t5xlike model directory.
+
+Written (DESIGN.md §2):
+  OUT/checkpoint/state   an orbax step directory `{step: 0, params}` (as
+                         `checkpoints.save_params` writes), accepted by
+                         CHECKPOINT_PATH and INITIAL_CHECKPOINT_PATH;
+  OUT/model.gin          MODEL, the network config (and its scan setting) and
+                         VOCABULARY: the source's SentencePiece model copied to
+                         OUT/ (referenced by absolute path), else a pass-through
+                         vocabulary of the model's size (ids only, EOS 1);
+so `--gin_file=OUT/model.gin --gin_file=gin_configs/runs/infer.gin
+--gin.CHECKPOINT_PATH=OUT/checkpoint` loads it.
+Read: a step directory plus the model gin that built it (MODEL).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+
+from t5xlike import checkpoints
+from t5xlike.interop import param_trees
+from t5xlike.models import decoder, t5
+
+
+CHECKPOINT = "checkpoint"
+MODEL_GIN = "model.gin"
+T5_EXTRA_IDS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  """Where a converted model's token ids come from.
+
+  Attributes:
+    sentencepiece_model: path of a SentencePiece `.model` file, or None
+      (pass-through: ids only).
+    extra_ids: sentinel ids appended after the pieces (T5: 100).
+  """
+  sentencepiece_model: str | None = None
+  extra_ids: int = 0
+
+
+def t5_extra_ids(sentencepiece_model: str, vocab_size: int) -> int:
+  """T5's 100 extra ids when the embedding has room for them after the pieces, else 0."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  pieces = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model).get_piece_size()
+  return T5_EXTRA_IDS if pieces + T5_EXTRA_IDS <= vocab_size else 0
+
+
+def _value(value: Any) -> str:
+  return repr(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def model_gin(network_config: Any, vocabulary_lines: list[str]) -> str:
+  """The gin text binding MODEL to this network config and VOCABULARY."""
+  if isinstance(network_config, t5.T5Config):
+    model, network, module = "encoder_decoder.EncoderDecoderModel", "t5.Transformer", "t5.T5Config"
+    imports = ["from t5xlike.models import encoder_decoder", "from t5xlike.models import t5"]
+  elif isinstance(network_config, decoder.DecoderConfig):
+    model, network = "decoder.DecoderOnlyModel", "decoder.Transformer"
+    module = "decoder.DecoderConfig"
+    imports = ["from t5xlike.models import decoder"]
+  else:
+    raise TypeError(f"no gin for {type(network_config).__name__}")
+  fields = [f"  {f.name} = {_value(getattr(network_config, f.name))}"
+            for f in dataclasses.fields(network_config)]
+  return "\n".join([
+      "# Written by `python -m t5xlike.convert`.", "from __gin__ import dynamic_registration",
+      "", *imports, "from seqio import vocabularies", "", *vocabulary_lines, "",
+      f"MODEL = @{model}()", f"{model}:", f"  network = @{network}()",
+      "  vocabulary = %VOCABULARY", "  z_loss = 1e-4", "  label_smoothing = 0.0", "",
+      f"{network}.config = @{module}()", f"{module}:", *fields, ""])
+
+
+def vocabulary_gin(vocabulary: Vocabulary, copied: pathlib.Path | None, size: int) -> list[str]:
+  if copied is None:
+    return ["# No SentencePiece model in the source: token ids pass through.",
+            "VOCABULARY = @vocabularies.PassThroughVocabulary()",
+            "vocabularies.PassThroughVocabulary:", f"  size = {size}", "  eos_id = 1"]
+  return ["VOCABULARY = @vocabularies.SentencePieceVocabulary()",
+          "vocabularies.SentencePieceVocabulary:",
+          f"  sentencepiece_model_file = {str(copied.resolve())!r}",
+          f"  extra_ids = {vocabulary.extra_ids}"]
+
+
+def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np.ndarray],
+          vocabulary: Vocabulary, final: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes OUT/checkpoint (step 0) and OUT/model.gin; `flat` is unscanned
+  (`layers_<i>`) and is stacked here when the config scans its layers.
+  `final`: the directory OUT will be renamed to (model.gin names the copied
+  SentencePiece model by its final path)."""
+  output = pathlib.Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  copied = None
+  if vocabulary.sentencepiece_model:
+    copied = output / pathlib.Path(vocabulary.sentencepiece_model).name
+    shutil.copyfile(vocabulary.sentencepiece_model, copied)
+  params = param_trees.stack(flat) if network_config.scan_layers else dict(flat)
+  checkpoints.save_params_at(output / CHECKPOINT, 0, param_trees.unflatten(params))
+  named = pathlib.Path(final or output) / copied.name if copied else None
+  text = model_gin(network_config, vocabulary_gin(vocabulary, named, network_config.vocab_size))
+  (output / MODEL_GIN).write_text(text)
+  return output
+
+
+def configured_model() -> Any:
+  """The MODEL of the loaded gin files (e.g. OUT/model.gin, or a run's model gin)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    macro = gin.query_parameter("%MODEL")
+  except ValueError:
+    raise ValueError("the gin files bind no MODEL") from None
+  return macro.scoped_configurable_fn()
+
+
+def read_params(checkpoint: str | pathlib.Path, network_config: Any) -> dict[str, np.ndarray]:
+  """The unscanned parameters of a t5xlike step directory as float32 NumPy arrays,
+  checked against the network config's shapes (paths and shapes named on mismatch)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from t5xlike.interop import network_shapes  # pylint: disable=g-import-not-at-top
+  shapes = network_shapes.param_shapes(network_config)
+  checkpoints.check_param_shapes(checkpoint, shapes)
+  abstract = param_trees.unflatten({name: jax.ShapeDtypeStruct(shape, np.float32)
+                                    for name, shape in shapes.items()})
+  params, _ = checkpoints.restore_params_from_path(
+      checkpoint, abstract, jax.ShapeDtypeStruct((), np.int32))
+  flat = {name: np.asarray(value) for name, value in param_trees.flatten(params).items()}
+  return param_trees.unstack(flat) if network_config.scan_layers else flat
+
+
+def sentencepiece_file(vocabulary: Any) -> Vocabulary:
+  """The `Vocabulary` of a configured seqio vocabulary (SentencePiece or not)."""
+  path = getattr(vocabulary, "sentencepiece_model_file", None)
+  return Vocabulary(path, int(getattr(vocabulary, "extra_ids", 0) or 0)) if path else Vocabulary()

@@ -1,0 +1,519 @@
+"""`python -m t5xlike.convert`: Hugging Face T5 / Llama and T5X checkpoints in and out.
+
+References: random small `transformers` models (PyTorch, CPU, float32) built
+and saved here (no hub); T5X checkpoints written here with TensorStore +
+msgpack in T5X's layout (and with orbax).
+"""
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from t5xlike import convert, infer  # pylint: disable=g-import-not-at-top
+from t5xlike.data import feature_converters
+from t5xlike.interop import hf_weights, output_dir, param_trees
+from tests import hf_reference
+
+TOL = 1e-4
+
+
+def _convert(*flags) -> int:
+  return convert.main([str(f) for f in flags])
+
+
+def _t5_batch(seed: int = 1):
+  rng = np.random.default_rng(seed)
+  encoder = rng.integers(2, hf_reference.VOCAB, (2, 12))
+  encoder[1, 9:] = 0  # Padding in row 1.
+  targets = rng.integers(2, hf_reference.VOCAB, (2, 7))
+  return {"encoder_input_tokens": encoder.astype(np.int32),
+          "decoder_target_tokens": targets.astype(np.int32),
+          "decoder_input_tokens": feature_converters.shift_right(targets).astype(np.int32),
+          "decoder_loss_weights": np.ones((2, 7), np.float32)}
+
+
+def _llama_batch(seed: int = 2):
+  targets = np.random.default_rng(seed).integers(2, hf_reference.VOCAB, (2, 11))
+  return {"decoder_target_tokens": targets.astype(np.int32),
+          "decoder_input_tokens": feature_converters.shift_right(targets).astype(np.int32),
+          "decoder_loss_weights": np.ones((2, 11), np.float32)}
+
+
+def _our_logits(out_dir: pathlib.Path, batch) -> tuple[np.ndarray, object, dict]:
+  """Logits of a converted t5xlike directory, built from its model.gin."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  config.configure([str(out_dir / "model.gin")])
+  model = output_dir.configured_model()
+  gin.clear_config()
+  flat = output_dir.read_params(out_dir / "checkpoint", model.network.config)
+  params = param_trees.unflatten(flat)
+  if model.network.config.scan_layers:
+    params = param_trees.unflatten(param_trees.stack(flat))
+  return np.asarray(model.logits(params, batch)), model, flat
+
+
+class _Imported:
+  def __init__(self, hf_model, hf_dir, out_dir, batch, logits, model, flat):
+    self.hf_model, self.hf_dir, self.out_dir, self.batch = hf_model, hf_dir, out_dir, batch
+    self.logits, self.model, self.flat = logits, model, flat
+
+
+def _import(tmp_path_factory, name, hf_model, batch) -> _Imported:
+  root = tmp_path_factory.mktemp(name)
+  hf_dir = hf_reference.save(hf_model, root / "hf")
+  assert _convert("--from=hf", f"--checkpoint={hf_dir}", f"--output={root / 'ours'}") == 0
+  logits, model, flat = _our_logits(root / "ours", batch)
+  return _Imported(hf_model, hf_dir, root / "ours", batch, logits, model, flat)
+
+
+@pytest.fixture(scope="module")
+def t5_v11(tmp_path_factory):
+  return _import(tmp_path_factory, "t5_v11", hf_reference.t5_model(v1_1=True), _t5_batch())
+
+
+@pytest.fixture(scope="module")
+def t5_v10(tmp_path_factory):
+  return _import(tmp_path_factory, "t5_v10", hf_reference.t5_model(v1_1=False), _t5_batch())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  return _import(tmp_path_factory, "llama", hf_reference.llama_model(), _llama_batch())
+
+
+@pytest.fixture(scope="module")
+def mt5(tmp_path_factory):
+  return _import(tmp_path_factory, "mt5", hf_reference.mt5_model(), _t5_batch())
+
+
+@pytest.fixture(scope="module")
+def llama_tied(tmp_path_factory):
+  return _import(tmp_path_factory, "llama_tied", hf_reference.llama_model(seed=4, tied=True),
+                 _llama_batch())
+
+
+def _hf_t5_logits(model, batch):
+  return hf_reference.t5_logits(model, batch["encoder_input_tokens"],
+                                batch["decoder_input_tokens"])
+
+
+def test_hf_t5_v1_1_import_matches_transformers(t5_v11):
+  cfg = t5_v11.model.network.config
+  assert cfg.mlp_activations == ("gelu", "linear") and not cfg.logits_via_embedding
+  assert (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance) == (8, 16)
+  np.testing.assert_allclose(t5_v11.logits, _hf_t5_logits(t5_v11.hf_model, t5_v11.batch),
+                             atol=TOL, rtol=0)
+  # The untied head is lm_head, not the embedding.
+  np.testing.assert_array_equal(t5_v11.flat["decoder/logits_dense/kernel"],
+                                t5_v11.hf_model.lm_head.weight.detach().numpy().T)
+
+
+def test_hf_t5_v1_0_import_matches_transformers(t5_v10):
+  cfg = t5_v10.model.network.config
+  assert cfg.mlp_activations == ("relu",) and cfg.logits_via_embedding
+  np.testing.assert_allclose(t5_v10.logits, _hf_t5_logits(t5_v10.hf_model, t5_v10.batch),
+                             atol=TOL, rtol=0)
+
+
+def test_hf_llama_import_matches_transformers(llama):
+  cfg = llama.model.network.config
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.rope_max_wavelength, cfg.norm_epsilon) == (
+      4, 2, 500.0, 1e-5)
+  np.testing.assert_allclose(
+      llama.logits, hf_reference.llama_logits(llama.hf_model, llama.batch["decoder_input_tokens"]),
+      atol=TOL, rtol=0)
+
+
+class _Records(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+def load_hf(cls, directory, capfd):
+  """(model, loading info, warnings that `transformers` logged or printed)."""
+  logger = logging.getLogger("transformers")  # Does not propagate to the root logger.
+  records = _Records()
+  logger.addHandler(records)
+  try:
+    capfd.readouterr()
+    loaded, info = cls.from_pretrained(directory, output_loading_info=True)
+  finally:
+    logger.removeHandler(records)
+  printed = capfd.readouterr()
+  lines = [line.strip() for text in (printed.out, printed.err)
+           for line in text.replace("\r", "\n").splitlines()]
+  lines = [line for line in lines if line and not line.startswith("Loading weights")]
+  return loaded.eval(), info, records.messages + lines
+
+
+def test_hf_mt5_import_matches_transformers(mt5):
+  assert not mt5.model.network.config.logits_via_embedding
+  np.testing.assert_allclose(mt5.logits, _hf_t5_logits(mt5.hf_model, mt5.batch), atol=TOL, rtol=0)
+
+
+def test_hf_tied_llama_import_matches_transformers(llama_tied):
+  assert llama_tied.model.network.config.tie_embeddings
+  assert "decoder/logits_dense/kernel" not in llama_tied.flat
+  np.testing.assert_allclose(llama_tied.logits, hf_reference.llama_logits(
+      llama_tied.hf_model, llama_tied.batch["decoder_input_tokens"]), atol=TOL, rtol=0)
+
+
+def _export(imported, tmp_path, capfd):
+  """--to=hf of an imported model; (loaded HF model, loading info, warnings)."""
+  out = tmp_path / "exported"
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir / 'checkpoint'}",
+                  f"--output={out}") == 0
+  return load_hf(type(imported.hf_model), out, capfd)
+
+
+def _weights_warnings(warnings):
+  return [w for w in warnings if "missing" in w.lower() or "unexpected" in w.lower()
+          or "newly initialized" in w.lower()]
+
+
+def test_load_hf_sees_missing_weight_warnings(t5_v10, tmp_path, capfd):
+  """The warnings check below can fail: a directory lacking a tensor is reported."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text((t5_v10.hf_dir / "config.json").read_text())
+  tensors = load_file(str(t5_v10.hf_dir / "model.safetensors"))
+  del tensors["encoder.final_layer_norm.weight"]
+  save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+  _, info, warnings = load_hf(type(t5_v10.hf_model), broken, capfd)
+  assert info["missing_keys"] and _weights_warnings(warnings)
+
+
+@pytest.mark.parametrize("name", ["t5_v11", "t5_v10"])
+def test_export_t5_to_transformers(name, request, tmp_path, capfd):
+  imported = request.getfixturevalue(name)
+  loaded, info, warnings = _export(imported, tmp_path, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+  assert not _weights_warnings(warnings), warnings
+  # transformers >= 5 always ties T5's lm_head; an untied head is loaded with a warning.
+  assert all("will NOT tie them" in w for w in warnings) and (
+      bool(warnings) == (name == "t5_v11")), warnings
+  np.testing.assert_allclose(_hf_t5_logits(loaded, imported.batch), imported.logits,
+                             atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied"])
+def test_export_llama_to_transformers(name, request, tmp_path, capfd):
+  imported = request.getfixturevalue(name)
+  loaded, info, warnings = _export(imported, tmp_path, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+  assert not warnings, warnings  # Not even a tying warning.
+  np.testing.assert_allclose(
+      hf_reference.llama_logits(loaded, imported.batch["decoder_input_tokens"]),
+      imported.logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["t5_v11", "llama"])
+def test_round_trip_ours_hf_ours_is_exact(name, request, tmp_path):
+  imported = request.getfixturevalue(name)
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir / 'checkpoint'}",
+                  f"--output={tmp_path / 'hf'}") == 0
+  assert _convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
+                  f"--output={tmp_path / 'back'}") == 0
+  back = output_dir.read_params(tmp_path / "back" / "checkpoint", imported.model.network.config)
+  assert sorted(back) == sorted(imported.flat)
+  for key, value in imported.flat.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  assert (tmp_path / "back" / "model.gin").read_text() == (
+      imported.out_dir / "model.gin").read_text()
+
+
+# ---- T5X checkpoints, written here in T5X's layouts. ----
+
+def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
+  """A T5X TensorStore spec as the `checkpoint` file stores it (path relative)."""
+  return {"driver": "zarr", "dtype": dtype,
+          "kvstore": {"driver": "file", "path": name.replace("/", ".")},
+          "metadata": {"shape": list(value.shape), "chunks": list(value.shape),
+                       "dtype": "<f4" if dtype == "float32" else "bfloat16",
+                       "compressor": {"id": "gzip", "level": 1}}}
+
+
+def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
+                      bfloat16: tuple[str, ...] = (), gcs: bool = False) -> dict:
+  """A T5X step directory: `checkpoint` msgpack {'version': 3, 'optimizer': {'target',
+  'state'}}; 2-D arrays in TensorStore zarr (those in `bfloat16` cast), 1-D ones inline.
+  Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models. `gcs`:
+  the specs T5X writes for a gs:// directory (bucket placeholder, top-level path).
+  Returns the parameters as saved (unscanned, float32)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  directory.mkdir(parents=True)
+  saved = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if k.endswith(bfloat16) else v)
+           for k, v in flat.items()}
+  tree = dict(flat)
+  if scanned:
+    stacked = param_trees.stack(flat)
+    tree = {k: (np.moveaxis(v, 0, 1) if "/layers/" in k else v) for k, v in stacked.items()}
+  target = {}
+  for name, value in tree.items():
+    if value.ndim < 2:
+      target[name] = value
+      continue
+    base = bool(bfloat16) and name.endswith(bfloat16)
+    dtype = "bfloat16" if base else "float32"
+    spec = _ts_spec(f"target/{name}", value, dtype)
+    store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(
+        directory / spec["kvstore"]["path"])}}, create=True).result()
+    store.write(value.astype(ml_dtypes.bfloat16) if base else value).result()
+    if gcs:
+      spec = {**spec, "path": spec["kvstore"]["path"],
+              "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket"}}
+    target[name] = spec
+  contents = {"version": 3, "optimizer": {"target": param_trees.unflatten(target),
+                                          "state": {"step": np.asarray(100, np.int32)}}}
+  (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
+  return saved
+
+
+def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
+  assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
+                  "--relative_attention_max_distance=16", *flags) == 0
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  config.configure([str(out / "model.gin")])
+  cfg = output_dir.configured_model().network.config
+  gin.clear_config()
+  return cfg, output_dir.read_params(out / "checkpoint", cfg)
+
+
+@pytest.mark.parametrize("scanned, gcs", [(False, False), (True, False), (False, True)])
+def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned, gcs):
+  saved = write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned,
+                            bfloat16=("token_embedder/embedding", "mlp/wi_0/kernel"), gcs=gcs)
+  cfg, params = _t5x_import(tmp_path / "checkpoint_100", tmp_path / "ours")
+  assert cfg == t5_v11.model.network.config.__class__(
+      **{**t5_v11.model.network.config.__dict__, "scan_layers": scanned})
+  assert sorted(params) == sorted(saved)
+  for key, value in saved.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("item, use_ocdbt", [("", True), ("state", False)])
+def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path, item, use_ocdbt):
+  """Orbax T5X: the train state dict {'target', 'state'} as a PyTree checkpoint, in the
+  step directory or its `state` item (T5X's CheckpointManager, use_ocdbt=False)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(tmp_path / "checkpoint_7" / item, args=ocp.args.PyTreeSave({
+        "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}}))
+  cfg, params = _t5x_import(tmp_path / "checkpoint_7", tmp_path / "ours",
+                            "--mlp_activation=relu")
+  assert cfg == t5_v10.model.network.config
+  for key, value in t5_v10.flat.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_t5x_to_hf_matches_the_original_transformers_model(t5_v11, tmp_path, capfd):
+  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
+  assert _convert("--from=t5x", "--to=hf", f"--checkpoint={tmp_path / 'checkpoint_100'}",
+                  f"--output={tmp_path / 'hf'}", "--relative_attention_max_distance=16") == 0
+  loaded, info, _ = load_hf(type(t5_v11.hf_model), tmp_path / "hf", capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"])
+  np.testing.assert_allclose(_hf_t5_logits(loaded, t5_v11.batch),
+                             _hf_t5_logits(t5_v11.hf_model, t5_v11.batch), atol=1e-6, rtol=0)
+
+
+def test_t5x_shape_mismatch_is_one_line_error_naming_the_path(t5_v11, tmp_path, capsys):
+  flat = dict(t5_v11.flat)
+  flat["encoder/layers_1/mlp/wo/kernel"] = flat["encoder/layers_1/mlp/wo/kernel"][:-1]
+  write_t5x_msgpack(tmp_path / "checkpoint_1", flat, scanned=False)
+  code = _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'ours'}")
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "encoder/layers_1/mlp/wo/kernel: got (63, 32)" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "ours").exists()
+  assert not list(tmp_path.glob(".ours*"))
+
+
+# ---- End to end: convert, then `python -m t5xlike.infer --mode=score`. ----
+
+def _score_with_infer(out_dir: pathlib.Path, rows: list, tmp_path: pathlib.Path,
+                      lengths: str) -> list[float]:
+  source, scored = tmp_path / f"{out_dir.name}_in.jsonl", tmp_path / f"{out_dir.name}_out.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  code = infer.main([f"--gin_file={out_dir / 'model.gin'}", "--gin_file=runs/infer.gin",
+                     f"--gin.CHECKPOINT_PATH={out_dir / 'checkpoint'}",
+                     f"--gin.TASK_FEATURE_LENGTHS={lengths}", "--gin.BATCH_SIZE=2",
+                     "--mode=score", f"--input={source}", f"--output={scored}"])
+  assert code == 0
+  return [json.loads(line)["score"] for line in scored.read_text().splitlines()]
+
+
+def _log_likelihood(logits: np.ndarray, targets: list[int]) -> float:
+  logits = logits[:len(targets)].astype(np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                              keepdims=True)) - logits.max(-1, keepdims=True)
+  return float(sum(log_probs[i, t] for i, t in enumerate(targets)))
+
+
+_T5_ROWS = [{"input_ids": [5, 17, 99, 3, 42, 8, 1], "target_ids": [7, 64, 12, 1]},
+            {"input_ids": [11, 2, 120, 1], "target_ids": [33, 9, 81, 100, 27, 1]}]
+
+
+def _hf_t5_scores(model, rows) -> list[float]:
+  scores = []
+  for row in rows:
+    targets = row["target_ids"]
+    logits = hf_reference.t5_logits(model, np.asarray([row["input_ids"]]),
+                                    np.asarray([[0] + targets[:-1]]))[0]
+    scores.append(_log_likelihood(logits, targets))
+  return scores
+
+
+def test_cli_hf_and_t5x_to_infer_score_equals_transformers(t5_v11, llama, tmp_path):
+  lengths = "{'inputs': 10, 'targets': 8}"
+  expected = _hf_t5_scores(t5_v11.hf_model, _T5_ROWS)
+  np.testing.assert_allclose(_score_with_infer(t5_v11.out_dir, _T5_ROWS, tmp_path, lengths),
+                             expected, atol=1e-4, rtol=0)
+  # The same weights as a scanned T5X checkpoint.
+  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
+  assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_100'}",
+                  f"--output={tmp_path / 'from_t5x'}",
+                  "--relative_attention_max_distance=16") == 0
+  np.testing.assert_allclose(
+      _score_with_infer(tmp_path / "from_t5x", _T5_ROWS, tmp_path, lengths), expected,
+      atol=1e-4, rtol=0)
+  # Llama: a causal LM scores its targets after the BOS (id 0, t5xlike's convention).
+  rows = [{"input_ids": [], "target_ids": [5, 17, 99, 3, 42, 1]},
+          {"input_ids": [], "target_ids": [11, 2, 120]}]
+  expected = [_log_likelihood(hf_reference.llama_logits(
+      llama.hf_model, np.asarray([[0] + r["target_ids"][:-1]]))[0], r["target_ids"])
+              for r in rows]
+  np.testing.assert_allclose(_score_with_infer(llama.out_dir, rows, tmp_path, lengths),
+                             expected, atol=1e-4, rtol=0)
+
+
+# ---- Bad input: one line, exit 2, nothing written. ----
+
+@pytest.mark.parametrize("flags, message", [
+    (["--from=hf", "--checkpoint={tmp}/nowhere"], "--checkpoint="),
+    (["--from=hf", "--checkpoint={tmp}"], "no config.json"),
+    (["--from=t5x", "--checkpoint={tmp}"], "not a T5X checkpoint"),
+    (["--from=t5xlike", "--to=t5xlike", "--checkpoint={tmp}"], "both t5xlike"),
+    (["--from=t5xlike", "--to=hf", "--checkpoint={tmp}"], "needs the model gin"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(flags, message, tmp_path, capsys):
+  source = tmp_path / "source"
+  source.mkdir()
+  flags = [f.replace("{tmp}", str(source)) for f in flags]
+  assert _convert(*flags, f"--output={tmp_path / 'out'}") == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_hf_config_is_refused(tmp_path, capsys):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  assert _convert("--from=hf", f"--checkpoint={tmp_path}", f"--output={tmp_path}/o") == 2
+  assert "model_type='gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_weight_reader_reads_sharded_safetensors(t5_v10, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(str(t5_v10.hf_dir / "model.safetensors"))
+  names = sorted(tensors)
+  halves = {"a.safetensors": names[:10], "b.safetensors": names[10:]}
+  for file, part in halves.items():
+    save_file({n: tensors[n] for n in part}, str(tmp_path / file))
+  (tmp_path / hf_weights.SAFETENSORS_INDEX).write_text(json.dumps(
+      {"weight_map": {n: f for f, part in halves.items() for n in part}}))
+  reader = hf_weights.WeightReader(tmp_path)
+  assert reader.names() == names
+  np.testing.assert_array_equal(reader.get(names[15]), tensors[names[15]])
+
+
+def test_pytorch_bin_weights_import_like_safetensors(t5_v10, tmp_path):
+  """HF's PyTorch `pytorch_model.bin` (read only where torch is installed)."""
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text((t5_v10.hf_dir / "config.json").read_text())
+  torch.save(load_file(str(t5_v10.hf_dir / "model.safetensors")),
+             tmp_path / "hf" / "pytorch_model.bin")
+  assert _convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
+                  f"--output={tmp_path / 'ours'}") == 0
+  params = output_dir.read_params(tmp_path / "ours" / "checkpoint", t5_v10.model.network.config)
+  for key, value in t5_v10.flat.items():
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_flax_msgpack_weights_read_as_state_dict_names(t5_v10, tmp_path):
+  """HF's Flax layout (`flax_model.msgpack`: `kernel` [in, out], `embedding`, norm
+  `weight`) reads as the PyTorch names and layout."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  reference = hf_weights.WeightReader(t5_v10.hf_dir)
+  flax_tree = {}
+  for name in reference.names():
+    value = reference.get(name)
+    *parents, _ = name.split(".")
+    if name.endswith("layer_norm.weight"):
+      leaf = "weight"
+    elif parents[-1] in ("shared", "relative_attention_bias"):
+      leaf = "embedding"
+    else:
+      leaf, value = "kernel", value.T
+    flax_tree["/".join(parents + [leaf])] = value
+  (tmp_path / hf_weights.FLAX).write_bytes(serialization.msgpack_serialize(
+      param_trees.unflatten(flax_tree)))
+  reader = hf_weights.WeightReader(tmp_path)
+  assert reader.names() == reference.names()
+  for name in reference.names():
+    np.testing.assert_array_equal(reader.get(name), reference.get(name), err_msg=name)
+
+
+def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
+  """An HF T5 directory with `spiece.model`: OUT holds a copy, model.gin binds it
+  with T5's 100 extra ids, and the export carries it back."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  spm = pathlib.Path(__file__).resolve().parents[1] / "tasks" / "embedded" / "spm.model"
+  hf_config = transformers.T5Config(vocab_size=8192, d_model=16, d_kv=4, d_ff=16, num_layers=1,
+                                    num_heads=2, feed_forward_proj="gated-gelu",
+                                    tie_word_embeddings=False)
+  hf_dir = hf_reference.save(transformers.T5ForConditionalGeneration(hf_config), tmp_path / "hf")
+  (hf_dir / "spiece.model").write_bytes(spm.read_bytes())
+  assert _convert("--from=hf", f"--checkpoint={hf_dir}", f"--output={tmp_path / 'ours'}") == 0
+  assert (tmp_path / "ours" / "spiece.model").read_bytes() == spm.read_bytes()
+  config.configure([str(tmp_path / "ours" / "model.gin")])
+  vocabulary = output_dir.configured_model().vocabulary
+  gin.clear_config()
+  assert isinstance(vocabulary, seqio.SentencePieceVocabulary)
+  assert vocabulary.sentencepiece_model_file == str((tmp_path / "ours" / "spiece.model").resolve())
+  assert vocabulary.extra_ids == 100 and vocabulary.vocab_size == 8100
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={tmp_path / 'ours' / 'checkpoint'}",
+                  f"--output={tmp_path / 'back'}") == 0
+  assert (tmp_path / "back" / "spiece.model").read_bytes() == spm.read_bytes()
+  assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["extra_ids"] == 100
+
+
+def test_conversion_imports_no_torch_transformers_or_tensorflow(t5_v10, tmp_path):
+  """HF -> t5xlike -> HF in a fresh interpreter loads neither PyTorch nor TensorFlow."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (f"import sys\nfrom t5xlike import convert\n"
+          f"assert convert.main(['--from=hf', '--checkpoint={t5_v10.hf_dir}', "
+          f"'--output={tmp_path / 'ours'}']) == 0\n"
+          "bad = [m for m in ('torch', 'transformers', 'tensorflow') if m in sys.modules]\n"
+          "print('loaded:', bad)\nsys.exit(1 if bad else 0)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert (tmp_path / "ours" / "model.gin").exists()
