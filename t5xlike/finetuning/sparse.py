@@ -231,8 +231,8 @@ class SparseFineTuning(base.FineTuning):
     candidates, total = selection.count(params, self.candidates_mask(params))
     k = self.num_chosen(params)
     return [f"{self!r}: {self.dense_steps} dense step(s) over {candidates:,} candidate "
-            f"parameters (of {total:,}), then {k:,} ({100.0 * k / candidates:.2f}% of the "
-            f"candidates) trained from the initial values",
+            f"parameters (of {total:,}), then the sparse phase trains {k:,} parameters "
+            f"({100.0 * k / candidates:.2f}% of the candidates) from the initial values",
             f"  optimizer state adds theta0 + mask: {5 * candidates:,} bytes"]
 
   def export(self, params, model_dir, step, base_checkpoint):
