@@ -177,3 +177,28 @@ def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, capsys):
   assert run("--method=uniform", f"--checkpoints={a}", f"--output={tmp_path / 'twice'}") == 0
   assert run("--method=uniform", f"--checkpoints={a}", f"--output={tmp_path / 'twice'}") == 2
   assert "exists already" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_greedy_soup_from_the_command_line_with_the_eval_machinery(tmp_path):
+  """runs/greedy_soup.gin: the held-out metric is InferenceEvaluator's loss; the best
+  ingredient alone (the first in the report) has the lowest loss, and the soup's
+  members were each accepted with a loss no higher than before."""
+  paths = [str(save(tmp_path / f"t{i}", 2, tfs.flat(tfs.tiny_params()) if i == 0 else {
+      k: v + np.float32(0.05 * i) * np.random.default_rng(i).standard_normal(v.shape)
+      .astype(np.float32) for k, v in tfs.flat(tfs.tiny_params()).items()})) for i in range(3)]
+  out = tmp_path / "greedy"
+  assert run("--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+             "--gin_file=gin_configs/runs/greedy_soup.gin", "--method=greedy",
+             f"--checkpoints={','.join(paths)}", f"--output={out}",
+             "--gin.MIXTURE_OR_TASK_NAME='mt_first_word'", "--gin.EVAL_MAX_EXAMPLES=8",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+             "--gin.BATCH_SIZE=8") == 0
+  report = json.loads((out / "merge.json").read_text())
+  alone = [row["alone"] for row in report["decisions"]]
+  assert alone == sorted(alone)  # lower loss first
+  best = alone[0]
+  for row in report["decisions"][1:]:
+    assert row["added"] == (row["soup_with"] <= best)
+    best = row["soup_with"] if row["added"] else best
+  assert (out / "checkpoint_2" / "state").exists()
