@@ -155,8 +155,7 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
     report["delta_entries"] = composed.num_entries
   elif method == "greedy":
     soup = lambda members: _merge_streaming(
-        names, shapes, lambda name, read: merging.uniform_soup([read(p) for p in members]),
-        members, None)
+        names, shapes, lambda name, read: merging.uniform_soup([read(p) for p in members]))
     score = lambda members: float(evaluator(soup(members)))
     up = getattr(evaluator, "higher_is_better", True)
     members, decisions = merging.greedy_soup(checkpoint_paths, lambda p: score([p]), score, up)
@@ -178,7 +177,7 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
                   beta=beta if method == "breadcrumbs" else None,
                   gamma=gamma if method == "breadcrumbs" else None,
                   lam=lam if method == "breadcrumbs" else None)
-    merged = _merge_streaming(names, shapes, one, checkpoint_paths, base)
+    merged = _merge_streaming(names, shapes, one)
   written = checkpoints.save_params(output, step, traverse_util.unflatten_dict(
       {tuple(k.split("/")): v for k, v in merged.items()}))
   if jax.process_index() == 0:
@@ -189,8 +188,8 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
 
 
 def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
-                     one: Callable[[str, Callable[[str], np.ndarray]], np.ndarray],
-                     paths: Sequence[str], base: str | None) -> dict[str, np.ndarray]:
+                     one: Callable[[str, Callable[[str], np.ndarray]], np.ndarray]
+                     ) -> dict[str, np.ndarray]:
   """{name: one(name, read)} where read(path) loads that parameter from a checkpoint."""
   merged = {}
   for name in names:
@@ -201,7 +200,6 @@ def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
         cache[path] = read_params(path, [name], shapes)[name]
       return cache[path]
     merged[name] = one(name, read)
-  del paths, base
   return merged
 
 
