@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from t5xlike import checkpoints, infer, merge, optim, partitioning, trainer as trainer_lib
-from t5xlike.finetuning import freezing, selection, sparse, sparse_delta
+from t5xlike.finetuning import freezing, sparse, sparse_delta
 from tests import test_finetuning_selection as tfs
 
 K_DENSE, K_TRAIN = 2, 37
@@ -40,11 +40,6 @@ def runs():
         saved = jax.device_get(state)
     out[scan] = (trainer, theta0, history, saved, jax.device_get(state))
   return out
-
-
-def candidates(trainer):
-  mask = selection.select(trainer.boxed_params, [sparse.MATRICES])
-  return {path: m for path, m in tfs.per_layer(trainer.boxed_params, mask).items()}
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -167,7 +162,7 @@ def test_compose_is_the_sum_on_the_union_of_indices():
 
 
 # -- from the command line: sparse_ft.gin, the export, merge --method=add_deltas, infer
-def test_sparse_ft_gin_exports_a_delta_that_merge_adds_and_infer_loads(tmp_path, capsys):
+def test_sparse_ft_gin_exports_a_delta_that_merge_adds_and_infer_loads(tmp_path):
   base_dir, step_dir, start = _pretrained(tmp_path)
   assert tfs.finetune(base_dir, step_dir, "sparse_ft", "sft", "--gin.SPARSE_DENSE_STEPS=1",
                       "--gin.SPARSE_NUM_TRAINABLE=50", "--gin.SPARSE_FRACTION=None") == 0
