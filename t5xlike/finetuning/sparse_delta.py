@@ -4,26 +4,29 @@ On disk (`MODEL_DIR/sparse_delta/`, written by `sparse.SparseFineTuning.export`)
 
   delta.json   {"format": "t5xlike.sparse_delta.v1", "base_checkpoint": the
                INITIAL_CHECKPOINT_PATH (or null), "step": the run's final step,
-               "num_entries": total stored scalars,
+               "num_entries": total stored scalars, "values_dtype": "float64",
                "parameters": {"encoder/layers_0/mlp/wi_0/kernel":
                               {"shape": [...], "dtype": "float32", "entries": n}, ...}}
                (every parameter of the model, n = 0 for untouched ones).
   delta.npz    uncompressed NumPy arrays, for each parameter with n > 0:
-               "<path>@indices" int64 [n], flat (row-major) indices into the
-               parameter, ascending; "<path>@values" float32 [n], theta - theta0 there.
+               "<path>@indices" [n], flat (row-major) indices into the
+               parameter, ascending (int32; int64 for parameters of 2**31 or
+               more entries); "<path>@values" float64 [n], theta - theta0 there,
+               computed in float64.
 
 Size on disk: 12 bytes per stored scalar plus ~0.5 KB per parameter (npz
 headers) and the JSON. The stored scalars are exactly the trained subset
 (the sparse phase's mask), including any whose difference is 0.0, so a delta
 of a run with k trained scalars has exactly k entries.
 
-Arithmetic is float32 (the parameters' dtype): `apply(base, delta)` is
-`base.ravel()[indices] + values`, so base + delta reproduces the fine-tuned
-theta bit for bit wherever `theta - theta0` was exact in float32, which holds
-whenever theta and theta0 have the same sign and lie within a factor 2 of
-each other (Sterbenz), i.e. for all but parameters whose fine-tuning moved
-them across or near zero; elsewhere it is within one float32 rounding of
-theta. `compose(a, b)` adds two deltas on the union of their indices.
+Why float64 differences: the difference of two float32 numbers is exact in
+float64 whenever their binary exponents differ by at most 29 (|theta| and
+|theta0| within a factor ~5e8 of each other, or either 0), so `apply` (float64
+theta0 + difference, rounded once to float32) reproduces the fine-tuned theta
+bit for bit for every such entry; a float32 difference is exact only within a
+factor 2 (Sterbenz) and missed 871 of the 14,746 entries (5.9%, by up to
+3.7e-9) of the benchmark run in docs/finetuning.md. `compose(a, b)` adds two
+deltas on the union of their indices (float64).
 """
 from __future__ import annotations
 
@@ -42,13 +45,14 @@ DIRECTORY = "sparse_delta"
 
 @dataclasses.dataclass
 class SparseDelta:
-  """Per parameter path ('a/b/kernel'): (flat int64 indices ascending, float32 values).
+  """Per parameter path ('a/b/kernel'): (flat indices ascending, float64 differences).
 
   `shapes` holds every parameter's shape (also those without entries)."""
   entries: dict[str, tuple[np.ndarray, np.ndarray]]
   shapes: dict[str, tuple[int, ...]]
   base_checkpoint: str | None = None
   step: int | None = None
+  dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # the parameters' dtypes
 
   @property
   def num_entries(self) -> int:
@@ -73,18 +77,19 @@ def from_params(params: Any, theta0: Mapping[str, Any], mask: Mapping[str, Any],
   """The delta theta - theta0 on `mask` (flat dicts by path; `params` nested or flat)."""
   flat = params if all(isinstance(k, str) and not isinstance(v, Mapping)
                        for k, v in dict(params).items()) else flatten(params)
-  entries, shapes = {}, {}
+  entries, shapes, dtypes = {}, {}, {}
   for name, value in flat.items():
     value = _host(value)
-    shapes[name] = tuple(value.shape)
+    shapes[name], dtypes[name] = tuple(value.shape), str(value.dtype)
     if name not in mask:
       continue
     where = np.asarray(_host(mask[name]), bool).ravel()
-    indices = np.flatnonzero(where).astype(np.int64)
+    indices = np.flatnonzero(where).astype(np.int32 if where.size < 2**31 else np.int64)
     if indices.size:
-      diff = value.ravel()[indices] - np.asarray(_host(theta0[name])).ravel()[indices]
-      entries[name] = (indices, diff.astype(value.dtype))
-  return SparseDelta(entries, shapes, base_checkpoint, step)
+      diff = (value.ravel()[indices].astype(np.float64)
+              - np.asarray(_host(theta0[name])).ravel()[indices].astype(np.float64))
+      entries[name] = (indices, diff)
+  return SparseDelta(entries, shapes, base_checkpoint, step, dtypes)
 
 
 def save(directory: str | epath.Path, delta: SparseDelta) -> epath.Path:
@@ -93,17 +98,17 @@ def save(directory: str | epath.Path, delta: SparseDelta) -> epath.Path:
   directory.mkdir(parents=True, exist_ok=True)
   arrays = {}
   for name, (indices, values) in delta.entries.items():
-    arrays[f"{name}@indices"] = np.asarray(indices, np.int64)
-    arrays[f"{name}@values"] = np.asarray(values)
+    arrays[f"{name}@indices"] = np.asarray(indices)
+    arrays[f"{name}@values"] = np.asarray(values, np.float64)
   with (directory / "delta.npz").open("wb") as f:
     np.savez(f, **arrays)
   meta = {"format": FORMAT, "base_checkpoint": delta.base_checkpoint, "step": delta.step,
           "num_entries": delta.num_entries,
-          "parameters": {name: {"shape": list(shape), "dtype": str(
-              delta.entries[name][1].dtype) if name in delta.entries else "float32",
-                                "entries": int(delta.entries[name][0].size)
-                                if name in delta.entries else 0}
-                         for name, shape in sorted(delta.shapes.items())}}
+          "values_dtype": "float64",
+          "parameters": {
+              name: {"shape": list(shape), "dtype": delta.dtypes.get(name, "float32"),
+                     "entries": int(delta.entries[name][0].size) if name in delta.entries else 0}
+              for name, shape in sorted(delta.shapes.items())}}
   (directory / "delta.json").write_text(json.dumps(meta, indent=1) + "\n")
   return directory
 
@@ -124,7 +129,8 @@ def load(directory: str | epath.Path) -> SparseDelta:
   for name in shapes:
     if f"{name}@indices" in arrays:
       entries[name] = (arrays[f"{name}@indices"], arrays[f"{name}@values"])
-  return SparseDelta(entries, shapes, meta.get("base_checkpoint"), meta.get("step"))
+  dtypes = {name: info["dtype"] for name, info in meta["parameters"].items()}
+  return SparseDelta(entries, shapes, meta.get("base_checkpoint"), meta.get("step"), dtypes)
 
 
 def check_fits(delta: SparseDelta, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -138,7 +144,8 @@ def check_fits(delta: SparseDelta, shapes: Mapping[str, tuple[int, ...]], what: 
 
 
 def apply(base: Mapping[str, np.ndarray], delta: SparseDelta) -> dict[str, np.ndarray]:
-  """base + delta (flat dicts by path): float32 addition at the stored indices."""
+  """base + delta (flat dicts by path): at the stored indices base (as float64) +
+  the difference, rounded once to the parameter's dtype."""
   check_fits(delta, {k: np.shape(v) for k, v in base.items()}, "apply")
   out = {}
   for name, value in base.items():
@@ -146,13 +153,13 @@ def apply(base: Mapping[str, np.ndarray], delta: SparseDelta) -> dict[str, np.nd
     if name in delta.entries:
       indices, values = delta.entries[name]
       flat = value.reshape(-1)
-      flat[indices] = flat[indices] + values.astype(value.dtype)
+      flat[indices] = (flat[indices].astype(np.float64) + values).astype(value.dtype)
     out[name] = value
   return out
 
 
 def compose(a: SparseDelta, b: SparseDelta) -> SparseDelta:
-  """a + b: the union of their indices, values added (float32) where both hold one."""
+  """a + b: the union of their indices, values added (float64) where both hold one."""
   if a.shapes != b.shapes:
     check_fits(b, a.shapes, "compose")
     check_fits(a, b.shapes, "compose")
@@ -162,19 +169,19 @@ def compose(a: SparseDelta, b: SparseDelta) -> SparseDelta:
       entries[name] = (a.entries.get(name) or b.entries[name])
       continue
     (ia, va), (ib, vb) = a.entries[name], b.entries[name]
-    indices = np.union1d(ia, ib).astype(np.int64)
-    values = np.zeros(indices.shape, np.result_type(va, vb))
+    indices = np.union1d(ia, ib).astype(np.result_type(ia, ib))
+    values = np.zeros(indices.shape, np.float64)
     values[np.searchsorted(indices, ia)] += va
     values[np.searchsorted(indices, ib)] += vb
     entries[name] = (indices, values)
-  return SparseDelta(entries, dict(a.shapes), a.base_checkpoint, None)
+  return SparseDelta(entries, dict(a.shapes), a.base_checkpoint, None, dict(a.dtypes))
 
 
 def to_dense(delta: SparseDelta) -> dict[str, np.ndarray]:
-  """Every parameter's delta as a dense float32 array (for inspection and tests)."""
+  """Every parameter's delta as a dense float64 array (for inspection and tests)."""
   out = {}
   for name, shape in delta.shapes.items():
-    dense = np.zeros(int(np.prod(shape)), np.float32)
+    dense = np.zeros(int(np.prod(shape)), np.float64)
     if name in delta.entries:
       indices, values = delta.entries[name]
       dense[indices] = values
