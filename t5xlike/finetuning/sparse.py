@@ -36,7 +36,8 @@ float32 in general.
 
 After the final step, `export` writes `MODEL_DIR/sparse_delta/`
 (`sparse_delta`: per parameter the flat indices of the chosen scalars and
-theta - theta0 there, float64: base + delta is theta bit for bit) with `base_checkpoint` = INITIAL_CHECKPOINT_PATH;
+theta - theta0 there in float64, so base + delta is theta bit for bit) with
+`base_checkpoint` = INITIAL_CHECKPOINT_PATH;
 `python -m t5xlike.merge --method=add_deltas` adds deltas to a base. Use on
 its own (not inside `base.Combine`, which does not call techniques'
 `wrap_optimizer`).
