@@ -47,7 +47,8 @@ def test_reset_then_only_the_chosen_k_change_the_rest_bit_identical(runs, scan):
   trainer, theta0, history, _, final = runs[scan]
   # Step 1 is dense: every candidate moved, nothing else.
   moved = {p for p in theta0 if history[0][p].tobytes() != theta0[p].tobytes()}
-  assert moved == {p for p in theta0 if p.endswith("/kernel") and ("attention/" in p or "mlp/" in p)}
+  matrices = {p for p in theta0 if p.endswith("/kernel") and ("attention/" in p or "mlp/" in p)}
+  assert moved == matrices
   # Step K resets every parameter to theta0 bit for bit.
   assert all(history[K_DENSE - 1][p].tobytes() == theta0[p].tobytes() for p in theta0)
   # Afterwards exactly the masked scalars may differ; the mask holds exactly k.
