@@ -219,7 +219,9 @@ class Trainer:
     loss = stats["loss_sum"] / weight_sum
     grads = jax.tree.map(lambda g: g / weight_sum, summed_grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    apply = getattr(self.finetuning, "apply_updates", None)  # sparse FT: exact resets
+    params = (optax.apply_updates(state.params, updates) if apply is None
+              else apply(state.params, updates, opt_state))
     step_metrics = {
         **self.model.metrics(stats),
         "loss": loss,

@@ -6,8 +6,12 @@ and `Combine`. `selection`: parameter groups (path regex + layer indices)
 -> per-leaf / per-layer masks and depths, scanned and unscanned alike.
 `updates`: the optax wrapper (per-layer update scales; frozen parameters
 without optimizer state). Techniques: `freezing` (Freeze, FreezeLower),
-`llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft` (HalfFineTuning).
-Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft}.gin`.
+`llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft` (HalfFineTuning),
+`sparse` (SparseFineTuning, LT-SFT) with `sparse_delta` (its exported deltas:
+apply, compose). `merging` (soups, task arithmetic, Model Breadcrumbs) and
+`merge_run` are `python -m t5xlike.merge`.
+Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft,sparse_ft}.gin`,
+`gin_configs/runs/{merge,greedy_soup}.gin`.
 """
 from t5xlike.finetuning.base import Combine, FineTuning
 from t5xlike.finetuning.freezing import Freeze, FreezeLower
@@ -15,3 +19,4 @@ from t5xlike.finetuning.hft import HalfFineTuning
 from t5xlike.finetuning.llrd import LayerwiseDecay
 from t5xlike.finetuning.reinit import ReinitTop
 from t5xlike.finetuning.selection import Group
+from t5xlike.finetuning.sparse import SparseFineTuning

@@ -15,6 +15,11 @@ logical axes):
       step, so XLA skips their weight gradients and `grad_norm` counts
       the trainable ones only); startup logs trainable vs total counts.
 
+  F.apply_updates(params, updates, opt_state) -> params
+      How each train step applies the optimizer's updates (`opt_state` is
+      the new optimizer state); default `optax.apply_updates`. Sparse
+      fine-tuning writes the initial values back exactly there.
+
 and `training.train` calls, once, when a run starts from
 INITIAL_CHECKPOINT_PATH (never when it resumes from MODEL_DIR):
 
@@ -70,6 +75,10 @@ class FineTuning:
   def wrap_optimizer(self, optimizer: optax.GradientTransformation,
                      params: Any) -> optax.GradientTransformation:
     return updates.scaled(optimizer, self.update_scales(params))
+
+  def apply_updates(self, params: Any, updates: Any, opt_state: Any) -> Any:
+    del opt_state
+    return optax.apply_updates(params, updates)
 
   def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
     del fresh

@@ -1,0 +1,242 @@
+"""The run behind `python -m t5xlike.merge`: validation, reading, merging, writing.
+
+`merge(...)` (the gin root; `gin_configs/runs/merge.gin`) checks every input
+first: each checkpoint is a step directory and all hold the same parameter
+paths and shapes as the first (or the base), deltas fit the base, lambdas
+match the checkpoints, the output step directory does not exist yet. Any
+failure is a `config.ConfigError` naming the culprit (one line, exit code 2)
+and nothing is written. Then it merges one parameter at a time (each input
+parameter is read from its checkpoint when needed and dropped after: peak
+memory = the merged model + one parameter per input) and writes
+`OUTPUT/checkpoint_<step>/state` = `{step, params}` (`checkpoints.save_params`),
+which `python -m t5xlike.eval` / `infer` load as CHECKPOINT_PATH with the
+model's gin file. `step` is the largest step of the inputs (`step` overrides).
+
+Methods (math in `merging`): 'uniform' (mean of CHECKPOINTS), 'greedy'
+(greedy soup ranked and accepted by `evaluator`, a `HeldOutMetric`:
+`gin_configs/runs/greedy_soup.gin`), 'task_arithmetic' (BASE + sum_i
+lambda_i (theta_i - BASE)), 'breadcrumbs' (BASE + lam * sum_i of the task
+vectors masked per layer: top `beta` and bottom `gamma` by |tau| dropped),
+'add_deltas' (BASE + the composed sparse DELTAS, `sparse_delta`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+from t5xlike import checkpoints, config, entry
+from t5xlike.finetuning import merging, sparse_delta
+
+log = logging.getLogger(__name__)
+
+METHODS = ("uniform", "greedy", "task_arithmetic", "breadcrumbs", "add_deltas")
+
+
+def read_params(step_dir: str | epath.Path, names: Sequence[str],
+                shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """{name: host float array} of the named parameters of a step directory (the
+  others, and the optimizer state, are not read)."""
+  item = traverse_util.unflatten_dict(
+      {tuple(name.split("/")): np.zeros((), np.float32) for name in names})
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(epath.Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
+        item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
+  flat = sparse_delta.flatten(restored["params"])
+  for name in names:
+    if tuple(flat[name].shape) != tuple(shapes[name]):
+      raise ValueError(f"{step_dir}: {name} read with shape {flat[name].shape}")
+  return flat
+
+
+def _same_architecture(reference: str, ref_shapes: Mapping[str, tuple[int, ...]],
+                       other: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+  missing = sorted(set(ref_shapes) - set(shapes))
+  extra = sorted(set(shapes) - set(ref_shapes))
+  if missing or extra:
+    where = (f"{missing[0]} is in {reference} but not in {other}" if missing
+             else f"{extra[0]} is in {other} but not in {reference}")
+    raise config.ConfigError(f"{other} is not of the architecture of {reference}: parameter "
+                             f"{where} ({len(missing)} missing, {len(extra)} extra)")
+  for name in sorted(ref_shapes):
+    if tuple(ref_shapes[name]) != tuple(shapes[name]):
+      raise config.ConfigError(f"{other} is not of the architecture of {reference}: {name} "
+                               f"has shape {tuple(shapes[name])} there, "
+                               f"{tuple(ref_shapes[name])} in {reference}")
+
+
+def _shapes_of(path: str, what: str) -> dict[str, tuple[int, ...]]:
+  try:
+    return checkpoints.saved_param_shapes(path)
+  except (ValueError, FileNotFoundError, OSError) as error:
+    raise config.ConfigError(f"{what} {path}: {config.one_line(error)}") from None
+
+
+def _floats(name: str, values: Sequence[float] | float | None, count: int,
+            default: float) -> list[float]:
+  if values is None:
+    return [default] * count
+  values = [values] if isinstance(values, (int, float)) else list(values)
+  if len(values) == 1:
+    values = values * count
+  if len(values) != count or not all(math.isfinite(float(v)) for v in values):
+    raise config.ConfigError(f"{name}: {len(values)} value(s) {values} for {count} "
+                             f"checkpoint(s) (give one, or one per checkpoint)")
+  return [float(v) for v in values]
+
+
+def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | None = None,
+          base: str | None = None, deltas: Sequence[str] = (),
+          lambdas: Sequence[float] | None = None, lam: float = 1.0, beta: float = 0.01,
+          gamma: float = 0.85, step: int | None = None,
+          evaluator: Callable[[Mapping[str, np.ndarray]], float] | None = None) -> epath.Path:
+  """Merges checkpoints (see the module docstring); returns the step directory written."""
+  # ---- validation: nothing is written before this block has passed. ----
+  if method not in METHODS:
+    raise config.ConfigError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
+  if not output:
+    raise config.ConfigError("--output is not set (the directory the merged checkpoint_<N> "
+                             "is written to)")
+  checkpoint_paths = [c for c in checkpoint_paths if c]
+  needs_base = method in ("task_arithmetic", "breadcrumbs", "add_deltas")
+  if needs_base and not base:
+    raise config.ConfigError(f"--method={method} needs --base=BASE_CHECKPOINT")
+  if method == "add_deltas":
+    if not deltas:
+      raise config.ConfigError("--method=add_deltas needs --deltas=DIR[,DIR] (sparse deltas)")
+  elif not checkpoint_paths:
+    raise config.ConfigError(f"--method={method} needs --checkpoints=A,B,...")
+  if method == "greedy" and evaluator is None:
+    raise config.ConfigError("--method=greedy needs a held-out metric: add "
+                             "--gin_file=<model gin> --gin_file=runs/greedy_soup.gin")
+  if method == "breadcrumbs":
+    try:
+      merging.layer_counts(100, beta, gamma)
+      merging.breadcrumbs_mask(np.zeros(1), beta, gamma)
+    except ValueError as error:
+      raise config.ConfigError(f"--beta/--gamma: {error}") from None
+  reference = base if needs_base else checkpoint_paths[0]
+  shapes = _shapes_of(reference, "--base" if needs_base else "--checkpoints")
+  for path in checkpoint_paths:
+    _same_architecture(reference, shapes, path, _shapes_of(path, "--checkpoints"))
+  composed = None
+  for path in deltas:
+    try:
+      delta = sparse_delta.load(path)
+      sparse_delta.check_fits(delta, shapes, f"--deltas {path} vs --base {base}")
+    except (ValueError, OSError) as error:
+      raise config.ConfigError(config.one_line(error)) from None
+    if delta.base_checkpoint and epath.Path(delta.base_checkpoint) != epath.Path(base):
+      log.warning("%s was fine-tuned from %s, added to %s", path, delta.base_checkpoint, base)
+    composed = delta if composed is None else sparse_delta.compose(composed, delta)
+  lambdas = _floats("--lambdas", lambdas, len(checkpoint_paths), 1.0)
+  steps = [int(checkpoints.restore_step(p)) for p in checkpoint_paths + ([base] if base else [])]
+  steps += [d for d in (sparse_delta.load(p).step for p in deltas) if d is not None]
+  step = max(steps) if step is None else config.require_int("--step", step, 0)
+  target = checkpoints.step_dir(output, step)
+  if target.exists():
+    raise config.ConfigError(f"--output: {target} exists already (choose another --output)")
+
+  # ---- the run. ----
+  entry.mark_run_started()
+  names = sorted(shapes)
+  report: dict[str, Any] = {"method": method, "checkpoints": checkpoint_paths, "base": base,
+                            "deltas": list(deltas), "step": step}
+  if method == "add_deltas":
+    merged = sparse_delta.apply(read_params(base, names, shapes), composed)
+    report["delta_entries"] = composed.num_entries
+  elif method == "greedy":
+    soup = lambda members: _merge_streaming(
+        names, shapes, lambda name, read: merging.uniform_soup([read(p) for p in members]))
+    score = lambda members: float(evaluator(soup(members)))
+    up = getattr(evaluator, "higher_is_better", True)
+    members, decisions = merging.greedy_soup(checkpoint_paths, lambda p: score([p]), score, up)
+    for row in decisions:
+      log.info("greedy soup: %s alone %.5g, soup with it %.5g: %s", row["name"], row["alone"],
+               row["soup_with"], "added" if row["added"] else "skipped")
+    report.update(members=members, decisions=decisions)
+    merged = soup(members)
+  else:
+    def one(name, read):
+      thetas = [read(p) for p in checkpoint_paths]
+      if method == "uniform":
+        return merging.uniform_soup(thetas)
+      if method == "task_arithmetic":
+        return merging.task_arithmetic(read(base), thetas, lambdas)
+      layered = "layers" in name.split("/")[:-1]  # scanned stack: axis 0 = layers
+      return merging.breadcrumbs(read(base), thetas, beta, gamma, lam, layered)
+    report.update(lambdas=lambdas if method == "task_arithmetic" else None,
+                  beta=beta if method == "breadcrumbs" else None,
+                  gamma=gamma if method == "breadcrumbs" else None,
+                  lam=lam if method == "breadcrumbs" else None)
+    merged = _merge_streaming(names, shapes, one)
+  written = checkpoints.save_params(output, step, traverse_util.unflatten_dict(
+      {tuple(k.split("/")): v for k, v in merged.items()}))
+  if jax.process_index() == 0:
+    (epath.Path(output) / "merge.json").write_text(json.dumps(report, indent=1) + "\n")
+  log.info("wrote %s (%s of %d input(s))", written, method,
+           len(checkpoint_paths) + len(deltas))
+  return written
+
+
+def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                     one: Callable[[str, Callable[[str], np.ndarray]], np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+  """{name: one(name, read)} where read(path) loads that parameter from a checkpoint."""
+  merged = {}
+  for name in names:
+    cache: dict[str, np.ndarray] = {}
+
+    def read(path, name=name, cache=cache):
+      if path not in cache:
+        cache[path] = read_params(path, [name], shapes)[name]
+      return cache[path]
+    merged[name] = one(name, read)
+  return merged
+
+
+class HeldOutMetric:
+  """A merged model's held-out score for the greedy soup, with the eval machinery.
+
+  `evaluation.InferenceEvaluator` on `split` of MIXTURE_OR_TASK_NAME's tasks
+  (`max_examples` each); the score is `metric` averaged over the tasks
+  ('loss': mean target negative log-likelihood per token, lower is better;
+  a metric function's name such as 'accuracy': higher is better).
+  """
+
+  def __init__(self, model: Any, mixture_or_task_name: str,
+               task_feature_lengths: Mapping[str, int], batch_size: int = 32,
+               mixture_or_task_module: str | None = None, split: str = "validation",
+               max_examples: int | None = 64, metric: str = "loss",
+               higher_is_better: bool = False, decoding_config: Any = None,
+               mesh_shape: Mapping[str, int] | None = None):
+    from t5xlike import evaluation  # pylint: disable=g-import-not-at-top
+    self.model, self.metric, self.higher_is_better = model, metric, higher_is_better
+    self.feature_lengths, self.mesh_shape = dict(task_feature_lengths), mesh_shape
+    try:
+      self.evaluator = evaluation.InferenceEvaluator(
+          mixture_or_task_name, task_feature_lengths, batch_size, split=split,
+          max_examples=max_examples, decoding_config=decoding_config,
+          mixture_or_task_module=mixture_or_task_module)
+    except ValueError as error:
+      raise config.ConfigError(f"greedy soup metric: {config.one_line(error)}") from None
+    self.calls = 0
+
+  def __call__(self, flat_params: Mapping[str, np.ndarray]) -> float:
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): jax.numpy.asarray(v)
+                                           for k, v in flat_params.items()})
+    results = self.evaluator.evaluate(self.model, params, self.calls)
+    self.calls += 1
+    values = [r[self.metric] for r in results.values() if self.metric in r]
+    if not values:
+      raise ValueError(f"no task reports the metric {self.metric!r} (tasks report: "
+                       f"{sorted({k for r in results.values() for k in r})})")
+    return float(np.mean(values))

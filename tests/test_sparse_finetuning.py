@@ -1,0 +1,200 @@
+"""Sparse fine-tuning (finetuning/sparse.py) and sparse deltas (finetuning/sparse_delta.py)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from t5xlike import checkpoints, infer, merge, optim, partitioning, trainer as trainer_lib
+from t5xlike.finetuning import freezing, sparse, sparse_delta
+from tests import test_finetuning_selection as tfs
+
+K_DENSE, K_TRAIN = 2, 37
+
+
+def make_trainer(scan, technique):
+  schedule = optim.constant(0.01)
+  return trainer_lib.Trainer(tfs.make_model(scan), optim.adamw(schedule, weight_decay=0.1),
+                             schedule, partitioning.Partitioner({"data": 1}),
+                             finetuning=technique)
+
+
+def flat_host(tree):
+  return tfs.flat(jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """{scan: (trainer, theta0, params after each of 4 steps, the state after step 3)}:
+  AdamW with weight decay (it would move every trained weight), K=2 dense steps."""
+  out = {}
+  for scan in (False, True):
+    trainer = make_trainer(scan, sparse.SparseFineTuning(dense_steps=K_DENSE,
+                                                         num_trainable=K_TRAIN))
+    state = trainer.init_state(0, tfs.batch())
+    theta0, history, saved = flat_host(state.params), [], None
+    for step in range(4):
+      state, _ = trainer.train_step(state, tfs.batch())
+      history.append(flat_host(state.params))
+      if step == 2:
+        saved = jax.device_get(state)
+    out[scan] = (trainer, theta0, history, saved, jax.device_get(state))
+  return out
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_reset_then_only_the_chosen_k_change_the_rest_bit_identical(runs, scan):
+  trainer, theta0, history, _, final = runs[scan]
+  # Step 1 is dense: every candidate moved, nothing else.
+  moved = {p for p in theta0 if history[0][p].tobytes() != theta0[p].tobytes()}
+  matrices = {p for p in theta0 if p.endswith("/kernel") and ("attention/" in p or "mlp/" in p)}
+  assert moved == matrices
+  # Step K resets every parameter to theta0 bit for bit.
+  assert all(history[K_DENSE - 1][p].tobytes() == theta0[p].tobytes() for p in theta0)
+  # Afterwards exactly the masked scalars may differ; the mask holds exactly k.
+  mask = sparse_delta.flatten(final.opt_state.mask)
+  assert sum(int(m.sum()) for m in mask.values()) == K_TRAIN
+  changed = 0
+  for path, value in history[-1].items():
+    allowed = mask.get(path, np.zeros(value.shape, bool))
+    differs = value.view(np.uint32) != theta0[path].view(np.uint32)
+    assert not (differs & ~allowed).any(), path
+    changed += int(differs.sum())
+  assert 0 < changed <= K_TRAIN
+  assert int(final.opt_state.count) == 4
+
+
+def test_the_chosen_subset_is_the_top_k_change_of_the_dense_phase(runs):
+  """Reference: the same K dense steps with the non-candidates frozen (Freeze), then
+  NumPy's top-k of |theta_K - theta0| over the candidates (ties: lower flat index)."""
+  trainer, theta0, _, _, final = runs[False]
+  dense = make_trainer(False, freezing.Freeze(train_only=[sparse.MATRICES]))
+  state = dense.init_state(0, tfs.batch())
+  for _ in range(K_DENSE):
+    state, _ = dense.train_step(state, tfs.batch())
+  theta_k = flat_host(state.params)
+  paths = [p for p in sparse_delta.flatten(final.opt_state.mask)]  # tree order
+  change = np.concatenate([np.abs(theta_k[p].astype(np.float64) - theta0[p]).ravel()
+                           for p in paths])
+  order = np.lexsort((np.arange(change.size), -change))[:K_TRAIN]
+  expected = np.zeros(change.size, bool)
+  expected[order] = True
+  got = np.concatenate([sparse_delta.flatten(final.opt_state.mask)[p].ravel() for p in paths])
+  assert got.sum() == K_TRAIN
+  assert (got == expected).all()
+
+
+def test_resume_from_a_checkpoint_continues_bit_for_bit(runs, tmp_path):
+  trainer, _, history, saved, _ = runs[True]
+  checkpointer = checkpoints.Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(3, saved, {})
+  checkpointer.wait()
+  restored, _ = checkpointer.restore(3, trainer.abstract_state(tfs.batch()))
+  checkpointer.close()
+  state, _ = trainer.train_step(restored, tfs.batch())
+  after = flat_host(state.params)
+  assert all(after[p].tobytes() == history[3][p].tobytes() for p in after)
+
+
+def test_top_k_masks_ties_go_to_the_lower_index():
+  a, b = np.array([[1.0, 3.0], [3.0, 0.5]], np.float32), np.array([3.0, -1.0], np.float32)
+  masks = sparse.top_k_masks([a, b], 3)
+  assert np.asarray(masks[0]).tolist() == [[False, True], [True, False]]
+  assert np.asarray(masks[1]).tolist() == [True, False]
+
+
+# -- sparse deltas ---------------------------------------------------------------
+def random_pair(seed=0, theta0=None):
+  """(theta0, theta, mask): theta differs from theta0 on ~30% of two leaves (one
+  trained scalar ends unchanged, one crosses to ~0)."""
+  rng = np.random.default_rng(seed)
+  if theta0 is None:
+    theta0 = {"a/kernel": rng.standard_normal((6, 5)).astype(np.float32),
+              "b/layers/kernel": rng.standard_normal((2, 3, 4)).astype(np.float32),
+              "c/scale": np.ones(4, np.float32)}
+  theta = {k: v.copy() for k, v in theta0.items()}
+  mask = {"a/kernel": rng.random((6, 5)) < 0.3, "b/layers/kernel": rng.random((2, 3, 4)) < 0.3}
+  for name, m in mask.items():
+    theta[name][m] += rng.standard_normal(int(m.sum())).astype(np.float32) * 0.05
+  trained = np.flatnonzero(mask["a/kernel"])
+  theta["a/kernel"].reshape(-1)[trained[0]] = theta0["a/kernel"].reshape(-1)[trained[0]]
+  theta["a/kernel"].reshape(-1)[trained[1]] = 1e-30
+  shrunk = np.flatnonzero(mask["b/layers/kernel"])[0]  # 1.0 -> 0.25 + 2**-25: the
+  theta0["b/layers/kernel"].reshape(-1)[shrunk] = 1.0   # difference needs 26 bits
+  theta["b/layers/kernel"].reshape(-1)[shrunk] = np.float32(0.25 + 2.0**-25)
+  return theta0, theta, mask, trained[1]
+
+
+def test_delta_has_exactly_the_mask_and_base_plus_delta_reproduces_theta(tmp_path):
+  theta0, theta, mask, crossed = random_pair()
+  delta = sparse_delta.from_params(theta, theta0, mask, base_checkpoint="/b/checkpoint_2", step=9)
+  assert delta.num_entries == sum(int(m.sum()) for m in mask.values())  # unchanged one too
+  sparse_delta.save(tmp_path / "d", delta)
+  loaded = sparse_delta.load(tmp_path / "d")
+  meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+  assert meta["num_entries"] == delta.num_entries and meta["base_checkpoint"] == "/b/checkpoint_2"
+  assert meta["parameters"]["c/scale"] == {"shape": [4], "dtype": "float32", "entries": 0}
+  for name, (indices, values) in loaded.entries.items():
+    assert indices.tolist() == np.flatnonzero(mask[name]).tolist() and values.dtype == np.float64
+  out = sparse_delta.apply(theta0, loaded)
+  for name in theta0:
+    # Bit for bit: the float64 difference of two float32s is exact (exponents
+    # within 29 bits), rounded once ...
+    same = out[name].view(np.uint32) == theta[name].view(np.uint32)
+    if name == "a/kernel":  # ... except the weight moved to 1e-30 from ~1.
+      assert same.reshape(-1).tolist() == [i != crossed for i in range(same.size)]
+      assert out[name].reshape(-1)[crossed] == 0.0
+    else:
+      assert same.all(), name
+  # A float32 difference would not do: 1.0 + fl32((0.25 + 2**-25) - 1.0) is 0.25.
+  b0, b = theta0["b/layers/kernel"], theta["b/layers/kernel"]
+  assert (b0 + (b - b0) != b).sum() == 1
+
+
+def test_compose_is_the_sum_on_the_union_of_indices():
+  theta0, theta_a, mask_a, _ = random_pair(1)
+  _, theta_b, mask_b, _ = random_pair(2, theta0)
+  a = sparse_delta.from_params(theta_a, theta0, mask_a)
+  b = sparse_delta.from_params(theta_b, theta0, mask_b)
+  both = sparse_delta.compose(a, b)
+  dense = {k: sparse_delta.to_dense(a)[k] + sparse_delta.to_dense(b)[k] for k in theta0}
+  for name in theta0:
+    assert sparse_delta.to_dense(both)[name].tobytes() == dense[name].tobytes()
+  overlap = sum(int((mask_a[k] & mask_b[k]).sum()) for k in mask_a)
+  assert overlap > 0
+  assert both.num_entries == a.num_entries + b.num_entries - overlap
+
+
+# -- from the command line: sparse_ft.gin, the export, merge --method=add_deltas, infer
+def test_sparse_ft_gin_exports_a_delta_that_merge_adds_and_infer_loads(tmp_path):
+  base_dir, step_dir, start = _pretrained(tmp_path)
+  assert tfs.finetune(base_dir, step_dir, "sparse_ft", "sft", "--gin.SPARSE_DENSE_STEPS=1",
+                      "--gin.SPARSE_NUM_TRAINABLE=50", "--gin.SPARSE_FRACTION=None") == 0
+  run = base_dir / "sft"
+  delta = sparse_delta.load(run / "sparse_delta")
+  assert delta.num_entries == 50 and delta.step == 4
+  assert delta.base_checkpoint == str(step_dir)
+  tuned = tfs.load(run / "checkpoint_4")
+  rebuilt = sparse_delta.apply(start, delta)
+  changed = sum(int((tuned[p] != start[p]).sum()) for p in start)
+  assert 0 < changed <= 50
+  assert all(rebuilt[p].tobytes() == tuned[p].tobytes() for p in start)
+  # merge: base + delta -> a normal checkpoint that infer --mode=score loads.
+  out = tmp_path / "merged"
+  assert merge.main(["--method=add_deltas", f"--base={step_dir}",
+                     f"--deltas={run / 'sparse_delta'}", f"--output={out}"]) == 0
+  merged = tfs.load(out / "checkpoint_4")
+  assert all(merged[p].tobytes() == rebuilt[p].tobytes() for p in start)
+  examples = tmp_path / "in.jsonl"
+  examples.write_text(json.dumps({"input_ids": [5, 6, 1], "target_ids": [7, 1]}) + "\n")
+  assert infer.main(["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+                     "--gin_file=gin_configs/runs/infer.gin",
+                     f"--gin.CHECKPOINT_PATH={out / 'checkpoint_4'}", "--mode=score",
+                     f"--input={examples}", f"--output={tmp_path / 'scores.jsonl'}"]) == 0
+  row = json.loads((tmp_path / "scores.jsonl").read_text())
+  assert np.isfinite(row["score"]) and len(row["token_scores"]) == 2
+
+
+def _pretrained(tmp_path):
+  step_dir = checkpoints.save_params(tmp_path / "pretrain", 2, tfs.tiny_params())
+  return tmp_path, step_dir, tfs.load(step_dir)
