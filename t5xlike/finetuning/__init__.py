@@ -1,17 +1,25 @@
 """Fine-tuning techniques, plugged into one trainer through one protocol.
 
 `base`: the protocol (`wrap_optimizer`, `trainable`, `initialize`,
-`describe`) that `training.train(finetuning=...)` and the `Trainer` call,
-and `Combine`. `selection`: parameter groups (path regex + layer indices)
--> per-leaf / per-layer masks and depths, scanned and unscanned alike.
-`updates`: the optax wrapper (per-layer update scales; frozen parameters
-without optimizer state). Techniques: `freezing` (Freeze, FreezeLower),
-`llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft` (HalfFineTuning).
-Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft}.gin`.
+`describe`, `export`) that `training.train(finetuning=...)` and the `Trainer`
+call, and `Combine`. `selection`: parameter groups (path regex + layer
+indices) -> per-leaf / per-layer masks and depths, scanned and unscanned
+alike. `updates`: the optax wrapper (per-layer update scales; frozen
+parameters without optimizer state). Techniques: `freezing` (Freeze,
+FreezeLower), `llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft`
+(HalfFineTuning); parameter-efficient (`peft`: the model wrapper,
+`peft.wrap_model`): `lora` (LoRA, merge_lora), `adapters` (Adapters),
+`prompt_tuning` (PromptTuning), their checkpoints `peft_checkpoint`.
+Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft,lora,adapters,
+prompt_tuning}.gin`.
 """
+from t5xlike.finetuning.adapters import Adapters
 from t5xlike.finetuning.base import Combine, FineTuning
 from t5xlike.finetuning.freezing import Freeze, FreezeLower
 from t5xlike.finetuning.hft import HalfFineTuning
 from t5xlike.finetuning.llrd import LayerwiseDecay
+from t5xlike.finetuning.lora import LoRA, merge_lora
+from t5xlike.finetuning.peft import PeftMethod, wrap_model
+from t5xlike.finetuning.prompt_tuning import PromptTuning
 from t5xlike.finetuning.reinit import ReinitTop
 from t5xlike.finetuning.selection import Group
