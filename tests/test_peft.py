@@ -60,15 +60,19 @@ def randomised(params, pattern, seed=1, scale=0.3):
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
 
 
-@pytest.fixture(scope="module")
-def bases():
-  """{kind: (model, params, batch, base logits)} with every parameter random-ish."""
-  out = {}
-  for kind in ("t5", "t5_scanned", "decoder"):
+class _Bases(dict):
+  """{kind: (model, params, batch, base logits)}, each built on first use."""
+
+  def __missing__(self, kind):
     model, batch = make_model(kind), make_batch(kind)
     params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
-    out[kind] = (model, params, batch, logits_of(model, params, batch))
-  return out
+    self[kind] = (model, params, batch, logits_of(model, params, batch))
+    return self[kind]
+
+
+@pytest.fixture(scope="module")
+def bases():
+  return _Bases()
 
 
 def peft_params(method, kind, bases):
@@ -223,8 +227,8 @@ def test_prompt_initialised_from_vocabulary_rows_equals_those_rows(bases):
   assert prompt_tuning.PromptTuning(length=4, init="uniform").initialize(params, None) is params
 
 
-def test_decoder_only_prompt_tuning_refuses_cached_decoding(bases):
-  wrapped = prompt_tuning.PromptTuning(length=2).wrap(bases["decoder"][0])
+def test_decoder_only_prompt_tuning_refuses_cached_decoding():
+  wrapped = prompt_tuning.PromptTuning(length=2).wrap(make_model("decoder"))
   with pytest.raises(ValueError, match="cached decoding"):
     wrapped.init_cache(2, 8)
 
@@ -235,6 +239,14 @@ def test_decoder_only_prompt_tuning_refuses_cached_decoding(bases):
 def test_bad_settings_are_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     bad()
+
+
+def test_targets_that_match_no_module_are_an_error():
+  method = lora.LoRA(targets="no_such_module$")
+  boxed = jax.eval_shape(method.wrap(make_model("decoder")).init, jax.random.key(0),
+                         make_batch("decoder"))["params"]
+  with pytest.raises(ValueError, match="added no parameter"):
+    method.trainable(boxed)
 
 
 # -- training, export and loading ------------------------------------------------------

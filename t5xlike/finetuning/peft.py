@@ -69,6 +69,8 @@ class InterceptedNetwork:
     self._make_interceptor = make_interceptor
 
   def __getattr__(self, name: str) -> Any:
+    if name in ("network", "_make_interceptor"):  # Not set yet (copy, unpickling).
+      raise AttributeError(name)
     return getattr(self.network, name)
 
   def init(self, *args, **kwargs):
@@ -116,6 +118,10 @@ class PeftMethod(base.FineTuning):
     return [self.param_pattern, *getattr(self, "also_train", ())]
 
   def frozen(self, params: Any) -> Any:
+    if not any(np.asarray(m).any() for m in jax.tree.leaves(
+        selection.select(params, [self.param_pattern]))):
+      raise ValueError(f"{self!r} added no parameter to this model (no module matches its "
+                       f"targets)")
     trained = selection.select(params, self.trained_groups(), require_match=True)
     return jax.tree.map(np.logical_not, trained)
 

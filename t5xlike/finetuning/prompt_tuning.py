@@ -160,6 +160,8 @@ class PromptTuning(peft.PeftMethod):
           args, kwargs = _replace(args, kwargs, 3, "cross_mask", extend_cross_mask(cross, n))
       elif method == "__call__" and isinstance(module, decoder.DecoderStack):
         if _arg(args, kwargs, 4, "decode", False):
+          # Which call is the prefill (the one to write the prompt into the cache) is
+          # known only at run time inside jit-compiled decoding loops.
           raise ValueError("prompt tuning: cached decoding of a decoder-only model is not "
                            "supported (score the targets instead)")
         mask = extend_mask(_arg(args, kwargs, 1, "mask"), n, bidirectional=False)
