@@ -43,9 +43,15 @@ def make_batch(kind):
           "decoder_loss_weights": (targets > 0).astype(np.float32)}
 
 
+_JITTED = {}
+
+
 def logits_of(model, params, batch, **kwargs):
-  """The model's logits, jit-compiled (eager scans retrace at every call)."""
-  return np.asarray(jax.jit(model.logits)(params, batch, **kwargs))
+  """The model's logits, jit-compiled once per model object (eager scans retrace at
+  every call)."""
+  if model not in _JITTED:
+    _JITTED[model] = jax.jit(model.logits)
+  return np.asarray(_JITTED[model](params, batch, **kwargs))
 
 
 def flat(tree):
