@@ -114,8 +114,14 @@ def load_model_checkpoint(model: Any, checkpoint_path: str | None,
   try:
     method = peft_checkpoint.method_of(checkpoint_path)
     if method is None:
-      return (model, *restore_params(model, checkpoint_path,
-                                     example_features(model, feature_lengths), partitioner))
+      features = example_features(model, feature_lengths)
+      extra = set(checkpoints.saved_param_shapes(checkpoint_path)) - set(
+          checkpoints.flat_shapes(abstract_params(model, features, partitioner)[0]))
+      if peft_checkpoint.peft_parameters(extra):
+        raise ValueError(f"it holds PEFT parameters ({peft_checkpoint.peft_parameters(extra)[0]}"
+                         f", ...): a PEFT run's own checkpoint; load its "
+                         f"MODEL_DIR/peft/checkpoint_<N> (or LoRA's merged/checkpoint_<N>)")
+      return (model, *restore_params(model, checkpoint_path, features, partitioner))
     model = method.wrap(model)
     abstract, _ = abstract_params(model, example_features(model, feature_lengths), partitioner)
     params, missing = checkpoints.restore_matching_params(checkpoint_path, abstract)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -80,6 +81,12 @@ def read(path: str | epath.Path) -> dict[str, Any] | None:
   if info is not None and info.get("format") != FORMAT:
     raise ValueError(f"{path}: unknown PEFT checkpoint format {info.get('format')!r}")
   return info
+
+
+def peft_parameters(paths) -> list[str]:
+  """The paths among `paths` that name a PEFT technique's parameters (LoRA's A/B, ...)."""
+  return sorted(p for p in paths
+                if any(re.search(cls.param_pattern, p) for cls in METHODS.values()))
 
 
 def method_of(path: str | epath.Path) -> peft.PeftMethod | None:
