@@ -364,3 +364,16 @@ def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
     assert full["encoder/prompt"].shape == (20, 64)
   if technique == "lora":
     assert set(selection_tests.load(model_dir / "merged" / "checkpoint_4")) == set(start)
+    # INITIAL_CHECKPOINT_PATH = the PEFT checkpoint: base + LoRA restored (lr 0 keeps them).
+    again = tmp_path / "again"
+    assert train.main(["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+                       "--gin_file=gin_configs/finetune/lora.gin",
+                       f"--gin.INITIAL_CHECKPOINT_PATH={peft_dir}", f"--gin.MODEL_DIR={again}",
+                       "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                       "--gin.LEARNING_RATE=0.0", "--gin.training.train.inference_evaluator=None",
+                       LENGTHS, TASK]) == 0
+    resumed = selection_tests.load(again / "checkpoint_5")
+    assert resumed.keys() == full.keys()
+    assert all(resumed[p].tobytes() == full[p].tobytes() for p in full)
+    info = json.loads((again / "peft" / "checkpoint_5" / "peft.json").read_text())
+    assert info["base_checkpoint"] == str(peft_dir)
