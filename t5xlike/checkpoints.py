@@ -8,6 +8,7 @@ crash during a save never leaves a step that `latest_step()` would return.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Mapping
 
@@ -149,14 +150,44 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           tuple(getattr(leaf, "value", leaf).shape) for path, leaf in leaves}
 
 
-def saved_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
-  """`flat_shapes` of the parameters of a step directory, from orbax metadata
-  (no array is loaded)."""
+#: In a PEFT step directory (`finetuning.peft_checkpoint`): its base checkpoint and method.
+PEFT_FILE = "peft.json"
+
+
+def peft_info(path: str | epath.Path) -> dict[str, Any] | None:
+  """The parsed `peft.json` of a step directory; None for an ordinary checkpoint."""
+  file = epath.Path(path) / PEFT_FILE
+  return json.loads(file.read_text()) if file.exists() else None
+
+
+def checkpoint_chain(path: str | epath.Path) -> list[epath.Path]:
+  """[path, its base, the base's base, ...]: a PEFT checkpoint holds only its trained
+  parameters and names its base (`peft.json`); an ordinary one ends the chain."""
+  chain = [validate_step_dir(path)]
+  while (info := peft_info(chain[-1])) is not None and info.get("base_checkpoint"):
+    chain.append(validate_step_dir(info["base_checkpoint"]))
+    if len(chain) > 16:
+      raise ValueError(f"{path}: PEFT checkpoints name each other in a loop")
+  return chain
+
+
+def own_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
+  """`flat_shapes` of the parameters saved in this step directory itself (a PEFT
+  checkpoint: its trained parameters only), from orbax metadata."""
   path = validate_step_dir(path)
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path / "state")
   tree = getattr(metadata, "item_metadata", metadata)
   return flat_shapes(getattr(tree, "tree", tree).get("params", {}))
+
+
+def saved_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
+  """`flat_shapes` of the parameters of a step directory, from orbax metadata
+  (no array is loaded); for a PEFT checkpoint those of its base chain too."""
+  shapes: dict[str, tuple[int, ...]] = {}
+  for source in reversed(checkpoint_chain(path)):
+    shapes.update(own_param_shapes(source))
+  return shapes
 
 
 def check_param_shapes(path: str | epath.Path,
@@ -211,7 +242,8 @@ def restore_matching_params(path: str | epath.Path,
       (with shardings, as in the abstract train state) or arrays.
   Returns:
     (the restored parameters: the subtree of `abstract_params` present in the
-    checkpoint, laid out and sharded as `abstract_params` says; the sorted
+    checkpoint (a PEFT checkpoint: its base chain's parameters with its own laid
+    over them, `checkpoint_chain`), laid out and sharded as `abstract_params` says; the sorted
     paths of `abstract_params` absent from the checkpoint).
   Raises:
     ValueError: a shared path with another shape (naming the path and both
@@ -221,17 +253,24 @@ def restore_matching_params(path: str | epath.Path,
   saved = check_param_shapes(path, flat_shapes(abstract_params))
   wanted = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   wanted = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in wanted}
-  shared = {name: checkpoint_abstract(leaf) for name, leaf in wanted.items() if name in saved}
   unused = sorted(set(saved) - set(wanted))
   if unused:
     log.info("%d checkpoint parameter(s) not in the model, not restored: %s", len(unused),
              ", ".join(unused))
-  item = {"params": _nested(shared)}
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path / "state", args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-  return restored["params"], sorted(set(wanted) - set(saved))
+  restored: dict[str, Any] = {}
+  for source in reversed(checkpoint_chain(path)):  # A PEFT checkpoint's base first.
+    own = own_param_shapes(source)
+    shared = {name: checkpoint_abstract(leaf) for name, leaf in wanted.items() if name in own}
+    if not shared:
+      continue
+    item = {"params": _nested(shared)}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      out = checkpointer.restore(source / "state", args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    flat = jax.tree_util.tree_flatten_with_path(out["params"])[0]
+    restored.update({"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in flat})
+  return _nested(restored), sorted(set(wanted) - set(saved))
 
 
 def checkpoint_abstract(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -153,8 +153,8 @@ def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | 
         task_cache_dir=task_cache_dir, mixture_or_task_module=mixture_or_task_module)
   except ValueError as error:
     raise config.ConfigError(config.one_line(error)) from None
-  params, step = inference.load_checkpoint(model, checkpoint_path, task_feature_lengths,
-                                          mesh_shape)
+  model, params, step = inference.load_model_checkpoint(model, checkpoint_path,
+                                                       task_feature_lengths, mesh_shape)
 
   # ---- the run. ----
   entry.mark_run_started()

@@ -22,6 +22,7 @@ import numpy as np
 
 from t5xlike import checkpoints, config, decoding, partitioning
 from t5xlike.data import feature_converters
+from t5xlike.finetuning import peft_checkpoint
 
 log = logging.getLogger(__name__)
 Example = Mapping[str, np.ndarray]
@@ -77,9 +78,30 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
                     mesh_shape: Mapping[str, int] | None) -> tuple[Any, int]:
   """(parameters, step) of CHECKPOINT_PATH for `model` on a mesh of MESH_SHAPE.
 
+  A PEFT checkpoint (`finetuning.peft_checkpoint`) whose technique merges
+  into the base weights (LoRA) gives the merged parameters of `model`'s own
+  architecture; others need `load_model_checkpoint` (their model differs).
   Raises config.ConfigError (one line) when the path is unset, not a step
   directory, or holds parameters of another architecture.
   """
+  loaded, params, step = load_model_checkpoint(model, checkpoint_path, feature_lengths,
+                                               mesh_shape)
+  if loaded is not model:
+    method = loaded.peft_method
+    if not hasattr(method, "merge"):
+      raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
+                               f"PEFT checkpoint: load it with inference.load_model_checkpoint")
+    params = method.merge(params)
+  return params, step
+
+
+def load_model_checkpoint(model: Any, checkpoint_path: str | None,
+                          feature_lengths: Mapping[str, int],
+                          mesh_shape: Mapping[str, int] | None) -> tuple[Any, Any, int]:
+  """(model, parameters, step) of CHECKPOINT_PATH, as `load_checkpoint`; for a PEFT
+  checkpoint the model is `model` wrapped with the checkpoint's technique
+  (`peft.wrap_model`) and the parameters its full tree (the base checkpoint's,
+  the PEFT parameters laid over them)."""
   if not checkpoint_path:
     raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
                              "MODEL_DIR/checkpoint_<N>)")
@@ -90,8 +112,22 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
   except ValueError as error:
     raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
   try:
-    return restore_params(model, checkpoint_path, example_features(model, feature_lengths),
-                          partitioner)
+    method = peft_checkpoint.method_of(checkpoint_path)
+    if method is None:
+      features = example_features(model, feature_lengths)
+      extra = set(checkpoints.saved_param_shapes(checkpoint_path)) - set(
+          checkpoints.flat_shapes(abstract_params(model, features, partitioner)[0]))
+      if peft_checkpoint.peft_parameters(extra):
+        raise ValueError(f"it holds PEFT parameters ({peft_checkpoint.peft_parameters(extra)[0]}"
+                         f", ...): a PEFT run's own checkpoint; load its "
+                         f"MODEL_DIR/peft/checkpoint_<N> (or LoRA's merged/checkpoint_<N>)")
+      return (model, *restore_params(model, checkpoint_path, features, partitioner))
+    model = method.wrap(model)
+    abstract, _ = abstract_params(model, example_features(model, feature_lengths), partitioner)
+    params, missing = checkpoints.restore_matching_params(checkpoint_path, abstract)
+    if missing:
+      raise ValueError(f"neither the PEFT checkpoint nor its base holds {', '.join(missing[:4])}")
+    return model, params, int(checkpoints.restore_step(checkpoint_path))
   except ValueError as error:
     raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
                              f"{config.one_line(error)}") from None

@@ -180,8 +180,8 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
                                       max_examples=max_examples)
     except ValueError as error:
       raise config.ConfigError(config.one_line(error)) from None
-  params, step = inference.load_checkpoint(model, checkpoint_path, task_feature_lengths,
-                                          mesh_shape)
+  model, params, step = inference.load_model_checkpoint(model, checkpoint_path,
+                                                       task_feature_lengths, mesh_shape)
 
   # ---- the run. ----
   entry.mark_run_started()

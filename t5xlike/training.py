@@ -218,11 +218,12 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
     return state
   if initial_checkpoint_path:
     log.info("starting from INITIAL_CHECKPOINT_PATH=%s", initial_checkpoint_path)
-    if (checkpoints.saved_param_shapes(initial_checkpoint_path)
+    if (checkpoints.peft_info(initial_checkpoint_path) is not None
+        or checkpoints.saved_param_shapes(initial_checkpoint_path)
         != checkpoints.flat_shapes(abstract_state.params)):
-      # Another parameter tree (a task head, adapters on a pretrained body): the
-      # shared parameters and the step from the checkpoint, the rest from RANDOM_SEED,
-      # a fresh optimizer state.
+      # Another parameter tree (a task head, adapters on a pretrained body), or a PEFT
+      # checkpoint (its base, then its own parameters): the shared parameters and the
+      # step from the checkpoint, the rest from RANDOM_SEED, a fresh optimizer state.
       try:
         restored, missing = checkpoints.restore_matching_params(initial_checkpoint_path,
                                                                 abstract_state.params)

@@ -1,0 +1,113 @@
+"""LoRA: low-rank adaptation of chosen projections (Hu et al. 2021, arXiv:2106.09685).
+
+Every `layers.Dense` whose module path (`peft.module_path`, e.g.
+'encoder/layers/attention/query') matches `targets` computes
+
+  y = x W + (alpha / rank) * dropout(x) A B
+
+with `A: [in, rank]` (`lora_a`, logical axes (the kernel's input axis,
+`lora_rank`), Kaiming-uniform as in the reference implementation: U(-b, b),
+b = 1/sqrt(in)) and `B: [rank, out]` (`lora_b`, (`lora_rank`, the kernel's
+output axis)) initialised to zero, so the wrapped model starts as the base
+model exactly. Both sit beside the frozen kernel
+('encoder/layers_0/attention/query/{kernel,lora_a,lora_b}'; scanned: a
+leading `layers` axis). Dropout (rate `dropout`) acts on the LoRA branch's
+input only, in training.
+
+`merge(params)` folds the update into the kernels, `W + (alpha / rank) A B`
+(float32), and drops `lora_a` / `lora_b`: the base architecture's
+parameters, for the plain model gin (`MODEL_DIR/merged/checkpoint_<N>`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5xlike.finetuning import peft, selection
+from t5xlike.models import layers
+
+#: Attention query and value projections of every attention module (Hu et al. §7.1).
+DEFAULT_TARGETS = r"attention/(query|value)$"
+
+a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(peft.PeftMethod):
+  """LoRA on the dense layers matching `targets` (see module docstring).
+
+  Attributes:
+    rank: r, the inner size of A B.
+    alpha: the update is scaled by alpha / rank.
+    dropout: dropout rate on the LoRA input (training only).
+    targets: regex searched in module paths ('.../attention/query').
+    also_train: further parameter groups trained (`selection.GroupSpec`s).
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: str = DEFAULT_TARGETS
+  also_train: Sequence[selection.GroupSpec] = ()
+
+  param_pattern = r"/lora_[ab]$"
+
+  def __post_init__(self):
+    peft.check_positive(self, "rank")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA.dropout must be in [0, 1), got {self.dropout}")
+    re.compile(self.targets)
+    peft.as_tuple(self, "also_train")
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / int(self.rank)
+
+  def interceptor(self):
+    def intercept(next_fun, args, kwargs, context):
+      module = context.module
+      if (context.method_name != "__call__" or not isinstance(module, layers.Dense)
+          or not re.search(self.targets, peft.module_path(module))):
+        return next_fun(*args, **kwargs)
+      y = next_fun(*args, **kwargs)
+      x = args[0] if args else kwargs["x"]
+      in_axis, out_axis = module.kernel_axes
+      a = module.param("lora_a", nn.with_logical_partitioning(a_init, (in_axis, "lora_rank")),
+                       (x.shape[-1], self.rank), jnp.float32)
+      b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                              ("lora_rank", out_axis)),
+                       (self.rank, module.features), jnp.float32)
+      if self.dropout > 0.0 and peft.dropout_active(module):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+      dtype = module.dtype
+      update = jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)), b.astype(dtype))
+      return y + (jnp.asarray(self.scale, dtype) * update).astype(y.dtype)
+    return intercept
+
+  def merge(self, params: Any) -> Any:
+    """Base-architecture parameters: every `{kernel, lora_a, lora_b}` module becomes
+    `{kernel: kernel + scale * lora_a @ lora_b}` (scanned leaves layer by layer)."""
+    return merge_lora(params, self.scale)
+
+
+def merge_lora(params: Any, scale: float) -> Any:
+  """Folds LoRA into the kernels: W + scale * A B, float32; `lora_a` / `lora_b` removed.
+
+  `params` is a nested dict of arrays (unboxed); a module dict holding
+  `lora_a` [.., in, r] and `lora_b` [.., r, out] must hold `kernel` [.., in, out]
+  (leading axes: a scanned stack's layers)."""
+  if not isinstance(params, dict):
+    return params
+  if "lora_a" in params or "lora_b" in params:
+    out = {k: v for k, v in params.items() if k not in ("lora_a", "lora_b")}
+    delta = jnp.matmul(jnp.asarray(params["lora_a"], jnp.float32),
+                       jnp.asarray(params["lora_b"], jnp.float32))
+    kernel = params["kernel"]
+    out["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
+    return out
+  return {k: merge_lora(v, scale) for k, v in params.items()}

@@ -1,0 +1,95 @@
+"""PEFT checkpoints: the trained parameters only, plus the base checkpoint's path.
+
+`export` (the technique's `FineTuning.export`, called by `training.train`
+after the final step) writes
+
+  MODEL_DIR/peft/checkpoint_<N>/state      orbax {step, params}: only the
+                                           trained parameters (LoRA's A, B...)
+  MODEL_DIR/peft/checkpoint_<N>/peft.json  {"format", "base_checkpoint": the
+                                           INITIAL_CHECKPOINT_PATH (absolute),
+                                           "method": the technique and its fields}
+
+and for a technique with `merge` (LoRA) also `MODEL_DIR/merged/checkpoint_<N>`,
+the merged weights as a plain base-architecture checkpoint.
+
+Loading restores the full model: `checkpoints.restore_matching_params`
+follows `base_checkpoint` (restores the base, then lays the PEFT
+parameters over it), so INITIAL_CHECKPOINT_PATH may name a PEFT
+checkpoint; `inference.load_model_checkpoint` (eval / infer with
+CHECKPOINT_PATH) rebuilds the wrapped model from `method` (`method_from_json`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from t5xlike import checkpoints
+from t5xlike.finetuning import adapters, lora, peft, prompt_tuning
+
+FORMAT = "t5xlike-peft-1"
+METHODS = {cls.__name__: cls for cls in (lora.LoRA, adapters.Adapters,
+                                         prompt_tuning.PromptTuning)}
+
+
+def method_from_json(spec: dict[str, Any]) -> peft.PeftMethod:
+  """The technique a PEFT checkpoint's `method` entry describes."""
+  spec = dict(spec)
+  name = spec.pop("method", None)
+  if name not in METHODS:
+    raise ValueError(f"unknown PEFT method {name!r}; known: {sorted(METHODS)}")
+  return METHODS[name](**spec)
+
+
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def trained_params(method: peft.PeftMethod, params: Any) -> dict[str, Any]:
+  """The leaves `method` trains (any of their layers), as a nested dict."""
+  masks = method.trainable(params)
+  flat = traverse_util.flatten_dict(params)
+  flat_masks = traverse_util.flatten_dict(masks)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                       if np.asarray(flat_masks[k]).any()})
+
+
+def export(method: peft.PeftMethod, params: Any, model_dir: Any, step: int,
+           base_checkpoint: str | None) -> list[epath.Path]:
+  """Writes the PEFT checkpoint (and LoRA's merged one); returns their directories."""
+  model_dir = epath.Path(model_dir)
+  directory = checkpoints.save_params(model_dir / "peft", step, trained_params(method, params))
+  if jax.process_index() == 0:
+    info = {"format": FORMAT, "step": int(step), "method": method.to_json(),
+            "base_checkpoint": _absolute(str(base_checkpoint)) if base_checkpoint else None}
+    (directory / checkpoints.PEFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+  written = [directory]
+  if hasattr(method, "merge"):
+    written.append(checkpoints.save_params(model_dir / "merged", step, method.merge(params)))
+  return written
+
+
+def read(path: str | epath.Path) -> dict[str, Any] | None:
+  """The `peft.json` of a step directory, or None for an ordinary checkpoint."""
+  info = checkpoints.peft_info(path)
+  if info is not None and info.get("format") != FORMAT:
+    raise ValueError(f"{path}: unknown PEFT checkpoint format {info.get('format')!r}")
+  return info
+
+
+def peft_parameters(paths) -> list[str]:
+  """The paths among `paths` that name a PEFT technique's parameters (LoRA's A/B, ...)."""
+  return sorted(p for p in paths
+                if any(re.search(cls.param_pattern, p) for cls in METHODS.values()))
+
+
+def method_of(path: str | epath.Path) -> peft.PeftMethod | None:
+  """The technique of a PEFT checkpoint (None for an ordinary checkpoint)."""
+  info = read(path)
+  return None if info is None else method_from_json(info["method"])
