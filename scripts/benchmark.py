@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 TABLE_KEYS = ("compile_s", "time_to_first_step_s", "step_time_s", "step_time_p90_s",
+              "cpu_s_per_step",
               "tokens_per_second", "padded_tokens_per_second", "tflops_per_device", "mfu",
               "peak_memory_bytes", "final_loss")
 
@@ -79,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
   p.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False)
-  p.add_argument("--loss", default="dense", choices=("dense", "chunked"),
+  p.add_argument("--loss", default="chunked", choices=("dense", "chunked"),
                  help="cross-entropy: full logits, or chunked over the sequence")
   p.add_argument("--data", default="pipeline", choices=("pipeline", "synthetic"))
   p.add_argument("--compile_only", action="store_true",

@@ -57,8 +57,7 @@ CONFIGS: dict[str, BenchConfig] = {
 }
 
 
-def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool,
-                   loss_impl: str | None = None):
+def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool):
   common = dict(vocab_size=bench.vocab_size, dtype=dtype, attention_impl=attention,
                 remat_policy=remat, scan_layers=scan)
   if bench.family == "t5":
@@ -66,10 +65,10 @@ def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, s
   return decoder.DecoderConfig(**bench.dims, **common)
 
 
-def make_model(bench: BenchConfig, cfg: Any) -> Any:
+def make_model(bench: BenchConfig, cfg: Any, loss_impl: str = "dense") -> Any:
   if bench.family == "t5":
-    return encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))
-  return decoder.DecoderOnlyModel(decoder.Transformer(cfg))
+    return encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg), loss_impl=loss_impl)
+  return decoder.DecoderOnlyModel(decoder.Transformer(cfg), loss_impl=loss_impl)
 
 
 def feature_lengths(bench: BenchConfig, inputs_length: int, targets_length: int) -> dict:
@@ -135,11 +134,11 @@ def versions() -> dict[str, str]:
 def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, dtype: str,
         steps: int, warmup: int, mesh_shape: Mapping[str, int], attention: str, remat: str,
         scan: bool, data: str, compile_only: bool, process_start: float,
-        peak_tflops: float | None = None, loss_impl: str | None = None) -> dict[str, Any]:
+        peak_tflops: float | None = None, loss_impl: str = "dense") -> dict[str, Any]:
   """Benchmarks config `name`; returns the JSON row (see the module docstring)."""
   bench = CONFIGS[name]
-  cfg = network_config(bench, dtype, attention, remat, scan, loss_impl)
-  model = make_model(bench, cfg)
+  cfg = network_config(bench, dtype, attention, remat, scan)
+  model = make_model(bench, cfg, loss_impl)
   lengths = feature_lengths(bench, inputs_length, targets_length)
   schedule = optim.rsqrt_with_warmup()
   partitioner = partitioning.Partitioner(dict(mesh_shape),
@@ -155,7 +154,7 @@ def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, 
       "config": name, "family": bench.family, "batch_size": batch_size,
       "inputs_length": inputs_length if bench.family == "t5" else 0,
       "targets_length": targets_length, "vocab_size": bench.vocab_size, "dtype": dtype,
-      "attention": attention, "remat": remat, "scan": scan, "mesh_shape": dict(mesh_shape),
+      "attention": attention, "loss": loss_impl, "remat": remat, "scan": scan, "mesh_shape": dict(mesh_shape),
       "data": data, "model_flops_per_step": step_flops.model,
       "hardware_flops_per_step": step_flops.hardware}
   start = time.perf_counter()
@@ -184,9 +183,11 @@ def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
                 process_start: float) -> dict[str, Any]:
   """Runs `warmup` (>= 1) + `steps` steps with one step in flight: step i + 1 is
   dispatched and its batch read before step i's metrics are awaited. A step's
-  time is the interval between the completions of consecutive steps."""
+  time is the interval between the completions of consecutive steps.
+  `cpu_s_per_step` is the process's CPU time (all threads) per timed step.
+  Time to first step counts from `process_start`."""
   state = trainer.init_state(0, first)
-  completions, batch, pending = [], first, None
+  completions, cpu_times, batch, pending = [], [], first, None
   real = padded = 0
   with trainer.partitioner.activate():
     for index in range(warmup + steps):
@@ -196,9 +197,11 @@ def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
       if pending is not None:
         jax.block_until_ready(pending)
         completions.append(time.perf_counter())
+        cpu_times.append(time.process_time())
       if index == 0:
         jax.block_until_ready(metrics)
         completions.append(time.perf_counter())
+        cpu_times.append(time.process_time())
         first_step, metrics = completions[0], None
       pending = metrics
       if index + 1 < warmup + steps:
@@ -206,11 +209,14 @@ def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
     if pending is not None:
       loss = float(jax.device_get(pending["loss"]))
       completions.append(time.perf_counter())
+      cpu_times.append(time.process_time())
   times = np.diff(np.asarray(completions))[warmup - 1:]
   median = float(np.median(times))
   return {"steps": len(times), "warmup": warmup,
           "time_to_first_step_s": first_step - process_start,
           "step_time_s": median, "step_time_p90_s": float(np.percentile(times, 90)),
           "step_time_min_s": float(np.min(times)),
+          # Process CPU seconds (all threads) per timed step: robust to a shared machine.
+          "cpu_s_per_step": (cpu_times[-1] - cpu_times[warmup - 1]) / len(times),
           "tokens_per_second": real / len(times) / median,
           "padded_tokens_per_second": padded / len(times) / median, "final_loss": loss}
