@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-TABLE_KEYS = ("compile_s", "time_to_first_step_s", "step_time_s", "step_time_p90_s",
+TABLE_KEYS = ("compile_s", "compiled_memory_bytes", "time_to_first_step_s", "step_time_s", "step_time_p90_s",
               "cpu_s_per_step",
               "tokens_per_second", "padded_tokens_per_second", "tflops_per_device", "mfu",
               "peak_memory_bytes", "final_loss")
@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh_shape", type=parse_mesh, default={"data": -1})
   p.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
   p.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
+  p.add_argument("--num_layers", type=positive, help="override the depth (per T5 stack)")
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--loss", default="chunked", choices=("dense", "chunked"),
                  help="cross-entropy: full logits, or chunked over the sequence")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
       steps=args.steps, warmup=args.warmup, mesh_shape=args.mesh_shape,
       attention=args.attention, remat=args.remat, scan=args.scan, data=args.data,
       compile_only=args.compile_only, process_start=PROCESS_START,
-      peak_tflops=args.peak_tflops, loss_impl=args.loss)
+      peak_tflops=args.peak_tflops, loss_impl=args.loss, num_layers=args.num_layers)
   print(json.dumps(row), flush=True)
   return 0
 

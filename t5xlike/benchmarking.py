@@ -57,12 +57,19 @@ CONFIGS: dict[str, BenchConfig] = {
 }
 
 
-def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool):
+def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool,
+                   num_layers: int | None = None):
+  """The network config; `num_layers` overrides the depth (of each T5 stack)."""
   common = dict(vocab_size=bench.vocab_size, dtype=dtype, attention_impl=attention,
                 remat_policy=remat, scan_layers=scan)
+  dims = dict(bench.dims)
+  if num_layers:
+    depth = ("num_encoder_layers", "num_decoder_layers") if bench.family == "t5" else (
+        "num_layers",)
+    dims.update({key: num_layers for key in depth})
   if bench.family == "t5":
-    return t5.T5Config(**bench.dims, **common)
-  return decoder.DecoderConfig(**bench.dims, **common)
+    return t5.T5Config(**dims, **common)
+  return decoder.DecoderConfig(**dims, **common)
 
 
 def make_model(bench: BenchConfig, cfg: Any, loss_impl: str = "dense") -> Any:
@@ -134,10 +141,11 @@ def versions() -> dict[str, str]:
 def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, dtype: str,
         steps: int, warmup: int, mesh_shape: Mapping[str, int], attention: str, remat: str,
         scan: bool, data: str, compile_only: bool, process_start: float,
-        peak_tflops: float | None = None, loss_impl: str = "dense") -> dict[str, Any]:
+        peak_tflops: float | None = None, loss_impl: str = "dense",
+        num_layers: int | None = None) -> dict[str, Any]:
   """Benchmarks config `name`; returns the JSON row (see the module docstring)."""
   bench = CONFIGS[name]
-  cfg = network_config(bench, dtype, attention, remat, scan)
+  cfg = network_config(bench, dtype, attention, remat, scan, num_layers)
   model = make_model(bench, cfg, loss_impl)
   lengths = feature_lengths(bench, inputs_length, targets_length)
   schedule = optim.rsqrt_with_warmup()
@@ -154,6 +162,8 @@ def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, 
       "config": name, "family": bench.family, "batch_size": batch_size,
       "inputs_length": inputs_length if bench.family == "t5" else 0,
       "targets_length": targets_length, "vocab_size": bench.vocab_size, "dtype": dtype,
+      "num_layers": num_layers or bench.dims.get("num_layers", bench.dims.get(
+          "num_encoder_layers")),
       "attention": attention, "loss": loss_impl, "remat": remat, "scan": scan, "mesh_shape": dict(mesh_shape),
       "data": data, "model_flops_per_step": step_flops.model,
       "hardware_flops_per_step": step_flops.hardware}
