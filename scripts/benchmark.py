@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--data", default="pipeline", choices=("pipeline", "synthetic"))
   p.add_argument("--compile_only", action="store_true",
                  help="AOT-compile and count FLOPs / memory without running a step")
+  p.add_argument("--profile", action="store_true",
+                 help="after timing, trace 2 steps and add the top XLA ops (top_ops)")
   p.add_argument("--peak_tflops", type=float, help="peak TFLOP/s per device for the MFU")
   p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                  help="two sets of extra flags to run and compare side by side")
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
       steps=args.steps, warmup=args.warmup, mesh_shape=args.mesh_shape,
       attention=args.attention, remat=args.remat, scan=args.scan, data=args.data,
       compile_only=args.compile_only, process_start=PROCESS_START,
-      peak_tflops=args.peak_tflops, loss_impl=args.loss, num_layers=args.num_layers)
+      peak_tflops=args.peak_tflops, loss_impl=args.loss, num_layers=args.num_layers,
+      profile=args.profile)
   print(json.dumps(row), flush=True)
   return 0
 

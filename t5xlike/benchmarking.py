@@ -142,7 +142,7 @@ def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, 
         steps: int, warmup: int, mesh_shape: Mapping[str, int], attention: str, remat: str,
         scan: bool, data: str, compile_only: bool, process_start: float,
         peak_tflops: float | None = None, loss_impl: str = "dense",
-        num_layers: int | None = None) -> dict[str, Any]:
+        num_layers: int | None = None, profile: bool = False) -> dict[str, Any]:
   """Benchmarks config `name`; returns the JSON row (see the module docstring)."""
   bench = CONFIGS[name]
   cfg = network_config(bench, dtype, attention, remat, scan, num_layers)
@@ -181,6 +181,8 @@ def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, 
     achieved = step_flops.model / row["step_time_s"] / num_devices / 1e12
     row.update(tflops_per_device=achieved, mfu=achieved / peak)
   row["peak_memory_bytes"], row["peak_memory_kind"] = peak_memory()
+  if profile and not compile_only:
+    row["top_ops"] = profile_top_ops(trainer, compiled, batches)
   row.update(peak_tflops_per_device=peak, peak_source=peak_source,
              device=jax.devices()[0].device_kind, platform=jax.default_backend(),
              device_count=jax.device_count(), versions=versions())
@@ -230,3 +232,39 @@ def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
           "cpu_s_per_step": (cpu_times[-1] - cpu_times[warmup - 1]) / len(times),
           "tokens_per_second": real / len(times) / median,
           "padded_tokens_per_second": padded / len(times) / median, "final_loss": loss}
+
+
+def profile_top_ops(trainer, compiled, batches, steps: int = 2, top: int = 12,
+                    directory: str | None = None) -> list[dict[str, Any]]:
+  """Traces `steps` more steps with `jax.profiler` and returns the `top` XLA ops by
+  time: [{"op": fusion name, "ms_per_step": ..., "source": its op_name metadata}].
+
+  The trace is written to `directory` (a temporary one when None); XLA:CPU
+  records one event per executed thunk, named as the compiled HLO's ops.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  directory = directory or tempfile.mkdtemp(prefix="t5xlike_profile_")
+  sources = dict(re.findall(r"%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", compiled.as_text()))
+  state = trainer.init_state(0, next(batches))
+  with trainer.partitioner.activate():
+    state, metrics = compiled(state, trainer.device_batch(next(batches)))
+    jax.block_until_ready(metrics)
+    jax.profiler.start_trace(directory)
+    for _ in range(steps):
+      state, metrics = compiled(state, trainer.device_batch(next(batches)))
+      jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+  files = sorted(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True))
+  events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
+  totals: collections.Counter = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") in sources:
+      totals[event["name"]] += event.get("dur", 0)
+  return [{"op": name, "ms_per_step": micros / steps / 1e3,
+           "source": sources[name].replace("jit(_train_step_fn)/", "")[:160]}
+          for name, micros in totals.most_common(top)]
