@@ -84,3 +84,19 @@ def test_resolution_rules_and_bad_names():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     t5.T5Config(vocab_size=128, emb_dim=8, num_heads=2, num_encoder_layers=1,
                 num_decoder_layers=1, head_dim=4, mlp_dim=16, attention_impl="flash")
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 3, 5, 6), (2, 3, 5, 6), (3, 1, 6), (1, 1, 5, 1)])
+def test_add_bias_gradient_equals_broadcast_sum(bias_shape):
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), jnp.float32)
+  value, pullback = jax.vjp(attention.add_bias, logits, bias)
+  np.testing.assert_array_equal(value, logits + bias)
+  grad_logits, grad_bias = pullback(cotangent)
+  np.testing.assert_array_equal(grad_logits, cotangent)
+  want = np.asarray(cotangent, np.float64)
+  full = (1,) * (4 - len(bias_shape)) + bias_shape
+  want = want.sum(axis=tuple(i for i in range(4) if full[i] == 1), keepdims=True)
+  np.testing.assert_allclose(grad_bias, want.reshape(bias_shape), rtol=1e-5, atol=1e-6)

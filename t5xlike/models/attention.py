@@ -95,3 +95,36 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
+
+
+def add_bias(logits: Array, bias: Array) -> Array:
+  """logits [b, heads, q, k] + bias (broadcastable, e.g. [1, heads, q, k]).
+
+  The same sum as `logits + bias`; the bias gradient over a broadcast batch
+  axis is computed as a dot with a vector of ones instead of XLA's
+  reduction (on XLA:CPU the reduction of the T5 relative-position-bias
+  gradient was a quarter of the t5x_tiny step; the dot takes ~0.6x the
+  time of the attention core's backward with it, same values).
+  """
+  bias = bias.reshape((1,) * (logits.ndim - bias.ndim) + bias.shape).astype(logits.dtype)
+  shape = bias.shape
+
+  @jax.custom_vjp
+  def add(l, b):
+    return l + b
+
+  def forward(l, b):
+    return l + b, None
+
+  def backward(_, grad):
+    grad_bias = grad
+    if shape[0] == 1 and grad.shape[0] > 1:
+      ones = jnp.ones((grad.shape[0],), grad.dtype)
+      grad_bias = jnp.einsum("b...,b->...", grad, ones)[None]
+    axes = tuple(i for i in range(1, grad.ndim) if shape[i] == 1 and grad.shape[i] > 1)
+    if axes:
+      grad_bias = jnp.sum(grad_bias, axis=axes, keepdims=True)
+    return grad, grad_bias
+
+  add.defvjp(forward, backward)
+  return add(logits, bias)

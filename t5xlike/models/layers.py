@@ -421,7 +421,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key).reshape(
           batch, self.num_heads, q_len, k_len)
     if bias is not None:
-      logits = logits + bias.astype(logits.dtype)
+      logits = attention.add_bias(logits, bias)
     if mask is not None:
       logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits).astype(self.dtype)
