@@ -309,13 +309,16 @@ class LoopConfig:
 def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: LoopConfig,
                writer: metrics.MetricsWriter, checkpointer: checkpoints.Checkpointer,
                run_eval: Callable[[int, Any], Mapping[str, Mapping[str, float]]] | None = None,
-               tokens_per_batch: int = 0) -> TrainState:
+               tokens_per_batch: int = 0,
+               flop_accounting: Any = None) -> TrainState:
   """Trains from `state.step` to `config.train_steps`.
 
   `train_batches` yields this process's rows of successive global batches
   and has `get_state()`, saved with each checkpoint. Step 1 (or the first
   step after a resume) and the final step are always logged, the final step
   always evaluated (when eval is configured) and checkpointed.
+  `flop_accounting` (a `t5xlike.flops.Accounting`) adds `tflops_per_device`
+  and `mfu` to every logged step.
   """
   start = int(jax.device_get(state.step))
   total = config.train_steps
@@ -334,6 +337,8 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
       step_time = (now - window_start) / window_steps
       values.update(step_time_s=step_time,
                     tokens_per_second=tokens_per_batch / step_time if step_time else 0.0)
+      if flop_accounting is not None:
+        values.update(flop_accounting.fields(step_time))
       if hasattr(train_batches, "metrics"):  # loader throughput, packing efficiency
         values.update(train_batches.metrics())
       if step == start + 1:

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, config, entry, metrics, partitioning, trainer as trainer_lib
+from t5xlike import checkpoints, config, entry, flops, metrics, partitioning
+from t5xlike import trainer as trainer_lib
 from t5xlike.data import feature_converters, pipeline, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
@@ -182,10 +183,14 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
 
   writer = metrics.MetricsWriter(model_dir, enabled=is_main)
   tokens_per_batch = feature_converters.tokens_per_batch(example_batch) * jax.process_count()
+  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
+                                           v.dtype) for k, v in example_batch.items()}
+  flop_accounting = flops.accounting(model, global_shapes, dtype=_activation_dtype(model))
   try:
     state = trainer_lib.train_loop(trainer, state, train_feed, loop_config, writer, checkpointer,
                                    run_eval=run_eval if make_eval_feed else None,
-                                   tokens_per_batch=tokens_per_batch)
+                                   tokens_per_batch=tokens_per_batch,
+                                   flop_accounting=flop_accounting)
   finally:
     train_feed.close()
     writer.close()
@@ -200,6 +205,14 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     for where in finetuning.export(state.params, model_dir, train_steps, initial_checkpoint_path):
       log.info("finetuning export: %s", where)
   return state
+
+
+def _activation_dtype(model: Any) -> str:
+  """The network's activation dtype name ('float32' when it has none)."""
+  try:
+    return str(flops.network_config(model).dtype)
+  except AttributeError:
+    return "float32"
 
 
 def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from t5xlike import decoding, losses
+from t5xlike.models import layers
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -36,6 +37,10 @@ class TokenModel:
       the network covers every token id.
     z_loss: coefficient of log(Z)^2 added to the loss (T5X default 1e-4).
     label_smoothing: label smoothing of the targets.
+    loss_impl: 'dense' (the [b, l, vocab] logits, then the loss) or
+      'chunked' (`losses.chunked_token_stats`: the output layer and the loss
+      over chunks of the length axis, for large vocabularies; needs an
+      untied output layer `logits_dense`).
   """
 
   #: The batch features with the target ids and the loss weights, [batch, length].
@@ -43,9 +48,12 @@ class TokenModel:
   weight_feature = "decoder_loss_weights"
 
   def __init__(self, network: nn.Module, vocabulary: Any = None, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, loss_impl: str = "dense"):
     if not 0.0 <= label_smoothing < 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if loss_impl not in ("dense", "chunked"):
+      raise ValueError(f"loss_impl must be 'dense' or 'chunked', got {loss_impl!r}")
+    self.loss_impl = loss_impl
     self.network = network
     self.vocabulary = vocabulary
     self.z_loss = z_loss
@@ -67,10 +75,43 @@ class TokenModel:
     Returns `(loss, stats)` where stats holds weighted sums: `loss_sum`,
     `z_loss_sum`, `correct`, `weight_sum` (the number of scored tokens).
     """
+    if self.loss_impl == "chunked":
+      hidden, kernel, dtype = self.output_layer_inputs(params, batch, dropout_rng)
+      stats = losses.chunked_token_stats(
+          hidden, kernel, jnp.asarray(batch[self.target_feature]),
+          jnp.asarray(batch[self.weight_feature]), dtype=dtype, z_loss=self.z_loss,
+          label_smoothing=self.label_smoothing)
+      return stats["loss_sum"] / jnp.maximum(stats["weight_sum"], 1.0), stats
     logits = self.logits(params, batch, dropout_rng)
     stats = losses.token_stats(logits, batch[self.target_feature], batch[self.weight_feature],
                                z_loss=self.z_loss, label_smoothing=self.label_smoothing)
     return stats["loss_sum"] / jnp.maximum(stats["weight_sum"], 1.0), stats
+
+  def output_layer_inputs(self, params: Any, batch: Batch,
+                          dropout_rng: Array | None = None) -> tuple[Array, Array, Any]:
+    """(hidden [b, l, embed], kernel [embed, vocab], matmul dtype) of the output layer.
+
+    Runs `logits` with the `logits_dense` layer intercepted: its input and
+    kernel are captured and it returns zeros, which nothing reads (XLA drops
+    them), so the [b, l, vocab] logits are never computed.
+    """
+    captured = []
+
+    def intercept(next_fun, args, kwargs, context):
+      module = context.module
+      if (isinstance(module, layers.Dense) and module.name == "logits_dense"
+          and context.method_name == "__call__"):
+        kernel = module.get_variable("params", "kernel")
+        captured.append((args[0], kernel, module.dtype))
+        return jnp.zeros(args[0].shape[:-1] + (module.features,), module.dtype)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(intercept):
+      self.logits(params, batch, dropout_rng)
+    if len(captured) != 1:
+      raise ValueError("loss_impl='chunked' needs one untied output layer `logits_dense` "
+                       f"(found {len(captured)})")
+    return captured[0]
 
   def metrics(self, sums: Mapping[str, Array]) -> dict[str, Array]:
     """Reported metrics (`loss`, `z_loss`, `accuracy`) from summed `loss_fn` statistics."""

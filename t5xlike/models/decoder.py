@@ -78,6 +78,8 @@ class DecoderConfig:
     scan_layers: run the layers as one `nn.scan` over stacked parameters.
     remat_policy: 'none', 'full', 'dots_saveable' or a list of activation
       names to keep (see `layers.ACTIVATION_NAMES`).
+    attention_impl: the attention kernel: 'auto', 'einsum', 'xla', 'cudnn' or
+      'pallas' (`t5xlike.models.attention`).
   """
   vocab_size: int
   emb_dim: int
@@ -95,6 +97,7 @@ class DecoderConfig:
   float32_attention_logits: bool = True
   scan_layers: bool = False
   remat_policy: str | Sequence[str] = "none"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     layers.check_network_config(self, ("vocab_size", "emb_dim", "num_heads", "num_kv_heads",
@@ -146,6 +149,7 @@ class DecoderLayer(nn.Module):
         rope_max_wavelength=cfg.rope_max_wavelength, query_scaling="runtime",
         dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype,
         float32_logits=cfg.float32_attention_logits, decode=self.decode,
+        attention_impl=cfg.attention_impl,
         name="self_attention")(y, y, mask, deterministic=deterministic, positions=positions)
     x = _constrain(x + _dropout(cfg)(y, deterministic=deterministic))
     y = norm("pre_mlp_layer_norm")(x)

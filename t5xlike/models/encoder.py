@@ -102,6 +102,7 @@ class EncoderConfig:
     dtype: activation/matmul dtype name; parameters stay float32.
     float32_attention_logits: attention logits and softmax in float32.
     scan_layers, remat_policy: as in `t5.T5Config`.
+    attention_impl: as in `t5.T5Config`.
   """
   vocab_size: int
   emb_dim: int
@@ -117,6 +118,7 @@ class EncoderConfig:
   float32_attention_logits: bool = True
   scan_layers: bool = False
   remat_policy: str | Sequence[str] = "none"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     layers.check_network_config(self, ("vocab_size", "emb_dim", "num_heads", "num_layers",

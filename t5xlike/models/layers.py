@@ -27,6 +27,8 @@ from jax import lax
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from t5xlike.models import attention
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -82,6 +84,7 @@ def check_network_config(cfg, positive: Sequence[str]) -> None:
   if not isinstance(cfg.remat_policy, str):
     object.__setattr__(cfg, "remat_policy", tuple(cfg.remat_policy))
   remat_policy(cfg.remat_policy)  # Validates the name.
+  attention.check_name(getattr(cfg, "attention_impl", "auto"))
 
 
 def residual_dropout(rate: float) -> nn.Dropout:
@@ -324,6 +327,8 @@ class MultiHeadAttention(nn.Module):
       (Llama / HF: queries divided by sqrt(head_dim), plain query init).
     decode: autoregressive decoding with a KV cache in the `cache`
       collection (see below).
+    attention_impl: the q.k / softmax / .v kernel ('auto', 'einsum', 'xla',
+      'cudnn', 'pallas'; see `t5xlike.models.attention`).
 
   KV cache (`decode=True`), per attention module:
     cached_key, cached_value: [batch, max_length, kv_heads, head_dim], the
@@ -352,6 +357,7 @@ class MultiHeadAttention(nn.Module):
   rope_max_wavelength: float | None = None
   query_scaling: str = "init"
   decode: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
@@ -400,6 +406,12 @@ class MultiHeadAttention(nn.Module):
       query, key = query.astype(jnp.float32), key.astype(jnp.float32)
     if self.query_scaling == "runtime":
       query = query / jnp.asarray(depth_scaling, query.dtype)
+    dropout = not deterministic and self.dropout_rate > 0.0
+    impl = attention.resolve(self.attention_impl, self.dtype, dropout, decode=self.decode)
+    out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
+                                                        self.dtype)
+    if out is not None:
+      return self._output(out, inputs_q)
     batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
     group = self.num_heads // kv_heads
     if group == 1:  # T5's einsum as it was: bit-identical values and gradients.
@@ -409,7 +421,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key).reshape(
           batch, self.num_heads, q_len, k_len)
     if bias is not None:
-      logits = logits + bias.astype(logits.dtype)
+      logits = attention.add_bias(logits, bias)
     if mask is not None:
       logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits).astype(self.dtype)
@@ -424,7 +436,11 @@ class MultiHeadAttention(nn.Module):
     else:
       weights = weights.reshape(batch, kv_heads, group, q_len, k_len)
       out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(self.dtype))
-    out = checkpoint_name(out.reshape(batch, q_len, self.num_heads * self.head_dim),
+    return self._output(out, inputs_q)
+
+  def _output(self, out: Array, inputs_q: Array) -> Array:
+    """[b, q, heads(, group), head_dim] attention output -> `out` projection [b, q, embed]."""
+    out = checkpoint_name(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.head_dim),
                           "attention_out")
     out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), kernel_init=attention_kernel_init,
                 dtype=self.dtype, name="out")(out)

@@ -65,6 +65,8 @@ class T5Config:
       everything), 'full' (recompute everything), 'dots_saveable' (keep
       matmul outputs) or a list of activation names to keep (see
       `layers.ACTIVATION_NAMES`).
+    attention_impl: the attention kernel: 'auto', 'einsum', 'xla', 'cudnn' or
+      'pallas' (`t5xlike.models.attention`).
   """
   vocab_size: int
   emb_dim: int
@@ -82,6 +84,7 @@ class T5Config:
   relative_attention_max_distance: int = 128
   scan_layers: bool = False
   remat_policy: str | Sequence[str] = "none"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     layers.check_network_config(self, ("vocab_size", "emb_dim", "num_heads",
@@ -108,6 +111,7 @@ def _attention(cfg: T5Config, name: str, decode: bool = False) -> layers.MultiHe
   return layers.MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim,
                                    dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype,
                                    float32_logits=cfg.float32_attention_logits, decode=decode,
+                                   attention_impl=getattr(cfg, "attention_impl", "auto"),
                                    name=name)
 
 

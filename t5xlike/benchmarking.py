@@ -1,0 +1,270 @@
+"""Named benchmark configs and the timed train-step loop of `scripts/benchmark.py`.
+
+A config is a network family, its dimensions and default shapes. The loop
+builds the project's own `Trainer` (Adafactor, rsqrt schedule, as
+runs/pretrain.gin), compiles the train step ahead of time, feeds it from the
+real data pipeline (span corruption / causal LM on the embedded corpus,
+packing on) or from synthetic NumPy batches, runs `warmup` + `steps` steps
+with one step in flight (the next batch is read while the current step
+runs) and reports one dict: shapes, compile time, time to first step, step
+time median / p90, tokens/s, TFLOP/s per device, MFU, peak memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from t5xlike import flops, optim, partitioning, trainer as trainer_lib
+from t5xlike.models import decoder, encoder_decoder, t5
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """family 't5' or 'decoder'; dims as the network config's fields; default shapes."""
+  family: str
+  dims: Mapping[str, int]
+  batch_size: int = 8
+  inputs_length: int = 512
+  targets_length: int = 114
+  vocab_size: int = 32128
+
+
+_T5 = lambda emb, heads, head_dim, mlp, depth: dict(
+    emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp, num_encoder_layers=depth,
+    num_decoder_layers=depth)
+_DEC = lambda emb, heads, kv, head_dim, mlp, depth: dict(
+    emb_dim=emb, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
+    num_layers=depth)
+
+CONFIGS: dict[str, BenchConfig] = {
+    # t5x's t5_1_1/tiny.gin: the reference figures' tiny model.
+    "t5x_tiny": BenchConfig("t5", _T5(8, 4, 3, 16, 2)),
+    "t5_1_1_tiny": BenchConfig("t5", _T5(64, 4, 16, 256, 2)),  # ours (quickstart)
+    "t5_1_1_small": BenchConfig("t5", _T5(512, 6, 64, 1024, 8)),
+    "t5_1_1_base": BenchConfig("t5", _T5(768, 12, 64, 2048, 12)),
+    "t5_1_1_large": BenchConfig("t5", _T5(1024, 16, 64, 2816, 24)),
+    # Llama-style: 125M (GPT-3 Small shape, GQA 4) and 1.1B (TinyLlama's shape).
+    "decoder_125m": BenchConfig("decoder", _DEC(768, 12, 4, 64, 2048, 12), targets_length=1024,
+                                inputs_length=0),
+    "decoder_1b": BenchConfig("decoder", _DEC(2048, 32, 4, 64, 5632, 22), targets_length=2048,
+                              inputs_length=0),
+}
+
+
+def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool,
+                   num_layers: int | None = None):
+  """The network config; `num_layers` overrides the depth (of each T5 stack)."""
+  common = dict(vocab_size=bench.vocab_size, dtype=dtype, attention_impl=attention,
+                remat_policy=remat, scan_layers=scan)
+  dims = dict(bench.dims)
+  if num_layers:
+    depth = ("num_encoder_layers", "num_decoder_layers") if bench.family == "t5" else (
+        "num_layers",)
+    dims.update({key: num_layers for key in depth})
+  if bench.family == "t5":
+    return t5.T5Config(**dims, **common)
+  return decoder.DecoderConfig(**dims, **common)
+
+
+def make_model(bench: BenchConfig, cfg: Any, loss_impl: str = "dense") -> Any:
+  if bench.family == "t5":
+    return encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg), loss_impl=loss_impl)
+  return decoder.DecoderOnlyModel(decoder.Transformer(cfg), loss_impl=loss_impl)
+
+
+def feature_lengths(bench: BenchConfig, inputs_length: int, targets_length: int) -> dict:
+  if bench.family == "t5":
+    return {"inputs": inputs_length, "targets": targets_length}
+  return {"targets": targets_length}
+
+
+def synthetic_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int], seed: int = 0):
+  """Endless random full-length batches (ids below 8,192, no padding, no packing)."""
+  rng = np.random.default_rng(seed)
+  ids = lambda length: rng.integers(1, 8192, (batch, length)).astype(np.int32)
+  while True:
+    out = {"decoder_input_tokens": ids(lengths["targets"]),
+           "decoder_target_tokens": ids(lengths["targets"]),
+           "decoder_loss_weights": np.ones((batch, lengths["targets"]), np.float32)}
+    if bench.family == "t5":
+      out["encoder_input_tokens"] = ids(lengths["inputs"])
+    yield out
+
+
+def pipeline_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int], seed: int = 0):
+  """The project's grain pipeline on the embedded corpus, packing on: span corruption
+  for T5, causal LM for the decoder (imports TensorFlow/seqio/grain)."""
+  from t5xlike.data import pipeline, task_examples  # pylint: disable=g-import-not-at-top
+  from t5xlike.objectives import lm, span_corruption  # pylint: disable=g-import-not-at-top
+  task_examples.import_module("tasks.embedded")
+  objective = span_corruption.SpanCorruption() if bench.family == "t5" else lm.CausalLM()
+  converter = "encoder_decoder" if bench.family == "t5" else "decoder"
+  return pipeline.make_feed("embedded_corpus", "train", lengths, batch, objective, seed=seed,
+                            pack=True, feature_converter=converter, num_threads=0)
+
+
+def _real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Non-padding encoder + decoder tokens (decoder tokens alone for decoder-only)."""
+  return int(sum((np.asarray(batch[k]) > 0).sum() for k in ("encoder_input_tokens",
+                                                            "decoder_target_tokens")
+                 if k in batch))
+
+
+def _padded_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  return int(sum(np.asarray(batch[k]).size for k in ("encoder_input_tokens",
+                                                     "decoder_target_tokens") if k in batch))
+
+
+def peak_memory() -> tuple[int, str]:
+  """(bytes, kind): the device's peak bytes in use, or the process's peak RSS on CPU."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device"
+  scale = 1 if sys.platform == "darwin" else 1024
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "rss"
+
+
+def versions() -> dict[str, str]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "python": sys.version.split()[0]}
+
+
+def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, dtype: str,
+        steps: int, warmup: int, mesh_shape: Mapping[str, int], attention: str, remat: str,
+        scan: bool, data: str, compile_only: bool, process_start: float,
+        peak_tflops: float | None = None, loss_impl: str = "dense",
+        num_layers: int | None = None, profile: bool = False) -> dict[str, Any]:
+  """Benchmarks config `name`; returns the JSON row (see the module docstring)."""
+  bench = CONFIGS[name]
+  cfg = network_config(bench, dtype, attention, remat, scan, num_layers)
+  model = make_model(bench, cfg, loss_impl)
+  lengths = feature_lengths(bench, inputs_length, targets_length)
+  schedule = optim.rsqrt_with_warmup()
+  partitioner = partitioning.Partitioner(dict(mesh_shape),
+                                         partitioning.logical_axis_rules("data_fsdp_tensor"))
+  trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule, partitioner)
+  batches = (synthetic_batches if data == "synthetic" else pipeline_batches)(
+      bench, batch_size, lengths)
+  first = next(batches)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}
+  step_flops = flops.model_step_flops(model, shapes)
+  peak, peak_source = flops.peak_tflops_per_device(dtype, configured=peak_tflops)
+  row: dict[str, Any] = {
+      "config": name, "family": bench.family, "batch_size": batch_size,
+      "inputs_length": inputs_length if bench.family == "t5" else 0,
+      "targets_length": targets_length, "vocab_size": bench.vocab_size, "dtype": dtype,
+      "num_layers": num_layers or bench.dims.get("num_layers", bench.dims.get(
+          "num_encoder_layers")),
+      "attention": attention, "loss": loss_impl, "remat": remat, "scan": scan, "mesh_shape": dict(mesh_shape),
+      "data": data, "model_flops_per_step": step_flops.model,
+      "hardware_flops_per_step": step_flops.hardware}
+  start = time.perf_counter()
+  compiled = trainer.compile_train_step(shapes)
+  row["compile_s"] = time.perf_counter() - start
+  if compile_only:
+    memory = compiled.memory_analysis()
+    row.update(compiled_memory_bytes=int(memory.argument_size_in_bytes
+                                         + memory.temp_size_in_bytes),
+               xla_flops_per_device=float(compiled.cost_analysis().get("flops", 0.0)))
+  else:
+    row.update(_time_steps(trainer, compiled, batches, first, steps, warmup, process_start))
+    num_devices = jax.device_count()
+    achieved = step_flops.model / row["step_time_s"] / num_devices / 1e12
+    row.update(tflops_per_device=achieved, mfu=achieved / peak)
+  row["peak_memory_bytes"], row["peak_memory_kind"] = peak_memory()
+  if profile and not compile_only:
+    row["top_ops"] = profile_top_ops(trainer, compiled, batches)
+  row.update(peak_tflops_per_device=peak, peak_source=peak_source,
+             device=jax.devices()[0].device_kind, platform=jax.default_backend(),
+             device_count=jax.device_count(), versions=versions())
+  if hasattr(batches, "close"):
+    batches.close()
+  return row
+
+
+def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
+                process_start: float) -> dict[str, Any]:
+  """Runs `warmup` (>= 1) + `steps` steps with one step in flight: step i + 1 is
+  dispatched and its batch read before step i's metrics are awaited. A step's
+  time is the interval between the completions of consecutive steps.
+  `cpu_s_per_step` is the process's CPU time (all threads) per timed step.
+  Time to first step counts from `process_start`."""
+  state = trainer.init_state(0, first)
+  completions, cpu_times, batch, pending = [], [], first, None
+  real = padded = 0
+  with trainer.partitioner.activate():
+    for index in range(warmup + steps):
+      state, metrics = compiled(state, trainer.device_batch(batch))
+      if index >= warmup:
+        real, padded = real + _real_tokens(batch), padded + _padded_tokens(batch)
+      if pending is not None:
+        jax.block_until_ready(pending)
+        completions.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+      if index == 0:
+        jax.block_until_ready(metrics)
+        completions.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+        first_step, metrics = completions[0], None
+      pending = metrics
+      if index + 1 < warmup + steps:
+        batch = next(batches)
+    if pending is not None:
+      loss = float(jax.device_get(pending["loss"]))
+      completions.append(time.perf_counter())
+      cpu_times.append(time.process_time())
+  times = np.diff(np.asarray(completions))[warmup - 1:]
+  median = float(np.median(times))
+  return {"steps": len(times), "warmup": warmup,
+          "time_to_first_step_s": first_step - process_start,
+          "step_time_s": median, "step_time_p90_s": float(np.percentile(times, 90)),
+          "step_time_min_s": float(np.min(times)),
+          # Process CPU seconds (all threads) per timed step: robust to a shared machine.
+          "cpu_s_per_step": (cpu_times[-1] - cpu_times[warmup - 1]) / len(times),
+          "tokens_per_second": real / len(times) / median,
+          "padded_tokens_per_second": padded / len(times) / median, "final_loss": loss}
+
+
+def profile_top_ops(trainer, compiled, batches, steps: int = 2, top: int = 12,
+                    directory: str | None = None) -> list[dict[str, Any]]:
+  """Traces `steps` more steps with `jax.profiler` and returns the `top` XLA ops by
+  time: [{"op": fusion name, "ms_per_step": ..., "source": its op_name metadata}].
+
+  The trace is written to `directory` (a temporary one when None); XLA:CPU
+  records one event per executed thunk, named as the compiled HLO's ops.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  directory = directory or tempfile.mkdtemp(prefix="t5xlike_profile_")
+  sources = dict(re.findall(r"%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", compiled.as_text()))
+  state = trainer.init_state(0, next(batches))
+  with trainer.partitioner.activate():
+    state, metrics = compiled(state, trainer.device_batch(next(batches)))
+    jax.block_until_ready(metrics)
+    jax.profiler.start_trace(directory)
+    for _ in range(steps):
+      state, metrics = compiled(state, trainer.device_batch(next(batches)))
+      jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+  files = sorted(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True))
+  events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
+  totals: collections.Counter = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") in sources:
+      totals[event["name"]] += event.get("dur", 0)
+  return [{"op": name, "ms_per_step": micros / steps / 1e3,
+           "source": sources[name].replace("jit(_train_step_fn)/", "")[:160]}
+          for name, micros in totals.most_common(top)]

@@ -1,0 +1,305 @@
+"""Analytic training FLOPs per step, peak FLOP/s per device kind, and MFU.
+
+Counting convention (as MaxText and PaLM App. B): only matrix multiplies
+count, a multiply-add is 2 FLOPs, elementwise work (norms, softmax, GELU,
+the optimizer) is left out. A weight `[m, n]` applied to T token positions
+costs 2 m n T in the forward pass; the backward pass costs twice that (one
+matmul for the input gradient, one for the weight gradient), so training
+costs 6 m n T. A frozen weight (LoRA's base, a frozen layer) needs no weight
+gradient: 4 m n T. Attention's quadratic part has no weights: per layer and
+head, Q K^T and P V cost 2 q k d_h each forward (d_h = head_dim), and the
+backward needs two matmuls for each (dQ, dK; dP, dV), so training costs
+3 x 4 b H q k d_h; the full q x k matrix is counted (XLA computes it even
+where a causal mask zeroes half of it). Padding positions count: they are
+computed. The embedding lookup is a gather (0 FLOPs); a tied output layer
+is a matmul like an untied one. Rematerialisation recomputes the forward
+pass of the layers; `model` FLOPs (what MFU divides) leave it out,
+`hardware` FLOPs include it.
+
+Per family, with b rows, d = emb_dim, H heads (H_kv key/value heads), d_h,
+f = mlp_dim, a = number of MLP input matrices (2 for gated GELU / SwiGLU, 1
+otherwise), V = vocab_size, forward matmul FLOPs:
+  encoder layer, per encoder token:  2 d H d_h (q) + 2 * 2 d H_kv d_h (k, v)
+                                     + 2 H d_h d (out) + 2 (a + 1) d f (MLP)
+                 per layer:          4 b H l_e^2 d_h (attention)
+  decoder layer (T5, cross-attention): the self-attention and MLP terms per
+                 decoder token, plus cross-attention q and out per decoder
+                 token and k, v per *encoder* token; attention
+                 4 b H (l_d^2 + l_d l_e) d_h
+  decoder-only layer: the encoder layer's terms over the l decoder tokens
+                 (H_kv < H with grouped-query attention)
+  output layer:  2 d V per scored-stack token (decoder tokens; the MLM head
+                 adds 2 d e per token for its dense layer, e = embedding size)
+Adjustments: `lora_rank` r adds, for every adapted projection `[m, n]`, the
+adapters `[m, r]` and `[r, n]` (6 (m + n) r T for training) and makes the base
+weights frozen (4 m n T); `sparsity` s (SPDF: a fraction s of every
+attention/MLP kernel is zero) scales those layer kernels' matmul FLOPs by
+1 - s (the dense computation is what runs on GPUs/TPUs; the count is what a
+sparse kernel would need, as SPDF reports it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Dense peak TFLOP/s per chip by `device_kind` substring (lower case), for
+#: bfloat16 and float32 matmuls. TPUs run float32 matmuls at default precision
+#: as bfloat16 passes (the bf16 figure); NVIDIA GPUs as TF32 (JAX's default
+#: matmul precision there), half the bf16 figure. Sources: Google Cloud TPU
+#: system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918 bf16) and
+#: NVIDIA's A100 / H100 SXM / H200 data sheets (dense, without sparsity).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "tpu v4": {"bfloat16": 275.0, "float32": 275.0},
+    "tpu v5 lite": {"bfloat16": 197.0, "float32": 197.0},   # v5e
+    "tpu v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "tpu v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "tpu v5": {"bfloat16": 459.0, "float32": 459.0},        # v5p reports "TPU v5"
+    "tpu v6 lite": {"bfloat16": 918.0, "float32": 918.0},   # v6e (Trillium)
+    "tpu v6e": {"bfloat16": 918.0, "float32": 918.0},
+    "a100": {"bfloat16": 312.0, "float32": 156.0},
+    "h100": {"bfloat16": 989.0, "float32": 494.5},
+    "h200": {"bfloat16": 989.0, "float32": 494.5},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """FLOPs of one training step (whole global batch, all devices together).
+
+  Attributes:
+    model: matmul FLOPs of forward + backward (what MFU divides).
+    hardware: `model` plus the forward recomputation of rematerialised layers.
+    forward: the forward pass's matmul FLOPs alone.
+  """
+  model: float
+  hardware: float
+  forward: float
+
+
+def _matmul(rows: float, m: int, n: int, trained: bool = True) -> tuple[float, float]:
+  """(forward, train) FLOPs of a [m, n] weight applied to `rows` positions."""
+  forward = 2.0 * m * n * rows
+  return forward, forward * (3.0 if trained else 2.0)
+
+
+class _Tally:
+  """Sums (forward, train) FLOPs of layer and non-layer matmuls."""
+
+  def __init__(self, lora_rank: int = 0, sparsity: float = 0.0):
+    if lora_rank < 0 or not 0.0 <= sparsity < 1.0:
+      raise ValueError(f"lora_rank must be >= 0 and sparsity in [0, 1), got {lora_rank}, "
+                       f"{sparsity}")
+    self.lora_rank, self.density = int(lora_rank), 1.0 - float(sparsity)
+    self.layer_forward = self.layer_train = 0.0
+    self.other_forward = self.other_train = 0.0
+
+  def projection(self, rows: float, m: int, n: int) -> None:
+    """A layer kernel (attention or MLP projection): LoRA / sparsity apply."""
+    forward, train = _matmul(rows, m, n, trained=not self.lora_rank)
+    forward, train = forward * self.density, train * self.density
+    if self.lora_rank:
+      for shape in ((m, self.lora_rank), (self.lora_rank, n)):
+        f, t = _matmul(rows, *shape)
+        forward, train = forward + f, train + t
+    self.layer_forward += forward
+    self.layer_train += train
+
+  def attention_core(self, batch: int, heads: int, q_len: int, k_len: int,
+                     head_dim: int) -> None:
+    forward = 4.0 * batch * heads * q_len * k_len * head_dim
+    self.layer_forward += forward
+    self.layer_train += 3.0 * forward
+
+  def other(self, rows: float, m: int, n: int) -> None:
+    forward, train = _matmul(rows, m, n)
+    self.other_forward += forward
+    self.other_train += train
+
+  def result(self, remat: bool) -> StepFlops:
+    model = self.layer_train + self.other_train
+    return StepFlops(model=model, hardware=model + (self.layer_forward if remat else 0.0),
+                     forward=self.layer_forward + self.other_forward)
+
+
+def _attention_block(tally: _Tally, d: int, heads: int, kv_heads: int, head_dim: int,
+                     q_rows: float, kv_rows: float) -> None:
+  tally.projection(q_rows, d, heads * head_dim)          # query
+  tally.projection(kv_rows, d, kv_heads * head_dim)      # key
+  tally.projection(kv_rows, d, kv_heads * head_dim)      # value
+  tally.projection(q_rows, heads * head_dim, d)          # out
+
+
+def _mlp_block(tally: _Tally, d: int, mlp: int, activations: Any, rows: float) -> None:
+  for _ in range(len(activations)):
+    tally.projection(rows, d, mlp)
+  tally.projection(rows, mlp, d)
+
+
+def t5_step_flops(cfg: Any, batch: int, inputs_length: int, targets_length: int,
+                  lora_rank: int = 0, sparsity: float = 0.0) -> StepFlops:
+  """T5 encoder-decoder (`t5.T5Config`) training step on [batch, inputs_length]
+  encoder and [batch, targets_length] decoder tokens."""
+  tally = _Tally(lora_rank, sparsity)
+  d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+  enc, dec = batch * inputs_length, batch * targets_length
+  for _ in range(cfg.num_encoder_layers):
+    _attention_block(tally, d, h, h, dh, enc, enc)
+    tally.attention_core(batch, h, inputs_length, inputs_length, dh)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, enc)
+  for _ in range(cfg.num_decoder_layers):
+    _attention_block(tally, d, h, h, dh, dec, dec)
+    tally.attention_core(batch, h, targets_length, targets_length, dh)
+    _attention_block(tally, d, h, h, dh, dec, enc)
+    tally.attention_core(batch, h, targets_length, inputs_length, dh)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, dec)
+  tally.other(dec, d, cfg.vocab_size)
+  return tally.result(remat=cfg.remat_policy != "none")
+
+
+def decoder_step_flops(cfg: Any, batch: int, length: int, lora_rank: int = 0,
+                       sparsity: float = 0.0) -> StepFlops:
+  """Decoder-only (`decoder.DecoderConfig`) training step on [batch, length] tokens."""
+  tally = _Tally(lora_rank, sparsity)
+  d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+  rows = batch * length
+  for _ in range(cfg.num_layers):
+    _attention_block(tally, d, h, cfg.num_kv_heads, dh, rows, rows)
+    tally.attention_core(batch, h, length, length, dh)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows)
+  tally.other(rows, d, cfg.vocab_size)
+  return tally.result(remat=cfg.remat_policy != "none")
+
+
+def encoder_step_flops(cfg: Any, batch: int, length: int, head: str = "mlm",
+                       lora_rank: int = 0, sparsity: float = 0.0) -> StepFlops:
+  """Encoder-only (`encoder.EncoderConfig`) training step on [batch, length]
+  tokens; `head` 'mlm' adds the MLM head (dense + tied vocabulary logits),
+  'binary' ELECTRA's per-token dense, others (pooled classifiers) nothing."""
+  tally = _Tally(lora_rank, sparsity)
+  d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+  rows = batch * length
+  e = cfg.embedding_size
+  if e != d:
+    tally.other(rows, e, d)  # embedding_projection
+  for _ in range(cfg.num_layers):
+    _attention_block(tally, d, h, h, dh, rows, rows)
+    tally.attention_core(batch, h, length, length, dh)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows)
+  if head == "mlm":
+    tally.other(rows, d, e)
+    tally.other(rows, e, cfg.vocab_size)
+  elif head == "binary":
+    tally.other(rows, d, d)
+  return tally.result(remat=cfg.remat_policy != "none")
+
+
+def network_config(model: Any) -> Any:
+  """The network config (`T5Config`, `DecoderConfig`, `EncoderConfig`) of a model,
+  unwrapping model wrappers that hold the real one as `.model` (SPDF)."""
+  while not hasattr(model, "network") and hasattr(model, "model"):
+    model = model.model
+  return model.network.config
+
+
+def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops | None:
+  """Training FLOPs of one step of `model` on global batches of these shapes (arrays
+  or ShapeDtypeStructs with the model's features); None for a family not covered.
+
+  SPDF models (`sparsity` attribute) and LoRA (`lora_rank` on the network
+  config, when present) are accounted for.
+  """
+  try:
+    cfg = network_config(model)
+  except AttributeError:
+    return None
+  kind = type(cfg).__name__
+  sparsity = float(getattr(model, "sparsity", 0.0) or 0.0)
+  lora_rank = int(getattr(cfg, "lora_rank", 0) or 0)
+  extra = dict(lora_rank=lora_rank, sparsity=sparsity)
+  if kind == "T5Config" and "encoder_input_tokens" in batch_shapes:
+    batch, inputs = batch_shapes["encoder_input_tokens"].shape
+    return t5_step_flops(cfg, batch, inputs, batch_shapes["decoder_target_tokens"].shape[1],
+                         **extra)
+  if kind == "DecoderConfig":
+    batch, length = batch_shapes["decoder_target_tokens"].shape
+    return decoder_step_flops(cfg, batch, length, **extra)
+  if kind == "EncoderConfig" and "encoder_input_tokens" in batch_shapes:
+    batch, length = batch_shapes["encoder_input_tokens"].shape
+    head = getattr(getattr(model, "network", None), "head", "mlm")
+    return encoder_step_flops(cfg, batch, length, head=head, **extra)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_tflops(size: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+  """Best observed TFLOP/s of a jitted [size, size] @ [size, size] matmul on device 0
+  (the CPU's practical peak: there is no data sheet figure for it)."""
+  x = jax.device_put(np.ones((size, size), dtype))
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best / 1e12
+
+
+def peak_tflops_per_device(dtype: str = "float32", device: Any = None,
+                           configured: float | None = None) -> tuple[float, str]:
+  """(peak TFLOP/s of one device for `dtype` matmuls, where the figure comes from).
+
+  `configured` wins; else the data-sheet table `PEAK_TFLOPS` by device kind;
+  else (CPU, unknown accelerators) a measured matmul (`measured_matmul_tflops`).
+  """
+  if configured:
+    return float(configured), "configured"
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  dtype = "bfloat16" if "bfloat16" in str(dtype) else "float32"
+  for name in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
+    if name in kind:
+      return PEAK_TFLOPS[name][dtype], f"table ({name})"
+  return measured_matmul_tflops(dtype=dtype), f"measured {dtype} matmul on {device.platform}"
+
+
+class Accounting:
+  """Per-step throughput fields of train.jsonl: `tflops_per_device`, `mfu`.
+
+  Args:
+    step_flops: FLOPs of one global step.
+    num_devices: devices the step runs on.
+    peak_tflops: peak TFLOP/s of one device.
+  """
+
+  def __init__(self, step_flops: StepFlops, num_devices: int, peak_tflops: float):
+    self.step_flops, self.num_devices, self.peak_tflops = step_flops, num_devices, peak_tflops
+
+  def fields(self, step_time_s: float) -> dict[str, float]:
+    """`tflops_per_device` (model FLOPs / step time / devices, in TFLOP/s) and
+    `mfu` (that over the peak) for a step of `step_time_s` seconds."""
+    if step_time_s <= 0:
+      return {}
+    achieved = self.step_flops.model / step_time_s / self.num_devices / 1e12
+    return {"tflops_per_device": achieved, "mfu": achieved / self.peak_tflops}
+
+
+def accounting(model: Any, batch_shapes: Mapping[str, Any], dtype: str = "float32",
+               configured_peak_tflops: float | None = None) -> Accounting | None:
+  """The `Accounting` of a training run (None, logged, where the family is unknown)."""
+  step = model_step_flops(model, batch_shapes)
+  if step is None:
+    log.info("no FLOP formula for %s: train.jsonl has no mfu", type(model).__name__)
+    return None
+  peak, source = peak_tflops_per_device(dtype, configured=configured_peak_tflops)
+  log.info("FLOPs per step %.4g (model), %.4g (with remat); peak %.4g TFLOP/s per device "
+           "(%s)", step.model, step.hardware, peak, source)
+  return Accounting(step, jax.device_count(), peak)

@@ -1,0 +1,139 @@
+"""Analytic training FLOPs (t5xlike.flops) against XLA's own count of the train step.
+
+References: (1) the matmul FLOPs of the lowered train step, counted from
+every `stablehlo.dot_general` (2 x output size x contracted size), and (2)
+XLA's cost analysis of the compiled step (all FLOPs, elementwise included:
+the matmul count must be a little below it). d_model 256 so that
+elementwise work stays a few percent.
+"""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from t5xlike import flops, optim, partitioning, trainer as trainer_lib
+from t5xlike.models import decoder, encoder_decoder, t5
+from t5xlike.objectives import spdf
+
+T5 = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, head_dim=64, mlp_dim=512)
+DECODER = decoder.DecoderConfig(vocab_size=512, emb_dim=256, num_heads=4, num_kv_heads=2,
+                                num_layers=1, head_dim=64, mlp_dim=512)
+
+
+def shapes(features: dict) -> dict:
+  return {k: jax.ShapeDtypeStruct(shape, np.float32 if "weights" in k else np.int32)
+          for k, shape in features.items()}
+
+
+T5_BATCH = shapes({"encoder_input_tokens": (2, 64), "decoder_input_tokens": (2, 32),
+                   "decoder_target_tokens": (2, 32), "decoder_loss_weights": (2, 32)})
+DECODER_BATCH = shapes({"decoder_input_tokens": (2, 64), "decoder_target_tokens": (2, 64),
+                        "decoder_loss_weights": (2, 64)})
+
+
+def make_trainer(model):
+  schedule = optim.constant(0.01)
+  return trainer_lib.Trainer(model, optim.adafactor(schedule), schedule,
+                             partitioning.Partitioner({"data": 1}))
+
+
+_DOT = re.compile(r"stablehlo\.dot_general.*contracting_dims = \[([\d, ]*)\] x .*: "
+                  r"\(tensor<([\dx]+)x\w+>, tensor<[\dx]+x\w+>\) -> tensor<([\dx]+)x\w+>")
+
+
+def dot_general_flops(stablehlo: str) -> float:
+  """2 x output elements x contracted elements, summed over every dot_general."""
+  total = 0.0
+  count = 0
+  for line in stablehlo.splitlines():
+    if "stablehlo.dot_general" not in line:
+      continue
+    match = _DOT.search(line)
+    assert match, line
+    contracting = [int(i) for i in match.group(1).split(",")]
+    lhs = [int(n) for n in match.group(2).split("x")]
+    out = [int(n) for n in match.group(3).split("x")]
+    total += 2.0 * np.prod(out, dtype=np.float64) * np.prod([lhs[i] for i in contracting])
+    count += 1
+  assert count > 10
+  return total
+
+
+@pytest.fixture(scope="module", params=["t5", "decoder"])
+def compiled(request):
+  if request.param == "t5":
+    model, batch = encoder_decoder.EncoderDecoderModel(t5.Transformer(T5)), T5_BATCH
+  else:
+    model, batch = decoder.DecoderOnlyModel(decoder.Transformer(DECODER)), DECODER_BATCH
+  trainer = make_trainer(model)
+  state = trainer.abstract_state(batch)
+  lowered = trainer._jitted_train_step(batch).lower(state, batch)  # pylint: disable=protected-access
+  return model, batch, lowered.as_text(), lowered.compile().cost_analysis()["flops"]
+
+
+def test_formula_matches_the_step_matmuls_and_xla_cost_analysis(compiled):
+  model, batch, stablehlo, xla_flops = compiled
+  ours = flops.model_step_flops(model, batch)
+  assert ours.model == pytest.approx(dot_general_flops(stablehlo), rel=0.01)
+  assert 0.9 * xla_flops <= ours.model <= xla_flops
+  assert ours.hardware == ours.model  # no remat
+  assert ours.forward == pytest.approx(ours.model / 3, rel=0.01)
+
+
+def layer_kernel_train_flops(params, encoder_tokens: int, decoder_tokens: int) -> float:
+  """6 x kernel size x the positions it is applied to, for attention/MLP kernels."""
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if "layers_" not in name or not name.endswith("kernel"):
+      continue
+    reads_encoder = name.startswith("encoder/") or (
+        "encoder_decoder_attention/key" in name or "encoder_decoder_attention/value" in name)
+    total += 6.0 * np.prod(leaf.shape) * (encoder_tokens if reads_encoder else decoder_tokens)
+  return total
+
+
+def test_sparsity_and_lora_adjust_only_the_layer_kernels():
+  model = encoder_decoder.EncoderDecoderModel(t5.Transformer(T5))
+  params = jax.eval_shape(model.init, jax.random.key(0), T5_BATCH)["params"]
+  params = jax.tree.map(lambda x: x.value, params,
+                        is_leaf=lambda x: hasattr(x, "value") and hasattr(x, "names"))
+  layer = layer_kernel_train_flops(params, 2 * 64, 2 * 32)
+  dense = flops.model_step_flops(model, T5_BATCH).model
+  sparse = flops.model_step_flops(spdf.SparseModel(model, sparsity=0.75), T5_BATCH).model
+  assert dense - sparse == pytest.approx(0.75 * layer, rel=1e-9)
+  rank = 8
+  lora = flops.t5_step_flops(T5, 2, 64, 32, lora_rank=rank)
+  # Frozen base: 4/6 of its training cost; adapters [m, r] and [r, n] cost (m + n) r / (m n)
+  # of the kernel's.
+  adapters = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if "layers_" in name and name.endswith("kernel"):
+      kernel = layer_kernel_train_flops({name: leaf}, 2 * 64, 2 * 32)
+      adapters += kernel * (leaf.shape[0] + leaf.shape[1]) * rank / np.prod(leaf.shape)
+  assert lora.model == pytest.approx(dense - layer / 3 + adapters, rel=1e-9)
+
+
+def test_remat_adds_the_layers_forward_pass():
+  cfg = t5.T5Config(**{**T5.__dict__, "remat_policy": "full"})
+  plain = flops.t5_step_flops(T5, 2, 64, 32)
+  remat = flops.t5_step_flops(cfg, 2, 64, 32)
+  output_forward = 2.0 * 2 * 32 * T5.emb_dim * T5.vocab_size
+  assert remat.model == plain.model
+  assert remat.hardware == pytest.approx(plain.model + plain.forward - output_forward)
+
+
+def test_peak_table_and_accounting():
+  assert flops.peak_tflops_per_device("bfloat16", configured=123.0) == (123.0, "configured")
+
+  class Device:  # pylint: disable=too-few-public-methods
+    platform, device_kind = "tpu", "TPU v5 lite"
+  assert flops.peak_tflops_per_device("bfloat16", device=Device())[0] == 197.0
+  Device.device_kind = "NVIDIA H100 80GB HBM3"
+  assert flops.peak_tflops_per_device("float32", device=Device())[0] == 494.5
+  step = flops.StepFlops(model=4e12, hardware=4e12, forward=4e12 / 3)
+  fields = flops.Accounting(step, num_devices=2, peak_tflops=10.0).fields(0.5)
+  assert fields == pytest.approx({"tflops_per_device": 4.0, "mfu": 0.4})
