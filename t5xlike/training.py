@@ -362,7 +362,11 @@ def _check_vocabulary_fits(model, feed, objective) -> None:
 def _first_batch(feed):
   """The next batch of `feed`, without moving it (shapes for compilation)."""
   state = feed.get_state()
-  batch = next(feed)
+  try:
+    batch = next(feed)
+  except StopIteration:
+    raise ValueError(f"split of {feed.task.name!r} holds no batch of BATCH_SIZE={feed.batch_size}"
+                     ) from None
   feed.set_state(state)  # Also closes the iterator opened for this batch.
   return batch
 
