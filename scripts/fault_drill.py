@@ -144,7 +144,7 @@ class Drill:
     """An uninterrupted 12-step run (checkpoints 3, 6, 9, 12), made once."""
     if self._baseline is None:
       path = self.root / "baseline"
-      result = self.train(path)
+      result = self.train(path, "--gin.training.train.keep_checkpoints=None")
       if result.returncode != 0:
         raise RuntimeError(f"the baseline run failed:\n{result.stderr[-3000:]}")
       self._baseline = path
