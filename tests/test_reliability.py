@@ -319,3 +319,31 @@ def test_fault_drill_case(drill_run, case):
   checkpoints, NaN policies, disk full."""
   observed, ok = case.run(drill_run)
   assert ok, observed
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """Two processes (gloo on 127.0.0.1, 2 CPU devices each): only process 1 is signalled;
+  both stop after the same step and save one checkpoint of it together."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  args = SMALL + [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=100000",
+                  "--gin.CHECKPOINT_PERIOD=100000", "--gin.LOG_PERIOD=5",
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen([sys.executable, "-m", "t5xlike.train", *args, f"--process_id={i}"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  deadline = time.time() + 600
+  while time.time() < deadline and len(drill.rows(tmp_path)) < 2:
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+  last = drill.rows(tmp_path)[-1]["step"]
+  assert drill.steps_saved(tmp_path) == [last] and last >= 5
