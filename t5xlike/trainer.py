@@ -364,8 +364,9 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
       log.info(metrics.progress_line(step, total, values, eta_s=eta))
       window_start, window_steps = time.perf_counter(), 0
     is_final = step == total
-    if run_eval is not None and config.eval_period and not stopping and (
-        step % config.eval_period == 0 or is_final):
+    if run_eval is not None and config.eval_period and (
+        (step % config.eval_period == 0 and not stopping) or is_final):
+      watch.check()  # No evaluation of a state that went bad.
       for task, values in run_eval(step, state.params).items():
         writer.write_eval(step, task, values)
         log.info("eval step %d %s | %s", step, task, " | ".join(
