@@ -14,7 +14,10 @@ A save that fails with an OSError (disk full) raises `CheckpointSaveError`
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -105,7 +108,8 @@ class Checkpointer:
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        return (step, *self.restore(step, abstract_state))
+        with _quiet_failed_reads():
+          return (step, *self.restore(step, abstract_state))
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
         reason = f"{type(error).__name__}: {config.one_line(error)}"
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -118,7 +122,7 @@ class Checkpointer:
                     "previous checkpoint", step, reason, where)
     return None
 
-  def _move_aside(self, step: int) -> epath.Path:
+  def _move_aside(self, step: int) -> epath.Path:  # pylint: disable=missing-function-docstring
     target = self.directory / CORRUPT_DIR / f"{STEP_PREFIX}_{step}"
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +152,27 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads(drain_s: float = 1.0):
+  """Silences file descriptor 2 during a restore; when the restore fails, also for
+  `drain_s` seconds after it: tensorstore's outstanding reads of a corrupt step then
+  complete into orbax's closed event loop and print 'RuntimeError: Event loop is
+  closed' tracebacks, noise around the one line that reports the corrupt step."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  except BaseException:
+    time.sleep(drain_s)
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def step_dirs(model_dir: str | epath.Path) -> list[tuple[int, epath.Path]]:

@@ -167,8 +167,12 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     (model_dir / "config.gin").write_text(gin.operative_config_str())
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints,
                                           async_save=async_checkpointing)
-  state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
-                         initial_checkpoint_path, random_seed, restore_strict)
+  try:
+    state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
+                           initial_checkpoint_path, random_seed, restore_strict)
+  except BaseException:  # (e.g. RESTORE_STRICT): close orbax's threads before exiting
+    checkpointer.close()
+    raise
   resuming = checkpointer.latest_step() is not None  # (after corrupt steps were moved aside)
   if finetuning is not None and initial_checkpoint_path and not resuming:
     params = finetuning.initialize(
