@@ -5,20 +5,41 @@ orbax's StandardCheckpointHandler, restored straight into the target
 shardings; `data` holds the data iterator's state as JSON. Orbax writes
 each step into a temporary directory and renames it when complete, so a
 crash during a save never leaves a step that `latest_step()` would return.
+
+`Checkpointer.restore_latest` falls back from a corrupt or truncated newest
+step to the previous complete one (warning with the step number; the broken
+directory is moved to `MODEL_DIR/corrupt/`), or raises with `strict=True`.
+A save that fails with an OSError (disk full) raises `CheckpointSaveError`
+(one line, exit code 1); the steps saved before stay restorable.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
+import time
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5xlike import config, fault_injection
+
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "checkpoint"
+CORRUPT_DIR = "corrupt"
+
+
+class CheckpointSaveError(config.RunError):
+  """Writing a checkpoint failed (e.g. ENOSPC); earlier checkpoints are intact."""
+
+
+class CorruptCheckpoint(config.RunError):
+  """The newest checkpoint cannot be read and `strict` restore was asked for."""
 
 
 def step_dir(model_dir: str | epath.Path, step: int) -> epath.Path:
@@ -56,10 +77,64 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
-    """Starts saving `step` (returns before an async write completes)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))),
-        force=True)
+    """Starts saving `step` (returns before an async write completes).
+
+    Raises:
+      CheckpointSaveError: the write failed (this step's or, async, the previous one's).
+    """
+    try:
+      fault_injection.check_save(step)
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))),
+          force=True)
+    except OSError as error:
+      raise self._save_error(step, error) from error
+
+  def _save_error(self, step: int, error: OSError) -> CheckpointSaveError:
+    kept = [s for s in self.all_steps() if s != step]
+    return CheckpointSaveError(
+        f"saving {step_dir(self.directory, step)} failed: {error.strerror or error} "
+        f"(free space or fix {self.directory}, then rerun the same command: it resumes from "
+        f"{f'checkpoint_{max(kept)}' if kept else 'the start'})")
+
+  def restore_latest(self, abstract_state: Any, strict: bool = False
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, data_state) of the newest readable checkpoint, None when none exists.
+
+    A step that fails to restore (truncated or corrupt files) is logged as
+    corrupt by number, moved to `MODEL_DIR/corrupt/checkpoint_<N>` (process 0;
+    orbax would otherwise keep reporting it as the latest step and refuse to
+    save that step again) and the previous step is tried; with `strict` the
+    first failure raises CorruptCheckpoint instead (nothing is moved).
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        with _quiet_failed_reads():
+          return (step, *self.restore(step, abstract_state))
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        reason = f"{type(error).__name__}: {config.one_line(error)}"
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        if strict:
+          raise CorruptCheckpoint(
+              f"{step_dir(self.directory, step)} is corrupt ({reason}); restore_strict=True "
+              f"forbids falling back (move it aside to resume from the previous one)") from None
+        where = self._move_aside(step)
+        log.warning("checkpoint step %d is corrupt (%s): moved to %s; falling back to the "
+                    "previous checkpoint", step, reason, where)
+    return None
+
+  def _move_aside(self, step: int) -> epath.Path:  # pylint: disable=missing-function-docstring
+    target = self.directory / CORRUPT_DIR / f"{STEP_PREFIX}_{step}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target = target.parent / f"{STEP_PREFIX}_{step}.{time.time_ns()}"
+      step_dir(self.directory, step).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"t5xlike_corrupt_checkpoint_{step}")
+    self._manager.reload()
+    return target
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Returns (state, data_state) of `step`, laid out as `abstract_state` says."""
@@ -68,11 +143,51 @@ class Checkpointer:
     return restored["state"], dict(restored["data"] or {})
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except OSError as error:  # An async save that failed.
+      raise self._save_error(self._manager.latest_step() or 0, error) from error
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads(drain_s: float = 1.0):
+  """Silences file descriptor 2 during a restore; when the restore fails, also for
+  `drain_s` seconds after it: tensorstore's outstanding reads of a corrupt step then
+  complete into orbax's closed event loop and print 'RuntimeError: Event loop is
+  closed' tracebacks, noise around the one line that reports the corrupt step."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  except BaseException:
+    time.sleep(drain_s)
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def step_dirs(model_dir: str | epath.Path) -> list[tuple[int, epath.Path]]:
+  """(step, directory) of MODEL_DIR's finalised step directories, newest first (read from
+  the file system: no CheckpointManager, nothing created)."""
+  model_dir = epath.Path(model_dir)
+  if not model_dir.is_dir():
+    return []
+  found = []
+  for path in model_dir.glob(f"{STEP_PREFIX}_*"):
+    number = path.name[len(STEP_PREFIX) + 1:]
+    if number.isdigit() and (path / "state").exists():
+      found.append((int(number), path))
+  return sorted(found, reverse=True)
 
 
 def validate_step_dir(path: str | epath.Path) -> epath.Path:

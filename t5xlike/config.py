@@ -31,6 +31,11 @@ class ConfigError(ValueError):
   """A user error in flags or gin configuration: reported in one line, exit code 2."""
 
 
+class RunError(RuntimeError):
+  """A started run that failed for a known reason (disk full, NaN loss): reported in one
+  line, exit code 1; `--verbose` (or T5XLIKE_TRACEBACK=1) shows the traceback."""
+
+
 def one_line(error: BaseException) -> str:
   """Squeezes a (multi-line gin) error message into one line."""
   text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
@@ -57,6 +62,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                       help="HOST:PORT of process 0 for multi-process runs")
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the Python traceback of errors (also T5XLIKE_TRACEBACK=1)")
   return parser
 
 

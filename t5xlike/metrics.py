@@ -67,6 +67,38 @@ class MetricsWriter:
         self._tb["eval"].add_scalar(f"{task}/{name}", _plain(value), step)
     self._tb["eval"].flush()
 
+  def rewind(self, step: int) -> None:
+    """Drops the JSONL rows of steps after `step` (a resumed run re-runs them).
+
+    Called when a run restarts from the checkpoint of `step` (after a crash
+    or a preemption that logged steps past its last checkpoint), so that
+    `train.jsonl` / `eval.jsonl` keep one row per (step, task). The file is
+    rewritten through a temporary file renamed over it; a torn last line (the
+    process killed while appending) is dropped too. TensorBoard events are
+    not rewritten (TensorBoard shows the newest value of a repeated step).
+    """
+    if not self.enabled:
+      return
+    for kind in ("train", "eval"):
+      path = self.dir / f"{kind}.jsonl"
+      if not path.exists():
+        continue
+      lines = path.read_text().splitlines()
+      kept = []
+      for line in lines:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+          kept.append(line)
+      if len(kept) != len(lines):
+        log.info("metrics/%s.jsonl: %d row(s) after step %d dropped (re-run from its "
+                 "checkpoint)", kind, len(lines) - len(kept), step)
+        temporary = self.dir / f".{kind}.jsonl.rewind"
+        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.replace(path)
+
   def close(self) -> None:
     for writer in self._tb.values():
       writer.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -20,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5xlike import checkpoints, metrics, optim, partitioning
+from t5xlike import checkpoints, fault_injection, metrics, nan_policy, optim, partitioning
+from t5xlike import preemption
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
@@ -89,12 +89,15 @@ class Trainer:
       once the parameter tree is known its `wrap_optimizer` wraps the
       (per-layer) optimizer and its `trainable` mask decides which
       parameters (layers of scanned leaves) get gradients.
+    skip_nonfinite: a step whose loss or gradient norm is NaN / Inf leaves
+      the parameters and optimizer state unchanged (`nan_policy.NanPolicy`);
+      every step reports `nonfinite` (0 or 1) in its metrics either way.
   """
 
   def __init__(self, model: Any, optimizer: optax.GradientTransformation,
                learning_rate_schedule: Callable[[Any], Any],
                partitioner: partitioning.Partitioner, num_microbatches: int = 1,
-               finetuning: Any = None):
+               finetuning: Any = None, skip_nonfinite: bool = False):
     if num_microbatches < 1:
       raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     self.num_microbatches = num_microbatches
@@ -102,6 +105,7 @@ class Trainer:
     self.base_optimizer = optimizer
     self.optimizer = optimizer  # Made per-layer for scanned stacks in _compile_init.
     self.finetuning = finetuning
+    self.skip_nonfinite = skip_nonfinite
     self.trainable = None  # Per-leaf (per-layer) bool masks; None: everything trains.
     self.schedule = learning_rate_schedule
     self.partitioner = partitioner
@@ -218,14 +222,21 @@ class Trainer:
     # Loss per target token of the whole batch, and its gradient.
     loss = stats["loss_sum"] / weight_sum
     grads = jax.tree.map(lambda g: g / weight_sum, summed_grads)
+    loss, grads = fault_injection.poison(loss, grads, state.step + 1)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     apply = getattr(self.finetuning, "apply_updates", None)  # sparse FT: exact resets
     params = (optax.apply_updates(state.params, updates) if apply is None
               else apply(state.params, updates, opt_state))
+    grad_norm = optax.global_norm(grads)
+    nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    if self.skip_nonfinite:  # Decided on the device: no host round trip.
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(nonfinite, o, n), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     step_metrics = {
         **self.model.metrics(stats),
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": nonfinite.astype(jnp.int32),
         "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
         "target_tokens": stats["weight_sum"],
     }
@@ -309,8 +320,9 @@ class LoopConfig:
 def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: LoopConfig,
                writer: metrics.MetricsWriter, checkpointer: checkpoints.Checkpointer,
                run_eval: Callable[[int, Any], Mapping[str, Mapping[str, float]]] | None = None,
-               tokens_per_batch: int = 0,
-               flop_accounting: Any = None) -> TrainState:
+               tokens_per_batch: int = 0, flop_accounting: Any = None,
+               guard: preemption.PreemptionGuard | None = None,
+               watch: nan_policy.NonFiniteWatch | None = None) -> TrainState:
   """Trains from `state.step` to `config.train_steps`.
 
   `train_batches` yields this process's rows of successive global batches
@@ -318,8 +330,13 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
   step after a resume) and the final step are always logged, the final step
   always evaluated (when eval is configured) and checkpointed.
   `flop_accounting` (a `t5xlike.flops.Accounting`) adds `tflops_per_device`
-  and `mfu` to every logged step.
+  and `mfu` to every logged step. `guard` (a `preemption.PreemptionGuard`):
+  after a signal the step reached is logged and checkpointed, then
+  `preemption.Stopped` is raised. `watch` applies the NaN policy (default:
+  stop at the first non-finite step).
   """
+  if watch is None:
+    watch = nan_policy.NonFiniteWatch(nan_policy.NanPolicy(), writer.write_train)
   start = int(jax.device_get(state.step))
   total = config.train_steps
   window_start, window_steps = time.perf_counter(), 0
@@ -331,8 +348,13 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
       raise RuntimeError(f"the training data ran out before step {step}") from None
     state, step_metrics = trainer.train_step(state, batch)
     window_steps += 1
-    if step == start + 1 or step % config.log_period == 0 or step == total:
-      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    watch.add(step, step_metrics)
+    stopping = guard is not None and guard.should_stop(step)
+    if step == start + 1 or step % config.log_period == 0 or step == total or stopping:
+      watch.check(logged_step=step)
+      values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "nonfinite"}
+      if watch.policy.action == "skip":
+        values["skipped_steps"] = watch.skipped
       now = time.perf_counter()
       step_time = (now - window_start) / window_steps
       values.update(step_time_s=step_time,
@@ -348,17 +370,22 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: Any, config: 
       eta = None if step == start + 1 and step != total else (total - step) * step_time
       log.info(metrics.progress_line(step, total, values, eta_s=eta))
       window_start, window_steps = time.perf_counter(), 0
-      if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"loss is {values['loss']} at step {step}")
     is_final = step == total
-    if run_eval is not None and config.eval_period and (step % config.eval_period == 0
-                                                        or is_final):
+    if run_eval is not None and config.eval_period and (
+        (step % config.eval_period == 0 and not stopping) or is_final):
+      watch.check()  # No evaluation of a state that went bad.
       for task, values in run_eval(step, state.params).items():
         writer.write_eval(step, task, values)
         log.info("eval step %d %s | %s", step, task, " | ".join(
             f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))
       window_start, window_steps = time.perf_counter(), 0
-    if step % config.checkpoint_period == 0 or is_final:
+    if step % config.checkpoint_period == 0 or is_final or stopping:
+      watch.check()  # Never a checkpoint of a state that went bad.
       checkpointer.save(step, state, train_batches.get_state())
+    if stopping:
+      checkpointer.wait()
+      log.info("stopped after step %d: %s", step, checkpoints.step_dir(checkpointer.directory,
+                                                                       step))
+      raise guard.stopped(step)
   checkpointer.wait()
   return state

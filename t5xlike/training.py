@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import pathlib
 from typing import Any, Callable, Mapping
 
 import gin
@@ -17,8 +19,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, config, entry, flops, metrics, partitioning
-from t5xlike import trainer as trainer_lib
+from t5xlike import checkpoints, config, entry, flops, metrics, nan_policy as nan_policy_lib
+from t5xlike import partitioning, preemption, trainer as trainer_lib
 from t5xlike.data import feature_converters, pipeline, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
@@ -57,8 +59,9 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
           num_microbatches: int = 1, use_cached_tasks: bool = False,
           task_cache_dir: str | None = None, pack: bool = False, data_threads: int = 0,
           require_initial_checkpoint: bool = False, fresh_optimizer_state: bool = False,
-          inference_evaluator: Any = None, finetuning: Any = None
-          ) -> trainer_lib.TrainState | None:
+          inference_evaluator: Any = None, finetuning: Any = None,
+          nan_policy: str = "stop", nan_rollback_after: int | None = None,
+          restore_strict: bool = False) -> trainer_lib.TrainState | None:
   """Trains `model` on a seqio task/mixture; returns the final state.
 
   Args mirror the T5X macros: MODEL_DIR, TRAIN_STEPS (total steps),
@@ -84,6 +87,11 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   trained parameters and their learning rates (the trainer wraps the
   optimizer) and may change the parameters once when the run starts from
   INITIAL_CHECKPOINT_PATH (`initialize`; never on a resume).
+  `nan_policy` (NAN_POLICY: 'stop' or 'skip') and `nan_rollback_after`
+  (NAN_ROLLBACK_AFTER) say what a NaN / Inf step does (`t5xlike.nan_policy`);
+  `restore_strict` (RESTORE_STRICT) makes a corrupt newest checkpoint an
+  error instead of a fall-back to the previous one. SIGTERM / SIGINT stop the
+  run after a checkpoint of the step reached (`t5xlike.preemption`).
   """
   # ---- validation: nothing is written before this block has passed. ----
   if not model_dir:
@@ -95,6 +103,10 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     config.require_int(name, value, minimum)
   if eval_period is not None:
     config.require_int("EVAL_PERIOD", eval_period)
+  policy = nan_policy_lib.NanPolicy(nan_policy, nan_rollback_after)
+  if "://" not in str(model_dir):  # orbax needs absolute paths
+    model_dir = os.path.abspath(model_dir)
+  _check_writable(model_dir)
   loop_config = trainer_lib.LoopConfig(train_steps=train_steps, log_period=log_period,
                                        eval_period=eval_period,
                                        checkpoint_period=checkpoint_period)
@@ -134,7 +146,8 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
                              "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
   trainer = trainer_lib.Trainer(model, optimizer(learning_rate=learning_rate_schedule),
                                 learning_rate_schedule, partitioner,
-                                num_microbatches=num_microbatches, finetuning=finetuning)
+                                num_microbatches=num_microbatches, finetuning=finetuning,
+                                skip_nonfinite=policy.skip_in_step)
   example_batch = _validated(lambda: _first_batch(train_feed), "training data")
   if finetuning is not None:  # The technique meets the parameter tree here (bad groups...).
     abstract_state = _validated(lambda: trainer.abstract_state(example_batch),
@@ -143,6 +156,7 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     abstract_state = trainer.abstract_state(example_batch)
   if initial_checkpoint_path:
     _check_initial_checkpoint(initial_checkpoint_path, abstract_state.params)
+  _check_resumable(model_dir, abstract_state.params)
 
   # ---- the run: from here on MODEL_DIR is written. ----
   entry.mark_run_started()
@@ -153,9 +167,13 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     (model_dir / "config.gin").write_text(gin.operative_config_str())
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints,
                                           async_save=async_checkpointing)
-  resuming = checkpointer.latest_step() is not None
-  state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
-                         initial_checkpoint_path, random_seed)
+  try:
+    state = _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
+                           initial_checkpoint_path, random_seed, restore_strict)
+  except BaseException:  # (e.g. RESTORE_STRICT): close orbax's threads before exiting
+    checkpointer.close()
+    raise
+  resuming = checkpointer.latest_step() is not None  # (after corrupt steps were moved aside)
   if finetuning is not None and initial_checkpoint_path and not resuming:
     params = finetuning.initialize(
         state.params, lambda: trainer.init_state(random_seed, example_batch).params)
@@ -182,15 +200,23 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     return results
 
   writer = metrics.MetricsWriter(model_dir, enabled=is_main)
+  writer.rewind(start)  # Rows of steps after the restored checkpoint are re-run.
   tokens_per_batch = feature_converters.tokens_per_batch(example_batch) * jax.process_count()
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
                                            v.dtype) for k, v in example_batch.items()}
   flop_accounting = flops.accounting(model, global_shapes, dtype=_activation_dtype(model))
+  watch = nan_policy_lib.NonFiniteWatch(policy, writer.write_train)
   try:
-    state = trainer_lib.train_loop(trainer, state, train_feed, loop_config, writer, checkpointer,
-                                   run_eval=run_eval if make_eval_feed else None,
-                                   tokens_per_batch=tokens_per_batch,
-                                   flop_accounting=flop_accounting)
+    with preemption.PreemptionGuard(jax.process_count()) as guard:
+      for rollbacks in itertools.count():
+        try:
+          state = trainer_lib.train_loop(
+              trainer, state, train_feed, loop_config, writer, checkpointer,
+              run_eval=run_eval if make_eval_feed else None, tokens_per_batch=tokens_per_batch,
+              flop_accounting=flop_accounting, guard=guard, watch=watch)
+          break
+        except nan_policy_lib.RollBack as rollback:
+          state = _roll_back(rollback, rollbacks, checkpointer, writer, abstract_state)
   finally:
     train_feed.close()
     writer.close()
@@ -215,18 +241,36 @@ def _activation_dtype(model: Any) -> str:
     return "float32"
 
 
+def _roll_back(rollback: nan_policy_lib.RollBack, rollbacks: int, checkpointer, writer,
+               abstract_state) -> trainer_lib.TrainState:
+  """The train state of the last checkpoint after `nan_rollback_after` bad steps (the
+  data goes on from where it is); NonFiniteLoss after MAX_ROLLBACKS or without one."""
+  checkpointer.wait()
+  latest = checkpointer.latest_step()
+  if latest is None or rollbacks >= nan_policy_lib.MAX_ROLLBACKS:
+    why = "no checkpoint to roll back to" if latest is None else f"{rollbacks} rollbacks already"
+    raise nan_policy_lib.NonFiniteLoss(
+        f"{rollback} and {why} (metrics/train.jsonl has the bad steps' rows)")
+  log.warning("%s: rolling back to %s (the data continues after step %d)", rollback,
+              checkpoints.step_dir(checkpointer.directory, latest), rollback.step)
+  state, _ = checkpointer.restore(latest, abstract_state)
+  writer.rewind(latest)
+  return state
+
+
 def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_batch,
-                   initial_checkpoint_path, random_seed) -> trainer_lib.TrainState:
+                   initial_checkpoint_path, random_seed,
+                   restore_strict: bool = False) -> trainer_lib.TrainState:
   """Resumes from MODEL_DIR's newest checkpoint (train state and data position), else
   starts from INITIAL_CHECKPOINT_PATH (train state and step; data from the start),
   else initialises from RANDOM_SEED. An INITIAL_CHECKPOINT_PATH with another parameter
   tree (e.g. ELECTRA's discriminator under a classifier head) gives the parameters it
   shares (same path and shape) and its step; the others come from RANDOM_SEED (logged),
   the optimizer state is fresh; a shared path of another shape is a ConfigError."""
-  latest = checkpointer.latest_step()
-  if latest is not None:
+  restored = checkpointer.restore_latest(abstract_state, strict=restore_strict)
+  if restored is not None:
+    latest, state, data_state = restored
     log.info("resuming from %s", checkpoints.step_dir(checkpointer.directory, latest))
-    state, data_state = checkpointer.restore(latest, abstract_state)
     train_feed.set_state(data_state)
     return state
   if initial_checkpoint_path:
@@ -279,6 +323,45 @@ def _check_initial_checkpoint(path: str, abstract_params: Any) -> None:
                 100.0 * shared / total)
 
 
+def _check_writable(model_dir: str) -> None:
+  """MODEL_DIR (local) can be created and written: its nearest existing ancestor is a
+  writable directory (checked before anything is written; cloud paths are not checked)."""
+  if "://" in str(model_dir):
+    return
+  path = pathlib.Path(model_dir).absolute()
+  for ancestor in (path, *path.parents):
+    if ancestor.exists():
+      if not ancestor.is_dir():
+        raise config.ConfigError(f"MODEL_DIR={model_dir} cannot be created: {ancestor} is a "
+                                 f"file, not a directory (choose another MODEL_DIR)")
+      if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise config.ConfigError(f"MODEL_DIR={model_dir} is not writable: no write permission "
+                                 f"on {ancestor}")
+      return
+
+
+def _check_resumable(model_dir: str, abstract_params: Any) -> None:
+  """The newest readable checkpoint of MODEL_DIR (the one a resume restores) has the
+  model's parameter paths and shapes; a ConfigError naming them otherwise."""
+  for step, path in checkpoints.step_dirs(model_dir):
+    try:
+      saved = checkpoints.saved_param_shapes(path)
+    except Exception:  # pylint: disable=broad-except  (unreadable: the restore falls back)
+      continue
+    wanted = checkpoints.flat_shapes(abstract_params)
+    problems = [f"{name}: checkpoint {saved[name]} vs model {shape}"
+                for name, shape in wanted.items() if name in saved and saved[name] != shape]
+    problems += [f"{name} not in the checkpoint" for name in sorted(set(wanted) - set(saved))]
+    problems += [f"{name} not in the model" for name in sorted(set(saved) - set(wanted))]
+    if problems:
+      raise config.ConfigError(
+          f"MODEL_DIR={model_dir} holds checkpoint_{step} of another architecture: "
+          f"{'; '.join(problems[:3])}"
+          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}"
+          f" (use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from it)")
+    return
+
+
 def _check_vocabulary_fits(model, feed, objective) -> None:
   """The model's embedding must cover every id the data can hold."""
   model_vocab = getattr(model, "vocab_size", None)
@@ -295,7 +378,11 @@ def _check_vocabulary_fits(model, feed, objective) -> None:
 def _first_batch(feed):
   """The next batch of `feed`, without moving it (shapes for compilation)."""
   state = feed.get_state()
-  batch = next(feed)
+  try:
+    batch = next(feed)
+  except StopIteration:
+    raise ValueError(f"split of {feed.task.name!r} holds no batch of BATCH_SIZE={feed.batch_size}"
+                     ) from None
   feed.set_state(state)  # Also closes the iterator opened for this batch.
   return batch
 

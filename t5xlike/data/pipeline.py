@@ -124,6 +124,9 @@ def _open_source(task: seqio.Task, split: str, use_cached: bool, cache_dir: str 
   source = sources.open_source(task, split, use_cached=use_cached, cache_dir=cache_dir,
                                in_memory_max_examples=in_memory_max_examples)
   if not isinstance(source, sources.SequentialSource):
+    if not len(source):
+      raise ValueError(f"task {task.name!r} split {split!r} holds no example (an empty split: "
+                       f"check the task's data for {split!r})")
     if len(_SOURCES) >= 16:
       _SOURCES.pop(next(iter(_SOURCES)))
     _SOURCES[key] = source

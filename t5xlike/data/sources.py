@@ -48,6 +48,7 @@ why.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import weakref
@@ -97,7 +98,9 @@ def get_task(name: str) -> seqio.Task | seqio.Mixture:
     return seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise ValueError(f"unknown task or mixture {name!r}; registered: "
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise ValueError(f"unknown task or mixture {name!r}; {hint}registered: "
                      f"{', '.join(known) or 'none (is MIXTURE_OR_TASK_MODULE right?)'}") from None
 
 
