@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from etils import epath
 
 from t5xlike import config, fault_injection
@@ -328,18 +329,6 @@ def check_param_shapes(path: str | epath.Path,
   return saved
 
 
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  out: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return out
-
-
 def restore_matching_params(path: str | epath.Path,
                             abstract_params: Any) -> tuple[dict[str, Any], list[str]]:
   """Restores the parameters of `abstract_params` that a step directory holds.
@@ -378,14 +367,14 @@ def restore_matching_params(path: str | epath.Path,
     shared = {name: checkpoint_abstract(leaf) for name, leaf in wanted.items() if name in own}
     if not shared:
       continue
-    item = {"params": _nested(shared)}
+    item = {"params": traverse_util.unflatten_dict(shared, sep="/")}
     with ocp.PyTreeCheckpointer() as checkpointer:
       out = checkpointer.restore(source / "state", args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
     flat = jax.tree_util.tree_flatten_with_path(out["params"])[0]
     restored.update({"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in flat})
-  return _nested(restored), sorted(set(wanted) - set(saved))
+  return traverse_util.unflatten_dict(restored, sep="/"), sorted(set(wanted) - set(saved))
 
 
 def checkpoint_abstract(leaf: Any) -> jax.ShapeDtypeStruct:
