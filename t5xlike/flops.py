@@ -30,9 +30,14 @@ otherwise), V = vocab_size, forward matmul FLOPs:
                  (H_kv < H with grouped-query attention)
   output layer:  2 d V per scored-stack token (decoder tokens; the MLM head
                  adds 2 d e per token for its dense layer, e = embedding size)
-Adjustments: `lora_rank` r adds, for every adapted projection `[m, n]`, the
-adapters `[m, r]` and `[r, n]` (6 (m + n) r T for training) and makes the base
-weights frozen (4 m n T); `sparsity` s (SPDF: a fraction s of every
+Adjustments: `lora_rank` r adds, for every adapted projection `[m, n]` (those
+whose module path, e.g. 'encoder/layers/attention/query', matches
+`lora_targets`; all of them when it is None), the adapters `[m, r]` and
+`[r, n]` (6 (m + n) r T for training) and makes the base weight frozen
+(4 m n T); `frozen` (a PEFT run: LoRA, adapters, prompt tuning train only
+their own parameters) makes every other weight frozen too, the output layer
+included (adapters' own small matmuls and prompt slots are not counted);
+`sparsity` s (SPDF: a fraction s of every
 attention/MLP kernel is zero) scales those layer kernels' matmul FLOPs by
 1 - s (the dense computation is what runs on GPUs/TPUs; the count is what a
 sparse kernel would need, as SPDF reports it).
@@ -42,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import time
 from typing import Any, Mapping
 
@@ -93,19 +99,25 @@ def _matmul(rows: float, m: int, n: int, trained: bool = True) -> tuple[float, f
 class _Tally:
   """Sums (forward, train) FLOPs of layer and non-layer matmuls."""
 
-  def __init__(self, lora_rank: int = 0, sparsity: float = 0.0):
+  def __init__(self, lora_rank: int = 0, sparsity: float = 0.0,
+               lora_targets: str | None = None, frozen: bool = False):
     if lora_rank < 0 or not 0.0 <= sparsity < 1.0:
       raise ValueError(f"lora_rank must be >= 0 and sparsity in [0, 1), got {lora_rank}, "
                        f"{sparsity}")
     self.lora_rank, self.density = int(lora_rank), 1.0 - float(sparsity)
+    self.lora_targets = None if lora_targets is None else re.compile(lora_targets)
+    self.frozen = bool(frozen)
     self.layer_forward = self.layer_train = 0.0
     self.other_forward = self.other_train = 0.0
 
-  def projection(self, rows: float, m: int, n: int) -> None:
-    """A layer kernel (attention or MLP projection): LoRA / sparsity apply."""
-    forward, train = _matmul(rows, m, n, trained=not self.lora_rank)
+  def projection(self, rows: float, m: int, n: int, name: str = "") -> None:
+    """A layer kernel (attention or MLP projection) at module path `name`
+    ('decoder/layers/self_attention/query'): LoRA / sparsity apply."""
+    adapted = bool(self.lora_rank) and (self.lora_targets is None
+                                        or self.lora_targets.search(name) is not None)
+    forward, train = _matmul(rows, m, n, trained=not (adapted or self.frozen))
     forward, train = forward * self.density, train * self.density
-    if self.lora_rank:
+    if adapted:
       for shape in ((m, self.lora_rank), (self.lora_rank, n)):
         f, t = _matmul(rows, *shape)
         forward, train = forward + f, train + t
@@ -119,7 +131,7 @@ class _Tally:
     self.layer_train += 3.0 * forward
 
   def other(self, rows: float, m: int, n: int) -> None:
-    forward, train = _matmul(rows, m, n)
+    forward, train = _matmul(rows, m, n, trained=not self.frozen)
     self.other_forward += forward
     self.other_train += train
 
@@ -130,69 +142,75 @@ class _Tally:
 
 
 def _attention_block(tally: _Tally, d: int, heads: int, kv_heads: int, head_dim: int,
-                     q_rows: float, kv_rows: float) -> None:
-  tally.projection(q_rows, d, heads * head_dim)          # query
-  tally.projection(kv_rows, d, kv_heads * head_dim)      # key
-  tally.projection(kv_rows, d, kv_heads * head_dim)      # value
-  tally.projection(q_rows, heads * head_dim, d)          # out
+                     q_rows: float, kv_rows: float, path: str) -> None:
+  tally.projection(q_rows, d, heads * head_dim, f"{path}/query")
+  tally.projection(kv_rows, d, kv_heads * head_dim, f"{path}/key")
+  tally.projection(kv_rows, d, kv_heads * head_dim, f"{path}/value")
+  tally.projection(q_rows, heads * head_dim, d, f"{path}/out")
 
 
-def _mlp_block(tally: _Tally, d: int, mlp: int, activations: Any, rows: float) -> None:
-  for _ in range(len(activations)):
-    tally.projection(rows, d, mlp)
-  tally.projection(rows, mlp, d)
+def _mlp_block(tally: _Tally, d: int, mlp: int, activations: Any, rows: float,
+               path: str) -> None:
+  names = ["wi"] if len(activations) == 1 else [f"wi_{i}" for i in range(len(activations))]
+  for name in names:
+    tally.projection(rows, d, mlp, f"{path}/{name}")
+  tally.projection(rows, mlp, d, f"{path}/wo")
 
 
 def t5_step_flops(cfg: Any, batch: int, inputs_length: int, targets_length: int,
-                  lora_rank: int = 0, sparsity: float = 0.0) -> StepFlops:
+                  lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
+                  frozen: bool = False) -> StepFlops:
   """T5 encoder-decoder (`t5.T5Config`) training step on [batch, inputs_length]
   encoder and [batch, targets_length] decoder tokens."""
-  tally = _Tally(lora_rank, sparsity)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   enc, dec = batch * inputs_length, batch * targets_length
   for _ in range(cfg.num_encoder_layers):
-    _attention_block(tally, d, h, h, dh, enc, enc)
+    _attention_block(tally, d, h, h, dh, enc, enc, "encoder/layers/attention")
     tally.attention_core(batch, h, inputs_length, inputs_length, dh)
-    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, enc)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, enc, "encoder/layers/mlp")
   for _ in range(cfg.num_decoder_layers):
-    _attention_block(tally, d, h, h, dh, dec, dec)
+    _attention_block(tally, d, h, h, dh, dec, dec, "decoder/layers/self_attention")
     tally.attention_core(batch, h, targets_length, targets_length, dh)
-    _attention_block(tally, d, h, h, dh, dec, enc)
+    _attention_block(tally, d, h, h, dh, dec, enc, "decoder/layers/encoder_decoder_attention")
     tally.attention_core(batch, h, targets_length, inputs_length, dh)
-    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, dec)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, dec, "decoder/layers/mlp")
   tally.other(dec, d, cfg.vocab_size)
   return tally.result(remat=cfg.remat_policy != "none")
 
 
 def decoder_step_flops(cfg: Any, batch: int, length: int, lora_rank: int = 0,
-                       sparsity: float = 0.0) -> StepFlops:
+                       sparsity: float = 0.0, lora_targets: str | None = None,
+                       frozen: bool = False) -> StepFlops:
   """Decoder-only (`decoder.DecoderConfig`) training step on [batch, length] tokens."""
-  tally = _Tally(lora_rank, sparsity)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
   for _ in range(cfg.num_layers):
-    _attention_block(tally, d, h, cfg.num_kv_heads, dh, rows, rows)
+    _attention_block(tally, d, h, cfg.num_kv_heads, dh, rows, rows,
+                     "decoder/layers/self_attention")
     tally.attention_core(batch, h, length, length, dh)
-    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows, "decoder/layers/mlp")
   tally.other(rows, d, cfg.vocab_size)
   return tally.result(remat=cfg.remat_policy != "none")
 
 
 def encoder_step_flops(cfg: Any, batch: int, length: int, head: str = "mlm",
-                       lora_rank: int = 0, sparsity: float = 0.0) -> StepFlops:
+                       lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
+                  frozen: bool = False) -> StepFlops:
   """Encoder-only (`encoder.EncoderConfig`) training step on [batch, length]
   tokens; `head` 'mlm' adds the MLM head (dense + tied vocabulary logits),
   'binary' ELECTRA's per-token dense, others (pooled classifiers) nothing."""
-  tally = _Tally(lora_rank, sparsity)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
   e = cfg.embedding_size
   if e != d:
     tally.other(rows, e, d)  # embedding_projection
   for _ in range(cfg.num_layers):
-    _attention_block(tally, d, h, h, dh, rows, rows)
+    _attention_block(tally, d, h, h, dh, rows, rows, "encoder/layers/attention")
     tally.attention_core(batch, h, length, length, dh)
-    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows)
+    _mlp_block(tally, d, cfg.mlp_dim, cfg.mlp_activations, rows, "encoder/layers/mlp")
   if head == "mlm":
     tally.other(rows, d, e)
     tally.other(rows, e, cfg.vocab_size)
@@ -213,8 +231,9 @@ def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops |
   """Training FLOPs of one step of `model` on global batches of these shapes (arrays
   or ShapeDtypeStructs with the model's features); None for a family not covered.
 
-  SPDF models (`sparsity` attribute) and LoRA (`lora_rank` on the network
-  config, when present) are accounted for.
+  SPDF models (`sparsity` attribute) and PEFT-wrapped models
+  (`finetuning.peft.wrap_model`: `peft_method`; LoRA's rank and targets) are
+  accounted for.
   """
   try:
     cfg = network_config(model)
@@ -222,8 +241,10 @@ def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops |
     return None
   kind = type(cfg).__name__
   sparsity = float(getattr(model, "sparsity", 0.0) or 0.0)
-  lora_rank = int(getattr(cfg, "lora_rank", 0) or 0)
-  extra = dict(lora_rank=lora_rank, sparsity=sparsity)
+  method = getattr(model, "peft_method", None)
+  extra = dict(sparsity=sparsity, frozen=method is not None,
+               lora_rank=int(getattr(method, "rank", 0) or 0),
+               lora_targets=getattr(method, "targets", None) if hasattr(method, "rank") else None)
   if kind == "T5Config" and "encoder_input_tokens" in batch_shapes:
     batch, inputs = batch_shapes["encoder_input_tokens"].shape
     return t5_step_flops(cfg, batch, inputs, batch_shapes["decoder_target_tokens"].shape[1],

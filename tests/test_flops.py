@@ -137,3 +137,30 @@ def test_peak_table_and_accounting():
   step = flops.StepFlops(model=4e12, hardware=4e12, forward=4e12 / 3)
   fields = flops.Accounting(step, num_devices=2, peak_tflops=10.0).fields(0.5)
   assert fields == pytest.approx({"tflops_per_device": 4.0, "mfu": 0.4})
+
+
+def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
+  """A LoRA-wrapped model trained with its method (base frozen): the formula against
+  the step's dot_generals. The formula charges every frozen weight its input
+  gradient (4 m n T); the step skips it where nothing below is trainable (the
+  first layers' query/key/value), so the count is a little below the formula."""
+  from t5xlike.finetuning import lora, peft  # pylint: disable=g-import-not-at-top
+  cfg = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=2,
+                    num_decoder_layers=2, head_dim=64, mlp_dim=512)
+  method = lora.LoRA(rank=8)
+  model = peft.wrap_model(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)), method)
+  schedule = optim.constant(0.01)
+  trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule,
+                                partitioning.Partitioner({"data": 1}), finetuning=method)
+  state = trainer.abstract_state(T5_BATCH)
+  lowered = trainer._jitted_train_step(T5_BATCH).lower(state, T5_BATCH)  # pylint: disable=protected-access
+  counted = dot_general_flops(lowered.as_text())
+  ours = flops.model_step_flops(model, T5_BATCH)
+  dense = flops.model_step_flops(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)),
+                                 T5_BATCH)
+  # Input gradients the step does not need: q, k, v of encoder layer 0 (64 tokens x 2) and
+  # of decoder layer 0's self-attention (32 tokens x 2), 2 m n T each.
+  unneeded = 3 * 2.0 * 256 * 256 * (2 * 64 + 2 * 32)
+  assert ours.model - unneeded == pytest.approx(counted, rel=0.01)
+  assert ours.model != pytest.approx(counted, rel=0.01)  # the correction matters
+  assert ours.model < 0.75 * dense.model  # no weight gradients for the frozen base
