@@ -110,7 +110,7 @@ class Checkpointer:
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        with _quiet_failed_reads():
+        with quiet_failed_reads():
           return (step, *self.restore(step, abstract_state))
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
         reason = f"{type(error).__name__}: {config.one_line(error)}"
@@ -157,11 +157,12 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _quiet_failed_reads(drain_s: float = 1.0):
-  """Silences file descriptor 2 during a restore; when the restore fails, also for
-  `drain_s` seconds after it: tensorstore's outstanding reads of a corrupt step then
-  complete into orbax's closed event loop and print 'RuntimeError: Event loop is
-  closed' tracebacks, noise around the one line that reports the corrupt step."""
+def quiet_failed_reads(drain_s: float = 1.0):
+  """Silences file descriptor 2 while a checkpoint is read (a restore, or its metadata
+  during validation); when the read fails, also for `drain_s` seconds after it:
+  tensorstore's outstanding reads of a corrupt step complete into orbax's closed
+  event loop and print 'RuntimeError: Event loop is closed' tracebacks, noise
+  around the one line that reports the corrupt step."""
   sys.stderr.flush()
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)

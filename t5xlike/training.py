@@ -345,7 +345,8 @@ def _check_resumable(model_dir: str, abstract_params: Any) -> None:
   model's parameter paths and shapes; a ConfigError naming them otherwise."""
   for step, path in checkpoints.step_dirs(model_dir):
     try:
-      saved = checkpoints.saved_param_shapes(path)
+      with checkpoints.quiet_failed_reads():  # A corrupt step's reads print noise.
+        saved = checkpoints.saved_param_shapes(path)
     except Exception:  # pylint: disable=broad-except  (unreadable: the restore falls back)
       continue
     wanted = checkpoints.flat_shapes(abstract_params)
