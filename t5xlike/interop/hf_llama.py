@@ -13,7 +13,6 @@ convention); an imported Llama's own BOS id is only a token to it.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -21,7 +20,6 @@ import numpy as np
 from t5xlike.interop import hf_names, hf_weights
 from t5xlike.models import decoder
 
-log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama",)
 
@@ -87,17 +85,10 @@ def links(cfg: decoder.DecoderConfig) -> list[hf_names.Link]:
 def import_params(reader: hf_weights.WeightReader, cfg: decoder.DecoderConfig) -> Iterator[
     tuple[str, np.ndarray]]:
   """(t5xlike unscanned path, float32 array) for every parameter, one at a time."""
-  used = set()
-  for link in links(cfg):
-    used.add(link.hf)
-    yield link.ours, link.to_ours(np.asarray(reader.get(link.hf), np.float32))
-  ignored = [n for n in reader.names() if n not in used]
-  if ignored:
-    log.info("HF tensors not read (tied copies or unused): %s", ", ".join(ignored))
+  return hf_names.import_tensors(links(cfg), reader)
 
 
 def export_params(flat: Mapping[str, np.ndarray], cfg: decoder.DecoderConfig) -> Iterator[
     tuple[str, np.ndarray]]:
   """(HF name, float32 array) for every tensor of the HF state dict."""
-  for link in links(cfg):
-    yield link.hf, link.to_hf(np.asarray(flat[link.ours], np.float32))
+  return hf_names.export_tensors(links(cfg), flat)

@@ -9,8 +9,12 @@ and T5's relative attention bias as `[buckets, heads]`, the transpose of
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,29 @@ class Link:
 
   def to_ours(self, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.T) if self.transpose else value
+
+
+def import_tensors(links: Iterable[Link], reader: Any,
+                   source: Callable[[Link], str] = lambda link: link.hf
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+  """(t5xlike path, float32 array) per link, read one at a time from `reader` (an
+  `hf_weights.WeightReader`) under the HF name `source(link)`; the reader's
+  tensors no link read are logged."""
+  used = set()
+  for link in links:
+    name = source(link)
+    used.add(name)
+    yield link.ours, link.to_ours(np.asarray(reader.get(name), np.float32))
+  ignored = [n for n in reader.names() if n not in used]
+  if ignored:
+    log.info("HF tensors not read (tied copies or unused): %s", ", ".join(ignored))
+
+
+def export_tensors(links: Iterable[Link], flat: Mapping[str, np.ndarray]
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, float32 array) per link, from flat t5xlike parameters."""
+  for link in links:
+    yield link.hf, link.to_hf(np.asarray(flat[link.ours], np.float32))
 
 
 def _attention(ours: str, hf: str, names: tuple[str, str, str, str]) -> list[Link]:

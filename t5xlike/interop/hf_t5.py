@@ -113,21 +113,15 @@ def import_params(reader: hf_weights.WeightReader, cfg: t5.T5Config) -> Iterator
   output kernel. Extra HF tensors (`encoder.embed_tokens`, a tied `lm_head`)
   are logged, not read.
   """
-  used = set()
-  for link in links(cfg):
-    name = link.hf
-    if name == "lm_head.weight" and name not in reader:
+  def source(link: hf_names.Link) -> str:
+    if link.hf == "lm_head.weight" and link.hf not in reader:
       log.info("no lm_head.weight: the output layer is the (unscaled) embedding")
-      name = "shared.weight"
-    used.add(name)
-    yield link.ours, link.to_ours(np.asarray(reader.get(name), np.float32))
-  ignored = [n for n in reader.names() if n not in used]
-  if ignored:
-    log.info("HF tensors not read (tied copies or unused): %s", ", ".join(ignored))
+      return "shared.weight"
+    return link.hf
+  return hf_names.import_tensors(links(cfg), reader, source)
 
 
 def export_params(flat: Mapping[str, np.ndarray], cfg: t5.T5Config) -> Iterator[
     tuple[str, np.ndarray]]:
   """(HF name, float32 array) for every tensor of the HF state dict (tied copies omitted)."""
-  for link in links(cfg):
-    yield link.hf, link.to_hf(np.asarray(flat[link.ours], np.float32))
+  return hf_names.export_tensors(links(cfg), flat)
