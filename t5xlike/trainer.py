@@ -7,8 +7,10 @@ updates from 1; `TrainState.step` is the number of completed updates.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5xlike import checkpoints, fault_injection, metrics, nan_policy, optim, partitioning
+from t5xlike import checkpoints, config, fault_injection, metrics, nan_policy, optim, partitioning
 from t5xlike import preemption
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,29 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+
+
+#: Per platform, XLA options of the init computation. On CPU, LLVM's -O2 spends
+#: ~4 CPU-s on t5x_tiny's init (threefry bits for every parameter: ~50 ms of
+#: codegen per parameter) for a program that runs once in 0.01 s; at level 0
+#: it compiles in ~2.5 CPU-s and runs in 0.04 s. The samples are the same up
+#: to rounding (-O2 contracts multiply-adds into FMAs: ~5% of the values
+#: differ in their last bit; tests/test_trainer.py).
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+def _abstract(batch: Batch) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
+
+
+def _global_shapes(batch: Batch) -> dict[str, jax.ShapeDtypeStruct]:
+  """This process's rows of a batch -> the global batch's shapes."""
+  return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:],
+                                  v.dtype) for k, v in batch.items()}
+
+
+def _shape_key(shapes: Mapping[str, jax.ShapeDtypeStruct]) -> tuple:
+  return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in shapes.items()))
 
 
 def parameter_summary(params: Any) -> list[tuple[str, int]]:
@@ -103,16 +128,23 @@ class Trainer:
     self.num_microbatches = num_microbatches
     self.model = model
     self.base_optimizer = optimizer
-    self.optimizer = optimizer  # Made per-layer for scanned stacks in _compile_init.
+    self.optimizer = optimizer  # Made per-layer for scanned stacks in _prepare_init.
     self.finetuning = finetuning
     self.skip_nonfinite = skip_nonfinite
     self.trainable = None  # Per-leaf (per-layer) bool masks; None: everything trains.
     self.schedule = learning_rate_schedule
     self.partitioner = partitioner
-    self._train_step = None
+    self._train_step = None  # (batch feature names, jitted step)
     self._eval_step = None
     self.state_shardings = None
-    self._init_cache = None  # (batch shapes, (compiled init, abstract state))
+    self._init_cache = None  # (batch shapes, (init_fn, abstract state))
+    self._init_lock = threading.RLock()  # start_compile's threads share these caches
+    self._init_compile_lock = threading.Lock()
+    self._compiled_init = None  # (init_fn, compiled init)
+    self._compiled_steps: dict[tuple, Any] = {}  # batch shapes -> AOT-compiled train step
+    self._background: tuple[tuple, concurrent.futures.Future] | None = None
+    self._cancelled = threading.Event()
+    self.compile_seconds: dict[str, float] = {}  # 'init' / 'train_step': last compile times
     self.boxed_params = None  # Abstract parameters with their logical axes.
 
   # -- state ------------------------------------------------------------------
@@ -123,50 +155,67 @@ class Trainer:
                       opt_state=self.optimizer.init(params),
                       rng=jax.random.key_data(dropout_rng))
 
-  def _compile_init(self, batch_shapes: Batch):
-    """Compiles init once per batch shape: (compiled init(rng), abstract state).
+  def _prepare_init(self, batch_shapes: Batch):
+    """Once per batch shape: (init_fn(rng) -> TrainState, abstract state), by shape
+    evaluation only (nothing compiled).
 
-    Parameter shardings come from the logical axis rules, optimizer state
-    shardings follow their parameters; the abstract state carries them.
+    Sets the per-layer optimizer, the fine-tuning technique's view of the
+    parameters and `state_shardings`: parameter shardings come from the
+    logical axis rules, optimizer state shardings follow their parameters;
+    the abstract state carries them.
     """
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes.items()}
-    cache_key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
-    if self._init_cache is not None and self._init_cache[0] == cache_key:
-      return self._init_cache[1]
-    boxed = jax.eval_shape(self.model.init, jax.random.key(0), shapes)["params"]
-    self.boxed_params = boxed
-    stacked = jax.tree.map(
-        lambda x: x.value.shape[0] if isinstance(x, nn.LogicallyPartitioned)
-        and x.names[:1] == ("layers",) else 0, boxed,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    self.optimizer = optim.per_layer(self.base_optimizer, stacked)
-    if self.finetuning is not None:
-      self.optimizer = self.finetuning.wrap_optimizer(self.optimizer, boxed)
-      self.trainable = self.finetuning.trainable(boxed)
-    # Only the shapes of the batch matter: init traces with zeros (dead code for XLA).
-    init_fn = lambda rng: self._init_fn(
-        rng, {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()})
-    abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
-    shardings = TrainState(
-        step=self.partitioner.replicated(),
-        params=self.partitioner.variable_shardings(boxed),
-        opt_state=self.partitioner.optimizer_state_shardings(abstract_state.opt_state, boxed),
-        rng=self.partitioner.replicated())
-    with self.partitioner.activate():
-      compiled = jax.jit(init_fn, out_shardings=shardings).lower(jax.random.key(0)).compile()
-    self.state_shardings = compiled.output_shardings
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, self.state_shardings)
-    self._init_cache = (cache_key, (compiled, abstract_state))
-    return compiled, abstract_state
+    with self._init_lock:
+      shapes = _abstract(batch_shapes)
+      cache_key = _shape_key(shapes)
+      if self._init_cache is not None and self._init_cache[0] == cache_key:
+        return self._init_cache[1]
+      boxed = jax.eval_shape(self.model.init, jax.random.key(0), shapes)["params"]
+      self.boxed_params = boxed
+      stacked = jax.tree.map(
+          lambda x: x.value.shape[0] if isinstance(x, nn.LogicallyPartitioned)
+          and x.names[:1] == ("layers",) else 0, boxed,
+          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+      self.optimizer = optim.per_layer(self.base_optimizer, stacked)
+      if self.finetuning is not None:
+        self.optimizer = self.finetuning.wrap_optimizer(self.optimizer, boxed)
+        self.trainable = self.finetuning.trainable(boxed)
+      # Only the shapes of the batch matter: init traces with zeros (dead code for XLA).
+      init_fn = lambda rng: self._init_fn(
+          rng, {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()})
+      abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+      self.state_shardings = TrainState(
+          step=self.partitioner.replicated(),
+          params=self.partitioner.variable_shardings(boxed),
+          opt_state=self.partitioner.optimizer_state_shardings(abstract_state.opt_state, boxed),
+          rng=self.partitioner.replicated())
+      abstract_state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_state, self.state_shardings)
+      self._init_cache = (cache_key, (init_fn, abstract_state))
+      self._compiled_init = None
+      return init_fn, abstract_state
+
+  def _compile_init(self, batch_shapes: Batch):
+    """The compiled init(rng) of these batch shapes (once; `start_compile` may
+    compile it in its thread), only when a state is made. On XLA:CPU it is
+    compiled without LLVM optimisation (`_INIT_COMPILER_OPTIONS`)."""
+    init_fn, _ = self._prepare_init(batch_shapes)
+    with self._init_compile_lock:
+      if self._compiled_init is None or self._compiled_init[0] is not init_fn:
+        start = time.perf_counter()
+        with self.partitioner.activate():
+          compiled = jax.jit(init_fn, out_shardings=self.state_shardings).lower(
+              jax.random.key(0)).compile(_INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+        self._compiled_init = (init_fn, compiled)
+        self.compile_seconds["init"] = time.perf_counter() - start
+      return self._compiled_init[1]
 
   def abstract_state(self, batch_shapes: Batch) -> TrainState:
-    """ShapeDtypeStructs with shardings of the train state (nothing allocated)."""
-    return self._compile_init(batch_shapes)[1]
+    """ShapeDtypeStructs with shardings of the train state (nothing allocated or compiled)."""
+    return self._prepare_init(batch_shapes)[1]
 
   def init_state(self, seed: int, batch_shapes: Batch) -> TrainState:
-    compiled_init, _ = self._compile_init(batch_shapes)
+    compiled_init = self._compile_init(batch_shapes)
     with self.partitioner.activate():
       return compiled_init(jax.random.key(seed))
 
@@ -251,30 +300,106 @@ class Trainer:
     return {k: self.partitioner.batch_sharding() for k in batch}
 
   def _jitted_train_step(self, batch: Batch):
-    if self._train_step is None:
-      self._train_step = jax.jit(
+    names = tuple(sorted(batch))
+    if self._train_step is None or self._train_step[0] != names:
+      self._train_step = (names, jax.jit(
           self._train_step_fn, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
           out_shardings=(self.state_shardings, self.partitioner.replicated()),
-          donate_argnums=(0,))
-    return self._train_step
+          donate_argnums=(0,)))
+    return self._train_step[1]
 
   def compile_train_step(self, batch_shapes: Batch):
     """Ahead-of-time compiled train step for batches of these (global) shapes.
 
     Allocates nothing: use `.memory_analysis()` / `.cost_analysis()` of the
-    result to see per-device memory and FLOPs before running anything.
+    result to see per-device memory and FLOPs before running anything. The
+    result is kept: `train_step` runs it for batches of these shapes. When
+    `start_compile` is compiling the same shapes, this waits for it.
     """
+    key = _shape_key(_abstract(batch_shapes))
+    if key in self._compiled_steps:
+      return self._compiled_steps[key]
+    if self._background is not None and self._background[0] == key:
+      try:
+        compiled = self._background[1].result()
+        if compiled is not None:
+          return compiled
+      except Exception as error:  # pylint: disable=broad-except  (redone here: raises here)
+        log.debug("background compilation failed (%s): compiling again", error)
+    return self._compile_train_step_now(batch_shapes)
+
+  def _compile_train_step_now(self, batch_shapes: Batch):
     abstract_state = self.abstract_state(batch_shapes)
+    start = time.perf_counter()
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.partitioner.batch_sharding())
               for k, v in batch_shapes.items()}
     with self.partitioner.activate():
-      return self._jitted_train_step(shapes).lower(abstract_state, shapes).compile()
+      compiled = self._jitted_train_step(shapes).lower(abstract_state, shapes).compile()
+    self.compile_seconds["train_step"] = time.perf_counter() - start
+    self._compiled_steps[_shape_key(_abstract(batch_shapes))] = compiled
+    return compiled
+
+  def start_compile(self, batch_shapes: Batch, init: bool = True) -> concurrent.futures.Future:
+    """Compiles the train step and init for batches of these (global) shapes in
+    two background threads, while the caller starts the data pipeline; returns its
+    Future (of the compiled step, or None when cancelled).
+
+    XLA compiles without the Python lock, so on a multi-core host the
+    compilation overlaps the pipeline's imports and first batch. The first
+    `train_step` / `compile_train_step` of these shapes waits for it; other
+    shapes compile as usual. Errors are not raised from the thread: the
+    caller's own call compiles again and raises them. `init=False` compiles
+    the step only (a run that restores a checkpoint). `cancel_compile`
+    stops what has not started yet (an XLA compilation in progress cannot
+    be interrupted).
+    """
+    shapes = _abstract(batch_shapes)
+    key = _shape_key(shapes)
+
+    def step():
+      self.abstract_state(shapes)
+      if self._cancelled.is_set():
+        return None
+      return self._compile_train_step_now(shapes)
+
+    def compile_init():
+      self.abstract_state(shapes)
+      if not self._cancelled.is_set():
+        self._compile_init(shapes)
+
+    executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="t5xlike-compile")
+    future = executor.submit(step)
+    if init:
+      executor.submit(compile_init)  # Errors surface in the caller's init_state.
+    executor.shutdown(wait=False)
+    self._background = (key, future)
+    return future
+
+  def cancel_compile(self) -> None:
+    """Stops a `start_compile` before its train step (e.g. on a configuration error)."""
+    self._cancelled.set()
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update; `state` is donated (do not reuse it)."""
-    self._jitted_train_step(batch)
+    """One optimizer update; `state` is donated (do not reuse it).
+
+    Runs the ahead-of-time compiled step of these batch shapes when there is
+    one (`compile_train_step`, `start_compile`), else the jitted step.
+    """
+    key = _shape_key(_global_shapes(batch))
+    if (key not in self._compiled_steps and self._background is not None
+        and self._background[0] == key):
+      self.compile_train_step(_global_shapes(batch))
+    compiled = self._compiled_steps.get(key)
     with self.partitioner.activate():
-      return self._train_step(state, self.device_batch(batch))
+      device_batch = self.device_batch(batch)
+      if compiled is not None:
+        try:
+          return compiled(state, device_batch)
+        except (TypeError, ValueError) as error:  # argument check, before any donation
+          log.info("the compiled train step does not take this state (%s): using the "
+                   "jitted step", config.one_line(error)[:200])
+          del self._compiled_steps[key]
+      return self._jitted_train_step(batch)(state, device_batch)
 
   def eval_stats(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
     """Summed loss statistics of one batch (no dropout)."""

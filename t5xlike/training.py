@@ -21,7 +21,7 @@ from etils import epath
 
 from t5xlike import checkpoints, config, entry, flops, metrics, nan_policy as nan_policy_lib
 from t5xlike import partitioning, preemption, trainer as trainer_lib
-from t5xlike.data import feature_converters, pipeline, task_examples
+from t5xlike.data import batch_shapes, feature_converters, pipeline, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
 
@@ -123,40 +123,48 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
         f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
         f"{partitioner.data_parallel_size} of MESH_SHAPE times num_microbatches="
         f"{num_microbatches}")
-  process_args.update(feature_converter=getattr(model, "feature_converter", "encoder_decoder"),
-                      use_cached=use_cached_tasks, cache_dir=task_cache_dir,
-                      num_threads=data_threads)
-  train_feed = _validated(lambda: pipeline.make_feed(
-      mixture_or_task_name, train_split, task_feature_lengths, batch_size, objective,
-      seed=random_seed, pack=pack, **process_args), "training data")
-  _validated(lambda: _check_vocabulary_fits(model, train_feed, objective), "model vocabulary")
-  make_eval_feed = None
-  if loop_config.eval_period:
-    if eval_split not in train_feed.task.splits:
-      raise config.ConfigError(f"task {mixture_or_task_name!r} has no {eval_split!r} split for "
-                               f"evaluation (set EVAL_PERIOD=None to train without eval)")
-    make_eval_feed = lambda: pipeline.make_feed(
-        mixture_or_task_name, eval_split, task_feature_lengths, batch_size, objective,
-        seed=random_seed, num_epochs=1, shuffle=False, **process_args)
-  if initial_checkpoint_path:
-    _validated(lambda: checkpoints.validate_step_dir(initial_checkpoint_path),
-               "INITIAL_CHECKPOINT_PATH")
-  elif require_initial_checkpoint:
-    raise config.ConfigError("this config starts from a checkpoint: pass "
-                             "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
+  converter = getattr(model, "feature_converter", "encoder_decoder")
+  process_args.update(feature_converter=converter, use_cached=use_cached_tasks,
+                      cache_dir=task_cache_dir, num_threads=data_threads)
   trainer = trainer_lib.Trainer(model, optimizer(learning_rate=learning_rate_schedule),
                                 learning_rate_schedule, partitioner,
                                 num_microbatches=num_microbatches, finetuning=finetuning,
                                 skip_nonfinite=policy.skip_in_step)
-  example_batch = _validated(lambda: _first_batch(train_feed), "training data")
-  if finetuning is not None:  # The technique meets the parameter tree here (bad groups...).
-    abstract_state = _validated(lambda: trainer.abstract_state(example_batch),
-                                f"finetuning={finetuning!r}")
-  else:
-    abstract_state = trainer.abstract_state(example_batch)
-  if initial_checkpoint_path:
-    _check_initial_checkpoint(initial_checkpoint_path, abstract_state.params)
-  _check_resumable(model_dir, abstract_state.params)
+  # The train step compiles in threads while the pipeline starts (shapes from the lengths).
+  _start_compile(trainer, converter, task_feature_lengths, batch_size, pack,
+                 init=not initial_checkpoint_path and not checkpoints.step_dirs(model_dir))
+  try:
+    train_feed = _validated(lambda: pipeline.make_feed(
+        mixture_or_task_name, train_split, task_feature_lengths, batch_size, objective,
+        seed=random_seed, pack=pack, **process_args), "training data")
+    _validated(lambda: _check_vocabulary_fits(model, train_feed, objective), "model vocabulary")
+    make_eval_feed = None
+    if loop_config.eval_period:
+      if eval_split not in train_feed.task.splits:
+        raise config.ConfigError(f"task {mixture_or_task_name!r} has no {eval_split!r} split for "
+                                 f"evaluation (set EVAL_PERIOD=None to train without eval)")
+      make_eval_feed = lambda: pipeline.make_feed(
+          mixture_or_task_name, eval_split, task_feature_lengths, batch_size, objective,
+          seed=random_seed, num_epochs=1, shuffle=False, **process_args)
+    if initial_checkpoint_path:
+      _validated(lambda: checkpoints.validate_step_dir(initial_checkpoint_path),
+                 "INITIAL_CHECKPOINT_PATH")
+    elif require_initial_checkpoint:
+      raise config.ConfigError(
+          "this config starts from a checkpoint: pass "
+          "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
+    example_batch = _validated(lambda: _first_batch(train_feed), "training data")
+    if finetuning is not None:  # The technique meets the parameter tree here (bad groups...).
+      abstract_state = _validated(lambda: trainer.abstract_state(example_batch),
+                                  f"finetuning={finetuning!r}")
+    else:
+      abstract_state = trainer.abstract_state(example_batch)
+    if initial_checkpoint_path:
+      _check_initial_checkpoint(initial_checkpoint_path, abstract_state.params)
+    _check_resumable(model_dir, abstract_state.params)
+  except BaseException:
+    trainer.cancel_compile()  # a configuration error: no wait for the step's compilation
+    raise
 
   # ---- the run: from here on MODEL_DIR is written. ----
   entry.mark_run_started()
@@ -231,6 +239,18 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     for where in finetuning.export(state.params, model_dir, train_steps, initial_checkpoint_path):
       log.info("finetuning export: %s", where)
   return state
+
+
+def _start_compile(trainer, converter: str, feature_lengths: Mapping[str, int],
+                   batch_size: int, pack: bool, init: bool) -> None:
+  """`trainer.start_compile` for the batches the pipeline will make (global shapes);
+  nothing when they cannot be predicted (the pipeline then reports the problem).
+  `init`: also compile the initialisation (not when a checkpoint will be restored)."""
+  try:
+    expected = batch_shapes.expected_batch_shapes(converter, feature_lengths, batch_size, pack)
+  except ValueError:
+    return
+  trainer.start_compile({k: jax.ShapeDtypeStruct(*v) for k, v in expected.items()}, init=init)
 
 
 def _activation_dtype(model: Any) -> str:

@@ -5,7 +5,7 @@ import sys
 CORE = ["t5xlike.models.t5", "t5xlike.models.layers", "t5xlike.models.encoder_decoder",
         "t5xlike.trainer", "t5xlike.partitioning", "t5xlike.optim", "t5xlike.checkpoints",
         "t5xlike.metrics", "t5xlike.losses", "t5xlike.objectives.span_corruption",
-        "t5xlike.data.feature_converters", "t5xlike.decoding", "t5xlike.inference",
+        "t5xlike.data.feature_converters", "t5xlike.data.batch_shapes", "t5xlike.decoding", "t5xlike.inference",
         "t5xlike.prediction", "t5xlike.evaluation", "t5xlike.text_metrics"]
 
 

@@ -78,3 +78,59 @@ def test_parameter_summary_counts_every_parameter(full_and_accumulated):
   assert rows["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert rows["token_embedder"] == 128 * 32
   assert rows["encoder/layers_0"] == 2 * 32 + 4 * 32 * 32 + 3 * 32 * 48
+
+
+def abstract(batch):
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+
+
+def test_background_compile_trains_bit_identically(full_and_accumulated):
+  batch = batch_of(8)
+  trainer = make_trainer()
+  future = trainer.start_compile(abstract(batch))
+  state = trainer.init_state(0, batch)
+  state, metrics = trainer.train_step(state, batch)
+  assert future.done() and future.result() is not None
+  # The step ran the background's executable: the jitted step never compiled.
+  assert trainer._train_step[1]._cache_size() == 0  # pylint: disable=protected-access
+  params1, metrics1 = full_and_accumulated[1]
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(jax.device_get(state.params))):
+    assert np.array_equal(a, b)
+  assert float(metrics["loss"]) == float(metrics1["loss"])
+
+
+def test_background_compile_of_other_shapes_is_not_used(full_and_accumulated):
+  batch = batch_of(8)
+  trainer = make_trainer()
+  trainer.start_compile(abstract(batch_of(4))).result()
+  state = trainer.init_state(0, batch)
+  state, _ = trainer.train_step(state, batch)  # compiles its own (jitted) step
+  assert trainer._train_step[1]._cache_size() == 1  # pylint: disable=protected-access
+  params1, _ = full_and_accumulated[1]
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(jax.device_get(state.params))):
+    assert np.array_equal(a, b)
+
+
+def test_cancelled_background_compile_stops_before_the_step():
+  trainer = make_trainer()
+  future = trainer.start_compile(abstract(batch_of(8)), init=False)
+  trainer.cancel_compile()
+  assert future.result() is None
+
+
+def test_unoptimised_init_compilation_matches_the_optimised_one_to_rounding():
+  batch = batch_of(4)
+  trainer = make_trainer()
+  state = trainer.init_state(3, batch)
+  zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
+  init_fn = trainer._init_fn  # pylint: disable=protected-access
+  reference = jax.jit(lambda rng: init_fn(rng, zeros))(jax.random.key(3))
+  differing = 0
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
+    a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
+    if a.dtype == np.float32:  # LLVM -O2 contracts a * b + c into FMAs: last-bit changes
+      np.testing.assert_array_max_ulp(a, b, maxulp=8)
+      differing += int((a != b).sum())
+    else:
+      assert np.array_equal(a, b)
+  assert differing < 0.2 * sum(x.size for x in jax.tree.leaves(reference))

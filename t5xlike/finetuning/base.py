@@ -2,7 +2,7 @@
 
 `training.train(..., finetuning=F)` (gin: `training.train.finetuning =
 @<technique>()`) hands F to the `Trainer`, which calls, once the parameter
-tree exists (`Trainer._compile_init`, boxed abstract parameters with their
+tree exists (`Trainer._prepare_init`, boxed abstract parameters with their
 logical axes):
 
   F.wrap_optimizer(optimizer, params) -> optax.GradientTransformation
