@@ -408,8 +408,11 @@ class MultiHeadAttention(nn.Module):
       query = query / jnp.asarray(depth_scaling, query.dtype)
     dropout = not deterministic and self.dropout_rate > 0.0
     impl = attention.resolve(self.attention_impl, self.dtype, dropout, decode=self.decode)
-    out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
-                                                        self.dtype)
+    if impl == "pallas":
+      out = attention.pallas(query, key, value, mask, bias, self.dtype)
+    else:
+      out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
+                                                          self.dtype)
     if out is not None:
       return self._output(out, inputs_q)
     batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
