@@ -170,19 +170,24 @@ def test_pallas_t5_encoder_bidirectional_padding_relative_bias(caplog):
   assert_pallas_matches(caplog, t5_encoder_case)
 
 
-def causal_packed_case(impl, kv_heads=None, structured=True):
+def packed_case(impl, kv_heads=None, structured=True, causal=True):
   _, valid, segments = pallas_inputs()
-  structure = layers.StructuredMask(valid, segments, causal=True)
+  structure = layers.StructuredMask(valid, segments, causal=causal)
   return run_pallas_case(impl, structure if structured else structure.dense(),
                          kv_heads=kv_heads, scaling="runtime")
 
 
-@pytest.mark.parametrize("kv_heads,structured", [(None, True), (2, True), (2, False)],
-                         ids=["mha_structured", "gqa_structured", "gqa_dense_mask"])
-def test_pallas_causal_packed_segments_and_gqa(caplog, kv_heads, structured):
+@pytest.mark.parametrize("kv_heads,structured,causal",
+                         [(None, True, True), (2, True, True), (2, False, True),
+                          (None, True, False)],
+                         ids=["mha_structured", "gqa_structured", "gqa_dense_mask",
+                              "bidirectional_structured"])
+def test_pallas_causal_packed_segments_and_gqa(caplog, kv_heads, structured, causal):
   """(b, c) decoder-only: causal flag + segment ids in the kernel (no bias, no dense mask),
-  or the same mask dense; grouped kv heads repeated to the query heads."""
-  assert_pallas_matches(caplog, causal_packed_case, kv_heads=kv_heads, structured=structured)
+  or the same mask dense; grouped kv heads repeated to the query heads; the encoder-only
+  model's bidirectional packed mask."""
+  assert_pallas_matches(caplog, packed_case, kv_heads=kv_heads, structured=structured,
+                        causal=causal)
 
 
 def test_structured_mask_dense_is_the_models_mask():

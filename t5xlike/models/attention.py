@@ -43,6 +43,11 @@ mode is active when the attention is traced, i.e. inside
 `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (or after
 `set_tpu_interpret_mode()`): the real kernel then runs, slowly, on the CPU
 (the tests check it against einsum this way). Otherwise it falls back.
+Interpret mode's callbacks are effects, which `jax.checkpoint` refuses: with
+a remat policy other than 'none' it fails there (a TPU has no such effects).
+Verified only in interpret mode on a CPU, on one device: on a multi-device
+mesh the kernel is not wrapped in `shard_map`, so how XLA partitions it is
+untested.
 """
 from __future__ import annotations
 
