@@ -287,7 +287,7 @@ def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
   results = {}
   for impl in ("einsum", "pallas"):
     cfg = decoder.DecoderConfig(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=2,
-                                num_layers=2, head_dim=8, mlp_dim=32, scan_layers=True,
+                                num_layers=1, head_dim=8, mlp_dim=32, scan_layers=True,
                                 attention_impl=impl)
     model = decoder.DecoderOnlyModel(decoder.Transformer(cfg))
     with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
@@ -298,3 +298,17 @@ def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_pallas_shard_map_wrapping_on_a_four_device_mesh():
+  """Multi-device meshes: the kernel (here the flash module's pure-JAX reference, since
+  interpret mode hangs under shard_map on the CPU) runs per batch x heads shard, same
+  values; in interpret mode 'pallas' falls back there."""
+  import json, os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(repo / "tests" / "pallas_shard_worker.py")],
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["max_error"] < 1e-5 and out["manual"] and out["mesh_size"] == 4
+  assert out["interpret_resolves_to"] == "einsum"

@@ -15,7 +15,7 @@
             below): blocks of 128 queries x 128 keys, online softmax, no
             [b, heads, q, k] probabilities kept for the backward pass;
   'auto'    cuDNN on GPUs when the activations are bfloat16/float16, Pallas
-            on TPUs (float32/bfloat16), else einsum.
+            on single-device TPUs (float32/bfloat16), else einsum.
 When the requested kernel cannot serve a call (platform, dtype, attention
 dropout, KV-cache decoding, a shape the kernel refuses) the log says so in
 one line, naming the reason and the fallback (once per distinct message),
@@ -45,13 +45,18 @@ mode is active when the attention is traced, i.e. inside
 (the tests check it against einsum this way). Otherwise it falls back.
 Interpret mode's callbacks are effects, which `jax.checkpoint` refuses: with
 a remat policy other than 'none' it fails there (a TPU has no such effects).
-Verified only in interpret mode on a CPU, on one device: on a multi-device
-mesh the kernel is not wrapped in `shard_map`, so how XLA partitions it is
-untested.
+Verified only in interpret mode on a CPU, on one device. On a multi-device
+mesh in context (a Mosaic kernel cannot be partitioned automatically) it
+runs under `jax.shard_map` over the batch and heads axes: untested, since
+interpret mode under `shard_map` hangs on the CPU (so there it falls back),
+and so 'auto' picks Pallas only when the mesh has one device; ask for
+'pallas' to use it on a TPU pod slice.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +101,7 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
         dropout or decode):
       return "cudnn"
     if platform == "tpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and not (
-        dropout or decode):
+        dropout or decode) and mesh_size() == 1:
       return "pallas"
     return "einsum"
   if requested == "einsum":
@@ -112,6 +117,9 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
                        f"{jnp.dtype(dtype)}")
     if decode:
       return _fallback(requested, "KV-cache decoding")
+    if platform != "tpu" and mesh_size() > 1:
+      return _fallback(requested, "TPU interpret mode on a multi-device mesh (it hangs on the "
+                       "CPU)")
   if requested == "cudnn":
     if platform != "gpu":
       return _fallback(requested, f"cuDNN needs an NVIDIA GPU, this is {platform}")
@@ -140,6 +148,12 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
+
+
+def mesh_size() -> int:
+  """Devices of the mesh in context (`jax.set_mesh`, `Partitioner.activate`); 1 if none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh is None or mesh.empty else int(mesh.size)
 
 
 def pallas_interpret_mode() -> bool:
@@ -197,13 +211,49 @@ def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Arr
                            block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
                            block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
                            block_q_dq=block)
+  kernel = functools.partial(flash.flash_attention, causal=causal, sm_scale=1.0,
+                             block_sizes=sizes)
   try:
-    out = flash.flash_attention(query, key, value, ab, segments, causal=causal, sm_scale=1.0,
-                                block_sizes=sizes)
+    out = _per_shard(kernel, batch, heads)(query, key, value, ab, segments)
   except (ValueError, NotImplementedError) as error:
     _fallback("pallas", str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
   return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+
+def _per_shard(kernel, batch: int, heads: int):
+  """`kernel(q, k, v, ab, segments)` as is on one device; on a multi-device mesh (the one
+  `jax.set_mesh` / `Partitioner.activate` puts in context) under `jax.shard_map` over the
+  batch and heads axes (Mosaic kernels cannot be partitioned automatically).
+
+  The mesh axes are those the logical axis rules in scope give `batch` and `heads`
+  (each dropped if it does not divide its size); lengths and head_dim stay whole, so
+  every shard runs the same kernel on its own rows and heads.
+  """
+  if mesh_size() == 1:
+    return kernel
+  mesh = jax.sharding.get_abstract_mesh()
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  P = jax.sharding.PartitionSpec
+
+  def axes(name: str, size: int):
+    spec = nn.logical_to_mesh_axes((name,))[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    names = tuple(a for a in names if a in mesh.axis_names)
+    if size % math.prod(mesh.shape[a] for a in names):
+      return None
+    return names or None
+
+  b, h = axes("batch", batch), axes("heads", heads)
+  four, two = P(b, h, None, None), P(b, None)
+
+  def call(q, k, v, ab, segments):
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(four, four, four, None if ab is None else four,
+                                     None if segments is None else type(segments)(two, two)),
+        out_specs=four, check_vma=False)(q, k, v, ab, segments)
+
+  return call
 
 
 def add_bias(logits: Array, bias: Array) -> Array:
