@@ -34,10 +34,13 @@ def main():
     fn = jax.jit(lambda *a: attention._per_shard(kernel, b, h)(*a))  # pylint: disable=protected-access
     got = fn(q, k, v, ab, segments)
     text = fn.lower(q, k, v, ab, segments).as_text()
+    no_bias = fn(q, k, v, None, segments)  # The kernel's structured route: no ab.
     with pltpu.force_tpu_interpret_mode():
       interpret = attention.resolve("pallas", jnp.float32, dropout=False)
     size = attention.mesh_size()
-  print(json.dumps({"max_error": float(np.abs(np.asarray(got) - np.asarray(want)).max()),
+  error = max(float(np.abs(np.asarray(got) - np.asarray(want)).max()),
+              float(np.abs(np.asarray(no_bias) - np.asarray(kernel(q, k, v, None, segments))).max()))
+  print(json.dumps({"max_error": error,
                     "manual": "manual" in text.lower(),
                     "mesh_size": size, "interpret_resolves_to": interpret}))
 

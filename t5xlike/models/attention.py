@@ -28,8 +28,8 @@ broadcast to [b, heads, q, k]: correct for every mask, but it materialises
 that bias (the T5 relative-position bias already is one, so T5 loses
 nothing). A caller that knows the mask's structure passes
 `layers.StructuredMask` (causal flag + padding / packed segments; the
-decoder-only model does when `attention_impl` is 'pallas', or 'auto' on a
-TPU) and the kernel gets `causal=True` and segment ids (padding = segment
+decoder-only and encoder-only models do when `attention_impl` is 'pallas',
+or 'auto' on a TPU) and the kernel gets `causal=True` and segment ids (padding = segment
 0), with no [b, heads, q, k] array at all when there is no bias. Grouped
 key/value heads are repeated to the query heads (the kernel has no GQA).
 It serves when: the platform is a TPU, or TPU interpret mode is on (below);
