@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from t5xlike.models import attention, layers
 
@@ -78,6 +79,13 @@ def test_resolution_rules_and_bad_names():
   assert attention.resolve("pallas", jnp.bfloat16, dropout=False) == "einsum"
   if jax.default_backend() == "cpu":
     assert attention.resolve("auto", jnp.bfloat16, dropout=False) == "einsum"
+  with pltpu.force_tpu_interpret_mode():
+    assert attention.resolve("pallas", jnp.bfloat16, dropout=False) == "pallas"
+    assert attention.resolve("pallas", jnp.float16, dropout=False) == "einsum"
+    assert attention.resolve("pallas", jnp.float32, dropout=True) == "einsum"
+    assert attention.resolve("pallas", jnp.float32, dropout=False, decode=True) == "einsum"
+    if jax.default_backend() == "cpu":
+      assert attention.resolve("auto", jnp.float32, dropout=False) == "einsum"
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     attention.resolve("flash", jnp.float32, dropout=False)
   from t5xlike.models import t5  # pylint: disable=g-import-not-at-top
@@ -100,3 +108,207 @@ def test_add_bias_gradient_equals_broadcast_sum(bias_shape):
   full = (1,) * (4 - len(bias_shape)) + bias_shape
   want = want.sum(axis=tuple(i for i in range(4) if full[i] == 1), keepdims=True)
   np.testing.assert_allclose(grad_bias, want.reshape(bias_shape), rtol=1e-5, atol=1e-6)
+
+
+# The Pallas TPU flash kernel, run on the CPU in TPU interpret mode (the real kernel; no
+# TPU in this project). Lengths are its block size, 128; interpret mode takes ~2 s a call.
+P_LEN = attention.PALLAS_BLOCK
+
+
+def pallas_inputs():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(BATCH, P_LEN, EMBED)), jnp.float32)
+  valid = jnp.asarray(np.arange(P_LEN)[None] < np.array([[P_LEN], [90]]))  # row 1 padded
+  segments = np.ones((BATCH, P_LEN), np.int32)
+  segments[0, 50:] = 2  # row 0: two packed examples; row 1: one, then padding (segment 0)
+  segments[1, 90:] = 0
+  return x, valid, jnp.asarray(segments)
+
+
+def run_pallas_case(impl, mask, bias=None, kv_heads=None, scaling="init", valid=None):
+  """Outputs at valid positions and gradients (params, inputs, bias) of one attention."""
+  x, default_valid, _ = pallas_inputs()
+  valid = default_valid if valid is None else valid
+  module = layers.MultiHeadAttention(num_heads=HEADS, head_dim=HEAD_DIM, num_kv_heads=kv_heads,
+                                     query_scaling=scaling, attention_impl=impl)
+  params = module.init(jax.random.key(0), x, x, mask, bias)
+
+  def loss(p, x, b):
+    out = module.apply(p, x, x, mask, b)
+    return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
+
+  argnums = (0, 1) if bias is None else (0, 1, 2)
+  (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, x, bias)
+  return np.asarray(out)[np.asarray(valid)], jax.tree.map(np.asarray, grads)
+
+
+def no_fallback(caplog):
+  assert not [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+
+
+def assert_pallas_matches(caplog, case, **kwargs):
+  ref_out, ref_grads = case("einsum", **kwargs)
+  with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
+    assert attention.resolve("pallas", jnp.float32, dropout=False) == "pallas"
+    out, grads = case("pallas", **kwargs)
+  no_fallback(caplog)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def t5_encoder_case(impl):
+  x, valid, _ = pallas_inputs()
+  buckets = layers.RelativePositionBiases(num_buckets=8, max_distance=16, num_heads=HEADS)
+  bias = buckets.apply(buckets.init(jax.random.key(1), P_LEN, P_LEN), P_LEN, P_LEN) * 3.0
+  return run_pallas_case(impl, layers.attention_mask(valid, valid), bias)
+
+
+def test_pallas_t5_encoder_bidirectional_padding_relative_bias(caplog):
+  """(a) dense padding mask folded into the kernel's bias with T5's relative bias."""
+  assert_pallas_matches(caplog, t5_encoder_case)
+
+
+def packed_case(impl, kv_heads=None, structured=True, causal=True):
+  _, valid, segments = pallas_inputs()
+  structure = layers.StructuredMask(valid, segments, causal=causal)
+  return run_pallas_case(impl, structure if structured else structure.dense(),
+                         kv_heads=kv_heads, scaling="runtime")
+
+
+@pytest.mark.parametrize("kv_heads,structured,causal",
+                         [(None, True, True), (2, True, True), (2, False, True),
+                          (None, True, False)],
+                         ids=["mha_structured", "gqa_structured", "gqa_dense_mask",
+                              "bidirectional_structured"])
+def test_pallas_causal_packed_segments_and_gqa(caplog, kv_heads, structured, causal):
+  """(b, c) decoder-only: causal flag + segment ids in the kernel (no bias, no dense mask),
+  or the same mask dense; grouped kv heads repeated to the query heads; the encoder-only
+  model's bidirectional packed mask."""
+  assert_pallas_matches(caplog, packed_case, kv_heads=kv_heads, structured=structured,
+                        causal=causal)
+
+
+def test_structured_mask_dense_is_the_models_mask():
+  _, valid, segments = pallas_inputs()
+  np.testing.assert_array_equal(layers.StructuredMask(valid, segments).dense(),
+                                layers.decoder_mask(valid, None, segments))
+  np.testing.assert_array_equal(
+      layers.StructuredMask(valid, segments, causal=False).dense(),
+      layers.attention_mask(valid, valid) & layers.segment_mask(segments, segments))
+  ids = layers.StructuredMask(valid, None).kernel_segments()
+  np.testing.assert_array_equal(ids, np.asarray(valid, np.int32))
+
+
+def test_pallas_unservable_logs_one_line_and_matches_einsum(caplog):
+  """(d) off a TPU without interpret mode, and lengths not multiples of 128 in it."""
+  attention._said.clear()  # pylint: disable=protected-access
+  ref_out, ref_grads = run("einsum")
+  with caplog.at_level(logging.WARNING, logger="t5xlike.models.attention"):
+    if jax.default_backend() != "tpu":
+      out, _ = run("pallas")
+      run("pallas")
+      np.testing.assert_array_equal(out, ref_out)
+    with pltpu.force_tpu_interpret_mode():
+      out, grads = run("pallas")
+      run("pallas")
+  np.testing.assert_array_equal(out, ref_out)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_array_equal(got, want)
+  lines = [r.getMessage() for r in caplog.records]
+  want = [f"attention_impl='pallas' cannot serve this attention (query/key lengths {Q_LEN}/"
+          f"{K_LEN} are not multiples of 128): using 'einsum'"]
+  if jax.default_backend() != "tpu":
+    want.insert(0, f"attention_impl='pallas' cannot serve this attention (the Pallas flash "
+                f"kernel needs a TPU or TPU interpret mode, this is {jax.default_backend()}): "
+                f"using 'einsum'")
+  assert lines == want
+
+
+def test_pallas_t5_model_loss_matches_einsum(caplog):
+  """End to end: a tiny T5 (relative biases, padding, causal decoder, cross-attention)."""
+  from t5xlike.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  enc = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
+  enc[0, 100:] = 0
+  targets = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
+  targets[0, 70:] = 0
+  batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
+           "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           "decoder_loss_weights": (targets > 0).astype(np.float32)}
+  losses = {}
+  for impl in ("einsum", "pallas"):
+    cfg = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, num_encoder_layers=1,
+                      num_decoder_layers=1, head_dim=8, mlp_dim=32, attention_impl=impl)
+    model = encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))
+    with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
+      params = nn.meta.unbox(model.init(jax.random.key(1), batch)["params"])
+      losses[impl] = float(model.loss_fn(params, batch, None)[0])
+  no_fallback(caplog)
+  np.testing.assert_allclose(losses["pallas"], losses["einsum"], rtol=1e-6)
+
+
+def test_pallas_structured_mask_builds_no_length_squared_array():
+  """Causal + segments in the kernel: the compiled gradient holds no [.., l, l] mask or bias
+  (l = 256, two kernel blocks, so the kernel's own [.., 128, 128] tiles are told apart)."""
+  length = 2 * P_LEN
+  x = jnp.ones((BATCH, length, EMBED))
+  structure = layers.StructuredMask(jnp.ones((BATCH, length), jnp.bool_),
+                                    jnp.ones((BATCH, length), jnp.int32))
+  module = layers.MultiHeadAttention(num_heads=HEADS, head_dim=HEAD_DIM, attention_impl="pallas")
+  params = module.init(jax.random.key(0), x, x, structure)
+  with pltpu.force_tpu_interpret_mode():
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x, x, structure) ** 2)))
+    hlo = grad.lower(params, x).compile().as_text()
+  assert "pallas" in hlo.lower() or "callback" in hlo.lower()
+  assert f"{length},{length}]" not in hlo
+
+
+def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
+  """End to end: a tiny Llama-style decoder (GQA, RoPE, packed rows, scanned layers), the
+  StructuredMask broadcast through nn.scan to the kernel. No remat: interpret mode's
+  callbacks are effects, which `jax.checkpoint` refuses (the TPU kernel has none)."""
+  from t5xlike.models import decoder  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  targets = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
+  segments = np.ones((1, P_LEN), np.int32)
+  segments[0, 60:] = 2
+  segments[0, 110:] = 0
+  targets[0, 110:] = 0
+  positions = np.where(segments == 2, np.arange(P_LEN) - 60, np.arange(P_LEN)).astype(np.int32)
+  inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  inputs[0, 60] = 0  # each packed example starts from BOS
+  batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+           "decoder_segment_ids": segments, "decoder_positions": positions,
+           "decoder_loss_weights": (targets > 0).astype(np.float32)}
+  results = {}
+  for impl in ("einsum", "pallas"):
+    cfg = decoder.DecoderConfig(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=2,
+                                num_layers=1, head_dim=8, mlp_dim=32, scan_layers=True,
+                                attention_impl=impl)
+    model = decoder.DecoderOnlyModel(decoder.Transformer(cfg))
+    with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
+      params = nn.meta.unbox(model.init(jax.random.key(1), batch)["params"])
+      results[impl] = jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+  no_fallback(caplog)
+  (loss, grads), (ref_loss, ref_grads) = results["pallas"], results["einsum"]
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_pallas_shard_map_wrapping_on_a_four_device_mesh():
+  """Multi-device meshes: the kernel (here the flash module's pure-JAX reference, since
+  interpret mode hangs under shard_map on the CPU) runs per batch x heads shard, same
+  values; in interpret mode 'pallas' falls back there."""
+  import json, os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(repo / "tests" / "pallas_shard_worker.py")],
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["max_error"] < 1e-5 and out["manual"] and out["mesh_size"] == 4
+  assert out["interpret_resolves_to"] == "einsum"

@@ -10,17 +10,53 @@
             fused (flash) attention on NVIDIA GPUs, with the T5 relative
             position bias as its additive bias and the causal / padding /
             segment masks as its boolean mask;
-  'pallas'  reserved for the Pallas TPU flash kernel: not wired yet (it
-            needs segment ids and a causal flag instead of a dense mask),
-            so it always falls back;
-  'auto'    cuDNN on GPUs when the activations are bfloat16/float16, else einsum.
+  'pallas'  the Pallas TPU flash-attention kernel
+            (`jax.experimental.pallas.ops.tpu.flash_attention`, `pallas`
+            below): blocks of 128 queries x 128 keys, online softmax, no
+            [b, heads, q, k] probabilities kept for the backward pass;
+  'auto'    cuDNN on GPUs when the activations are bfloat16/float16, Pallas
+            on single-device TPUs (float32/bfloat16), else einsum.
 When the requested kernel cannot serve a call (platform, dtype, attention
-dropout, a shape cuDNN refuses) the log says so in one line, naming the
-reason and the fallback (once per distinct message), and the einsum path runs.
+dropout, KV-cache decoding, a shape the kernel refuses) the log says so in
+one line, naming the reason and the fallback (once per distinct message),
+and the einsum path runs.
+
+Pallas. The kernel takes an additive bias `ab` [b, heads, q, k], segment
+ids and a causal flag, not a boolean mask. A dense mask (the default every
+caller passes) is folded into the bias, `where(mask, bias, -1e10)`,
+broadcast to [b, heads, q, k]: correct for every mask, but it materialises
+that bias (the T5 relative-position bias already is one, so T5 loses
+nothing). A caller that knows the mask's structure passes
+`layers.StructuredMask` (causal flag + padding / packed segments; the
+decoder-only and encoder-only models do when `attention_impl` is 'pallas',
+or 'auto' on a TPU) and the kernel gets `causal=True` and segment ids (padding = segment
+0), with no [b, heads, q, k] array at all when there is no bias. Grouped
+key/value heads are repeated to the query heads (the kernel has no GQA).
+It serves when: the platform is a TPU, or TPU interpret mode is on (below);
+the activations are float32 or bfloat16; no attention dropout; no KV-cache
+decoding; query and key lengths are multiples of 128 (the block size);
+head_dim <= 128 or a multiple of 128. Fully masked query rows (padding) get
+finite outputs and gradients (uniform weights over their keys).
+
+Interpret mode: off a TPU, 'pallas' serves only while Pallas TPU interpret
+mode is active when the attention is traced, i.e. inside
+`jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (or after
+`set_tpu_interpret_mode()`): the real kernel then runs, slowly, on the CPU
+(the tests check it against einsum this way). Otherwise it falls back.
+Interpret mode's callbacks are effects, which `jax.checkpoint` refuses: with
+a remat policy other than 'none' it fails there (a TPU has no such effects).
+Verified only in interpret mode on a CPU, on one device. On a multi-device
+mesh in context (a Mosaic kernel cannot be partitioned automatically) it
+runs under `jax.shard_map` over the batch and heads axes: untested, since
+interpret mode under `shard_map` hangs on the CPU (so there it falls back),
+and so 'auto' picks Pallas only when the mesh has one device; ask for
+'pallas' to use it on a TPU pod slice.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +66,10 @@ Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
 _said: set[str] = set()
+#: The Pallas kernel's block size: query and key lengths must be multiples of it.
+PALLAS_BLOCK = 128
+#: Masked logits in the Pallas kernel's folded bias (as `layers.NEG_INF`).
+_PALLAS_NEG_INF = -1e10
 
 
 def check_name(impl: str) -> None:
@@ -46,7 +86,7 @@ def _fallback(requested: str, reason: str) -> str:
 
 
 def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = False) -> str:
-  """The kernel that runs: 'einsum', 'xla' or 'cudnn' (see the module docstring).
+  """The kernel that runs: 'einsum', 'xla', 'cudnn' or 'pallas' (see the module docstring).
 
   Args:
     requested: the configured `attention_impl`.
@@ -60,13 +100,26 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not (
         dropout or decode):
       return "cudnn"
+    if platform == "tpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and not (
+        dropout or decode) and mesh_size() == 1:
+      return "pallas"
     return "einsum"
   if requested == "einsum":
     return "einsum"
   if dropout:
     return _fallback(requested, "attention dropout is on")
   if requested == "pallas":
-    return _fallback(requested, "the Pallas flash kernel is not wired in this version")
+    if platform != "tpu" and not pallas_interpret_mode():
+      return _fallback(requested, f"the Pallas flash kernel needs a TPU or TPU interpret mode, "
+                       f"this is {platform}")
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+      return _fallback(requested, f"the Pallas flash kernel needs float32/bfloat16, got "
+                       f"{jnp.dtype(dtype)}")
+    if decode:
+      return _fallback(requested, "KV-cache decoding")
+    if platform != "tpu" and mesh_size() > 1:
+      return _fallback(requested, "TPU interpret mode on a multi-device mesh (it hangs on the "
+                       "CPU)")
   if requested == "cudnn":
     if platform != "gpu":
       return _fallback(requested, f"cuDNN needs an NVIDIA GPU, this is {platform}")
@@ -95,6 +148,112 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
+
+
+def mesh_size() -> int:
+  """Devices of the mesh in context (`jax.set_mesh`, `Partitioner.activate`); 1 if none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh is None or mesh.empty else int(mesh.size)
+
+
+def pallas_interpret_mode() -> bool:
+  """Pallas TPU interpret mode is on here (`pltpu.force_tpu_interpret_mode`)."""
+  try:
+    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+  except (ImportError, AttributeError):
+    return False
+
+
+def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
+           dtype: jnp.dtype, *, causal: bool = False,
+           segment_ids: Array | None = None) -> Array | None:
+  """The Pallas TPU flash-attention kernel with scale 1 (see the module docstring).
+
+  query [b, q, heads, d], key/value [b, k, kv_heads, d]; mask bool and bias
+  broadcastable to [b, heads, q, k] (either may be None); `causal` and
+  `segment_ids` (int [b, q], self-attention, 0 on padding) mask in the
+  kernel itself. Returns [b, q, heads, d] in `dtype`, or None (logged) when
+  the kernel cannot serve the shapes.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as flash  # pylint: disable=g-import-not-at-top
+  batch, q_len, heads, head_dim = query.shape
+  k_len, kv_heads = key.shape[1], key.shape[2]
+  if q_len % PALLAS_BLOCK or k_len % PALLAS_BLOCK:
+    _fallback("pallas", f"query/key lengths {q_len}/{k_len} are not multiples of "
+              f"{PALLAS_BLOCK}")
+    return None
+  if head_dim > 128 and head_dim % 128:
+    _fallback("pallas", f"head_dim {head_dim} > 128 is not a multiple of 128")
+    return None
+  if heads % kv_heads:
+    raise ValueError(f"{heads} query heads do not share {kv_heads} key/value heads")
+  if segment_ids is not None and q_len != k_len:
+    raise ValueError("segment_ids are for self-attention (query length == key length)")
+  # Query head h uses key/value head h // group, as `jnp.repeat` lays them out.
+  key, value = (jnp.repeat(x, heads // kv_heads, axis=2) if kv_heads != heads else x
+                for x in (key, value))
+  query, key, value = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (query, key, value))
+  four_d = lambda x: x.reshape((1,) * (4 - x.ndim) + x.shape)
+  ab = None
+  if bias is not None or mask is not None:
+    ab = jnp.zeros((1,) * 4, jnp.float32) if bias is None else four_d(bias).astype(jnp.float32)
+    if mask is not None:
+      ab = jnp.where(four_d(mask.astype(jnp.bool_)), ab,
+                     jnp.asarray(_PALLAS_NEG_INF, jnp.float32))
+    ab = jnp.broadcast_to(ab, (batch, heads, q_len, k_len))
+  segments = None
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+    segments = flash.SegmentIds(q=segment_ids, kv=segment_ids)
+  block = PALLAS_BLOCK
+  sizes = flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
+                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
+                           block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
+                           block_q_dq=block)
+  kernel = functools.partial(flash.flash_attention, causal=causal, sm_scale=1.0,
+                             block_sizes=sizes)
+  try:
+    out = _per_shard(kernel, batch, heads)(query, key, value, ab, segments)
+  except (ValueError, NotImplementedError) as error:
+    _fallback("pallas", str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+    return None
+  return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+
+def _per_shard(kernel, batch: int, heads: int):
+  """`kernel(q, k, v, ab, segments)` as is on one device; on a multi-device mesh (the one
+  `jax.set_mesh` / `Partitioner.activate` puts in context) under `jax.shard_map` over the
+  batch and heads axes (Mosaic kernels cannot be partitioned automatically).
+
+  The mesh axes are those the logical axis rules in scope give `batch` and `heads`
+  (each dropped if it does not divide its size); lengths and head_dim stay whole, so
+  every shard runs the same kernel on its own rows and heads.
+  """
+  if mesh_size() == 1:
+    return kernel
+  mesh = jax.sharding.get_abstract_mesh()
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  P = jax.sharding.PartitionSpec
+
+  def axes(name: str, size: int):
+    spec = nn.logical_to_mesh_axes((name,))[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    names = tuple(a for a in names if a in mesh.axis_names)
+    if size % math.prod(mesh.shape[a] for a in names):
+      return None
+    return names or None
+
+  b, h = axes("batch", batch), axes("heads", heads)
+  four, two = P(b, h, None, None), P(b, None)
+
+  def call(q, k, v, ab, segments):
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(four, four, four, None if ab is None else four,
+                                     None if segments is None else type(segments)(two, two)),
+        out_specs=four, check_vma=False)(q, k, v, ab, segments)
+
+  return call
 
 
 def add_bias(logits: Array, bias: Array) -> Array:

@@ -227,11 +227,14 @@ class Transformer(nn.Module):
     elif decode:
       valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
       mask = layers.decoder_mask(valid, decoder_causal_attention)
+    elif decoder_causal_attention is None and layers.wants_structured_mask(
+        self.config.attention_impl):
+      mask = layers.StructuredMask(decoder_target_tokens > 0, decoder_segment_ids, causal=True)
     else:
       mask = layers.decoder_mask(decoder_target_tokens > 0, decoder_causal_attention,
                                  decoder_segment_ids)
-      if decoder_positions is None:
-        decoder_positions = jnp.arange(decoder_input_tokens.shape[-1], dtype=jnp.int32)[None]
+    if not decode and decoder_positions is None:
+      decoder_positions = jnp.arange(decoder_input_tokens.shape[-1], dtype=jnp.int32)[None]
     return self.decoder(decoder_input_tokens, mask, decoder_positions, deterministic, decode)
 
 

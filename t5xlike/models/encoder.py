@@ -376,9 +376,12 @@ class EncoderNetwork(nn.Module):
              encoder_positions: Array | None = None, deterministic: bool = True) -> Array:
     """Hidden states [b, l, emb_dim] of tokens [b, l]."""
     valid = encoder_input_tokens > 0
-    mask = layers.attention_mask(valid, valid)
-    if encoder_segment_ids is not None:
-      mask = mask & layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+    if layers.wants_structured_mask(self.config.attention_impl):
+      mask = layers.StructuredMask(valid, encoder_segment_ids, causal=False)
+    else:
+      mask = layers.attention_mask(valid, valid)
+      if encoder_segment_ids is not None:
+        mask = mask & layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
     embedded = self._get_embedder()(encoder_input_tokens, encoder_positions)
     return self.encoder(embedded, mask, deterministic=deterministic)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -276,6 +277,51 @@ def decoder_mask(valid: Array, causal_attention: Array | None = None,
   return mask
 
 
+@struct.dataclass
+class StructuredMask:
+  """A self-attention mask given by its structure instead of [b, 1, l, l] booleans.
+
+  What a model passes as `mask` to `MultiHeadAttention` when it knows the
+  structure, so that the Pallas kernel (`attention.pallas`) masks by causal
+  flag and segment ids and no [b, heads, l, l] mask is built; every other
+  kernel gets `dense()`, the exact mask the model would otherwise pass.
+
+  Attributes:
+    valid: bool [b, l], real (non-padding) positions.
+    segment_ids: optional int [b, l] of packed examples.
+    causal: query i sees keys <= i (static).
+  """
+  valid: Array
+  segment_ids: Array | None = None
+  causal: bool = struct.field(pytree_node=False, default=True)
+
+  def dense(self) -> Array:
+    """bool [b, 1, l, l]: `decoder_mask(valid, None, segment_ids)` when causal, else
+    `attention_mask(valid, valid) & segment_mask(segment_ids, segment_ids)`."""
+    if self.causal:
+      return decoder_mask(self.valid, None, self.segment_ids)
+    mask = attention_mask(self.valid, self.valid)
+    if self.segment_ids is not None:
+      mask = mask & segment_mask(self.segment_ids, self.segment_ids)
+    return mask
+
+  def kernel_segments(self) -> Array:
+    """int32 [b, l]: 0 on padding, segment id + 1 elsewhere (1 when unpacked).
+
+    Equal ids exactly where `dense()` allows a (query, key) pair, except
+    padding, which sees padding: only rows of padded queries differ, whose
+    outputs no real position reads (their keys are hidden from real queries)."""
+    ids = (jnp.zeros(self.valid.shape, jnp.int32) if self.segment_ids is None
+           else self.segment_ids.astype(jnp.int32))
+    return jnp.where(self.valid, ids + 1, 0)
+
+
+def wants_structured_mask(attention_impl: str) -> bool:
+  """Whether a model should pass `StructuredMask`: the Pallas kernel may serve."""
+  return attention_impl == "pallas" or (attention_impl == "auto"
+                                        and jax.default_backend() == "tpu")
+
+
 def rotary_embedding(x: Array, positions: Array, max_wavelength: float) -> Array:
   """Rotary position embedding (RoPE, Su et al. 2021) in HF Llama's `rotate_half` layout.
 
@@ -364,9 +410,12 @@ class MultiHeadAttention(nn.Module):
                bias: Array | None = None, deterministic: bool = True,
                positions: Array | None = None) -> Array:
     """inputs_q: [b, q, embed]; inputs_kv: [b, k, embed]; mask: bool broadcastable
-    to [b, heads, q, k]; bias: broadcastable to [b, heads, q, k]; positions: int
+    to [b, heads, q, k], or a `StructuredMask` (self-attention); bias: broadcastable to [b, heads, q, k]; positions: int
     [b, q] for RoPE (self-attention, default arange) -> [b, q, embed].
     With `decode=True`, k is the cache's max_length (see the class docstring)."""
+    structure = mask if isinstance(mask, StructuredMask) else None
+    if structure is not None:  # Unused (and so not computed under jit) by the Pallas kernel.
+      mask = structure.dense()
     kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -408,8 +457,14 @@ class MultiHeadAttention(nn.Module):
       query = query / jnp.asarray(depth_scaling, query.dtype)
     dropout = not deterministic and self.dropout_rate > 0.0
     impl = attention.resolve(self.attention_impl, self.dtype, dropout, decode=self.decode)
-    out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
-                                                        self.dtype)
+    if impl == "pallas" and structure is not None:
+      out = attention.pallas(query, key, value, None, bias, self.dtype, causal=structure.causal,
+                             segment_ids=structure.kernel_segments())
+    elif impl == "pallas":
+      out = attention.pallas(query, key, value, mask, bias, self.dtype)
+    else:
+      out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
+                                                          self.dtype)
     if out is not None:
       return self._output(out, inputs_q)
     batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
