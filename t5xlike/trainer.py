@@ -141,6 +141,7 @@ class Trainer:
     self._init_lock = threading.RLock()  # start_compile's threads share these caches
     self._init_compile_lock = threading.Lock()
     self._compiled_init = None  # (init_fn, compiled init)
+    self._init_future = None  # (init_fn, Future of (init_fn, compiled init)) of start_compile
     self._compiled_steps: dict[tuple, Any] = {}  # batch shapes -> AOT-compiled train step
     self._background: tuple[tuple, concurrent.futures.Future] | None = None
     self._cancelled = threading.Event()
@@ -195,19 +196,32 @@ class Trainer:
       self._compiled_init = None
       return init_fn, abstract_state
 
+  def _lower_init(self, batch_shapes: Batch):
+    init_fn, _ = self._prepare_init(batch_shapes)
+    with self.partitioner.activate():
+      return init_fn, jax.jit(init_fn, out_shardings=self.state_shardings).lower(
+          jax.random.key(0))
+
+  def _compile_lowered_init(self, init_fn, lowered):
+    start = time.perf_counter()
+    compiled = lowered.compile(_INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+    self.compile_seconds["init"] = time.perf_counter() - start
+    return init_fn, compiled
+
   def _compile_init(self, batch_shapes: Batch):
-    """The compiled init(rng) of these batch shapes (once; `start_compile` may
-    compile it in its thread), only when a state is made. On XLA:CPU it is
-    compiled without LLVM optimisation (`_INIT_COMPILER_OPTIONS`)."""
+    """The compiled init(rng) of these batch shapes (once, or `start_compile`'s),
+    only when a state is made. On XLA:CPU it is compiled without LLVM
+    optimisation (`_INIT_COMPILER_OPTIONS`)."""
     init_fn, _ = self._prepare_init(batch_shapes)
     with self._init_compile_lock:
+      pending, self._init_future = self._init_future, None
+      if pending is not None and pending[0] is init_fn:
+        try:
+          self._compiled_init = pending[1].result()
+        except Exception as error:  # pylint: disable=broad-except  (redone here: raises here)
+          log.debug("background init compilation failed (%s): compiling again", error)
       if self._compiled_init is None or self._compiled_init[0] is not init_fn:
-        start = time.perf_counter()
-        with self.partitioner.activate():
-          compiled = jax.jit(init_fn, out_shardings=self.state_shardings).lower(
-              jax.random.key(0)).compile(_INIT_COMPILER_OPTIONS.get(jax.default_backend()))
-        self._compiled_init = (init_fn, compiled)
-        self.compile_seconds["init"] = time.perf_counter() - start
+        self._compiled_init = self._compile_lowered_init(*self._lower_init(batch_shapes))
       return self._compiled_init[1]
 
   def abstract_state(self, batch_shapes: Batch) -> TrainState:
@@ -328,55 +342,70 @@ class Trainer:
         log.debug("background compilation failed (%s): compiling again", error)
     return self._compile_train_step_now(batch_shapes)
 
-  def _compile_train_step_now(self, batch_shapes: Batch):
+  def _lower_train_step(self, batch_shapes: Batch):
     abstract_state = self.abstract_state(batch_shapes)
-    start = time.perf_counter()
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.partitioner.batch_sharding())
               for k, v in batch_shapes.items()}
     with self.partitioner.activate():
-      compiled = self._jitted_train_step(shapes).lower(abstract_state, shapes).compile()
+      return self._jitted_train_step(shapes).lower(abstract_state, shapes)
+
+  def _compile_lowered_step(self, key: tuple, lowered):
+    start = time.perf_counter()
+    compiled = lowered.compile()
     self.compile_seconds["train_step"] = time.perf_counter() - start
-    self._compiled_steps[_shape_key(_abstract(batch_shapes))] = compiled
+    self._compiled_steps[key] = compiled
     return compiled
 
+  def _compile_train_step_now(self, batch_shapes: Batch):
+    return self._compile_lowered_step(_shape_key(_abstract(batch_shapes)),
+                                      self._lower_train_step(batch_shapes))
+
   def start_compile(self, batch_shapes: Batch, init: bool = True) -> concurrent.futures.Future:
-    """Compiles the train step and init for batches of these (global) shapes in
-    two background threads, while the caller starts the data pipeline; returns its
-    Future (of the compiled step, or None when cancelled).
+    """Starts compiling the train step (and init) for batches of these (global)
+    shapes: traced and lowered here (Python, ~1 s), compiled by XLA in two
+    background threads while the caller starts the data pipeline. Returns the
+    Future of the compiled step (None when cancelled or failed).
 
     XLA compiles without the Python lock, so on a multi-core host the
-    compilation overlaps the pipeline's imports and first batch. The first
-    `train_step` / `compile_train_step` of these shapes waits for it; other
-    shapes compile as usual. Errors are not raised from the thread: the
-    caller's own call compiles again and raises them. `init=False` compiles
-    the step only (a run that restores a checkpoint). `cancel_compile`
-    stops what has not started yet (an XLA compilation in progress cannot
-    be interrupted).
+    compilation overlaps the pipeline's imports and first batch (tracing in
+    a thread of its own would compete with them for the lock). The first
+    `train_step` / `compile_train_step` / `init_state` of these shapes waits
+    for it; other shapes compile as usual. Errors are not raised here: the
+    caller's own calls compile again and raise them. `init=False` compiles
+    the step only (a run that restores a checkpoint). `cancel_compile` stops
+    what has not started (an XLA compilation in progress cannot be
+    interrupted).
     """
     shapes = _abstract(batch_shapes)
     key = _shape_key(shapes)
+    executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="t5xlike-compile")
+    try:
+      lowered_step = self._lower_train_step(shapes)
+      lowered_init = self._lower_init(shapes) if init else None
+    except Exception as error:  # pylint: disable=broad-except  (raised again by the caller's calls)
+      log.debug("no background compilation (%s)", error)
+      future: concurrent.futures.Future = concurrent.futures.Future()
+      future.set_result(None)
+      return future
 
     def step():
-      self.abstract_state(shapes)
-      if self._cancelled.is_set():
-        return None
-      return self._compile_train_step_now(shapes)
+      return None if self._cancelled.is_set() else self._compile_lowered_step(key, lowered_step)
 
     def compile_init():
-      self.abstract_state(shapes)
-      if not self._cancelled.is_set():
-        self._compile_init(shapes)
+      if self._cancelled.is_set():
+        raise concurrent.futures.CancelledError()
+      return self._compile_lowered_init(*lowered_init)
 
-    executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="t5xlike-compile")
     future = executor.submit(step)
     if init:
-      executor.submit(compile_init)  # Errors surface in the caller's init_state.
+      self._init_future = (lowered_init[0], executor.submit(compile_init))
     executor.shutdown(wait=False)
     self._background = (key, future)
     return future
 
   def cancel_compile(self) -> None:
-    """Stops a `start_compile` before its train step (e.g. on a configuration error)."""
+    """Stops background compilation that has not started, now and in later
+    `start_compile` calls (e.g. on a configuration error: no wait at exit)."""
     self._cancelled.set()
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -131,14 +131,17 @@ def run_pallas_case(impl, mask, bias=None, kv_heads=None, scaling="init", valid=
   valid = default_valid if valid is None else valid
   module = layers.MultiHeadAttention(num_heads=HEADS, head_dim=HEAD_DIM, num_kv_heads=kv_heads,
                                      query_scaling=scaling, attention_impl=impl)
-  params = module.init(jax.random.key(0), x, x, mask, bias)
+  # Everything jitted: eager ops between interpret-mode kernels can deadlock with the
+  # kernels' host callbacks on the CPU (seen once: a test hung in an eager reduction).
+  params = jax.jit(module.init)(jax.random.key(0), x, x, mask, bias)
 
   def loss(p, x, b):
     out = module.apply(p, x, x, mask, b)
     return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
 
   argnums = (0, 1) if bias is None else (0, 1, 2)
-  (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, x, bias)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(
+      params, x, bias)
   return np.asarray(out)[np.asarray(valid)], jax.tree.map(np.asarray, grads)
 
 
@@ -244,8 +247,9 @@ def test_pallas_t5_model_loss_matches_einsum(caplog):
                       num_decoder_layers=1, head_dim=8, mlp_dim=32, attention_impl=impl)
     model = encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))
     with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
-      params = nn.meta.unbox(model.init(jax.random.key(1), batch)["params"])
-      losses[impl] = float(model.loss_fn(params, batch, None)[0])
+      params = jax.jit(lambda key: nn.meta.unbox(model.init(key, batch)["params"]))(
+          jax.random.key(1))
+      losses[impl] = float(jax.jit(lambda p: model.loss_fn(p, batch, None)[0])(params))
   no_fallback(caplog)
   np.testing.assert_allclose(losses["pallas"], losses["einsum"], rtol=1e-6)
 
@@ -291,8 +295,10 @@ def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
                                 attention_impl=impl)
     model = decoder.DecoderOnlyModel(decoder.Transformer(cfg))
     with pltpu.force_tpu_interpret_mode(), caplog.at_level(logging.WARNING):
-      params = nn.meta.unbox(model.init(jax.random.key(1), batch)["params"])
-      results[impl] = jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+      params = jax.jit(lambda key: nn.meta.unbox(model.init(key, batch)["params"]))(
+          jax.random.key(1))
+      results[impl] = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0]))(
+          params)
   no_fallback(caplog)
   (loss, grads), (ref_loss, ref_grads) = results["pallas"], results["einsum"]
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
