@@ -378,7 +378,6 @@ class Trainer:
     """
     shapes = _abstract(batch_shapes)
     key = _shape_key(shapes)
-    executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="t5xlike-compile")
     try:
       lowered_step = self._lower_train_step(shapes)
       lowered_init = self._lower_init(shapes) if init else None
@@ -396,6 +395,7 @@ class Trainer:
         raise concurrent.futures.CancelledError()
       return self._compile_lowered_init(*lowered_init)
 
+    executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="t5xlike-compile")
     future = executor.submit(step)
     if init:
       self._init_future = (lowered_init[0], executor.submit(compile_init))

@@ -21,7 +21,7 @@ from etils import epath
 
 from t5xlike import checkpoints, config, entry, flops, metrics, nan_policy as nan_policy_lib
 from t5xlike import partitioning, preemption, trainer as trainer_lib
-from t5xlike.data import batch_shapes, feature_converters, pipeline, task_examples
+from t5xlike.data import batch_shapes, feature_converters, pipeline, sources, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
 
@@ -130,7 +130,9 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
                                 learning_rate_schedule, partitioner,
                                 num_microbatches=num_microbatches, finetuning=finetuning,
                                 skip_nonfinite=policy.skip_in_step)
-  # The train step compiles in threads while the pipeline starts (shapes from the lengths).
+  # The train step compiles in threads while the pipeline starts (shapes from the lengths);
+  # a mistyped task name is reported first, without waiting for a compilation.
+  _validated(lambda: sources.get_task(mixture_or_task_name), "training data")
   _start_compile(trainer, converter, task_feature_lengths, batch_size, pack,
                  init=not initial_checkpoint_path and not checkpoints.step_dirs(model_dir))
   try:
