@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from t5xlike.models import attention, layers
+from t5xlike.models import attention, layers, masks
 
 BATCH, Q_LEN, K_LEN, EMBED, HEADS, HEAD_DIM = 2, 8, 8, 32, 4, 8
 
@@ -17,8 +17,8 @@ def inputs():
   x = jnp.asarray(rng.normal(size=(BATCH, Q_LEN, EMBED)), jnp.float32)
   valid = jnp.asarray(np.arange(Q_LEN)[None] < np.array([[Q_LEN], [5]]))  # row 1 padded
   segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 2, 2, 2, 0, 0, 0]])
-  mask = (layers.attention_mask(valid, valid) & layers.causal_mask(Q_LEN)
-          & layers.segment_mask(segments, segments))
+  mask = (masks.attention_mask(valid, valid) & masks.causal_mask(Q_LEN)
+          & masks.segment_mask(segments, segments))
   buckets = layers.RelativePositionBiases(num_buckets=8, max_distance=16, num_heads=HEADS)
   bias = buckets.apply(buckets.init(jax.random.key(1), Q_LEN, K_LEN, False), Q_LEN, K_LEN, False)
   return x, mask, bias * 3.0, valid
@@ -165,7 +165,7 @@ def t5_encoder_case(impl):
   x, valid, _ = pallas_inputs()
   buckets = layers.RelativePositionBiases(num_buckets=8, max_distance=16, num_heads=HEADS)
   bias = buckets.apply(buckets.init(jax.random.key(1), P_LEN, P_LEN), P_LEN, P_LEN) * 3.0
-  return run_pallas_case(impl, layers.attention_mask(valid, valid), bias)
+  return run_pallas_case(impl, masks.attention_mask(valid, valid), bias)
 
 
 def test_pallas_t5_encoder_bidirectional_padding_relative_bias(caplog):
@@ -175,7 +175,7 @@ def test_pallas_t5_encoder_bidirectional_padding_relative_bias(caplog):
 
 def packed_case(impl, kv_heads=None, structured=True, causal=True):
   _, valid, segments = pallas_inputs()
-  structure = layers.StructuredMask(valid, segments, causal=causal)
+  structure = masks.StructuredMask(valid, segments, causal=causal)
   return run_pallas_case(impl, structure if structured else structure.dense(),
                          kv_heads=kv_heads, scaling="runtime")
 
@@ -195,12 +195,12 @@ def test_pallas_causal_packed_segments_and_gqa(caplog, kv_heads, structured, cau
 
 def test_structured_mask_dense_is_the_models_mask():
   _, valid, segments = pallas_inputs()
-  np.testing.assert_array_equal(layers.StructuredMask(valid, segments).dense(),
-                                layers.decoder_mask(valid, None, segments))
+  np.testing.assert_array_equal(masks.StructuredMask(valid, segments).dense(),
+                                masks.decoder_mask(valid, None, segments))
   np.testing.assert_array_equal(
-      layers.StructuredMask(valid, segments, causal=False).dense(),
-      layers.attention_mask(valid, valid) & layers.segment_mask(segments, segments))
-  ids = layers.StructuredMask(valid, None).kernel_segments()
+      masks.StructuredMask(valid, segments, causal=False).dense(),
+      masks.attention_mask(valid, valid) & masks.segment_mask(segments, segments))
+  ids = masks.StructuredMask(valid, None).kernel_segments()
   np.testing.assert_array_equal(ids, np.asarray(valid, np.int32))
 
 
@@ -259,7 +259,7 @@ def test_pallas_structured_mask_builds_no_length_squared_array():
   (l = 256, two kernel blocks, so the kernel's own [.., 128, 128] tiles are told apart)."""
   length = 2 * P_LEN
   x = jnp.ones((BATCH, length, EMBED))
-  structure = layers.StructuredMask(jnp.ones((BATCH, length), jnp.bool_),
+  structure = masks.StructuredMask(jnp.ones((BATCH, length), jnp.bool_),
                                     jnp.ones((BATCH, length), jnp.int32))
   module = layers.MultiHeadAttention(num_heads=HEADS, head_dim=HEAD_DIM, attention_impl="pallas")
   params = module.init(jax.random.key(0), x, x, structure)

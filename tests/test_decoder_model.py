@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t5xlike import config as config_lib
-from t5xlike.models import decoder, layers
+from t5xlike.models import decoder, layers, masks
 from tests import decoder_numpy_reference as ref
 
 CONFIG = decoder.DecoderConfig(vocab_size=128, emb_dim=32, num_heads=4, num_kv_heads=2,
@@ -145,7 +145,7 @@ def test_prefix_lm_mask_is_t5x_make_decoder_mask():
   targets = jnp.array([[6, 7, 8, 3, 4, 5, 0]])
   segments = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
   causal_attention = jnp.array([[1, 1, 0, 1, 1, 0, 0]])
-  mask = layers.decoder_mask(targets > 0, causal_attention, segments)
+  mask = masks.decoder_mask(targets > 0, causal_attention, segments)
   expected = np.array([[1, 1, 0, 0, 0, 0, 0],
                        [1, 1, 0, 0, 0, 0, 0],
                        [1, 1, 1, 0, 0, 0, 0],
@@ -156,7 +156,7 @@ def test_prefix_lm_mask_is_t5x_make_decoder_mask():
   assert mask.shape == (1, 1, 7, 7) and mask.dtype == jnp.bool_
   np.testing.assert_array_equal(np.asarray(mask)[0, 0], expected)
   # Unpacked, prefix of 3 positions, last position padding.
-  mask = layers.decoder_mask(jnp.array([[5, 6, 7, 8, 0]]) > 0, jnp.array([[1, 1, 1, 0, 0]]))
+  mask = masks.decoder_mask(jnp.array([[5, 6, 7, 8, 0]]) > 0, jnp.array([[1, 1, 1, 0, 0]]))
   np.testing.assert_array_equal(np.asarray(mask)[0, 0], np.array(
       [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]],
       bool))
@@ -235,7 +235,7 @@ def test_attention_cache_with_an_absolute_mask_hides_slots():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   params = nn.meta.unbox(full_attn.init(jax.random.key(1), x, x))["params"]
   key_valid = jnp.array([[True, False, True, True, True]] * 2)
-  mask = layers.decoder_mask(key_valid) | (jnp.eye(5, dtype=bool)[None, None])
+  mask = masks.decoder_mask(key_valid) | (jnp.eye(5, dtype=bool)[None, None])
   expected = full_attn.apply({"params": params}, x, x, mask)
   step = jax.jit(lambda cache, xs, m: cached_attn.apply({"params": params, "cache": cache}, xs,
                                                         xs, m, mutable=["cache"]))

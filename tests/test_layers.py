@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5xlike.models import layers
+from t5xlike.models import layers, masks
 
 
 # Bidirectional, 32 buckets, max distance 128: 16 buckets per sign, 8 exact.
@@ -54,9 +54,9 @@ def test_rms_norm_matches_numpy():
 
 def test_masks():
   valid = jnp.array([[True, True, False]])
-  mask = layers.attention_mask(valid, valid) & layers.causal_mask(3)
+  mask = masks.attention_mask(valid, valid) & masks.causal_mask(3)
   expected = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)
   np.testing.assert_array_equal(np.asarray(mask)[0, 0], expected)
   seg = jnp.array([[1, 1, 2]])
-  np.testing.assert_array_equal(np.asarray(layers.segment_mask(seg, seg))[0, 0],
+  np.testing.assert_array_equal(np.asarray(masks.segment_mask(seg, seg))[0, 0],
                                 np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool))

@@ -27,7 +27,7 @@ caller passes) is folded into the bias, `where(mask, bias, -1e10)`,
 broadcast to [b, heads, q, k]: correct for every mask, but it materialises
 that bias (the T5 relative-position bias already is one, so T5 loses
 nothing). A caller that knows the mask's structure passes
-`layers.StructuredMask` (causal flag + padding / packed segments; the
+`masks.StructuredMask` (causal flag + padding / packed segments; the
 decoder-only and encoder-only models do when `attention_impl` is 'pallas',
 or 'auto' on a TPU) and the kernel gets `causal=True` and segment ids (padding = segment
 0), with no [b, heads, q, k] array at all when there is no bias. Grouped

@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike.models import base, layers
+from t5xlike.models import base, layers, masks
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
 
   Training / scoring (`decode=False`): id 0 is padding (and the BOS of the
   shifted input), so real positions are `decoder_target_tokens > 0`; the mask
-  is `layers.decoder_mask` (causal; bidirectional among positions where
+  is `masks.decoder_mask` (causal; bidirectional among positions where
   `decoder_causal_attention` is 1; within `decoder_segment_ids` when packed).
   `decoder_positions` feed RoPE (default 0..l-1); packed batches must pass
   them, restarting at 0 per segment.
@@ -226,12 +226,12 @@ class Transformer(nn.Module):
       mask = decode_mask
     elif decode:
       valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
-      mask = layers.decoder_mask(valid, decoder_causal_attention)
-    elif decoder_causal_attention is None and layers.wants_structured_mask(
+      mask = masks.decoder_mask(valid, decoder_causal_attention)
+    elif decoder_causal_attention is None and masks.wants_structured_mask(
         self.config.attention_impl):
-      mask = layers.StructuredMask(decoder_target_tokens > 0, decoder_segment_ids, causal=True)
+      mask = masks.StructuredMask(decoder_target_tokens > 0, decoder_segment_ids, causal=True)
     else:
-      mask = layers.decoder_mask(decoder_target_tokens > 0, decoder_causal_attention,
+      mask = masks.decoder_mask(decoder_target_tokens > 0, decoder_causal_attention,
                                  decoder_segment_ids)
     if not decode and decoder_positions is None:
       decoder_positions = jnp.arange(decoder_input_tokens.shape[-1], dtype=jnp.int32)[None]

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike.models import base, layers, t5
+from t5xlike.models import base, layers, masks, t5
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -376,12 +376,10 @@ class EncoderNetwork(nn.Module):
              encoder_positions: Array | None = None, deterministic: bool = True) -> Array:
     """Hidden states [b, l, emb_dim] of tokens [b, l]."""
     valid = encoder_input_tokens > 0
-    if layers.wants_structured_mask(self.config.attention_impl):
-      mask = layers.StructuredMask(valid, encoder_segment_ids, causal=False)
+    if masks.wants_structured_mask(self.config.attention_impl):
+      mask = masks.StructuredMask(valid, encoder_segment_ids, causal=False)
     else:
-      mask = layers.attention_mask(valid, valid)
-      if encoder_segment_ids is not None:
-        mask = mask & layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+      mask = masks.bidirectional_mask(valid, encoder_segment_ids)
     embedded = self._get_embedder()(encoder_input_tokens, encoder_positions)
     return self.encoder(embedded, mask, deterministic=deterministic)
 

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike.models import layers
+from t5xlike.models import layers, masks
 
 Array = jax.Array
 
@@ -274,10 +274,7 @@ class Transformer(nn.Module):
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
              deterministic: bool = True) -> Array:
-    valid = encoder_input_tokens > 0
-    mask = layers.attention_mask(valid, valid)
-    if encoder_segment_ids is not None:
-      mask = mask & layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+    mask = masks.bidirectional_mask(encoder_input_tokens > 0, encoder_segment_ids)
     return self.encoder(encoder_input_tokens, mask, deterministic)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -292,17 +289,17 @@ class Transformer(nn.Module):
     the segment ids are ignored.
     """
     if decode:
-      cross_mask = layers.attention_mask(jnp.ones(decoder_input_tokens.shape, jnp.bool_),
+      cross_mask = masks.attention_mask(jnp.ones(decoder_input_tokens.shape, jnp.bool_),
                                          encoder_input_tokens > 0)
       return self.decoder(encoded, decoder_input_tokens, None, cross_mask, deterministic,
                           decode=True, max_decode_length=max_decode_length)
     target_valid = decoder_target_tokens > 0
-    self_mask = layers.attention_mask(target_valid, target_valid)
-    self_mask = self_mask & layers.causal_mask(decoder_target_tokens.shape[-1])
-    cross_mask = layers.attention_mask(target_valid, encoder_input_tokens > 0)
+    self_mask = masks.attention_mask(target_valid, target_valid)
+    self_mask = self_mask & masks.causal_mask(decoder_target_tokens.shape[-1])
+    cross_mask = masks.attention_mask(target_valid, encoder_input_tokens > 0)
     if decoder_segment_ids is not None:
-      self_mask = self_mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
-      cross_mask = cross_mask & layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+      self_mask = self_mask & masks.segment_mask(decoder_segment_ids, decoder_segment_ids)
+      cross_mask = cross_mask & masks.segment_mask(decoder_segment_ids, encoder_segment_ids)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask, deterministic)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
