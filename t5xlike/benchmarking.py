@@ -154,18 +154,17 @@ def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, 
                                          partitioning.logical_axis_rules("data_fsdp_tensor"))
   trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule, partitioner)
   # The step compiles (in a thread) while the pipeline starts: shapes from the lengths.
-  converter = "encoder_decoder" if bench.family == "t5" else "decoder"
-  expected = batch_shapes.expected_batch_shapes(converter, lengths, batch_size,
+  expected = batch_shapes.expected_batch_shapes(model.feature_converter, lengths, batch_size,
                                                 pack=data != "synthetic")
   compile_start = time.perf_counter()
-  trainer.start_compile({k: jax.ShapeDtypeStruct(*v) for k, v in expected.items()})
+  trainer.start_compile(expected)
   batches = (synthetic_batches if data == "synthetic" else pipeline_batches)(
       bench, batch_size, lengths)
   first = next(batches)
   if not batch_shapes.matches(expected, first):
     raise AssertionError(f"predicted batch shapes {expected} differ from the pipeline's "
                          f"{batch_shapes.shapes_of(first)}")
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}
+  shapes = expected
   step_flops = flops.model_step_flops(model, shapes)
   peak, peak_source = flops.peak_tflops_per_device(dtype, configured=peak_tflops)
   row: dict[str, Any] = {

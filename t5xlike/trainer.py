@@ -414,11 +414,11 @@ class Trainer:
     Runs the ahead-of-time compiled step of these batch shapes when there is
     one (`compile_train_step`, `start_compile`), else the jitted step.
     """
-    key = _shape_key(_global_shapes(batch))
-    if (key not in self._compiled_steps and self._background is not None
-        and self._background[0] == key):
-      self.compile_train_step(_global_shapes(batch))
+    shapes = _global_shapes(batch)
+    key = _shape_key(shapes)
     compiled = self._compiled_steps.get(key)
+    if compiled is None and self._background is not None and self._background[0] == key:
+      compiled = self.compile_train_step(shapes)  # waits for start_compile's thread
     with self.partitioner.activate():
       device_batch = self.device_batch(batch)
       if compiled is not None:

@@ -252,7 +252,7 @@ def _start_compile(trainer, converter: str, feature_lengths: Mapping[str, int],
     expected = batch_shapes.expected_batch_shapes(converter, feature_lengths, batch_size, pack)
   except ValueError:
     return
-  trainer.start_compile({k: jax.ShapeDtypeStruct(*v) for k, v in expected.items()}, init=init)
+  trainer.start_compile(expected, init=init)
 
 
 def _activation_dtype(model: Any) -> str:

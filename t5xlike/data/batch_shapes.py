@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from t5xlike.data import feature_converters, packing
 
-#: feature name -> (shape, dtype) of one global batch.
-Shapes = dict[str, tuple[tuple[int, ...], np.dtype]]
+#: feature name -> its shape and dtype in a batch (what `Trainer.start_compile` takes).
+Shapes = dict[str, jax.ShapeDtypeStruct]
 
 
 def _placeholder_example(converter: str, feature_lengths: Mapping[str, int]) -> dict:
@@ -40,7 +41,8 @@ def _placeholder_example(converter: str, feature_lengths: Mapping[str, int]) -> 
 
 def expected_batch_shapes(converter: str, feature_lengths: Mapping[str, int], batch_size: int,
                           pack: bool) -> Shapes:
-  """{feature: ((batch_size, length), dtype)} of the model features (T5X names).
+  """{feature: ShapeDtypeStruct((batch_size, length), dtype)} of the model features
+  (T5X names).
 
   Args:
     converter: the model's `feature_converter`.
@@ -62,14 +64,16 @@ def expected_batch_shapes(converter: str, feature_lengths: Mapping[str, int], ba
       row[f"{key}_segment_ids"] = np.zeros([length], np.int32)
       row[f"{key}_positions"] = np.zeros([length], np.int32)
     one_row = packing.packed_batch(converter, [row], feature_lengths)
-  return {name: ((batch_size,) + value.shape[1:], value.dtype) for name, value in one_row.items()}
+  return {name: jax.ShapeDtypeStruct((batch_size,) + value.shape[1:], value.dtype)
+          for name, value in one_row.items()}
 
 
 def shapes_of(batch: Mapping[str, np.ndarray]) -> Shapes:
-  """The (shape, dtype) of every feature of a real batch."""
-  return {name: (tuple(np.shape(value)), np.asarray(value).dtype) for name, value in batch.items()}
+  """The shape and dtype of every feature of a real batch."""
+  return {name: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype)
+          for name, value in batch.items()}
 
 
 def matches(expected: Shapes, batch: Mapping[str, np.ndarray]) -> bool:
   """Whether `batch` has exactly the predicted features, shapes and dtypes."""
-  return shapes_of(batch) == {k: (tuple(s), np.dtype(d)) for k, (s, d) in expected.items()}
+  return shapes_of(batch) == expected
