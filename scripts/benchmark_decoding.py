@@ -20,11 +20,12 @@ import gin
 import jax
 import numpy as np
 
-from t5xlike import config, decoding, inference
+from t5xlike import decoding, inference
+from t5xlike.cli import gin_config
 
 
 def build(model_gin: str, input_length: int):
-  config.configure([f"models/{model_gin}.gin"])
+  gin_config.configure([f"models/{model_gin}.gin"])
   model = gin.query_parameter("%MODEL").scoped_configurable_fn()
   gin.clear_config()
   features = inference.example_features(model, {"inputs": input_length, "targets": 1})
@@ -40,7 +41,7 @@ def main() -> None:
   parser.add_argument("--max_length", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  config.quiet_gin_search_logs()
+  gin_config.quiet_gin_search_logs()
   model, params = build(args.model, args.input_length)
   print(f"{args.model}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
         f"{jax.devices()[0].device_kind}, inputs {args.input_length}, decode {args.max_length}")

@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 
-from t5xlike import config
+from t5xlike import errors
 
 
 def _names(values: list[str]) -> list[str]:
@@ -69,20 +69,20 @@ def main(argv: list[str] | None = None) -> int:
   try:
     args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown:
-      raise config.ConfigError(f"unknown flag(s): {' '.join(unknown)}")
+      raise errors.ConfigError(f"unknown flag(s): {' '.join(unknown)}")
     if not _names(args.tasks) or not args.output_dir:
-      raise config.ConfigError("--tasks and --output_dir are required")
+      raise errors.ConfigError("--tasks and --output_dir are required")
     if args.num_shards is not None and args.num_shards < 1:
-      raise config.ConfigError(f"--num_shards must be >= 1, got {args.num_shards}")
+      raise errors.ConfigError(f"--num_shards must be >= 1, got {args.num_shards}")
     for module in _names(args.module):
       try:
         importlib.import_module(module)
       except ImportError as error:
-        raise config.ConfigError(f"--module={module} cannot be imported: "
-                                 f"{config.one_line(error)}") from None
+        raise errors.ConfigError(f"--module={module} cannot be imported: "
+                                 f"{errors.one_line(error)}") from None
     plan = _plan(_names(args.tasks), _names(args.splits))
-  except (config.ConfigError, ValueError, argparse.ArgumentError) as error:
-    print(f"error: {config.one_line(error)}", file=sys.stderr)
+  except (errors.ConfigError, ValueError, argparse.ArgumentError) as error:
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 2
   except SystemExit as exit_:  # argparse's own usage errors.
     return int(exit_.code or 0)

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from etils import epath
 
-from t5xlike import config, fault_injection
+from t5xlike import errors, fault_injection
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ STEP_PREFIX = "checkpoint"
 CORRUPT_DIR = "corrupt"
 
 
-class CheckpointSaveError(config.RunError):
+class CheckpointSaveError(errors.RunError):
   """Writing a checkpoint failed (e.g. ENOSPC); earlier checkpoints are intact."""
 
 
-class CorruptCheckpoint(config.RunError):
+class CorruptCheckpoint(errors.RunError):
   """The newest checkpoint cannot be read and `strict` restore was asked for."""
 
 
@@ -113,7 +113,7 @@ class Checkpointer:
         with quiet_failed_reads():
           return (step, *self.restore(step, abstract_state))
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
-        reason = f"{type(error).__name__}: {config.one_line(error)}"
+        reason = f"{type(error).__name__}: {errors.one_line(error)}"
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         if strict:
           raise CorruptCheckpoint(

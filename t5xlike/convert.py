@@ -25,7 +25,8 @@ import shutil
 import sys
 from typing import Any, Sequence
 
-from t5xlike import config
+from t5xlike import errors
+from t5xlike.cli import flags, gin_config
 
 log = logging.getLogger("t5xlike.convert")
 SOURCES = ("t5x", "hf", "t5xlike")
@@ -54,16 +55,16 @@ def _flags(parser) -> None:
 
 def _validate(args) -> None:
   if args.source == args.target:
-    raise config.ConfigError(f"--from and --to are both {args.source}")
+    raise errors.ConfigError(f"--from and --to are both {args.source}")
   if not pathlib.Path(args.checkpoint).is_dir():
-    raise config.ConfigError(f"--checkpoint={args.checkpoint}: no such directory")
+    raise errors.ConfigError(f"--checkpoint={args.checkpoint}: no such directory")
   output = pathlib.Path(args.output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
-    raise config.ConfigError(f"--output={args.output} exists and is not empty")
+    raise errors.ConfigError(f"--output={args.output} exists and is not empty")
   if args.vocabulary and not pathlib.Path(args.vocabulary).is_file():
-    raise config.ConfigError(f"--vocabulary={args.vocabulary}: no such file")
+    raise errors.ConfigError(f"--vocabulary={args.vocabulary}: no such file")
   if args.source != "t5xlike" and (args.gin_file or args.gin_overrides or args.gin_bindings):
-    raise config.ConfigError("--gin_file / --gin.* are for --from=t5xlike (the model gin)")
+    raise errors.ConfigError("--gin_file / --gin.* are for --from=t5xlike (the model gin)")
 
 
 def _scan(args, source_scanned: bool) -> bool:
@@ -104,10 +105,10 @@ def load_source(args) -> tuple[Any, dict, Any]:
     if not gin_files:
       beside = pathlib.Path(args.checkpoint).resolve().parent / output_dir.MODEL_GIN
       if not beside.is_file():
-        raise config.ConfigError(f"--from=t5xlike needs the model gin: --gin_file=... "
+        raise errors.ConfigError(f"--from=t5xlike needs the model gin: --gin_file=... "
                                  f"(no {beside})")
       gin_files = [str(beside)]
-    config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths)
+    gin_config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths)
     model = output_dir.configured_model()
     network_config = model.network.config
     flat = output_dir.read_params(args.checkpoint, network_config)
@@ -128,7 +129,7 @@ def convert(args) -> pathlib.Path:
   try:
     network_config, flat, vocabulary = load_source(args)
   except (ValueError, KeyError) as error:
-    raise config.ConfigError(config.one_line(error).strip('"')) from None
+    raise errors.ConfigError(errors.one_line(error).strip('"')) from None
   output = pathlib.Path(args.output)
   temporary = output.parent / f".{output.name}.incomplete"
   shutil.rmtree(temporary, ignore_errors=True)
@@ -147,15 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout)
   logging.getLogger("t5xlike").setLevel(logging.INFO)
-  config.quiet_gin_search_logs()
-  parser = config.build_parser(__doc__.splitlines()[0])
+  gin_config.quiet_gin_search_logs()
+  parser = flags.build_parser(__doc__.splitlines()[0])
   _flags(parser)
   try:
-    args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
+    args = flags.parse_args(parser, sys.argv[1:] if argv is None else argv)
     _validate(args)
     convert(args)
-  except config.ConfigError as error:
-    print(f"error: {config.one_line(error)}", file=sys.stderr)
+  except errors.ConfigError as error:
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 2
   except SystemExit as error:  # argparse: a missing or invalid flag.
     return int(error.code or 0)

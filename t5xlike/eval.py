@@ -13,7 +13,7 @@ import sys
 
 import gin
 
-from t5xlike import entry
+from t5xlike.cli import entry
 
 
 def main(argv: list[str] | None = None) -> int:

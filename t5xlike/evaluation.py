@@ -22,7 +22,9 @@ from typing import Any, Mapping, Sequence
 
 from etils import epath
 
-from t5xlike import config, decoding, entry, inference, metrics
+from t5xlike import decoding, errors, inference, metrics
+
+from t5xlike.cli import entry
 from t5xlike import prediction
 
 log = logging.getLogger(__name__)
@@ -143,8 +145,8 @@ def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | 
   if not checkpoint_path:  # Checked first: reading the tasks is wasted without it.
     inference.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
   if not eval_output_dir:
-    raise config.ConfigError("EVAL_OUTPUT_DIR is not set (pass --gin.EVAL_OUTPUT_DIR=DIR)")
-  config.require_int("BATCH_SIZE", batch_size)
+    raise errors.ConfigError("EVAL_OUTPUT_DIR is not set (pass --gin.EVAL_OUTPUT_DIR=DIR)")
+  errors.require_int("BATCH_SIZE", batch_size)
   try:
     evaluator = InferenceEvaluator(
         mixture_or_task_name, task_feature_lengths, batch_size, split=split,
@@ -152,7 +154,7 @@ def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | 
         max_decode_length=max_decode_length, use_cached_tasks=use_cached_tasks,
         task_cache_dir=task_cache_dir, mixture_or_task_module=mixture_or_task_module)
   except ValueError as error:
-    raise config.ConfigError(config.one_line(error)) from None
+    raise errors.ConfigError(errors.one_line(error)) from None
   model, params, step = inference.load_model_checkpoint(model, checkpoint_path,
                                                        task_feature_lengths, mesh_shape)
 

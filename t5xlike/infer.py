@@ -14,7 +14,7 @@ import sys
 
 import gin
 
-from t5xlike import entry
+from t5xlike.cli import entry
 
 
 def _flags(parser) -> None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike import checkpoints, config, decoding, partitioning
+from t5xlike import checkpoints, decoding, errors, partitioning
 from t5xlike.data import feature_converters
 from t5xlike.finetuning import peft_checkpoint
 
@@ -81,7 +81,7 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
   A PEFT checkpoint (`finetuning.peft_checkpoint`) whose technique merges
   into the base weights (LoRA) gives the merged parameters of `model`'s own
   architecture; others need `load_model_checkpoint` (their model differs).
-  Raises config.ConfigError (one line) when the path is unset, not a step
+  Raises errors.ConfigError (one line) when the path is unset, not a step
   directory, or holds parameters of another architecture.
   """
   loaded, params, step = load_model_checkpoint(model, checkpoint_path, feature_lengths,
@@ -89,7 +89,7 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
   if loaded is not model:
     method = loaded.peft_method
     if not hasattr(method, "merge"):
-      raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
+      raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
                                f"PEFT checkpoint: load it with inference.load_model_checkpoint")
     params = method.merge(params)
   return params, step
@@ -103,14 +103,14 @@ def load_model_checkpoint(model: Any, checkpoint_path: str | None,
   (`peft.wrap_model`) and the parameters its full tree (the base checkpoint's,
   the PEFT parameters laid over them)."""
   if not checkpoint_path:
-    raise config.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
+    raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
                              "MODEL_DIR/checkpoint_<N>)")
   try:
     checkpoints.validate_step_dir(checkpoint_path)
     partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
         "data_fsdp_tensor"))
   except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH: {config.one_line(error)}") from None
+    raise errors.ConfigError(f"CHECKPOINT_PATH: {errors.one_line(error)}") from None
   try:
     method = peft_checkpoint.method_of(checkpoint_path)
     if method is None:
@@ -129,8 +129,8 @@ def load_model_checkpoint(model: Any, checkpoint_path: str | None,
       raise ValueError(f"neither the PEFT checkpoint nor its base holds {', '.join(missing[:4])}")
     return model, params, int(checkpoints.restore_step(checkpoint_path))
   except ValueError as error:
-    raise config.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
-                             f"{config.one_line(error)}") from None
+    raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
+                             f"{errors.one_line(error)}") from None
 
 
 class Predictor:

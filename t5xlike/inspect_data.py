@@ -24,7 +24,8 @@ import sys
 import gin
 import numpy as np
 
-from t5xlike import config
+from t5xlike import errors
+from t5xlike.cli import flags, gin_config
 
 
 def _decode(vocabulary, ids: np.ndarray, extra_names: dict[int, str]) -> str:
@@ -118,7 +119,7 @@ def inspect(num_examples: int, split: str, as_json: bool, out=None) -> list[dict
                               use_cached=gin.query_parameter("%USE_CACHED_TASKS"),
                               cache_dir=_macro("TASK_CACHE_DIR"), shuffle=False, num_threads=0)
   except ValueError as error:
-    raise config.ConfigError(config.one_line(error)) from None
+    raise errors.ConfigError(errors.one_line(error)) from None
   vocabulary = feed.vocabulary
   extra_names = objective.extra_token_names(vocabulary.vocab_size) if objective else {}
   order = [d.name for d in getattr(objective, "denoisers", ())]
@@ -159,19 +160,19 @@ def inspect(num_examples: int, split: str, as_json: bool, out=None) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = config.build_parser(__doc__.splitlines()[0])
+  parser = flags.build_parser(__doc__.splitlines()[0])
   parser.add_argument("--num_examples", type=int, default=None)
   parser.add_argument("--split", default="train")
   parser.add_argument("--json", action="store_true")
   try:
-    args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
-    config.quiet_gin_search_logs()
-    config.configure(args.gin_file, args.gin_overrides, args.gin_bindings,
-                     args.gin_search_paths)
+    args = flags.parse_args(parser, sys.argv[1:] if argv is None else argv)
+    gin_config.quiet_gin_search_logs()
+    gin_config.configure(args.gin_file, args.gin_overrides, args.gin_bindings,
+                         args.gin_search_paths)
     num = args.num_examples or (1000 if args.json else 3)
     inspect(num, args.split, args.json)
-  except (config.ConfigError, ValueError) as error:
-    print(f"error: {config.one_line(error)}", file=sys.stderr)
+  except (errors.ConfigError, ValueError) as error:
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 2
   return 0
 

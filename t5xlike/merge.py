@@ -26,7 +26,9 @@ import sys
 
 import gin
 
-from t5xlike import config, entry
+from t5xlike import errors
+
+from t5xlike.cli import entry
 
 
 def _list(text: str | None) -> list[str]:
@@ -39,7 +41,7 @@ def _numbers(flag: str, text: str | None) -> list[float] | None:
   try:
     return [float(part) for part in _list(text)]
   except ValueError:
-    raise config.ConfigError(f"{flag}={text}: expected comma-separated numbers") from None
+    raise errors.ConfigError(f"{flag}={text}: expected comma-separated numbers") from None
 
 
 def _flags(parser) -> None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   def call_root(args):
     from t5xlike.finetuning import merge_run  # pylint: disable=g-import-not-at-top
     if not args.method:
-      raise config.ConfigError("--method is not set (uniform, greedy, task_arithmetic, "
+      raise errors.ConfigError("--method is not set (uniform, greedy, task_arithmetic, "
                                "breadcrumbs or add_deltas)")
     gin.get_configurable(merge_run.merge)(
         method=args.method, checkpoint_paths=_list(args.checkpoints), output=args.output,

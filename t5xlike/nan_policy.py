@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import jax
 
-from t5xlike import config
+from t5xlike import errors
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ POLICIES = ("stop", "skip")
 MAX_ROLLBACKS = 3
 
 
-class NonFiniteLoss(config.RunError):
+class NonFiniteLoss(errors.RunError):
   """A NaN / Inf loss or gradient under the 'stop' policy (exit code 1, one line)."""
 
 
@@ -55,11 +55,11 @@ class NanPolicy:
 
   def __post_init__(self):
     if self.action not in POLICIES:
-      raise config.ConfigError(f"nan_policy must be one of {POLICIES}, got {self.action!r}")
+      raise errors.ConfigError(f"nan_policy must be one of {POLICIES}, got {self.action!r}")
     if self.rollback_after is not None:
-      config.require_int("nan_rollback_after", self.rollback_after)
+      errors.require_int("nan_rollback_after", self.rollback_after)
       if self.action != "skip":
-        raise config.ConfigError("nan_rollback_after needs nan_policy='skip'")
+        raise errors.ConfigError("nan_rollback_after needs nan_policy='skip'")
 
   @property
   def skip_in_step(self) -> bool:

@@ -20,14 +20,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from t5xlike import config, decoding, entry, inference
+from t5xlike import decoding, errors, inference
+
+from t5xlike.cli import entry
 
 log = logging.getLogger(__name__)
 MODES = ("predict", "score")
 
 
-def _line_error(path, number: int, message: str) -> config.ConfigError:
-  return config.ConfigError(f"{path}:{number}: {message}")
+def _line_error(path, number: int, message: str) -> errors.ConfigError:
+  return errors.ConfigError(f"{path}:{number}: {message}")
 
 
 def _ids(value: Any, field: str, path, number: int, vocab_size: int | None) -> np.ndarray:
@@ -60,11 +62,11 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
   """
   file = epath.Path(path)
   if not file.exists():
-    raise config.ConfigError(f"--input={path}: no such file")
+    raise errors.ConfigError(f"--input={path}: no such file")
   try:
     text = file.read_bytes().decode("utf-8")
   except UnicodeDecodeError as error:
-    raise config.ConfigError(f"--input={path}: not UTF-8 text ({error.reason} at byte "
+    raise errors.ConfigError(f"--input={path}: not UTF-8 text ({error.reason} at byte "
                              f"{error.start})") from None
   rows, examples = [], []
   tsv = str(path).endswith(".tsv")
@@ -94,7 +96,7 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
     rows.append(row)
     examples.append(example)
   if not examples:
-    raise config.ConfigError(f"--input={path}: the file holds no example")
+    raise errors.ConfigError(f"--input={path}: the file holds no example")
   return rows, examples
 
 
@@ -155,16 +157,16 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
   """
   # ---- validation: nothing is written before this block has passed. ----
   if mode not in MODES:
-    raise config.ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
+    raise errors.ConfigError(f"--mode must be one of {MODES}, got {mode!r}")
   if not checkpoint_path:  # Checked first: reading the input is wasted without it.
     inference.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
-  config.require_int("BATCH_SIZE", batch_size)
+  errors.require_int("BATCH_SIZE", batch_size)
   if max_decode_length is not None:
-    config.require_int("--max_decode_length", max_decode_length)
+    errors.require_int("--max_decode_length", max_decode_length)
   if input_path and not output_path:
-    raise config.ConfigError("--input needs --output (the JSONL file to write)")
+    raise errors.ConfigError("--input needs --output (the JSONL file to write)")
   if not input_path and not (mixture_or_task_name and infer_output_dir):
-    raise config.ConfigError("give --input=F.jsonl --output=G.jsonl, or MIXTURE_OR_TASK_NAME "
+    raise errors.ConfigError("give --input=F.jsonl --output=G.jsonl, or MIXTURE_OR_TASK_NAME "
                              "and INFER_OUTPUT_DIR for task-based inference")
   vocabulary = getattr(model, "vocabulary", None)
   vocab_size = getattr(model, "vocab_size", None)
@@ -179,7 +181,7 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
                                       use_cached=use_cached_tasks, cache_dir=task_cache_dir,
                                       max_examples=max_examples)
     except ValueError as error:
-      raise config.ConfigError(config.one_line(error)) from None
+      raise errors.ConfigError(errors.one_line(error)) from None
   model, params, step = inference.load_model_checkpoint(model, checkpoint_path,
                                                        task_feature_lengths, mesh_shape)
 

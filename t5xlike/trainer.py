@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5xlike import checkpoints, config, fault_injection, metrics, nan_policy, optim, partitioning
+from t5xlike import checkpoints, errors, fault_injection, metrics, nan_policy, optim, partitioning
 from t5xlike import preemption
 
 log = logging.getLogger(__name__)
@@ -426,7 +426,7 @@ class Trainer:
           return compiled(state, device_batch)
         except (TypeError, ValueError) as error:  # argument check, before any donation
           log.info("the compiled train step does not take this state (%s): using the "
-                   "jitted step", config.one_line(error)[:200])
+                   "jitted step", errors.one_line(error)[:200])
           del self._compiled_steps[key]
       return self._jitted_train_step(batch)(state, device_batch)
 

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, config, entry, flops, metrics, nan_policy as nan_policy_lib
+from t5xlike import checkpoints, errors, flops, metrics, nan_policy as nan_policy_lib
+
+from t5xlike.cli import entry
 from t5xlike import partitioning, preemption, trainer as trainer_lib
 from t5xlike.data import batch_shapes, feature_converters, pipeline, sources, task_examples
 from t5xlike.finetuning import selection
@@ -33,16 +35,16 @@ def import_task_module(module: str | None) -> None:
   try:
     task_examples.import_module(module)
   except ValueError as error:
-    raise config.ConfigError(str(error)) from None
+    raise errors.ConfigError(str(error)) from None
 
 
 def _validated(fn: Callable[[], Any], what: str) -> Any:
   try:
     return fn()
-  except config.ConfigError:
+  except errors.ConfigError:
     raise
   except (ValueError, TypeError, KeyError) as error:
-    raise config.ConfigError(f"{what}: {config.one_line(error)}") from None
+    raise errors.ConfigError(f"{what}: {errors.one_line(error)}") from None
 
 
 def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
@@ -95,14 +97,14 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   """
   # ---- validation: nothing is written before this block has passed. ----
   if not model_dir:
-    raise config.ConfigError("MODEL_DIR is not set (pass --gin.MODEL_DIR=DIR)")
+    raise errors.ConfigError("MODEL_DIR is not set (pass --gin.MODEL_DIR=DIR)")
   for name, value, minimum in (
       ("TRAIN_STEPS", train_steps, 1), ("BATCH_SIZE", batch_size, 1),
       ("LOG_PERIOD", log_period, 1), ("CHECKPOINT_PERIOD", checkpoint_period, 1),
       ("EVAL_STEPS", eval_steps, 1), ("RANDOM_SEED", random_seed, 0)):
-    config.require_int(name, value, minimum)
+    errors.require_int(name, value, minimum)
   if eval_period is not None:
-    config.require_int("EVAL_PERIOD", eval_period)
+    errors.require_int("EVAL_PERIOD", eval_period)
   policy = nan_policy_lib.NanPolicy(nan_policy, nan_rollback_after)
   if "://" not in str(model_dir):  # orbax needs absolute paths
     model_dir = os.path.abspath(model_dir)
@@ -117,9 +119,9 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   partitioner = _validated(lambda: partitioning.Partitioner(
       mesh_shape, logical_axis_rules, dcn_mesh_shape=dcn_mesh_shape), "MESH_SHAPE")
   process_args = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  config.require_int("num_microbatches", num_microbatches)
+  errors.require_int("num_microbatches", num_microbatches)
   if batch_size % (partitioner.data_parallel_size * num_microbatches):
-    raise config.ConfigError(
+    raise errors.ConfigError(
         f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
         f"{partitioner.data_parallel_size} of MESH_SHAPE times num_microbatches="
         f"{num_microbatches}")
@@ -143,7 +145,7 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
     make_eval_feed = None
     if loop_config.eval_period:
       if eval_split not in train_feed.task.splits:
-        raise config.ConfigError(f"task {mixture_or_task_name!r} has no {eval_split!r} split for "
+        raise errors.ConfigError(f"task {mixture_or_task_name!r} has no {eval_split!r} split for "
                                  f"evaluation (set EVAL_PERIOD=None to train without eval)")
       make_eval_feed = lambda: pipeline.make_feed(
           mixture_or_task_name, eval_split, task_feature_lengths, batch_size, objective,
@@ -152,7 +154,7 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
       _validated(lambda: checkpoints.validate_step_dir(initial_checkpoint_path),
                  "INITIAL_CHECKPOINT_PATH")
     elif require_initial_checkpoint:
-      raise config.ConfigError(
+      raise errors.ConfigError(
           "this config starts from a checkpoint: pass "
           "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
     example_batch = _validated(lambda: _first_batch(train_feed), "training data")
@@ -307,7 +309,7 @@ def _initial_state(trainer, checkpointer, train_feed, abstract_state, example_ba
         restored, missing = checkpoints.restore_matching_params(initial_checkpoint_path,
                                                                 abstract_state.params)
       except ValueError as error:
-        raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH: {config.one_line(error)}") from None
+        raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH: {errors.one_line(error)}") from None
       log.info("%d parameter(s) not in the checkpoint, initialised from RANDOM_SEED=%d: %s",
                len(missing), random_seed, ", ".join(missing))
       from flax import traverse_util  # pylint: disable=g-import-not-at-top
@@ -335,7 +337,7 @@ def _check_initial_checkpoint(path: str, abstract_params: Any) -> None:
   try:
     saved = checkpoints.check_param_shapes(path, wanted)
   except ValueError as error:
-    raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH={config.one_line(error)}") from None
+    raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH={errors.one_line(error)}") from None
   size = lambda shape: int(np.prod(shape))
   shared = sum(size(shape) for name, shape in wanted.items() if name in saved)
   total = sum(size(shape) for shape in wanted.values())
@@ -354,10 +356,10 @@ def _check_writable(model_dir: str) -> None:
   for ancestor in (path, *path.parents):
     if ancestor.exists():
       if not ancestor.is_dir():
-        raise config.ConfigError(f"MODEL_DIR={model_dir} cannot be created: {ancestor} is a "
+        raise errors.ConfigError(f"MODEL_DIR={model_dir} cannot be created: {ancestor} is a "
                                  f"file, not a directory (choose another MODEL_DIR)")
       if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise config.ConfigError(f"MODEL_DIR={model_dir} is not writable: no write permission "
+        raise errors.ConfigError(f"MODEL_DIR={model_dir} is not writable: no write permission "
                                  f"on {ancestor}")
       return
 
@@ -377,7 +379,7 @@ def _check_resumable(model_dir: str, abstract_params: Any) -> None:
     problems += [f"{name} not in the checkpoint" for name in sorted(set(wanted) - set(saved))]
     problems += [f"{name} not in the model" for name in sorted(set(saved) - set(wanted))]
     if problems:
-      raise config.ConfigError(
+      raise errors.ConfigError(
           f"MODEL_DIR={model_dir} holds checkpoint_{step} of another architecture: "
           f"{'; '.join(problems[:3])}"
           f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}"

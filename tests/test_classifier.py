@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from t5xlike import checkpoints, config, train
+from t5xlike import checkpoints, library_compat, train
+from t5xlike.cli import gin_config
 from t5xlike.data import feature_converters, sources
 from t5xlike.models import classifier, encoder
 from tasks import classification
@@ -326,9 +327,9 @@ def test_classifier_config_needs_a_checkpoint(tmp_path, capsys):
 
 
 def test_config_binds_every_macro():
-  config.configure(["finetune/electra_classifier.gin"])
+  gin_config.configure(["finetune/electra_classifier.gin"])
   try:
-    defined = config._defined_macros()  # pylint: disable=protected-access
+    defined = library_compat.gin_defined_macros()
     model = gin.query_parameter("%MODEL")
   finally:
     gin.clear_config()

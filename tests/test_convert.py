@@ -47,8 +47,8 @@ def _llama_batch(seed: int = 2):
 def _our_logits(out_dir: pathlib.Path, batch) -> tuple[np.ndarray, object, dict]:
   """Logits of a converted t5xlike directory, built from its model.gin."""
   import gin  # pylint: disable=g-import-not-at-top
-  from t5xlike import config  # pylint: disable=g-import-not-at-top
-  config.configure([str(out_dir / "model.gin")])
+  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
+  gin_config.configure([str(out_dir / "model.gin")])
   model = output_dir.configured_model()
   gin.clear_config()
   flat = output_dir.read_params(out_dir / "checkpoint", model.network.config)
@@ -286,8 +286,8 @@ def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
   assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
                   "--relative_attention_max_distance=16", *flags) == 0
   import gin  # pylint: disable=g-import-not-at-top
-  from t5xlike import config  # pylint: disable=g-import-not-at-top
-  config.configure([str(out / "model.gin")])
+  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
+  gin_config.configure([str(out / "model.gin")])
   cfg = output_dir.configured_model().network.config
   gin.clear_config()
   return cfg, output_dir.read_params(out / "checkpoint", cfg)
@@ -483,7 +483,7 @@ def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
   with T5's 100 extra ids, and the export carries it back."""
   import gin  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from t5xlike import config  # pylint: disable=g-import-not-at-top
+  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
   spm = pathlib.Path(__file__).resolve().parents[1] / "tasks" / "embedded" / "spm.model"
   hf_config = transformers.T5Config(vocab_size=8192, d_model=16, d_kv=4, d_ff=16, num_layers=1,
                                     num_heads=2, feed_forward_proj="gated-gelu",
@@ -492,7 +492,7 @@ def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
   (hf_dir / "spiece.model").write_bytes(spm.read_bytes())
   assert _convert("--from=hf", f"--checkpoint={hf_dir}", f"--output={tmp_path / 'ours'}") == 0
   assert (tmp_path / "ours" / "spiece.model").read_bytes() == spm.read_bytes()
-  config.configure([str(tmp_path / "ours" / "model.gin")])
+  gin_config.configure([str(tmp_path / "ours" / "model.gin")])
   vocabulary = output_dir.configured_model().vocabulary
   gin.clear_config()
   assert isinstance(vocabulary, seqio.SentencePieceVocabulary)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5xlike import config as config_lib
+from t5xlike.cli import gin_config
 from t5xlike.models import decoder, layers, masks
 from tests import decoder_numpy_reference as ref
 
@@ -320,7 +320,7 @@ def test_config_validation():
     ("tiny", (64, 4, 2, 2, 16, 256)), ("small", (768, 12, 4, 12, 64, 2048)),
     ("base", (1024, 16, 8, 24, 64, 2816))])
 def test_gin_sizes(size, dims):
-  config_lib.configure([f"models/decoder/{size}.gin"])
+  gin_config.configure([f"models/decoder/{size}.gin"])
   try:
     cfg = gin.get_configurable(decoder.DecoderConfig)()
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5xlike import config, partitioning
+from t5xlike import partitioning
+from t5xlike.cli import gin_config
 from t5xlike.data import feature_converters
 from t5xlike.models import encoder
 from t5xlike.objectives import electra, mlm
@@ -361,7 +362,7 @@ def test_masking_edge_cases_and_errors():
 # -- gin -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["models/encoder/base.gin", "models/encoder/tiny.gin"])
 def test_gin_model_files(name):
-  config.configure([name])
+  gin_config.configure([name])
   try:
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     mlm_model = gin.get_configurable(encoder.MLMModel)()

@@ -14,7 +14,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from t5xlike import checkpoints, config, optim, partitioning, train, trainer as trainer_lib
+from t5xlike import checkpoints, optim, partitioning, train, trainer as trainer_lib
+from t5xlike.cli import gin_config
 from t5xlike.finetuning import base, freezing, hft, llrd, reinit, selection, updates
 from t5xlike.models import encoder_decoder, t5
 from tests import test_t5_model
@@ -264,7 +265,7 @@ TASK = "--gin.MIXTURE_OR_TASK_NAME='mt_first_word'"  # one task of the mixture: 
 
 
 def tiny_params():
-  config.configure(["models/t5_1_1/tiny.gin"])
+  gin_config.configure(["models/t5_1_1/tiny.gin"])
   cfg = gin.get_configurable(t5.T5Config)()
   gin.clear_config()
   model = encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg))

@@ -4,7 +4,8 @@ import pathlib
 import gin
 import pytest
 
-from t5xlike import config
+from t5xlike import library_compat
+from t5xlike.cli import gin_config
 from t5xlike.models import t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
@@ -29,13 +30,13 @@ def _needs_model(name):
 @pytest.mark.parametrize("name", ALL_GIN)
 def test_gin_file_parses(name):
   # A run gin needs a model gin to bind MODEL; everything else runs alone.
-  config.configure(["models/t5_1_1/tiny.gin", name] if _needs_model(name) else [name])
+  gin_config.configure(["models/t5_1_1/tiny.gin", name] if _needs_model(name) else [name])
   gin.clear_config()
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))
 def test_model_sizes(size):
-  config.configure([f"models/t5_1_1/{size}.gin"])
+  gin_config.configure([f"models/t5_1_1/{size}.gin"])
   cfg = gin.get_configurable(t5.T5Config)()
   gin.clear_config()
   emb, heads, depth, head_dim, mlp = PUBLISHED[size]
@@ -59,8 +60,8 @@ OBJECTIVE_GINS = sorted(str(p.relative_to(GIN_DIR)) for p in (GIN_DIR / "objecti
                                    ["models/t5_1_1/tiny.gin", "runs/finetune.gin"]]
                          + [[name] for name in OBJECTIVE_GINS])
 def test_run_configs_bind_every_macro(files):
-  config.configure(files)
-  defined = config._defined_macros()  # pylint: disable=protected-access
+  gin_config.configure(files)
+  defined = library_compat.gin_defined_macros()
   gin.clear_config()
   assert set(REQUIRED_MACROS) <= defined
 
@@ -69,8 +70,8 @@ def test_run_configs_bind_every_macro(files):
     ("runs/eval.gin", ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR")),
     ("runs/infer.gin", ("CHECKPOINT_PATH", "INFER_OUTPUT_DIR", "RANDOM_SEED"))])
 def test_eval_and_infer_configs_bind_their_macros(run, macros):
-  config.configure(["models/decoder/tiny.gin", run])
-  defined = config._defined_macros()  # pylint: disable=protected-access
+  gin_config.configure(["models/decoder/tiny.gin", run])
+  defined = library_compat.gin_defined_macros()
   gin.clear_config()
   common = ("MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "TASK_FEATURE_LENGTHS",
             "BATCH_SIZE", "USE_CACHED_TASKS", "MESH_SHAPE", "VOCABULARY")

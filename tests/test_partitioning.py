@@ -93,12 +93,12 @@ def test_dcn_mesh_needs_tpu_slices():
 
 
 def test_cluster_environment_detection(monkeypatch):
-  from t5xlike import config
+  from t5xlike.cli import distributed
   monkeypatch.delenv("SLURM_NTASKS", raising=False)
   monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
-  assert config._cluster_environment() is None  # pylint: disable=protected-access
+  assert distributed.cluster_environment() is None
   monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert config._cluster_environment() == "SLURM"  # pylint: disable=protected-access
+  assert distributed.cluster_environment() == "SLURM"
   monkeypatch.setenv("SLURM_NTASKS", "1")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2")
-  assert config._cluster_environment() == "Cloud TPU"  # pylint: disable=protected-access
+  assert distributed.cluster_environment() == "Cloud TPU"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from t5xlike import checkpoints, config, inference, optim, partitioning, train, trainer as trainer_lib
+from t5xlike import checkpoints, errors, inference, optim, partitioning, train, trainer as trainer_lib
 from t5xlike.finetuning import adapters, lora, peft, peft_checkpoint, prompt_tuning, selection
 from t5xlike.models import decoder, encoder_decoder, t5
 from tests import test_decoder_model, test_t5_model
@@ -324,7 +324,7 @@ def test_peft_export_holds_only_the_trained_params_and_reloads_exactly(trained, 
                                                          jax.tree.leaves(after)))
   # The run's own checkpoint (the whole wrapped tree) is refused by the plain model.
   run_dir = checkpoints.save_params(peft_dir.parent.parent / "whole", 10, after)
-  with pytest.raises(config.ConfigError, match="PEFT run's own checkpoint"):
+  with pytest.raises(errors.ConfigError, match="PEFT run's own checkpoint"):
     inference.load_checkpoint(model, str(run_dir), lengths, {"data": 1})
   if name == "lora":  # The merged checkpoint: the plain model, within float tolerance.
     assert [w.parent.name for w in written] == ["peft", "merged"]

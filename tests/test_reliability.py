@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from t5xlike import checkpoints, config, fault_injection, metrics, nan_policy, preemption, train
+from t5xlike import checkpoints, errors, fault_injection, metrics, nan_policy, preemption, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
@@ -103,7 +103,7 @@ def test_guard_turns_sigterm_and_sigint_into_a_stop_and_restores_handlers():
     ("ignore", None, "nan_policy"), ("stop", 3, "nan_rollback_after"),
     ("skip", 0, "nan_rollback_after")])
 def test_nan_policy_refuses_bad_settings(action, rollback, culprit):
-  with pytest.raises(config.ConfigError, match=culprit):
+  with pytest.raises(errors.ConfigError, match=culprit):
     nan_policy.NanPolicy(action, rollback)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import seqio
 
-from t5xlike import config
+from t5xlike import errors
 from t5xlike.data import pipeline, sources
 
 
@@ -25,7 +25,7 @@ def import_module(module: str | None) -> None:
       importlib.import_module(module)
     except ImportError as error:
       raise ValueError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: "
-                       f"{config.one_line(error)}") from None
+                       f"{errors.one_line(error)}") from None
 
 
 def leaf_tasks(name: str) -> list[seqio.Task]:

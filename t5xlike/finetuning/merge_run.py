@@ -4,7 +4,7 @@
 first: each checkpoint is a step directory and all hold the same parameter
 paths and shapes as the first (or the base), deltas fit the base, lambdas
 match the checkpoints, the output step directory does not exist yet. Any
-failure is a `config.ConfigError` naming the culprit (one line, exit code 2)
+failure is a `errors.ConfigError` naming the culprit (one line, exit code 2)
 and nothing is written. Then it merges one parameter at a time (each input
 parameter is read from its checkpoint when needed and dropped after: peak
 memory = the merged model + one parameter per input) and writes
@@ -32,7 +32,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from t5xlike import checkpoints, config, entry
+from t5xlike import checkpoints, errors
+
+from t5xlike.cli import entry
 from t5xlike.finetuning import merging, sparse_delta
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,11 @@ def _same_architecture(reference: str, ref_shapes: Mapping[str, tuple[int, ...]]
   if missing or extra:
     where = (f"{missing[0]} is in {reference} but not in {other}" if missing
              else f"{extra[0]} is in {other} but not in {reference}")
-    raise config.ConfigError(f"{other} is not of the architecture of {reference}: parameter "
+    raise errors.ConfigError(f"{other} is not of the architecture of {reference}: parameter "
                              f"{where} ({len(missing)} missing, {len(extra)} extra)")
   for name in sorted(ref_shapes):
     if tuple(ref_shapes[name]) != tuple(shapes[name]):
-      raise config.ConfigError(f"{other} is not of the architecture of {reference}: {name} "
+      raise errors.ConfigError(f"{other} is not of the architecture of {reference}: {name} "
                                f"has shape {tuple(shapes[name])} there, "
                                f"{tuple(ref_shapes[name])} in {reference}")
 
@@ -77,7 +79,7 @@ def _shapes_of(path: str, what: str) -> dict[str, tuple[int, ...]]:
   try:
     return checkpoints.saved_param_shapes(path)
   except (ValueError, FileNotFoundError, OSError) as error:
-    raise config.ConfigError(f"{what} {path}: {config.one_line(error)}") from None
+    raise errors.ConfigError(f"{what} {path}: {errors.one_line(error)}") from None
 
 
 def _floats(name: str, values: Sequence[float] | float | None, count: int,
@@ -88,7 +90,7 @@ def _floats(name: str, values: Sequence[float] | float | None, count: int,
   if len(values) == 1:
     values = values * count
   if len(values) != count or not all(math.isfinite(float(v)) for v in values):
-    raise config.ConfigError(f"{name}: {len(values)} value(s) {values} for {count} "
+    raise errors.ConfigError(f"{name}: {len(values)} value(s) {values} for {count} "
                              f"checkpoint(s) (give one, or one per checkpoint)")
   return [float(v) for v in values]
 
@@ -101,28 +103,28 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
   """Merges checkpoints (see the module docstring); returns the step directory written."""
   # ---- validation: nothing is written before this block has passed. ----
   if method not in METHODS:
-    raise config.ConfigError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
+    raise errors.ConfigError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
   if not output:
-    raise config.ConfigError("--output is not set (the directory the merged checkpoint_<N> "
+    raise errors.ConfigError("--output is not set (the directory the merged checkpoint_<N> "
                              "is written to)")
   checkpoint_paths = [c for c in checkpoint_paths if c]
   needs_base = method in ("task_arithmetic", "breadcrumbs", "add_deltas")
   if needs_base and not base:
-    raise config.ConfigError(f"--method={method} needs --base=BASE_CHECKPOINT")
+    raise errors.ConfigError(f"--method={method} needs --base=BASE_CHECKPOINT")
   if method == "add_deltas":
     if not deltas:
-      raise config.ConfigError("--method=add_deltas needs --deltas=DIR[,DIR] (sparse deltas)")
+      raise errors.ConfigError("--method=add_deltas needs --deltas=DIR[,DIR] (sparse deltas)")
   elif not checkpoint_paths:
-    raise config.ConfigError(f"--method={method} needs --checkpoints=A,B,...")
+    raise errors.ConfigError(f"--method={method} needs --checkpoints=A,B,...")
   if method == "greedy" and evaluator is None:
-    raise config.ConfigError("--method=greedy needs a held-out metric: add "
+    raise errors.ConfigError("--method=greedy needs a held-out metric: add "
                              "--gin_file=<model gin> --gin_file=runs/greedy_soup.gin")
   if method == "breadcrumbs":
     try:
       merging.layer_counts(100, beta, gamma)
       merging.breadcrumbs_mask(np.zeros(1), beta, gamma)
     except ValueError as error:
-      raise config.ConfigError(f"--beta/--gamma: {error}") from None
+      raise errors.ConfigError(f"--beta/--gamma: {error}") from None
   reference = base if needs_base else checkpoint_paths[0]
   shapes = _shapes_of(reference, "--base" if needs_base else "--checkpoints")
   for path in checkpoint_paths:
@@ -133,17 +135,17 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
       delta = sparse_delta.load(path)
       sparse_delta.check_fits(delta, shapes, f"--deltas {path} vs --base {base}")
     except (ValueError, OSError) as error:
-      raise config.ConfigError(config.one_line(error)) from None
+      raise errors.ConfigError(errors.one_line(error)) from None
     if delta.base_checkpoint and epath.Path(delta.base_checkpoint) != epath.Path(base):
       log.warning("%s was fine-tuned from %s, added to %s", path, delta.base_checkpoint, base)
     composed = delta if composed is None else sparse_delta.compose(composed, delta)
   lambdas = _floats("--lambdas", lambdas, len(checkpoint_paths), 1.0)
   steps = [int(checkpoints.restore_step(p)) for p in checkpoint_paths + ([base] if base else [])]
   steps += [d for d in (sparse_delta.load(p).step for p in deltas) if d is not None]
-  step = max(steps) if step is None else config.require_int("--step", step, 0)
+  step = max(steps) if step is None else errors.require_int("--step", step, 0)
   target = checkpoints.step_dir(output, step)
   if target.exists():
-    raise config.ConfigError(f"--output: {target} exists already (choose another --output)")
+    raise errors.ConfigError(f"--output: {target} exists already (choose another --output)")
 
   # ---- the run. ----
   entry.mark_run_started()
@@ -227,7 +229,7 @@ class HeldOutMetric:
           max_examples=max_examples, decoding_config=decoding_config,
           mixture_or_task_module=mixture_or_task_module)
     except ValueError as error:
-      raise config.ConfigError(f"greedy soup metric: {config.one_line(error)}") from None
+      raise errors.ConfigError(f"greedy soup metric: {errors.one_line(error)}") from None
     self.calls = 0
 
   def __call__(self, flat_params: Mapping[str, np.ndarray]) -> float:

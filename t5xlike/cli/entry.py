@@ -5,7 +5,7 @@ entry's own flags, starts `jax.distributed` where asked, loads the gin files
 and calls the entry's gin root. Exit codes: 0 done, 2 a configuration or
 input error (one line on stderr, no file written: the root marks when it
 starts writing with `mark_run_started`), 1 a started run that failed for a
-known reason (`config.RunError`: disk full while saving, a NaN loss; one
+known reason (`errors.RunError`: disk full while saving, a NaN loss; one
 line), 130 a run stopped by SIGINT after its checkpoint (SIGTERM: 0, see
 `t5xlike.preemption`), anything else a crash with its traceback.
 `--verbose` or T5XLIKE_TRACEBACK=1 shows the traceback of every error.
@@ -19,7 +19,9 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from t5xlike import config, preemption
+from t5xlike import preemption
+from t5xlike.cli import distributed, flags, gin_config
+from t5xlike.errors import ConfigError, RunError, one_line
 
 _RUN_STARTED = False
 
@@ -44,33 +46,34 @@ def run_entry(description: str, call_root: Callable[[argparse.Namespace], object
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout)
   logging.getLogger("t5xlike").setLevel(logging.INFO)
-  config.quiet_gin_search_logs()
-  parser = config.build_parser(description)
+  gin_config.quiet_gin_search_logs()
+  parser = flags.build_parser(description)
   if add_flags is not None:
     add_flags(parser)
   argv = sys.argv[1:] if argv is None else argv
   verbose = "--verbose" in argv or bool(os.environ.get("T5XLIKE_TRACEBACK"))
   try:
-    args = config.parse_args(parser, argv)
-    config.initialize_distributed(args)
-    import jax  # pylint: disable=g-import-not-at-top
+    args = flags.parse_args(parser, argv)
+    distributed.initialize_distributed(args)
+    import jax  # noqa: PLC0415  (after the flags: --help and flag errors stay fast)
     if jax.process_index() != 0:  # Only process 0 reports progress.
       logging.getLogger("t5xlike").setLevel(logging.WARNING)
-    config.configure(args.gin_file, args.gin_overrides, args.gin_bindings, args.gin_search_paths)
+    gin_config.configure(args.gin_file, args.gin_overrides, args.gin_bindings,
+                         args.gin_search_paths)
     call_root(args)
   except preemption.Stopped as stop:
     logging.getLogger("t5xlike").warning("%s: exit code %d", stop, stop.exit_code)
     return stop.exit_code
-  except (config.ConfigError, config.RunError) as error:
+  except (ConfigError, RunError) as error:
     if verbose:
       traceback.print_exc()
-    print(f"error: {config.one_line(error)}", file=sys.stderr)
-    return 2 if isinstance(error, config.ConfigError) else 1
-  except Exception as error:  # pylint: disable=broad-except
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return 2 if isinstance(error, ConfigError) else 1
+  except Exception as error:
     if _RUN_STARTED or verbose:
       raise
     # Raised while gin built the run (e.g. a required binding is missing):
     # nothing has been written yet, so it is a configuration error.
-    print(f"error: {config.one_line(error)}", file=sys.stderr)
+    print(f"error: {one_line(error)}", file=sys.stderr)
     return 2
   return 0

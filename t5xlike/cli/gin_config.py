@@ -1,0 +1,109 @@
+"""Loading gin files and `--gin.NAME=VALUE` overrides, with one-line errors.
+
+Gin files are found relative to the current directory, the search paths and
+the repository's `gin_configs/`. Checks that gin itself does not make: every
+gin file exists before any is parsed, and `--gin.NAME=VALUE` for a macro
+(`NAME` without a dot) is refused unless a loaded gin file defines that
+macro, so a typo such as `--gin.TRAIN_STEP=10` cannot silently do nothing. A
+value that is not a gin literal (`--gin.MODEL_DIR=/tmp/run`) is taken as a
+string.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import pathlib
+import re
+from typing import Sequence
+
+import gin
+
+from t5xlike import library_compat
+from t5xlike.errors import ConfigError, one_line
+
+REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
+_MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quiet_gin_search_logs() -> None:
+  """Hides gin's 'Path not found' warnings while it tries each search path."""
+  logging.getLogger().addFilter(lambda record: not str(record.msg).startswith(
+      ("Path not found", "system_path_file_exists")))
+
+
+def search_paths(extra: Sequence[str]) -> list[pathlib.Path]:
+  """`--gin_search_paths` (comma-separated items), then the current directory and
+  the repository's gin_configs/."""
+  paths = [pathlib.Path(p) for item in extra for p in item.split(",") if p]
+  return paths + [pathlib.Path.cwd(), REPO_GIN_DIR]
+
+
+def find_gin_file(name: str, paths: Sequence[pathlib.Path]) -> pathlib.Path:
+  """The file `name` (absolute, or relative to a search path or its gin_configs/)."""
+  candidate = pathlib.Path(name)
+  if candidate.is_absolute():
+    if candidate.is_file():
+      return candidate
+  else:
+    for base in paths:
+      for path in (base / candidate, base / "gin_configs" / candidate):
+        if path.is_file():
+          return path
+  raise ConfigError(f"gin file {name!r} not found (searched: "
+                    f"{', '.join(str(p) for p in paths)})")
+
+
+def _parse_override(name: str, value: str) -> None:
+  try:
+    gin.parse_config(f"{name} = {value}")
+  except (ValueError, SyntaxError) as error:
+    if value[:1] in "'\"" or not value:
+      raise ConfigError(f"--gin.{name}={value}: {one_line(error)}") from None
+    try:  # A bare string such as a path: bind it quoted.
+      gin.parse_config(f"{name} = {value!r}")
+    except Exception:  # noqa: BLE001  (gin raises many kinds; the first error is the one shown)
+      raise ConfigError(f"--gin.{name}={value}: {one_line(error)}") from None
+
+
+def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (),
+              bindings: Sequence[str] = (), extra_search_paths: Sequence[str] = ()) -> None:
+  """Loads gin files then overrides; raises ConfigError naming the culprit.
+
+  Args:
+    gin_files: `--gin_file` values, parsed in order.
+    overrides: `(NAME, VALUE)` pairs of `--gin.NAME=VALUE`; a macro NAME must be
+      defined by a loaded file.
+    bindings: `--gin_bindings` strings, parsed after the overrides.
+    extra_search_paths: `--gin_search_paths` values (comma-separated directories).
+  """
+  if not gin_files:
+    raise ConfigError("no --gin_file given")
+  gin.clear_config(clear_constants=False)
+  paths = search_paths(extra_search_paths)
+  files = [find_gin_file(name, paths) for name in gin_files]
+  for path in paths:
+    if path.is_dir():
+      gin.add_config_file_search_path(str(path))
+  gin.add_config_file_search_path(str(REPO_GIN_DIR))
+  for path in files:
+    try:
+      gin.parse_config_file(str(path))
+    except (ValueError, SyntaxError, ImportError, OSError, TypeError) as error:
+      raise ConfigError(f"gin file {path}: {one_line(error)}") from None
+  macros = library_compat.gin_defined_macros()
+  for name, value in overrides:
+    if _MACRO.match(name) and name not in macros:
+      close = difflib.get_close_matches(name, macros, n=1)
+      hint = (f"did you mean {close[0]}?" if close
+              else f"defined: {', '.join(sorted(macros)) or 'none'}")
+      raise ConfigError(f"--gin.{name}: no loaded gin file defines the macro {name} ({hint})")
+    _parse_override(name, value)
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except (ValueError, SyntaxError, ImportError) as error:
+      raise ConfigError(f"--gin_bindings={binding}: {one_line(error)}") from None
+  try:
+    gin.finalize()
+  except ValueError as error:  # e.g. a macro that is used but never bound.
+    raise ConfigError(one_line(error).split(" in config string")[0]) from None
