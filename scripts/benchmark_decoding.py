@@ -20,15 +20,16 @@ import gin
 import jax
 import numpy as np
 
-from t5xlike import decoding, inference
 from t5xlike.cli import gin_config
+from t5xlike.data import feature_converters
+from t5xlike.inference import decoding, predictor
 
 
 def build(model_gin: str, input_length: int):
   gin_config.configure([f"models/{model_gin}.gin"])
   model = gin.query_parameter("%MODEL").scoped_configurable_fn()
   gin.clear_config()
-  features = inference.example_features(model, {"inputs": input_length, "targets": 1})
+  features = predictor.example_features(model, {"inputs": input_length, "targets": 1})
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), features)["params"])
   return model, params
 
@@ -52,7 +53,7 @@ def main() -> None:
   for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
     examples = [{"inputs": rng.integers(2, 1000, args.input_length - 1).astype(np.int32),
                  "targets": np.zeros((0,), np.int32)} for _ in range(batch_size)]
-    convert = functools.partial(inference.feature_converters.get_converter(
+    convert = functools.partial(feature_converters.get_converter(
         model.feature_converter), feature_lengths={"inputs": args.input_length, "targets": 1})
     batch = convert(examples)
     for name, method in methods.items():

@@ -14,8 +14,9 @@ import time
 import jax
 import numpy as np
 
-from t5xlike import optim, partitioning, trainer as trainer_lib
+from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, t5
+from t5xlike.training import trainer as trainer_lib
 
 SIZES = {  # emb, heads, layers per stack, head_dim, mlp (published T5.1.1)
     "small": (512, 6, 8, 64, 1024), "base": (768, 12, 12, 64, 2048),

@@ -10,7 +10,7 @@ lengths 32/8, 12 steps, a checkpoint every 3) and checks the exit code, the
 last stderr line, that no traceback is printed, and what MODEL_DIR holds
 afterwards. Faults are injected the way they happen (signals, `kill -9`,
 truncated files, a file where a directory should be) or, for NaN and
-disk-full, through the test hooks of `t5xlike.fault_injection`. Exit code 0
+disk-full, through the test hooks of `t5xlike.training.fault_injection`. Exit code 0
 when every case passes. See docs/reliability.md.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ STEPS = 12
 BASE = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.LOG_PERIOD=1",
         "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3", f"--gin.TRAIN_STEPS={STEPS}",
-        "--gin.training.train.async_checkpointing=False"]
+        "--gin.train_run.train.async_checkpointing=False"]
 INFER = ["--gin_file=gin_configs/models/t5_1_1/tiny.gin", "--gin_file=runs/infer.gin",
          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=2"]
 
@@ -144,7 +144,7 @@ class Drill:
     """An uninterrupted 12-step run (checkpoints 3, 6, 9, 12), made once."""
     if self._baseline is None:
       path = self.root / "baseline"
-      result = self.train(path, "--gin.training.train.keep_checkpoints=None")
+      result = self.train(path, "--gin.train_run.train.keep_checkpoints=None")
       if result.returncode != 0:
         raise RuntimeError(f"the baseline run failed:\n{result.stderr[-3000:]}")
       self._baseline = path

@@ -20,9 +20,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from t5xlike import flops, optim, partitioning, trainer as trainer_lib
+from t5xlike import flops, optim, partitioning
 from t5xlike.data import batch_shapes
 from t5xlike.models import decoder, encoder_decoder, t5
+from t5xlike.training import trainer as trainer_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,37 +18,12 @@ import argparse
 import importlib
 import logging
 import sys
-import time
 
 from t5xlike import errors
 
 
 def _names(values: list[str]) -> list[str]:
   return [name.strip() for value in values for name in value.split(",") if name.strip()]
-
-
-def _plan(task_names: list[str], splits: list[str]) -> list[tuple[object, str]]:
-  """(task, split) pairs to cache, validated; ValueError on bad input."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  from t5xlike.data import sources  # pylint: disable=g-import-not-at-top
-  tasks = {}
-  for name in task_names:
-    found = sources.get_task(name)
-    for task in found.tasks if isinstance(found, seqio.Mixture) else [found]:
-      tasks.setdefault(task.name, task)
-  plan = []
-  for task in tasks.values():
-    sources.check_postcache_preprocessors(task)
-    for split in splits or list(task.splits):
-      sources.deterministic_dataset(task, split)  # Split, TFDS data and features.
-      plan.append((task, split))
-  return plan
-
-
-def _summary(stats: dict, seconds: float) -> str:
-  tokens = ", ".join(f"{k} {v['tokens']:,}" for k, v in stats["features"].items() if v["token"])
-  return (f"{stats['task']}/{stats['split']}: {stats['num_examples']:,} examples, tokens: "
-          f"{tokens or 'none'}, {seconds:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,17 +55,14 @@ def main(argv: list[str] | None = None) -> int:
       except ImportError as error:
         raise errors.ConfigError(f"--module={module} cannot be imported: "
                                  f"{errors.one_line(error)}") from None
-    plan = _plan(_names(args.tasks), _names(args.splits))
+    from t5xlike.runs import cache_tasks_run  # noqa: PLC0415  (seqio + TensorFlow: after the flags)
+    pairs = cache_tasks_run.plan(_names(args.tasks), _names(args.splits))
   except (errors.ConfigError, ValueError, argparse.ArgumentError) as error:
     print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 2
   except SystemExit as exit_:  # argparse's own usage errors.
     return int(exit_.code or 0)
-  from t5xlike.data import task_cache  # pylint: disable=g-import-not-at-top
-  for task, split in plan:
-    start = time.time()
-    stats = task_cache.write_cache(task, split, args.output_dir, num_shards=args.num_shards)
-    print(_summary(stats, time.time() - start), flush=True)
+  cache_tasks_run.write(pairs, args.output_dir, args.num_shards)
   return 0
 
 

@@ -24,10 +24,11 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from etils import epath
+from flax import traverse_util
 
-from t5xlike import errors, fault_injection
+from t5xlike import errors
+from t5xlike.training import fault_injection
 
 log = logging.getLogger(__name__)
 

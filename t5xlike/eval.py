@@ -19,8 +19,8 @@ from t5xlike.cli import entry
 def main(argv: list[str] | None = None) -> int:
   def call_root(args):
     del args
-    from t5xlike import evaluation  # pylint: disable=g-import-not-at-top
-    gin.get_configurable(evaluation.evaluate)()
+    from t5xlike.runs import eval_run  # pylint: disable=g-import-not-at-top
+    gin.get_configurable(eval_run.evaluate)()
   return entry.run_entry(__doc__.splitlines()[0], call_root, argv=argv)
 
 

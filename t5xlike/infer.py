@@ -5,8 +5,8 @@
     --mode=predict --input=in.jsonl --output=out.jsonl
 
 Without --input, the examples of MIXTURE_OR_TASK_NAME (split
-`prediction.infer.split`) are written to INFER_OUTPUT_DIR. See
-`t5xlike/prediction.py` for the JSONL format. Exit codes as `t5xlike.train`.
+`infer_run.infer.split`) are written to INFER_OUTPUT_DIR. See
+`t5xlike/inference/jsonl_io.py` for the JSONL format. Exit codes as `t5xlike.train`.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def _flags(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   def call_root(args):
-    from t5xlike import prediction  # pylint: disable=g-import-not-at-top
+    from t5xlike.runs import infer_run  # pylint: disable=g-import-not-at-top
     overrides = {"mode": args.mode, "input_path": args.input, "output_path": args.output}
     if args.max_decode_length is not None:
       overrides["max_decode_length"] = args.max_decode_length
-    gin.get_configurable(prediction.infer)(**overrides)
+    gin.get_configurable(infer_run.infer)(**overrides)
   return entry.run_entry(__doc__.splitlines()[0], call_root, _flags, argv=argv)
 
 

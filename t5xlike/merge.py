@@ -27,7 +27,6 @@ import sys
 import gin
 
 from t5xlike import errors
-
 from t5xlike.cli import entry
 
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv.insert(0, "--gin_file=runs/merge.gin")
 
   def call_root(args):
-    from t5xlike.finetuning import merge_run  # pylint: disable=g-import-not-at-top
+    from t5xlike.runs import merge_run  # pylint: disable=g-import-not-at-top
     if not args.method:
       raise errors.ConfigError("--method is not set (uniform, greedy, task_arithmetic, "
                                "breadcrumbs or add_deltas)")

@@ -19,8 +19,8 @@ from t5xlike.cli import entry
 def main(argv: list[str] | None = None) -> int:
   def call_root(args):
     del args
-    from t5xlike import training  # pylint: disable=g-import-not-at-top
-    gin.get_configurable(training.train)()
+    from t5xlike.runs import train_run  # pylint: disable=g-import-not-at-top
+    gin.get_configurable(train_run.train)()
   return entry.run_entry(__doc__.splitlines()[0], call_root, argv=argv)
 
 

@@ -11,9 +11,9 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.experimental.pallas.ops.tpu import flash_attention as flash  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from t5xlike import partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from t5xlike.models import attention  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike import optim, partitioning, trainer as trainer_lib
+from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, t5
+from t5xlike.training import trainer as trainer_lib
 
 CONFIG = t5.T5Config(vocab_size=512, emb_dim=128, num_heads=4, num_encoder_layers=2,
                      num_decoder_layers=2, head_dim=32, mlp_dim=256)

@@ -231,8 +231,9 @@ def test_pallas_unservable_logs_one_line_and_matches_einsum(caplog):
 
 def test_pallas_t5_model_loss_matches_einsum(caplog):
   """End to end: a tiny T5 (relative biases, padding, causal decoder, cross-attention)."""
-  from t5xlike.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  from t5xlike.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)
   enc = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
   enc[0, 100:] = 0
@@ -274,8 +275,9 @@ def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
   """End to end: a tiny Llama-style decoder (GQA, RoPE, packed rows, scanned layers), the
   StructuredMask broadcast through nn.scan to the kernel. No remat: interpret mode's
   callbacks are effects, which `jax.checkpoint` refuses (the TPU kernel has none)."""
-  from t5xlike.models import decoder  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  from t5xlike.models import decoder  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
   targets = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
   segments = np.ones((1, P_LEN), np.int32)
@@ -310,7 +312,11 @@ def test_pallas_shard_map_wrapping_on_a_four_device_mesh():
   """Multi-device meshes: the kernel (here the flash module's pure-JAX reference, since
   interpret mode hangs under shard_map on the CPU) runs per batch x heads shard, same
   values; in interpret mode 'pallas' falls back there."""
-  import json, os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import json  # pylint: disable=g-import-not-at-top,multiple-imports
+  import os
+  import pathlib
+  import subprocess
+  import sys
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, str(repo / "tests" / "pallas_shard_worker.py")],

@@ -11,10 +11,10 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from flax import traverse_util
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from flax import traverse_util
 
 from t5xlike import checkpoints, library_compat, train
 from t5xlike.cli import gin_config

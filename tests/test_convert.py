@@ -47,6 +47,7 @@ def _llama_batch(seed: int = 2):
 def _our_logits(out_dir: pathlib.Path, batch) -> tuple[np.ndarray, object, dict]:
   """Logits of a converted t5xlike directory, built from its model.gin."""
   import gin  # pylint: disable=g-import-not-at-top
+
   from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
   gin_config.configure([str(out_dir / "model.gin")])
   model = output_dir.configured_model()
@@ -251,9 +252,9 @@ def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
   Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models. `gcs`:
   the specs T5X writes for a gs:// directory (bucket placeholder, top-level path).
   Returns the parameters as saved (unscanned, float32)."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
   directory.mkdir(parents=True)
   saved = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if k.endswith(bfloat16) else v)
            for k, v in flat.items()}
@@ -286,6 +287,7 @@ def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
   assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
                   "--relative_attention_max_distance=16", *flags) == 0
   import gin  # pylint: disable=g-import-not-at-top
+
   from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
   gin_config.configure([str(out / "model.gin")])
   cfg = output_dir.configured_model().network.config
@@ -483,6 +485,7 @@ def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
   with T5's 100 extra ids, and the export carries it back."""
   import gin  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
+
   from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
   spm = pathlib.Path(__file__).resolve().parents[1] / "tasks" / "embedded" / "spm.model"
   hf_config = transformers.T5Config(vocab_size=8192, d_model=16, d_kv=4, d_ff=16, num_layers=1,

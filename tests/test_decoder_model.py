@@ -1,7 +1,7 @@
 """Llama-style decoder-only network against a NumPy float64 reference; masks, packing,
 KV-cache decoding, scan over layers, loss, gin sizes."""
-import gin
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5xlike import decoding, losses
+from t5xlike import losses
+from t5xlike.inference import decoding
 from t5xlike.models import decoder, encoder_decoder, t5
 
 EOS = 1

@@ -14,10 +14,11 @@ import optax
 import pytest
 from flax import traverse_util
 
-from t5xlike import checkpoints, optim, partitioning, train, trainer as trainer_lib
+from t5xlike import checkpoints, optim, partitioning, train
 from t5xlike.cli import gin_config
 from t5xlike.finetuning import base, freezing, hft, llrd, reinit, selection, updates
 from t5xlike.models import encoder_decoder, t5
+from t5xlike.training import trainer as trainer_lib
 from tests import test_t5_model
 
 CONFIG = test_t5_model.CONFIG  # 2 + 2 layers, emb 32, mlp 48, vocab 128
@@ -295,7 +296,7 @@ def finetune(base_dir, step_dir, technique, model_dir, *extra):
                      f"--gin.INITIAL_CHECKPOINT_PATH={step_dir}",
                      f"--gin.MODEL_DIR={base_dir / model_dir}", "--gin.TRAIN_STEPS=4",
                      "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None", "--gin.LOG_PERIOD=1",
-                     "--gin.training.train.inference_evaluator=None", LENGTHS, TASK, *extra])
+                     "--gin.train_run.train.inference_evaluator=None", LENGTHS, TASK, *extra])
 
 
 def steps_logged(model_dir):

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from t5xlike import flops, optim, partitioning, trainer as trainer_lib
+from t5xlike import flops, optim, partitioning
 from t5xlike.models import decoder, encoder_decoder, t5
 from t5xlike.objectives import spdf
+from t5xlike.training import trainer as trainer_lib
 
 T5 = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=1, head_dim=64, mlp_dim=512)

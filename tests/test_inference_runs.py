@@ -7,8 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from t5xlike import evaluation, eval as eval_entry, infer, train
+from t5xlike import eval as eval_entry, infer, train
 from t5xlike.data import task_examples
+from t5xlike.inference import task_evaluator
 from tasks import embedded
 
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
@@ -75,14 +76,14 @@ def test_task_metrics_follow_the_seqio_contract():
                                       use_cached=False, cache_dir=None, max_examples=8)
   text = [task_examples.text_row(task, ex) for ex in examples]
   predictions = [row["targets"] if i % 4 else "no" for i, row in enumerate(text)]
-  values = evaluation.task_metrics(task, examples, text, predictions, None)
+  values = task_evaluator.task_metrics(task, examples, text, predictions, None)
   assert values == {"accuracy": pytest.approx(75.0)}
   reverse = task_examples.leaf_tasks("mt_reverse_words")[0]
   examples = task_examples.read_split(reverse, "validation", {"inputs": 64, "targets": 32},
                                       use_cached=False, cache_dir=None, max_examples=5)
   text = [task_examples.text_row(reverse, ex) for ex in examples]
   predictions = [f"  {row['targets']} " for row in text[:2]] + ["x"] * 3  # strip()ed
-  assert evaluation.task_metrics(reverse, examples, text, predictions, None) == {
+  assert task_evaluator.task_metrics(reverse, examples, text, predictions, None) == {
       "sequence_accuracy": pytest.approx(40.0)}
 
 

@@ -1,12 +1,15 @@
-"""The core imports no TensorFlow, seqio or grain (DESIGN.md §2)."""
+"""The core imports no TensorFlow, seqio or grain (docs/architecture.md)."""
 import subprocess
 import sys
 
 CORE = ["t5xlike.models.t5", "t5xlike.models.layers", "t5xlike.models.encoder_decoder",
-        "t5xlike.trainer", "t5xlike.partitioning", "t5xlike.optim", "t5xlike.checkpoints",
-        "t5xlike.metrics", "t5xlike.losses", "t5xlike.objectives.span_corruption",
-        "t5xlike.data.feature_converters", "t5xlike.data.batch_shapes", "t5xlike.decoding", "t5xlike.inference",
-        "t5xlike.prediction", "t5xlike.evaluation", "t5xlike.text_metrics"]
+        "t5xlike.training.trainer", "t5xlike.partitioning", "t5xlike.optim",
+        "t5xlike.checkpoints", "t5xlike.metrics", "t5xlike.losses",
+        "t5xlike.objectives.span_corruption", "t5xlike.data.feature_converters",
+        "t5xlike.data.batch_shapes", "t5xlike.inference.decoding",
+        "t5xlike.inference.predictor", "t5xlike.inference.checkpoint_loading",
+        "t5xlike.inference.jsonl_io", "t5xlike.inference.task_evaluator",
+        "t5xlike.runs.infer_run", "t5xlike.runs.eval_run", "t5xlike.text_metrics"]
 
 
 def test_core_imports_no_tensorflow_seqio_or_grain():

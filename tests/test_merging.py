@@ -6,7 +6,8 @@ import pytest
 from flax import traverse_util
 
 from t5xlike import checkpoints, merge
-from t5xlike.finetuning import merge_run, merging
+from t5xlike.finetuning import merging
+from t5xlike.runs import merge_run
 from tests import test_finetuning_selection as tfs
 
 SHAPES = {"encoder/layers/mlp/wi/kernel": (3, 8, 5),  # scanned: 3 layers

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from t5xlike import optim, partitioning, trainer as trainer_lib
+from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, layers, t5
+from t5xlike.training import trainer as trainer_lib
 from tests import test_trainer
 
 # emb 128 x mlp 256: big enough for Adafactor to factor the MLP kernels.

@@ -184,7 +184,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
 def test_postcache_preprocessors_refused_except_eos():
   with pytest.raises(ValueError) as error:
     sources.open_source("user_random_postcache", "train", use_cached=False, cache_dir=None)
-  assert ("t5xlike draws per-example randomness in objectives (training.train.objective, e.g. "
+  assert ("t5xlike draws per-example randomness in objectives (train_run.train.objective, e.g. "
           "span_corruption.SpanCorruption / ul2.UL2): remove random_token_drop from task "
           "user_random_postcache and bind the objective instead") in str(error.value)
   with pytest.raises(ValueError, match="post-cache preprocessor drop_empty_targets is not "

@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from t5xlike import checkpoints, infer, merge, optim, partitioning, trainer as trainer_lib
+from t5xlike import checkpoints, infer, merge, optim, partitioning
 from t5xlike.finetuning import freezing, sparse, sparse_delta
+from t5xlike.training import trainer as trainer_lib
 from tests import test_finetuning_selection as tfs
 
 K_DENSE, K_TRAIN = 2, 37

@@ -3,9 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from t5xlike import optim, partitioning, trainer as trainer_lib
+from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, t5
 from t5xlike.objectives import spdf
+from t5xlike.training import trainer as trainer_lib
 from tests import test_t5_model
 
 SPARSITY = 0.75

@@ -4,10 +4,10 @@ Runs the entry point in-process on the quickstart config shrunk to tiny
 batches, so that each run costs one compilation.
 """
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
-import pathlib
 
 import pytest
 

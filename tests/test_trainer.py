@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5xlike import optim, partitioning, trainer as trainer_lib
+from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, t5
+from t5xlike.training import trainer as trainer_lib
 from tests import test_t5_model
 
 CONFIG = test_t5_model.CONFIG

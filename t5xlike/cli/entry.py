@@ -7,7 +7,7 @@ input error (one line on stderr, no file written: the root marks when it
 starts writing with `mark_run_started`), 1 a started run that failed for a
 known reason (`errors.RunError`: disk full while saving, a NaN loss; one
 line), 130 a run stopped by SIGINT after its checkpoint (SIGTERM: 0, see
-`t5xlike.preemption`), anything else a crash with its traceback.
+`t5xlike.training.preemption`), anything else a crash with its traceback.
 `--verbose` or T5XLIKE_TRACEBACK=1 shows the traceback of every error.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from t5xlike import preemption
 from t5xlike.cli import distributed, flags, gin_config
 from t5xlike.errors import ConfigError, RunError, one_line
+from t5xlike.training import preemption
 
 _RUN_STARTED = False
 

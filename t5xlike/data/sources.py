@@ -71,7 +71,7 @@ Example = dict[str, np.ndarray]
 PRECACHE_SEED = 0
 CACHE_COMMAND = "python -m t5xlike.cache_tasks"
 _EOS_PREPROCESSORS = (seqio.preprocessors.append_eos, seqio.preprocessors.append_eos_after_trim)
-OBJECTIVE_HINT = ("t5xlike draws per-example randomness in objectives (training.train.objective, "
+OBJECTIVE_HINT = ("t5xlike draws per-example randomness in objectives (train_run.train.objective, "
                   "e.g. span_corruption.SpanCorruption / ul2.UL2)")
 
 

@@ -333,6 +333,7 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
   # sources reads what this module writes; it is imported here to keep the
   # format module free of seqio/TensorFlow at import time.
   import seqio  # pylint: disable=g-import-not-at-top
+
   from t5xlike.data import sources  # pylint: disable=g-import-not-at-top
   if num_shards is not None and num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")

@@ -1,7 +1,7 @@
 """Fine-tuning techniques, plugged into one trainer through one protocol.
 
 `base`: the protocol (`wrap_optimizer`, `trainable`, `initialize`,
-`describe`, `apply_updates`, `export`) that `training.train(finetuning=...)`
+`describe`, `apply_updates`, `export`) that `train_run.train(finetuning=...)`
 and the `Trainer` call, and `Combine`. `selection`: parameter groups (path
 regex + layer indices) -> per-leaf / per-layer masks and depths, scanned and
 unscanned alike. `updates`: the optax wrapper (per-layer update scales;

@@ -1,6 +1,6 @@
-"""The fine-tuning protocol the trainer and `training.train` call, and its base class.
+"""The fine-tuning protocol the trainer and `train_run.train` call, and its base class.
 
-`training.train(..., finetuning=F)` (gin: `training.train.finetuning =
+`train_run.train(..., finetuning=F)` (gin: `train_run.train.finetuning =
 @<technique>()`) hands F to the `Trainer`, which calls, once the parameter
 tree exists (`Trainer._prepare_init`, boxed abstract parameters with their
 logical axes):
@@ -20,7 +20,7 @@ logical axes):
       the new optimizer state); default `optax.apply_updates`. Sparse
       fine-tuning writes the initial values back exactly there.
 
-and `training.train` calls, once, when a run starts from
+and `train_run.train` calls, once, when a run starts from
 INITIAL_CHECKPOINT_PATH (never when it resumes from MODEL_DIR):
 
   F.initialize(params, fresh) -> params

@@ -20,7 +20,7 @@ others, with their logical axis names (`nn.with_logical_partitioning`;
 `lora_rank`, `adapter`, `prompt_length` are replicated by every rules
 preset, as any name without a rule).
 
-The technique is also the run's `FineTuning` (`training.train.finetuning`):
+The technique is also the run's `FineTuning` (`train_run.train.finetuning`):
 every parameter but its own (`param_pattern`) is frozen (bit for bit, no
 optimizer state; `also_train` adds groups, e.g. layer norms), `describe`
 logs the counts, and `export` writes the PEFT checkpoint
@@ -85,7 +85,7 @@ class InterceptedNetwork:
 def wrap_model(model: Any, method: "PeftMethod") -> Any:
   """A shallow copy of `model` (any t5xlike token model) whose network carries
   `method`'s parameters; everything else (loss, decoding, feature converter)
-  is the model's own. Gin: `training.train.model = @peft.wrap_model()` with
+  is the model's own. Gin: `train_run.train.model = @peft.wrap_model()` with
   `peft.wrap_model.model = %MODEL`."""
   if method is None:
     raise ValueError("no PEFT method: bind PEFT_METHOD (use gin_configs/finetune/lora.gin, "

@@ -1,6 +1,6 @@
 """PEFT checkpoints: the trained parameters only, plus the base checkpoint's path.
 
-`export` (the technique's `FineTuning.export`, called by `training.train`
+`export` (the technique's `FineTuning.export`, called by `train_run.train`
 after the final step) writes
 
   MODEL_DIR/peft/checkpoint_<N>/state      orbax {step, params}: only the
@@ -15,7 +15,7 @@ the merged weights as a plain base-architecture checkpoint.
 Loading restores the full model: `checkpoints.restore_matching_params`
 follows `base_checkpoint` (restores the base, then lays the PEFT
 parameters over it), so INITIAL_CHECKPOINT_PATH may name a PEFT
-checkpoint; `inference.load_model_checkpoint` (eval / infer with
+checkpoint; `checkpoint_loading.load_model_checkpoint` (eval / infer with
 CHECKPOINT_PATH) rebuilds the wrapped model from `method` (`method_from_json`).
 """
 from __future__ import annotations

@@ -20,7 +20,6 @@ import numpy as np
 from t5xlike.interop import hf_names, hf_weights
 from t5xlike.models import decoder
 
-
 MODEL_TYPES = ("llama",)
 
 

@@ -83,6 +83,7 @@ def _read_flax(path: pathlib.Path) -> dict[str, np.ndarray]:
   """HF Flax weights -> PyTorch names: `a/b/kernel` [in, out] -> `a.b.weight` [out, in];
   `embedding` and norm `weight` / `scale` -> `weight`."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   from t5xlike.interop import param_trees  # pylint: disable=g-import-not-at-top
   tree = serialization.msgpack_restore(path.read_bytes())
   tree = tree.get("params", tree)

@@ -25,7 +25,6 @@ from t5xlike import checkpoints
 from t5xlike.interop import param_trees
 from t5xlike.models import decoder, t5
 
-
 CHECKPOINT = "checkpoint"
 MODEL_GIN = "model.gin"
 T5_EXTRA_IDS = 100
@@ -121,6 +120,7 @@ def read_params(checkpoint: str | pathlib.Path, network_config: Any) -> dict[str
   """The unscanned parameters of a t5xlike step directory as float32 NumPy arrays,
   checked against the network config's shapes (paths and shapes named on mismatch)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from t5xlike.interop import network_shapes  # pylint: disable=g-import-not-at-top
   shapes = network_shapes.param_shapes(network_config)
   checkpoints.check_param_shapes(checkpoint, shapes)

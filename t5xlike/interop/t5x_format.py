@@ -25,7 +25,6 @@ import numpy as np
 from t5xlike.interop import param_trees
 from t5xlike.models import t5
 
-
 MSGPACK = "checkpoint"
 SCANNED_LAYER_AXIS = 1
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike import decoding, losses
+from t5xlike import losses
+from t5xlike.inference import decoding
 from t5xlike.models import layers
 
 Array = jax.Array
@@ -135,7 +136,7 @@ class TokenModel:
 
     Returns:
       tokens int32 [b, max_length] (EOS kept, 0 after it) and scores float32
-      [b] (see `t5xlike.decoding`).
+      [b] (see `t5xlike.inference.decoding`).
     """
     state, first_logits = self.decoding_start(params, batch, max_length)
     step = lambda tokens, state: self.decoding_step(params, tokens, state)

@@ -329,7 +329,7 @@ class DecoderOnlyModel(base.TokenModel):
         mutable=["cache"])
     return logits, variables["cache"]
 
-  # -- decoding protocol of `t5xlike.decoding` (see base.TokenModel.predict_batch) --
+  # -- decoding protocol of `t5xlike.inference.decoding` (see base.TokenModel.predict_batch) --
   def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:
     """Reads each row's prompt and returns (state, logits [b, vocab] of the first token).
 

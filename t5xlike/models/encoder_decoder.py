@@ -50,7 +50,7 @@ class EncoderDecoderModel(base.TokenModel):
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         deterministic=dropout_rng is None, rngs=rngs)
 
-  # -- decoding protocol of `t5xlike.decoding` (see base.TokenModel.predict_batch) --
+  # -- decoding protocol of `t5xlike.inference.decoding` (see base.TokenModel.predict_batch) --
   def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:
     """Encodes `encoder_input_tokens` once, feeds the decoder its BOS (id 0)
     and returns (state, logits [b, vocab] of the first target token).

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from t5xlike.models import attention, masks

@@ -4,9 +4,9 @@
 """
 from __future__ import annotations
 
-from flax import struct
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 

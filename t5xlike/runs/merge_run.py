@@ -33,7 +33,6 @@ from etils import epath
 from flax import traverse_util
 
 from t5xlike import checkpoints, errors
-
 from t5xlike.cli import entry
 from t5xlike.finetuning import merging, sparse_delta
 
@@ -208,7 +207,7 @@ def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
 class HeldOutMetric:
   """A merged model's held-out score for the greedy soup, with the eval machinery.
 
-  `evaluation.InferenceEvaluator` on `split` of MIXTURE_OR_TASK_NAME's tasks
+  `task_evaluator.InferenceEvaluator` on `split` of MIXTURE_OR_TASK_NAME's tasks
   (`max_examples` each); the score is `metric` averaged over the tasks
   ('loss': mean target negative log-likelihood per token, lower is better;
   a metric function's name such as 'accuracy': higher is better).
@@ -220,11 +219,11 @@ class HeldOutMetric:
                max_examples: int | None = 64, metric: str = "loss",
                higher_is_better: bool = False, decoding_config: Any = None,
                mesh_shape: Mapping[str, int] | None = None):
-    from t5xlike import evaluation  # pylint: disable=g-import-not-at-top
+    from t5xlike.inference import task_evaluator  # pylint: disable=g-import-not-at-top
     self.model, self.metric, self.higher_is_better = model, metric, higher_is_better
     self.feature_lengths, self.mesh_shape = dict(task_feature_lengths), mesh_shape
     try:
-      self.evaluator = evaluation.InferenceEvaluator(
+      self.evaluator = task_evaluator.InferenceEvaluator(
           mixture_or_task_name, task_feature_lengths, batch_size, split=split,
           max_examples=max_examples, decoding_config=decoding_config,
           mixture_or_task_module=mixture_or_task_module)

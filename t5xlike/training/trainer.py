@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5xlike import checkpoints, errors, fault_injection, metrics, nan_policy, optim, partitioning
-from t5xlike import preemption
+from t5xlike import checkpoints, errors, metrics, optim, partitioning
+from t5xlike.training import fault_injection, nan_policy, preemption
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]

@@ -1,11 +1,11 @@
 """Batched prediction and scoring with a trained model (no TensorFlow).
 
-`Predictor` restores a model's parameters from a checkpoint step directory,
-turns examples (`{"inputs": int ids, "targets": int ids}`, ids exactly as
-given) into the model's features with its feature converter, pads the last
-batch to the fixed batch size (one compilation), and runs jit-compiled
-decoding (`t5xlike.decoding`, KV cache) or scoring (log-likelihood of the
-targets). Used by `python -m t5xlike.infer`, `python -m t5xlike.eval` and
+`Predictor` takes a model and its parameters (`inference.checkpoint_loading`
+reads them from a checkpoint), turns examples (`{"inputs": int ids,
+"targets": int ids}`, ids exactly as given) into the model's features with
+its feature converter, pads the last batch to the fixed batch size (one
+compilation), and runs jit-compiled decoding (`inference.decoding`, KV cache)
+or scoring (log-likelihood of the targets). Used by `python -m t5xlike.infer`, `python -m t5xlike.eval` and
 evaluation during training.
 """
 from __future__ import annotations
@@ -17,12 +17,10 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from t5xlike import checkpoints, decoding, errors, partitioning
 from t5xlike.data import feature_converters
-from t5xlike.finetuning import peft_checkpoint
+from t5xlike.inference import decoding
 
 log = logging.getLogger(__name__)
 Example = Mapping[str, np.ndarray]
@@ -52,93 +50,12 @@ def example_features(model: Any, feature_lengths: Mapping[str, int]) -> dict[str
   return dict(convert([example], feature_lengths))
 
 
-def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
-                    partitioner: partitioning.Partitioner) -> tuple[Any, Any]:
-  """(ShapeDtypeStructs of the parameters with their shardings, the boxed tree)."""
-  shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
-            for k, v in batch_shapes.items()}
-  boxed = jax.eval_shape(model.init, jax.random.key(0), shapes)["params"]
-  shardings = partitioner.variable_shardings(boxed)
-  unboxed = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                         is_leaf=lambda x: hasattr(x, "names"))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      unboxed, shardings), boxed
-
-
-def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, Any],
-                   partitioner: partitioning.Partitioner) -> tuple[Any, int]:
-  """(parameters, step) of a checkpoint step directory, laid out on the mesh."""
-  abstract, _ = abstract_params(model, batch_shapes, partitioner)
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=partitioner.replicated())
-  params, step = checkpoints.restore_params_from_path(checkpoint_path, abstract, step)
-  return params, int(step)
-
-
-def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Mapping[str, int],
-                    mesh_shape: Mapping[str, int] | None) -> tuple[Any, int]:
-  """(parameters, step) of CHECKPOINT_PATH for `model` on a mesh of MESH_SHAPE.
-
-  A PEFT checkpoint (`finetuning.peft_checkpoint`) whose technique merges
-  into the base weights (LoRA) gives the merged parameters of `model`'s own
-  architecture; others need `load_model_checkpoint` (their model differs).
-  Raises errors.ConfigError (one line) when the path is unset, not a step
-  directory, or holds parameters of another architecture.
-  """
-  loaded, params, step = load_model_checkpoint(model, checkpoint_path, feature_lengths,
-                                               mesh_shape)
-  if loaded is not model:
-    method = loaded.peft_method
-    if not hasattr(method, "merge"):
-      raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
-                               f"PEFT checkpoint: load it with inference.load_model_checkpoint")
-    params = method.merge(params)
-  return params, step
-
-
-def load_model_checkpoint(model: Any, checkpoint_path: str | None,
-                          feature_lengths: Mapping[str, int],
-                          mesh_shape: Mapping[str, int] | None) -> tuple[Any, Any, int]:
-  """(model, parameters, step) of CHECKPOINT_PATH, as `load_checkpoint`; for a PEFT
-  checkpoint the model is `model` wrapped with the checkpoint's technique
-  (`peft.wrap_model`) and the parameters its full tree (the base checkpoint's,
-  the PEFT parameters laid over them)."""
-  if not checkpoint_path:
-    raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
-                             "MODEL_DIR/checkpoint_<N>)")
-  try:
-    checkpoints.validate_step_dir(checkpoint_path)
-    partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
-        "data_fsdp_tensor"))
-  except ValueError as error:
-    raise errors.ConfigError(f"CHECKPOINT_PATH: {errors.one_line(error)}") from None
-  try:
-    method = peft_checkpoint.method_of(checkpoint_path)
-    if method is None:
-      features = example_features(model, feature_lengths)
-      extra = set(checkpoints.saved_param_shapes(checkpoint_path)) - set(
-          checkpoints.flat_shapes(abstract_params(model, features, partitioner)[0]))
-      if peft_checkpoint.peft_parameters(extra):
-        raise ValueError(f"it holds PEFT parameters ({peft_checkpoint.peft_parameters(extra)[0]}"
-                         f", ...): a PEFT run's own checkpoint; load its "
-                         f"MODEL_DIR/peft/checkpoint_<N> (or LoRA's merged/checkpoint_<N>)")
-      return (model, *restore_params(model, checkpoint_path, features, partitioner))
-    model = method.wrap(model)
-    abstract, _ = abstract_params(model, example_features(model, feature_lengths), partitioner)
-    params, missing = checkpoints.restore_matching_params(checkpoint_path, abstract)
-    if missing:
-      raise ValueError(f"neither the PEFT checkpoint nor its base holds {', '.join(missing[:4])}")
-    return model, params, int(checkpoints.restore_step(checkpoint_path))
-  except ValueError as error:
-    raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} does not fit the model: "
-                             f"{errors.one_line(error)}") from None
-
-
 class Predictor:
   """Predicts and scores lists of examples with one model and its parameters.
 
   Args:
     model: a token model with `feature_converter`, `predict_batch`, `score_batch`.
-    params: its parameters (e.g. from `restore_params`).
+    params: its parameters (e.g. from `checkpoint_loading.restore_params`).
     feature_lengths: TASK_FEATURE_LENGTHS ('inputs', 'targets'): the padded
       lengths of the features; longer examples are truncated (logged).
     batch_size: rows per compiled call.

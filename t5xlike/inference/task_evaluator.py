@@ -1,5 +1,5 @@
 """Evaluation with the tasks' seqio metric functions (`python -m t5xlike.eval`, and
-evaluation during training).
+evaluation during training: `train_run.train(inference_evaluator=...)`).
 
 For each task of a mixture, `InferenceEvaluator` reads the split's examples,
 predicts (greedy by default) when the task has prediction metrics
@@ -17,15 +17,12 @@ prediction).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Mapping, Sequence
 
 from etils import epath
 
-from t5xlike import decoding, errors, inference, metrics
-
-from t5xlike.cli import entry
-from t5xlike import prediction
+from t5xlike.inference import decoding, jsonl_io
+from t5xlike.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +77,7 @@ class InferenceEvaluator:
                output_dir: str | epath.Path | None = None) -> dict[str, dict[str, Any]]:
     """{task: {metric: value}}; writes the inference outputs under `output_dir`."""
     eos_id = getattr(getattr(model, "vocabulary", None), "eos_id", 1)
-    predictor = inference.Predictor(model, params, self.feature_lengths, self.batch_size,
+    predictor = Predictor(model, params, self.feature_lengths, self.batch_size,
                                     self.decoding_config, self.max_decode_length, eos_id)
     results = {}
     for task, examples, rows in self.tasks:
@@ -101,7 +98,7 @@ class InferenceEvaluator:
       values.update(loss=-sum(scores) / max(scored_tokens, 1), examples=len(examples), **speed)
       results[task.name] = values
       if output_dir is not None:
-        prediction.write_jsonl(epath.Path(output_dir) / "inference_eval" /
+        jsonl_io.write_jsonl(epath.Path(output_dir) / "inference_eval" /
                                f"{task.name}-{step}.jsonl", outputs)
     return results
 
@@ -130,44 +127,3 @@ def task_metrics(task: Any, examples: Sequence[Mapping[str, Any]],
   return values
 
 
-def evaluate(*, model: Any, checkpoint_path: str | None, eval_output_dir: str | None,
-             mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-             batch_size: int, mixture_or_task_module: str | None = None,
-             split: str = "validation", max_examples: int | None = None,
-             decoding_config: decoding.DecodingConfig | None = None,
-             max_decode_length: int | None = None, use_cached_tasks: bool = False,
-             task_cache_dir: str | None = None,
-             mesh_shape: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
-  """Evaluates CHECKPOINT_PATH on every task of MIXTURE_OR_TASK_NAME (gin root of
-  `python -m t5xlike.eval`); writes EVAL_OUTPUT_DIR/metrics/eval.jsonl and
-  EVAL_OUTPUT_DIR/inference_eval/<task>-<step>.jsonl. Returns {task: metrics}."""
-  # ---- validation: nothing is written before this block has passed. ----
-  if not checkpoint_path:  # Checked first: reading the tasks is wasted without it.
-    inference.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
-  if not eval_output_dir:
-    raise errors.ConfigError("EVAL_OUTPUT_DIR is not set (pass --gin.EVAL_OUTPUT_DIR=DIR)")
-  errors.require_int("BATCH_SIZE", batch_size)
-  try:
-    evaluator = InferenceEvaluator(
-        mixture_or_task_name, task_feature_lengths, batch_size, split=split,
-        max_examples=max_examples, decoding_config=decoding_config,
-        max_decode_length=max_decode_length, use_cached_tasks=use_cached_tasks,
-        task_cache_dir=task_cache_dir, mixture_or_task_module=mixture_or_task_module)
-  except ValueError as error:
-    raise errors.ConfigError(errors.one_line(error)) from None
-  model, params, step = inference.load_model_checkpoint(model, checkpoint_path,
-                                                       task_feature_lengths, mesh_shape)
-
-  # ---- the run. ----
-  entry.mark_run_started()
-  results = evaluator.evaluate(model, params, step, eval_output_dir)
-  writer = metrics.MetricsWriter(eval_output_dir)
-  try:
-    for task, values in results.items():
-      writer.write_eval(step, task, values)
-      log.info("eval step %d %s | %s", step, task, " | ".join(
-          f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)))
-  finally:
-    writer.close()
-  log.info("wrote %s", epath.Path(eval_output_dir) / "metrics" / "eval.jsonl")
-  return results

@@ -19,13 +19,12 @@ import jax
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, errors, flops, metrics, nan_policy as nan_policy_lib
-
+from t5xlike import checkpoints, errors, flops, metrics, partitioning
 from t5xlike.cli import entry
-from t5xlike import partitioning, preemption, trainer as trainer_lib
 from t5xlike.data import batch_shapes, feature_converters, pipeline, sources, task_examples
 from t5xlike.finetuning import selection
 from t5xlike.objectives import base as objectives_base
+from t5xlike.training import nan_policy as nan_policy_lib, preemption, trainer as trainer_lib
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   written to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>` at the end.
   `fresh_optimizer_state` starts from INITIAL_CHECKPOINT_PATH's parameters and
   step with a new optimizer state (fine-tuning). `inference_evaluator` (an
-  `evaluation.InferenceEvaluator`) adds the tasks' metric functions to every
+  `task_evaluator.InferenceEvaluator`) adds the tasks' metric functions to every
   evaluation (rows per task in metrics/eval.jsonl, outputs in
   MODEL_DIR/inference_eval/). `finetuning` (a technique of
   `t5xlike.finetuning`, e.g. `gin_configs/finetune/llrd.gin`) selects the
@@ -90,10 +89,10 @@ def train(*, model: Any, model_dir: str, train_steps: int, batch_size: int,
   optimizer) and may change the parameters once when the run starts from
   INITIAL_CHECKPOINT_PATH (`initialize`; never on a resume).
   `nan_policy` (NAN_POLICY: 'stop' or 'skip') and `nan_rollback_after`
-  (NAN_ROLLBACK_AFTER) say what a NaN / Inf step does (`t5xlike.nan_policy`);
+  (NAN_ROLLBACK_AFTER) say what a NaN / Inf step does (`t5xlike.training.nan_policy`);
   `restore_strict` (RESTORE_STRICT) makes a corrupt newest checkpoint an
   error instead of a fall-back to the previous one. SIGTERM / SIGINT stop the
-  run after a checkpoint of the step reached (`t5xlike.preemption`).
+  run after a checkpoint of the step reached (`t5xlike.training.preemption`).
   """
   # ---- validation: nothing is written before this block has passed. ----
   if not model_dir:
