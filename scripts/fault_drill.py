@@ -34,7 +34,7 @@ STEPS = 12
 BASE = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.LOG_PERIOD=1",
         "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3", f"--gin.TRAIN_STEPS={STEPS}",
-        "--gin.train_run.train.async_checkpointing=False"]
+        "--gin.CheckpointConfig.async_save=False"]
 INFER = ["--gin_file=gin_configs/models/t5_1_1/tiny.gin", "--gin_file=runs/infer.gin",
          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=2"]
 
@@ -144,7 +144,7 @@ class Drill:
     """An uninterrupted 12-step run (checkpoints 3, 6, 9, 12), made once."""
     if self._baseline is None:
       path = self.root / "baseline"
-      result = self.train(path, "--gin.train_run.train.keep_checkpoints=None")
+      result = self.train(path, "--gin.CheckpointConfig.keep=None")
       if result.returncode != 0:
         raise RuntimeError(f"the baseline run failed:\n{result.stderr[-3000:]}")
       self._baseline = path

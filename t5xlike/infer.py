@@ -5,7 +5,7 @@
     --mode=predict --input=in.jsonl --output=out.jsonl
 
 Without --input, the examples of MIXTURE_OR_TASK_NAME (split
-`infer_run.infer.split`) are written to INFER_OUTPUT_DIR. See
+`run_config.DataConfig.split`) are written to INFER_OUTPUT_DIR. See
 `t5xlike/inference/jsonl_io.py` for the JSONL format. Exit codes as `t5xlike.train`.
 """
 from __future__ import annotations

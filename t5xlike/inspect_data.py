@@ -20,7 +20,6 @@ import sys
 
 from t5xlike import errors
 from t5xlike.cli import flags, gin_config
-from t5xlike.runs import inspect_data_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     gin_config.configure(args.gin_file, args.gin_overrides, args.gin_bindings,
                          args.gin_search_paths)
     num = args.num_examples or (1000 if args.json else 3)
+    # The data pipeline (TensorFlow, seqio) is imported once the flags are known good.
+    from t5xlike.runs import inspect_data_run  # noqa: PLC0415
     inspect_data_run.inspect(num, args.split, args.json)
   except (errors.ConfigError, ValueError) as error:
     print(f"error: {errors.one_line(error)}", file=sys.stderr)

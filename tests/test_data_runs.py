@@ -48,7 +48,7 @@ def test_missing_cache_is_a_one_line_error(tmp_path, capsys):
 
 def test_user_mixture_and_packing_train(tmp_path):
   args = QA + ["--gin.MIXTURE_OR_TASK_NAME='user_mixture'", "--gin.TRAIN_STEPS=2",
-               "--gin.train_run.train.pack=True", f"--gin.MODEL_DIR={tmp_path}"]
+               "--gin.DataConfig.pack=True", f"--gin.MODEL_DIR={tmp_path}"]
   assert train.main(args) == 0
   rows = [json.loads(l) for l in (tmp_path / "metrics" / "train.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2] and rows[-1]["packing_efficiency"] > 0.3
@@ -68,7 +68,7 @@ def test_tfds_task_trains_offline(tmp_path):
 KILL_ARGS = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.LOG_PERIOD=1",
              "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3", "--gin.TRAIN_STEPS=12",
-             "--gin.train_run.train.async_checkpointing=False"]
+             "--gin.CheckpointConfig.async_save=False"]
 
 
 @pytest.mark.slow

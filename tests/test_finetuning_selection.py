@@ -296,7 +296,7 @@ def finetune(base_dir, step_dir, technique, model_dir, *extra):
                      f"--gin.INITIAL_CHECKPOINT_PATH={step_dir}",
                      f"--gin.MODEL_DIR={base_dir / model_dir}", "--gin.TRAIN_STEPS=4",
                      "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None", "--gin.LOG_PERIOD=1",
-                     "--gin.train_run.train.inference_evaluator=None", LENGTHS, TASK, *extra])
+                     "--gin.EvalConfig.inference_evaluator=None", LENGTHS, TASK, *extra])
 
 
 def steps_logged(model_dir):

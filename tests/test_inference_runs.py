@@ -159,7 +159,7 @@ def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path):
   assert infer.main([MODEL, "--gin_file=gin_configs/runs/infer.gin",
                      f"--gin.CHECKPOINT_PATH={finetune}/checkpoint_4",
                      "--gin.MIXTURE_OR_TASK_NAME='mt_first_word'",
-                     f"--gin.INFER_OUTPUT_DIR={tmp_path}", "--gin.prediction.infer.max_examples=3",
+                     f"--gin.INFER_OUTPUT_DIR={tmp_path}", "--gin.infer_run.infer.max_examples=3",
                      "--gin.BATCH_SIZE=2", LENGTHS]) == 0
   written = rows(tmp_path / "mt_first_word-4.jsonl")
   assert len(written) == 3 and all({"inputs", "targets", "prediction_ids"} <= set(r)

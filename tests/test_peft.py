@@ -26,6 +26,10 @@ T5_CONFIG = test_t5_model.CONFIG  # 2 + 2 layers, emb 32, 4 heads x 8, mlp 48, v
 DEC_CONFIG = test_decoder_model.CONFIG  # 2 layers, emb 32, 4 heads / 2 kv heads x 8
 
 
+def _one_device() -> partitioning.Partitioner:
+  return partitioning.Partitioner({"data": 1}, partitioning.logical_axis_rules("data_fsdp_tensor"))
+
+
 def make_model(kind):
   if kind == "decoder":
     return decoder.DecoderOnlyModel(decoder.Transformer(DEC_CONFIG))
@@ -309,8 +313,8 @@ def test_peft_export_holds_only_the_trained_params_and_reloads_exactly(trained, 
   assert info["base_checkpoint"].endswith(f"{name}/base/checkpoint_7")
   assert info["method"]["method"] == type(method).__name__
   lengths = {"inputs": 11, "targets": 7} if kind != "decoder" else {"targets": 9}
-  loaded_model, params, step = checkpoint_loading.load_model_checkpoint(model, str(peft_dir), lengths,
-                                                               {"data": 1})
+  loaded_model, params, step = checkpoint_loading.load_model_checkpoint(
+      model, str(peft_dir), lengths, _one_device())
   assert step == 10 and loaded_model.peft_method == method
   loaded = flat(jax.device_get(params))
   assert sorted(loaded) == sorted(flat(after))
@@ -327,11 +331,11 @@ def test_peft_export_holds_only_the_trained_params_and_reloads_exactly(trained, 
   # The run's own checkpoint (the whole wrapped tree) is refused by the plain model.
   run_dir = checkpoints.save_params(peft_dir.parent.parent / "whole", 10, after)
   with pytest.raises(errors.ConfigError, match="PEFT run's own checkpoint"):
-    checkpoint_loading.load_checkpoint(model, str(run_dir), lengths, {"data": 1})
+    checkpoint_loading.load_checkpoint(model, str(run_dir), lengths, _one_device())
   if name == "lora":  # The merged checkpoint: the plain model, within float tolerance.
     assert [w.parent.name for w in written] == ["peft", "merged"]
     for path in (written[1], peft_dir):  # load_checkpoint merges a LoRA PEFT checkpoint
-      merged, _ = checkpoint_loading.load_checkpoint(model, str(path), lengths, {"data": 1})
+      merged, _ = checkpoint_loading.load_checkpoint(model, str(path), lengths, _one_device())
       np.testing.assert_allclose(logits_of(model, merged, batch), trained_logits,
                                  atol=1e-5, rtol=1e-5)
   else:
@@ -354,7 +358,7 @@ def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
                      f"--gin_file=gin_configs/finetune/{technique}.gin",
                      f"--gin.INITIAL_CHECKPOINT_PATH={step_dir}", f"--gin.MODEL_DIR={model_dir}",
                      "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
-                     "--gin.LOG_PERIOD=1", "--gin.train_run.train.inference_evaluator=None",
+                     "--gin.LOG_PERIOD=1", "--gin.EvalConfig.inference_evaluator=None",
                      LENGTHS, TASK]) == 0
   peft_dir = model_dir / "peft" / "checkpoint_4"
   own = checkpoints.own_param_shapes(peft_dir)
@@ -372,7 +376,7 @@ def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
                        "--gin_file=gin_configs/finetune/lora.gin",
                        f"--gin.INITIAL_CHECKPOINT_PATH={peft_dir}", f"--gin.MODEL_DIR={again}",
                        "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
-                       "--gin.LEARNING_RATE=0.0", "--gin.train_run.train.inference_evaluator=None",
+                       "--gin.LEARNING_RATE=0.0", "--gin.EvalConfig.inference_evaluator=None",
                        LENGTHS, TASK]) == 0
     resumed = selection_tests.load(again / "checkpoint_5")
     assert resumed.keys() == full.keys()

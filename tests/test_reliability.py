@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.LOG_PERIOD=1",
          "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3", "--gin.TRAIN_STEPS=6",
-         "--gin.train_run.train.async_checkpointing=False"]
+         "--gin.CheckpointConfig.async_save=False"]
 
 
 def _load_drill():
@@ -233,7 +233,7 @@ def test_nan_stop_names_the_step_and_writes_no_later_checkpoint(tmp_path, capsys
 def test_nan_skip_leaves_the_state_bitwise_unchanged(tmp_path, no_fault_hooks):
   no_fault_hooks.setenv(fault_injection.NAN_AT_STEP, "2")
   assert run(tmp_path, "--gin.NAN_POLICY=skip", "--gin.CHECKPOINT_PERIOD=1",
-             "--gin.TRAIN_STEPS=3", "--gin.train_run.train.keep_checkpoints=None") == 0
+             "--gin.TRAIN_STEPS=3", "--gin.CheckpointConfig.keep=None") == 0
   rows = {r["step"]: r for r in drill.rows(tmp_path)}
   assert rows[2]["loss"] == "nan" and rows[2]["grad_norm"] == "nan"
   assert [rows[s]["skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]

@@ -102,7 +102,7 @@ def pack_lengths(converter: str, feature_lengths: Mapping[str, int]) -> dict[str
   """
   if converter in feature_converters.UNPACKED_CONVERTERS:
     raise ValueError(f"the {converter} feature converter keeps one sequence per row and does "
-                     f"not pack: set train_run.train.pack=False")
+                     f"not pack: set DataConfig.pack=False")
   _check_converter(converter)
   if converter == "encoder_decoder":
     _require(feature_lengths, ("inputs", "targets"), converter)

@@ -41,9 +41,17 @@ def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, 
   return params, int(step)
 
 
+def require_checkpoint_path(checkpoint_path: str | None) -> str:
+  """CHECKPOINT_PATH, or a ConfigError when it is not set (checked before anything is read)."""
+  if not checkpoint_path:
+    raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
+                             "MODEL_DIR/checkpoint_<N>)")
+  return checkpoint_path
+
+
 def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Mapping[str, int],
-                    mesh_shape: Mapping[str, int] | None) -> tuple[Any, int]:
-  """(parameters, step) of CHECKPOINT_PATH for `model` on a mesh of MESH_SHAPE.
+                    partitioner: partitioning.Partitioner) -> tuple[Any, int]:
+  """(parameters, step) of CHECKPOINT_PATH for `model`, laid out on `partitioner`'s mesh.
 
   A PEFT checkpoint (`finetuning.peft_checkpoint`) whose technique merges
   into the base weights (LoRA) gives the merged parameters of `model`'s own
@@ -52,30 +60,27 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
   directory, or holds parameters of another architecture.
   """
   loaded, params, step = load_model_checkpoint(model, checkpoint_path, feature_lengths,
-                                               mesh_shape)
+                                               partitioner)
   if loaded is not model:
     method = loaded.peft_method
     if not hasattr(method, "merge"):
       raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
-                               f"PEFT checkpoint: load it with checkpoint_loading.load_model_checkpoint")
+                               f"PEFT checkpoint: load it with "
+                               f"checkpoint_loading.load_model_checkpoint")
     params = method.merge(params)
   return params, step
 
 
 def load_model_checkpoint(model: Any, checkpoint_path: str | None,
                           feature_lengths: Mapping[str, int],
-                          mesh_shape: Mapping[str, int] | None) -> tuple[Any, Any, int]:
+                          partitioner: partitioning.Partitioner) -> tuple[Any, Any, int]:
   """(model, parameters, step) of CHECKPOINT_PATH, as `load_checkpoint`; for a PEFT
   checkpoint the model is `model` wrapped with the checkpoint's technique
   (`peft.wrap_model`) and the parameters its full tree (the base checkpoint's,
   the PEFT parameters laid over them)."""
-  if not checkpoint_path:
-    raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
-                             "MODEL_DIR/checkpoint_<N>)")
+  checkpoint_path = require_checkpoint_path(checkpoint_path)
   try:
     checkpoints.validate_step_dir(checkpoint_path)
-    partitioner = partitioning.Partitioner(mesh_shape, partitioning.logical_axis_rules(
-        "data_fsdp_tensor"))
   except ValueError as error:
     raise errors.ConfigError(f"CHECKPOINT_PATH: {errors.one_line(error)}") from None
   try:

@@ -5,8 +5,8 @@ reads them from a checkpoint), turns examples (`{"inputs": int ids,
 "targets": int ids}`, ids exactly as given) into the model's features with
 its feature converter, pads the last batch to the fixed batch size (one
 compilation), and runs jit-compiled decoding (`inference.decoding`, KV cache)
-or scoring (log-likelihood of the targets). Used by `python -m t5xlike.infer`, `python -m t5xlike.eval` and
-evaluation during training.
+or scoring (log-likelihood of the targets). Used by `python -m t5xlike.infer`,
+`python -m t5xlike.eval` and evaluation during training.
 """
 from __future__ import annotations
 

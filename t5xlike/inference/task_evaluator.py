@@ -1,5 +1,5 @@
 """Evaluation with the tasks' seqio metric functions (`python -m t5xlike.eval`, and
-evaluation during training: `train_run.train(inference_evaluator=...)`).
+evaluation during training: `run_config.EvalConfig.inference_evaluator`).
 
 For each task of a mixture, `InferenceEvaluator` reads the split's examples,
 predicts (greedy by default) when the task has prediction metrics
@@ -55,7 +55,9 @@ class InferenceEvaluator:
                decoding_config: decoding.DecodingConfig | None = None,
                max_decode_length: int | None = None, use_cached_tasks: bool = False,
                task_cache_dir: str | None = None, mixture_or_task_module: str | None = None):
-    from t5xlike.data import task_examples  # pylint: disable=g-import-not-at-top
+    # seqio and TensorFlow: imported when a task evaluation is configured, so that the
+    # rest of inference (and `infer --input`) runs where TensorFlow is not installed.
+    from t5xlike.data import task_examples  # noqa: PLC0415
     self.feature_lengths = dict(feature_lengths)
     self.batch_size, self.max_decode_length = batch_size, max_decode_length
     self.decoding_config = decoding_config
@@ -76,7 +78,7 @@ class InferenceEvaluator:
   def evaluate(self, model: Any, params: Any, step: int,
                output_dir: str | epath.Path | None = None) -> dict[str, dict[str, Any]]:
     """{task: {metric: value}}; writes the inference outputs under `output_dir`."""
-    eos_id = getattr(getattr(model, "vocabulary", None), "eos_id", 1)
+    eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
     predictor = Predictor(model, params, self.feature_lengths, self.batch_size,
                                     self.decoding_config, self.max_decode_length, eos_id)
     results = {}

@@ -1,32 +1,56 @@
 """The run that `python -m t5xlike.infer` executes (gin root `infer_run.infer`).
 
-Validates the mode, CHECKPOINT_PATH and the input (a JSONL / TSV file, or the
-examples of MIXTURE_OR_TASK_NAME) first, nothing written; then predicts or
-scores and writes JSONL (`inference.jsonl_io` has the formats).
+`infer(...)` is `execute(plan_inference(...))`: the plan checks the mode,
+CHECKPOINT_PATH and the input (a JSONL / TSV file, or the examples of
+MIXTURE_OR_TASK_NAME), reads the examples and loads the parameters (nothing
+written); `execute` predicts or scores and writes JSONL (`inference.jsonl_io`
+has the formats).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Mapping
+from typing import Any
 
 from etils import epath
 
-from t5xlike import errors
+from t5xlike import errors, interfaces
 from t5xlike.cli import entry
 from t5xlike.inference import checkpoint_loading, decoding, jsonl_io
 from t5xlike.inference.predictor import Predictor
+from t5xlike.runs.run_config import DataConfig, PartitioningConfig
 
 log = logging.getLogger(__name__)
 
 
-def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapping[str, int],
-          batch_size: int, mode: str = "predict", input_path: str | None = None,
-          output_path: str | None = None, max_decode_length: int | None = None,
+@dataclasses.dataclass
+class InferPlan:
+  """A validated inference run: examples read, the checkpoint loaded.
+
+  Attributes:
+    mode: 'predict' or 'score'.
+    jobs: (task name, or None for `--input`; input rows; model examples) per output file.
+    predictor: the model, its parameters and the decoding settings.
+    step: the checkpoint's step (in task output file names).
+    output_path: `--output` (with `--input`).
+    infer_output_dir: INFER_OUTPUT_DIR (task-based inference).
+    source: `--input`, for the log.
+  """
+  mode: str
+  jobs: list[tuple[str | None, list[dict[str, Any]], list[dict[str, Any]]]]
+  predictor: Predictor
+  step: int
+  output_path: str | None
+  infer_output_dir: str | None
+  source: str | None
+
+
+def infer(*, model: interfaces.DecodingModel, checkpoint_path: str | None, data: DataConfig,
+          mode: str = "predict", input_path: str | None = None, output_path: str | None = None,
+          infer_output_dir: str | None = None,
           decoding_config: decoding.DecodingConfig | None = None,
-          mixture_or_task_name: str | None = None, mixture_or_task_module: str | None = None,
-          split: str = "validation", infer_output_dir: str | None = None,
-          max_examples: int | None = None, use_cached_tasks: bool = False,
-          task_cache_dir: str | None = None, mesh_shape: Mapping[str, int] | None = None,
+          max_decode_length: int | None = None, max_examples: int | None = None,
+          partitioning: PartitioningConfig = PartitioningConfig(),
           random_seed: int = 0) -> list[str]:
   """Predicts or scores examples with the parameters of CHECKPOINT_PATH; returns
   the output files written.
@@ -34,66 +58,98 @@ def infer(*, model: Any, checkpoint_path: str | None, task_feature_lengths: Mapp
   Args:
     model: the model (its VOCABULARY encodes text and decodes predictions).
     checkpoint_path: CHECKPOINT_PATH, a step directory `.../checkpoint_<N>`.
-    task_feature_lengths: TASK_FEATURE_LENGTHS: padded input / target lengths;
-      'targets' is also the maximum decode length unless `max_decode_length`.
-    batch_size: examples per compiled call.
+    data: TASK_FEATURE_LENGTHS (padded input / target lengths; 'targets' is also
+      the maximum decode length unless `max_decode_length`), BATCH_SIZE (examples
+      per compiled call) and, for task-based inference, the task or mixture and split.
     mode: 'predict' or 'score'.
     input_path, output_path: JSONL files (`--input`, `--output`); without
-      `input_path`, the examples of `mixture_or_task_name`'s `split` go to
+      `input_path`, the examples of the task's split go to
       `infer_output_dir/<task>-<step>.jsonl` (INFER_OUTPUT_DIR).
+    infer_output_dir: INFER_OUTPUT_DIR.
     decoding_config: greedy (default), sampling or beam search.
+    max_decode_length: `--max_decode_length`.
     max_examples: at most this many examples per task (task input only).
+    partitioning: the mesh the parameters are laid out on (MESH_SHAPE).
     random_seed: RANDOM_SEED, the sampling seed.
   """
-  # ---- validation: nothing is written before this block has passed. ----
+  return execute(plan_inference(
+      model=model, checkpoint_path=checkpoint_path, data=data, mode=mode,
+      input_path=input_path, output_path=output_path, infer_output_dir=infer_output_dir,
+      decoding_config=decoding_config, max_decode_length=max_decode_length,
+      max_examples=max_examples, partitioning=partitioning, random_seed=random_seed))
+
+
+def plan_inference(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
+                   data: DataConfig, mode: str, input_path: str | None,
+                   output_path: str | None, infer_output_dir: str | None,
+                   decoding_config: decoding.DecodingConfig | None,
+                   max_decode_length: int | None, max_examples: int | None,
+                   partitioning: PartitioningConfig, random_seed: int) -> InferPlan:
+  """Checks the run (arguments as `infer`'s), reads the examples and loads the parameters;
+  nothing written. ConfigError (one line) on a problem."""
   if mode not in jsonl_io.MODES:
     raise errors.ConfigError(f"--mode must be one of {jsonl_io.MODES}, got {mode!r}")
-  if not checkpoint_path:  # Checked first: reading the input is wasted without it.
-    checkpoint_loading.load_checkpoint(model, checkpoint_path, task_feature_lengths, mesh_shape)
-  errors.require_int("BATCH_SIZE", batch_size)
+  # CHECKPOINT_PATH first: reading the input is wasted without it.
+  checkpoint_path = checkpoint_loading.require_checkpoint_path(checkpoint_path)
+  errors.require_int("BATCH_SIZE", data.batch_size)
   if max_decode_length is not None:
     errors.require_int("--max_decode_length", max_decode_length)
   if input_path and not output_path:
     raise errors.ConfigError("--input needs --output (the JSONL file to write)")
-  if not input_path and not (mixture_or_task_name and infer_output_dir):
+  if not input_path and not (data.mixture_or_task_name and infer_output_dir):
     raise errors.ConfigError("give --input=F.jsonl --output=G.jsonl, or MIXTURE_OR_TASK_NAME "
                              "and INFER_OUTPUT_DIR for task-based inference")
-  vocabulary = getattr(model, "vocabulary", None)
-  vocab_size = getattr(model, "vocab_size", None)
-  if input_path:
-    rows, examples = jsonl_io.read_examples(input_path, mode, vocabulary, vocab_size)
-    jobs = [(None, rows, examples)]
-  else:
-    try:
-      from t5xlike.data import task_examples  # pylint: disable=g-import-not-at-top
-      jobs = task_examples.read_tasks(mixture_or_task_name, split, task_feature_lengths,
-                                      module=mixture_or_task_module,
-                                      use_cached=use_cached_tasks, cache_dir=task_cache_dir,
-                                      max_examples=max_examples)
-    except ValueError as error:
-      raise errors.ConfigError(errors.one_line(error)) from None
-  model, params, step = checkpoint_loading.load_model_checkpoint(model, checkpoint_path,
-                                                       task_feature_lengths, mesh_shape)
+  partitioner = partitioning.partitioner()
+  jobs = _jobs(model, data, mode, input_path, max_examples)
+  model, params, step = checkpoint_loading.load_model_checkpoint(
+      model, checkpoint_path, data.task_feature_lengths, partitioner)
+  eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
+  predictor = Predictor(model, params, data.task_feature_lengths, data.batch_size,
+                        decoding_config, max_decode_length, eos_id, seed=random_seed)
+  return InferPlan(mode=mode, jobs=jobs, predictor=predictor, step=step,
+                   output_path=output_path, infer_output_dir=infer_output_dir,
+                   source=input_path)
 
-  # ---- the run. ----
+
+def _jobs(model: interfaces.DecodingModel, data: DataConfig, mode: str,
+          input_path: str | None, max_examples: int | None
+          ) -> list[tuple[str | None, list[dict[str, Any]], list[dict[str, Any]]]]:
+  """(task name or None, rows, examples) of `--input` or of each task of the mixture."""
+  if input_path:
+    rows, examples = jsonl_io.read_examples(input_path, mode, model.vocabulary,
+                                            model.vocab_size)
+    return [(None, rows, examples)]
+  # seqio and TensorFlow only for task-based inference: `--input` runs without them.
+  from t5xlike.data import task_examples  # noqa: PLC0415
+  try:
+    return task_examples.read_tasks(data.mixture_or_task_name, data.split,
+                                    data.task_feature_lengths,
+                                    module=data.mixture_or_task_module,
+                                    use_cached=data.use_cached_tasks,
+                                    cache_dir=data.task_cache_dir, max_examples=max_examples)
+  except ValueError as error:
+    raise errors.ConfigError(errors.one_line(error)) from None
+
+
+def execute(plan: InferPlan) -> list[str]:
+  """Predicts or scores each job and writes its JSONL file; returns the files written."""
   entry.mark_run_started()
-  eos_id = getattr(vocabulary, "eos_id", 1)
-  predictor = Predictor(model, params, task_feature_lengths, batch_size,
-                                  decoding_config, max_decode_length, eos_id, seed=random_seed)
+  predictor, vocabulary = plan.predictor, plan.predictor.model.vocabulary
   written = []
-  for task_name, rows, examples in jobs:
-    results = predictor.predict(examples) if mode == "predict" else predictor.score(examples)
-    out = jsonl_io.output_rows(mode, rows, results, vocabulary)
-    path = (output_path if task_name is None
-            else epath.Path(infer_output_dir) / f"{task_name}-{step}.jsonl")
+  for task_name, rows, examples in plan.jobs:
+    results = (predictor.predict(examples) if plan.mode == "predict"
+               else predictor.score(examples))
+    out = jsonl_io.output_rows(plan.mode, rows, results, vocabulary)
+    path = (plan.output_path if task_name is None
+            else epath.Path(plan.infer_output_dir) / f"{task_name}-{plan.step}.jsonl")
     written.append(str(jsonl_io.write_jsonl(path, out)))
     stats = predictor.last_stats
-    if mode == "predict":
+    if plan.mode == "predict":
       log.info("%s: %d examples, %d tokens generated in %.2f s: %.1f decode tokens/s -> %s",
-               task_name or input_path, stats["examples"], stats["generated_tokens"],
+               task_name or plan.source, stats["examples"], stats["generated_tokens"],
                stats["seconds"], stats["decode_tokens_per_second"], path)
     else:
       log.info("%s: %d examples, %d target tokens scored in %.2f s -> %s",
-               task_name or input_path, stats["examples"], stats["scored_tokens"],
+               task_name or plan.source, stats["examples"], stats["scored_tokens"],
                stats["seconds"], path)
   return written

@@ -15,6 +15,8 @@ import gin
 import numpy as np
 
 from t5xlike import errors
+from t5xlike.data import pipeline
+from t5xlike.runs import train_plan
 
 
 def _decode(vocabulary, ids: np.ndarray, extra_names: dict[int, str]) -> str:
@@ -92,9 +94,7 @@ def inspect(num_examples: int, split: str, as_json: bool, out=None) -> list[dict
   table's order).
   """
   out = out or sys.stdout
-  from t5xlike.data import pipeline  # pylint: disable=g-import-not-at-top
-  from t5xlike.runs import train_run  # pylint: disable=g-import-not-at-top
-  train_run.import_task_module(gin.query_parameter("%MIXTURE_OR_TASK_MODULE"))
+  train_plan.import_task_module(gin.query_parameter("%MIXTURE_OR_TASK_MODULE"))
   lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
   reference = gin.query_parameter("train_run.train.objective")
   objective = reference.scoped_configurable_fn() if reference is not None else None

@@ -1,4 +1,4 @@
-"""What a training step with a NaN / Inf loss or gradient does (gin: `train_run.train.nan_policy`).
+"""What a training step with a NaN / Inf loss or gradient does (gin: `nan_policy.NanPolicy`).
 
 Each jitted train step reports `nonfinite` (1 when the loss or the global
 gradient norm is NaN or Inf, else 0). Policies:

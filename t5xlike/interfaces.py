@@ -1,0 +1,152 @@
+"""The interfaces the trainer, the runs and the benchmarks rely on, as `typing.Protocol`s.
+
+Plug-ins implement these; nothing in the package probes them with `getattr` /
+`hasattr`:
+
+* `Model` (T5X's split of a network and its loss): every model family
+  (`models.encoder_decoder.EncoderDecoderModel`, `models.decoder.DecoderOnlyModel`,
+  `models.encoder.MLMModel`, `models.classifier.ClassifierModel`,
+  `objectives.electra.ElectraModel`) and the wrappers (`objectives.spdf.SparseModel`,
+  `finetuning.peft.wrap_model`).
+* `DecodingModel`: a `Model` that also scores and generates (the token models).
+* `ExportingModel`: a `Model` that writes more than its checkpoints when a run
+  ends (ELECTRA's discriminator); `isinstance(model, ExportingModel)` says which.
+* `FineTuningTechnique`: what `train_run.train(finetuning=...)` and the trainer call
+  (`finetuning.base.FineTuning` is the base class with every default).
+* `Objective`: the pretraining data transforms (`objectives.base.Objective`, an ABC).
+* `DataFeed`: what the training loop reads batches from (`data.pipeline.Pipeline`,
+  `data.feeding.SequentialFeed`).
+
+This module imports no JAX, TensorFlow or seqio: it is a leaf of the import graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # Types only: no import at run time (this module stays a leaf).
+  import jax
+  import numpy as np
+  import optax
+  from etils import epath
+
+  from t5xlike.inference.decoding import DecodingConfig
+  from t5xlike.objectives.base import Objective as Objective
+
+Batch = Mapping[str, Any]  # feature name -> [batch, ...] array (NumPy or jax)
+
+
+class Model(Protocol):
+  """A network plus its loss: what the trainer compiles.
+
+  Attributes:
+    feature_converter: the name of the converter in
+      `data.feature_converters.CONVERTERS` that makes its batches.
+    vocab_size: rows of the embedding table (the token ids it can read).
+    vocabulary: the (seqio) vocabulary that encodes its text (None: ids only).
+  """
+  feature_converter: str
+  vocabulary: Any
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def init(self, rng: jax.Array, batch: Batch) -> Any:
+    """The variables (logically boxed parameters under 'params') for batches of these shapes."""
+    ...
+
+  def loss_fn(self, params: Any, batch: Batch,
+              dropout_rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, statistics summed over the batch): at least `loss_sum` and `weight_sum`,
+    the loss being `loss_sum / weight_sum`. No dropout when `dropout_rng` is None."""
+    ...
+
+  def metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+    """Reported metrics (e.g. accuracy) from `loss_fn` statistics summed over batches."""
+    ...
+
+
+class DecodingModel(Model, Protocol):
+  """A model that scores given targets and generates (inference, evaluation)."""
+  weight_feature: str
+
+  def score_batch(self, params: Any, batch: Batch) -> jax.Array:
+    """Log-likelihood of each target token, float32 [batch, length] (0 off `weight_feature`)."""
+    ...
+
+  def predict_batch(self, params: Any, batch: Batch, config: DecodingConfig, max_length: int,
+                    eos_id: int, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens int32 [batch, max_length], scores float32 [batch]) generated for each row."""
+    ...
+
+
+@runtime_checkable
+class ExportingModel(Protocol):
+  """A model with parameters to write beside the run's checkpoints when training ends."""
+
+  def exports(self, params: Any) -> Mapping[str, Any]:
+    """{name: parameter tree}, written to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>`."""
+    ...
+
+
+class FineTuningTechnique(Protocol):
+  """How a fine-tuning run changes what trains and how (see `finetuning.base`)."""
+
+  def wrap_optimizer(self, optimizer: optax.GradientTransformation,
+                     params: Any) -> optax.GradientTransformation:
+    """The run's (per-layer) optimizer, wrapped; `params`: boxed abstract parameters."""
+    ...
+
+  def trainable(self, params: Any) -> Any:
+    """Bool masks per leaf (shape () or per layer [L]): which parameters get gradients."""
+    ...
+
+  def apply_updates(self, params: Any, updates: Any, opt_state: Any) -> Any:
+    """How a train step applies the optimizer's updates (default `optax.apply_updates`)."""
+    ...
+
+  def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
+    """Parameters to start from INITIAL_CHECKPOINT_PATH's (`fresh()`: a new initialisation)."""
+    ...
+
+  def describe(self, params: Any) -> list[str]:
+    """Lines for the start-up log."""
+    ...
+
+  def export(self, params: Any, model_dir: epath.Path, step: int,
+             base_checkpoint: str | None) -> list[Any]:
+    """Writes what the technique leaves beside the checkpoints; returns the paths written."""
+    ...
+
+
+class DataFeed(Protocol):
+  """This process's rows of successive global batches, resumable from a saved state.
+
+  Attributes:
+    batch_size: the global batch size (all processes).
+    feature_lengths: TASK_FEATURE_LENGTHS.
+    task: the seqio task or mixture read.
+    vocabulary: the task's output vocabulary.
+  """
+  batch_size: int
+  feature_lengths: Mapping[str, int]
+  task: Any
+  vocabulary: Any
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def get_state(self) -> dict[str, Any]:
+    """The position, saved with every checkpoint (JSON-able)."""
+    ...
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from a position `get_state` returned."""
+    ...
+
+  def metrics(self) -> dict[str, float]:
+    """Loader figures logged with each train row (throughput, packing efficiency)."""
+    ...
+
+  def close(self) -> None: ...

@@ -1,0 +1,105 @@
+"""The train state a run starts from: MODEL_DIR's newest checkpoint, INITIAL_CHECKPOINT_PATH,
+or a fresh initialisation; and the state a NaN rollback returns to.
+
+Precedence (as T5X): a resume of MODEL_DIR wins (train state and data
+position); else INITIAL_CHECKPOINT_PATH (parameters and step, the optimizer
+state when it belongs to the same optimizer; the data from the start); else
+RANDOM_SEED. A fine-tuning technique's `initialize` and a fresh optimizer state
+apply only when a run starts from INITIAL_CHECKPOINT_PATH, never on a resume.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+from flax import traverse_util
+
+from t5xlike import checkpoints, errors, metrics
+from t5xlike.runs.train_plan import TrainPlan
+from t5xlike.training import nan_policy as nan_policy_lib
+from t5xlike.training.trainer import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> TrainState:
+  """The state the run trains from (see the module docstring), laid out on the mesh; on a
+  resume, `plan.train_feed` is moved to the checkpoint's data position."""
+  state = _restored_or_initial(plan, checkpointer)
+  resuming = checkpointer.latest_step() is not None  # (after corrupt steps were moved aside)
+  initial = plan.checkpointing.initial_checkpoint_path
+  if resuming or not initial:
+    return state
+  trainer = plan.trainer
+  if plan.finetuning is not None:
+    params = plan.finetuning.initialize(
+        state.params, lambda: trainer.init_state(plan.random_seed, plan.example_batch).params)
+    if params is not state.params:
+      shardings = jax.tree.map(lambda leaf: leaf.sharding, plan.abstract_state.params)
+      state = state.replace(params=jax.device_put(params, shardings))
+  if plan.checkpointing.fresh_optimizer_state:
+    log.info("fresh optimizer state (fresh_optimizer_state=True)")
+    state = trainer.state_from_params(state.params, state.step, plan.random_seed)
+  return state
+
+
+def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> TrainState:
+  """Resumes from MODEL_DIR's newest checkpoint (train state and data position), else
+  starts from INITIAL_CHECKPOINT_PATH (train state and step; data from the start),
+  else initialises from RANDOM_SEED. An INITIAL_CHECKPOINT_PATH with another parameter
+  tree (e.g. ELECTRA's discriminator under a classifier head) gives the parameters it
+  shares (same path and shape) and its step; the others come from RANDOM_SEED (logged),
+  the optimizer state is fresh; a shared path of another shape is a ConfigError."""
+  abstract_state, trainer, seed = plan.abstract_state, plan.trainer, plan.random_seed
+  restored = checkpointer.restore_latest(abstract_state, strict=plan.checkpointing.restore_strict)
+  if restored is not None:
+    latest, state, data_state = restored
+    log.info("resuming from %s", checkpoints.step_dir(checkpointer.directory, latest))
+    plan.train_feed.set_state(data_state)
+    return state
+  path = plan.checkpointing.initial_checkpoint_path
+  if not path:
+    return trainer.init_state(seed, plan.example_batch)
+  log.info("starting from INITIAL_CHECKPOINT_PATH=%s", path)
+  if (checkpoints.peft_info(path) is not None
+      or checkpoints.saved_param_shapes(path) != checkpoints.flat_shapes(abstract_state.params)):
+    # Another parameter tree (a task head, adapters on a pretrained body), or a PEFT
+    # checkpoint (its base, then its own parameters): the shared parameters and the
+    # step from the checkpoint, the rest from RANDOM_SEED, a fresh optimizer state.
+    try:
+      shared, missing = checkpoints.restore_matching_params(path, abstract_state.params)
+    except ValueError as error:
+      raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH: {errors.one_line(error)}") from None
+    log.info("%d parameter(s) not in the checkpoint, initialised from RANDOM_SEED=%d: %s",
+             len(missing), seed, ", ".join(missing))
+    params = traverse_util.flatten_dict(trainer.init_state(seed, plan.example_batch).params)
+    params.update(traverse_util.flatten_dict(shared))
+    return trainer.state_from_params(traverse_util.unflatten_dict(params),
+                                     checkpoints.restore_step(path), seed)
+  expected = [(tuple(leaf.shape), str(leaf.dtype))
+              for leaf in jax.tree.leaves(abstract_state.opt_state)]
+  if checkpoints.saved_leaf_shapes(path, "opt_state") == expected:
+    return checkpoints.restore_state_from_path(path, abstract_state)
+  log.info("its optimizer state belongs to another optimizer: restoring parameters and "
+           "step, with a fresh optimizer state")
+  params, step = checkpoints.restore_params_from_path(path, abstract_state.params,
+                                                      abstract_state.step)
+  return trainer.state_from_params(params, step, seed)
+
+
+def rolled_back_state(rollback: nan_policy_lib.RollBack, rollbacks: int,
+                      checkpointer: checkpoints.Checkpointer, writer: metrics.MetricsWriter,
+                      abstract_state: TrainState) -> TrainState:
+  """The train state of the last checkpoint after `nan_rollback_after` bad steps (the
+  data goes on from where it is); NonFiniteLoss after MAX_ROLLBACKS or without one."""
+  checkpointer.wait()
+  latest = checkpointer.latest_step()
+  if latest is None or rollbacks >= nan_policy_lib.MAX_ROLLBACKS:
+    why = "no checkpoint to roll back to" if latest is None else f"{rollbacks} rollbacks already"
+    raise nan_policy_lib.NonFiniteLoss(
+        f"{rollback} and {why} (metrics/train.jsonl has the bad steps' rows)")
+  log.warning("%s: rolling back to %s (the data continues after step %d)", rollback,
+              checkpoints.step_dir(checkpointer.directory, latest), rollback.step)
+  state, _ = checkpointer.restore(latest, abstract_state)
+  writer.rewind(latest)
+  return state

@@ -1,0 +1,144 @@
+"""The configuration objects of a run, one per concern, each bound by gin from the T5X macros.
+
+`runs/pretrain.gin` and `runs/finetune.gin` bind them, e.g.
+
+    train_run.train.data = @run_config.DataConfig()
+    run_config.DataConfig.batch_size = %BATCH_SIZE
+
+so `--gin.BATCH_SIZE=8` keeps working, and a field without a macro is
+overridden by its class name: `--gin.DataConfig.pack=True`,
+`--gin.CheckpointConfig.keep=None`, `--gin.OptimizerConfig.num_microbatches=4`.
+The objects hold values only; the checks that need the rest of the run
+(the mesh, the task, the checkpoint) are made by `train_plan.plan_training`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from t5xlike import errors, partitioning
+from t5xlike.inference.task_evaluator import InferenceEvaluator
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What a run reads: a seqio task or mixture, at fixed lengths, in global batches.
+
+  Attributes:
+    mixture_or_task_name: MIXTURE_OR_TASK_NAME (None: no task, e.g. `infer --input`).
+    task_feature_lengths: TASK_FEATURE_LENGTHS, tokens per feature ('inputs',
+      'targets'; decoder-only tasks: 'targets').
+    batch_size: BATCH_SIZE, examples per global batch (all processes together).
+    mixture_or_task_module: MIXTURE_OR_TASK_MODULE, imported first (it registers the task).
+    split: the split read (training: 'train'; evaluation and inference: 'validation').
+    use_cached_tasks: USE_CACHED_TASKS: read task caches (`python -m t5xlike.cache_tasks`).
+    task_cache_dir: TASK_CACHE_DIR, where the caches are (None: ~/.cache/t5xlike/tasks).
+    pack: several examples per row (segment ids and positions; grain's first-fit packer).
+    data_threads: the pipeline's read threads (0: read in the calling thread).
+  """
+  mixture_or_task_name: str | None
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  mixture_or_task_module: str | None = None
+  split: str = "train"
+  use_cached_tasks: bool = False
+  task_cache_dir: str | None = None
+  pack: bool = False
+  data_threads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """How parameters are updated.
+
+  Attributes:
+    optimizer: an optax optimizer factory (e.g. `optim.adafactor`), called with
+      `learning_rate=learning_rate_schedule`.
+    learning_rate_schedule: step (int) -> learning rate (e.g. `optim.rsqrt_with_warmup()`).
+    num_microbatches: gradient accumulation: each batch is processed in this many
+      slices per optimizer step (BATCH_SIZE must divide by it times the data-parallel size).
+  """
+  optimizer: Callable[..., optax.GradientTransformation]
+  learning_rate_schedule: Callable[[Any], Any]
+  num_microbatches: int = 1
+
+  def build(self) -> optax.GradientTransformation:
+    """The optimizer with its schedule."""
+    return self.optimizer(learning_rate=self.learning_rate_schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation during training.
+
+  Attributes:
+    period: EVAL_PERIOD, steps between evaluations (None: never; the final step
+      is always evaluated when set).
+    steps: EVAL_STEPS, batches of `split` per evaluation (loss and accuracy).
+    split: the task split evaluated.
+    inference_evaluator: adds the tasks' metric functions to every evaluation
+      (rows per task in metrics/eval.jsonl, outputs in MODEL_DIR/inference_eval/).
+  """
+  period: int | None = 1000
+  steps: int = 10
+  split: str = "validation"
+  inference_evaluator: InferenceEvaluator | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Where a run starts from and how it saves.
+
+  Attributes:
+    period: CHECKPOINT_PERIOD, steps between checkpoints (the final step is always saved).
+    keep: newest checkpoints kept (None: all).
+    async_save: write checkpoints in a background thread while training continues.
+    initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, a `checkpoint_<N>` step directory
+      a new run starts from (parameters and step; the optimizer state when it fits).
+    require_initial_checkpoint: a missing INITIAL_CHECKPOINT_PATH is an error (configs
+      that only make sense from a checkpoint: fine-tuning, SPDF's dense phase).
+    fresh_optimizer_state: start from INITIAL_CHECKPOINT_PATH's parameters and step
+      with a new optimizer state (fine-tuning).
+    restore_strict: RESTORE_STRICT: a corrupt newest checkpoint is an error instead
+      of a fall-back to the previous one.
+  """
+  period: int = 1000
+  keep: int | None = 3
+  async_save: bool = True
+  initial_checkpoint_path: str | None = None
+  require_initial_checkpoint: bool = False
+  fresh_optimizer_state: bool = False
+  restore_strict: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitioningConfig:
+  """The device mesh and how arrays are laid out on it.
+
+  Attributes:
+    mesh_shape: MESH_SHAPE, {axis: size} over 'data', 'fsdp', 'tensor' (-1: the
+      remaining devices; None: all devices on 'data').
+    dcn_mesh_shape: DCN_MESH_SHAPE, slices per axis over the data-center network
+      (multi-slice TPU; None: one slice).
+    logical_axis_rules: LOGICAL_AXIS_RULES, a preset name of `t5xlike.partitioning`
+      ('data_fsdp_tensor', 'fsdp', 'data_parallel') or explicit rules.
+  """
+  mesh_shape: Mapping[str, int] | None = None
+  dcn_mesh_shape: Mapping[str, int] | None = None
+  logical_axis_rules: partitioning.LogicalRules | str = "data_fsdp_tensor"
+
+  def partitioner(self) -> partitioning.Partitioner:
+    """The mesh over this process's devices; ConfigError naming the bad value."""
+    rules = self.logical_axis_rules
+    if isinstance(rules, str):
+      try:
+        rules = partitioning.logical_axis_rules(rules)
+      except (ValueError, KeyError) as error:
+        raise errors.ConfigError(f"logical_axis_rules: {errors.one_line(error)}") from None
+    try:
+      return partitioning.Partitioner(self.mesh_shape, rules, dcn_mesh_shape=self.dcn_mesh_shape)
+    except (ValueError, TypeError, KeyError) as error:
+      raise errors.ConfigError(f"MESH_SHAPE: {errors.one_line(error)}") from None

@@ -1,0 +1,280 @@
+"""Validation of a training run: every check before anything is written, as one `TrainPlan`.
+
+`plan_training(...)` checks MODEL_DIR, the periods, the NaN policy, the task
+module and name, the mesh and batch size, the model's vocabulary against the
+data, INITIAL_CHECKPOINT_PATH and the checkpoints MODEL_DIR already holds,
+and that the fine-tuning technique fits the parameter tree. It opens the
+data pipeline (reading, not writing) and starts compiling the train step in
+background threads while the pipeline starts. Any problem is an
+`errors.ConfigError` (one line, exit code 2) and MODEL_DIR is not created.
+`train_run.execute(plan)` then runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from t5xlike import checkpoints, errors, partitioning
+from t5xlike.data import batch_shapes, pipeline, sources, task_examples
+from t5xlike.finetuning.base import FineTuning
+from t5xlike.objectives.base import Objective
+from t5xlike.runs import run_config
+from t5xlike.training import nan_policy as nan_policy_lib, trainer as trainer_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainPlan:
+  """A validated training run: its configuration and what validation built.
+
+  Attributes:
+    model: the model trained.
+    model_dir: MODEL_DIR (absolute for a local path).
+    train_steps: TRAIN_STEPS, the total step count.
+    random_seed: RANDOM_SEED (initialisation, dropout, data order).
+    data, evaluation, checkpointing: the run's configuration objects.
+    nan_policy: what a NaN / Inf step does.
+    finetuning: the fine-tuning technique, or None.
+    partitioner: the mesh and logical axis rules.
+    trainer: the compiled steps (the train step compiling in background threads).
+    loop: the loop's periods.
+    train_feed: this process's training batches (opened, not yet read from).
+    make_eval_feed: opens a one-epoch feed of the evaluation split (None: no evaluation).
+    example_batch: this process's rows of the first training batch (shapes for compilation).
+    abstract_state: the train state's shapes, dtypes and shardings.
+  """
+  model: Any
+  model_dir: str
+  train_steps: int
+  random_seed: int
+  data: run_config.DataConfig
+  evaluation: run_config.EvalConfig
+  checkpointing: run_config.CheckpointConfig
+  nan_policy: nan_policy_lib.NanPolicy
+  finetuning: FineTuning | None
+  partitioner: partitioning.Partitioner
+  trainer: trainer_lib.Trainer
+  loop: trainer_lib.LoopConfig
+  train_feed: Any
+  make_eval_feed: Callable[[], Any] | None
+  example_batch: Mapping[str, np.ndarray]
+  abstract_state: trainer_lib.TrainState
+
+
+def import_task_module(module: str | None) -> None:
+  """Imports MIXTURE_OR_TASK_MODULE; a ConfigError when it cannot be imported."""
+  try:
+    task_examples.import_module(module)
+  except ValueError as error:
+    raise errors.ConfigError(str(error)) from None
+
+
+def validated(fn: Callable[[], Any], what: str) -> Any:
+  """`fn()`, with a ValueError / TypeError / KeyError turned into a ConfigError about `what`."""
+  try:
+    return fn()
+  except errors.ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError) as error:
+    raise errors.ConfigError(f"{what}: {errors.one_line(error)}") from None
+
+
+def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: int,
+                  random_seed: int, data: run_config.DataConfig,
+                  optimizer: run_config.OptimizerConfig, objective: Objective | None,
+                  finetuning: FineTuning | None, evaluation: run_config.EvalConfig,
+                  checkpointing: run_config.CheckpointConfig,
+                  partitioning_config: run_config.PartitioningConfig,
+                  nan_policy: nan_policy_lib.NanPolicy) -> TrainPlan:
+  """Checks the run (arguments as `train_run.train`'s) and returns its plan; nothing written."""
+  model_dir = _checked_model_dir(model_dir)
+  loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
+  import_task_module(data.mixture_or_task_module)
+  partitioner = partitioning_config.partitioner()
+  errors.require_int("num_microbatches", optimizer.num_microbatches)
+  if data.batch_size % (partitioner.data_parallel_size * optimizer.num_microbatches):
+    raise errors.ConfigError(
+        f"BATCH_SIZE={data.batch_size} is not divisible by the data-parallel size "
+        f"{partitioner.data_parallel_size} of MESH_SHAPE times num_microbatches="
+        f"{optimizer.num_microbatches}")
+  trainer = trainer_lib.Trainer(model, optimizer.build(), optimizer.learning_rate_schedule,
+                                partitioner, num_microbatches=optimizer.num_microbatches,
+                                finetuning=finetuning, skip_nonfinite=nan_policy.skip_in_step)
+  # The train step compiles in threads while the pipeline starts (shapes from the lengths);
+  # a mistyped task name is reported first, without waiting for a compilation.
+  validated(lambda: sources.get_task(data.mixture_or_task_name), "training data")
+  _start_compile(trainer, model.feature_converter, data, init=not (
+      checkpointing.initial_checkpoint_path or checkpoints.step_dirs(model_dir)))
+  try:
+    return _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
+                           finetuning, evaluation, checkpointing, nan_policy, partitioner,
+                           trainer, loop)
+  except BaseException:
+    trainer.cancel_compile()  # a configuration error: no wait for the step's compilation
+    raise
+
+
+def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective, finetuning,
+                    evaluation, checkpointing, nan_policy, partitioner, trainer,
+                    loop) -> TrainPlan:
+  """The checks that need the data pipeline and the abstract train state."""
+  feed_args = dict(feature_converter=model.feature_converter, use_cached=data.use_cached_tasks,
+                   cache_dir=data.task_cache_dir, num_threads=data.data_threads,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+  name = data.mixture_or_task_name
+  train_feed = validated(lambda: pipeline.make_feed(
+      name, data.split, data.task_feature_lengths, data.batch_size, objective,
+      seed=random_seed, pack=data.pack, **feed_args), "training data")
+  validated(lambda: _check_vocabulary_fits(model, train_feed, objective), "model vocabulary")
+  make_eval_feed = None
+  if loop.eval_period:
+    if evaluation.split not in train_feed.task.splits:
+      raise errors.ConfigError(f"task {name!r} has no {evaluation.split!r} split for "
+                               f"evaluation (set EVAL_PERIOD=None to train without eval)")
+    make_eval_feed = lambda: pipeline.make_feed(  # noqa: E731  (called at every evaluation)
+        name, evaluation.split, data.task_feature_lengths, data.batch_size, objective,
+        seed=random_seed, num_epochs=1, shuffle=False, **feed_args)
+  initial = checkpointing.initial_checkpoint_path
+  if initial:
+    validated(lambda: checkpoints.validate_step_dir(initial), "INITIAL_CHECKPOINT_PATH")
+  elif checkpointing.require_initial_checkpoint:
+    raise errors.ConfigError(
+        "this config starts from a checkpoint: pass "
+        "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
+  example_batch = validated(lambda: _first_batch(train_feed), "training data")
+  # The fine-tuning technique meets the parameter tree here (bad groups...).
+  abstract_state = validated(lambda: trainer.abstract_state(example_batch),
+                             f"finetuning={finetuning!r}" if finetuning else "model")
+  if initial:
+    _check_initial_checkpoint(initial, abstract_state.params)
+  _check_resumable(model_dir, abstract_state.params)
+  return TrainPlan(model=model, model_dir=model_dir, train_steps=train_steps,
+                   random_seed=random_seed, data=data, evaluation=evaluation,
+                   checkpointing=checkpointing, nan_policy=nan_policy, finetuning=finetuning,
+                   partitioner=partitioner, trainer=trainer, loop=loop, train_feed=train_feed,
+                   make_eval_feed=make_eval_feed, example_batch=example_batch,
+                   abstract_state=abstract_state)
+
+
+def _checked_model_dir(model_dir: str) -> str:
+  """MODEL_DIR, absolute when local (orbax needs it), checked to be creatable."""
+  if not model_dir:
+    raise errors.ConfigError("MODEL_DIR is not set (pass --gin.MODEL_DIR=DIR)")
+  if "://" in str(model_dir):
+    return model_dir
+  model_dir = os.path.abspath(model_dir)
+  _check_writable(model_dir)
+  return model_dir
+
+
+def _loop_config(train_steps: int, log_period: int, random_seed: int, data: run_config.DataConfig,
+                 evaluation: run_config.EvalConfig, checkpointing: run_config.CheckpointConfig
+                 ) -> trainer_lib.LoopConfig:
+  """The loop's periods, each checked against its macro's range."""
+  for name, value, minimum in (
+      ("TRAIN_STEPS", train_steps, 1), ("BATCH_SIZE", data.batch_size, 1),
+      ("LOG_PERIOD", log_period, 1), ("CHECKPOINT_PERIOD", checkpointing.period, 1),
+      ("EVAL_STEPS", evaluation.steps, 1), ("RANDOM_SEED", random_seed, 0)):
+    errors.require_int(name, value, minimum)
+  if evaluation.period is not None:
+    errors.require_int("EVAL_PERIOD", evaluation.period)
+  return trainer_lib.LoopConfig(train_steps=train_steps, log_period=log_period,
+                                eval_period=evaluation.period,
+                                checkpoint_period=checkpointing.period)
+
+
+def _start_compile(trainer: trainer_lib.Trainer, converter: str, data: run_config.DataConfig,
+                   init: bool) -> None:
+  """`trainer.start_compile` for the batches the pipeline will make (global shapes);
+  nothing when they cannot be predicted (the pipeline then reports the problem).
+  `init`: also compile the initialisation (not when a checkpoint will be restored)."""
+  try:
+    expected = batch_shapes.expected_batch_shapes(converter, data.task_feature_lengths,
+                                                  data.batch_size, data.pack)
+  except ValueError:
+    return
+  trainer.start_compile(expected, init=init)
+
+
+def _check_initial_checkpoint(path: str, abstract_params: Any) -> None:
+  """A shared parameter of another shape, or none shared, is a ConfigError (before
+  anything is written); a model mostly absent from the checkpoint is warned about."""
+  wanted = checkpoints.flat_shapes(abstract_params)
+  try:
+    saved = checkpoints.check_param_shapes(path, wanted)
+  except ValueError as error:
+    raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH={errors.one_line(error)}") from None
+  shared = sum(int(np.prod(shape)) for name, shape in wanted.items() if name in saved)
+  total = sum(int(np.prod(shape)) for shape in wanted.values())
+  if shared < 0.5 * total:
+    log.warning("INITIAL_CHECKPOINT_PATH holds only %.0f%% of the model's parameters; the "
+                "rest start from RANDOM_SEED (scanned vs unscanned layers differ in paths)",
+                100.0 * shared / total)
+
+
+def _check_writable(model_dir: str) -> None:
+  """MODEL_DIR (local) can be created and written: its nearest existing ancestor is a
+  writable directory (checked before anything is written)."""
+  path = pathlib.Path(model_dir).absolute()
+  for ancestor in (path, *path.parents):
+    if ancestor.exists():
+      if not ancestor.is_dir():
+        raise errors.ConfigError(f"MODEL_DIR={model_dir} cannot be created: {ancestor} is a "
+                                 f"file, not a directory (choose another MODEL_DIR)")
+      if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise errors.ConfigError(f"MODEL_DIR={model_dir} is not writable: no write "
+                                 f"permission on {ancestor}")
+      return
+
+
+def _check_resumable(model_dir: str, abstract_params: Any) -> None:
+  """The newest readable checkpoint of MODEL_DIR (the one a resume restores) has the
+  model's parameter paths and shapes; a ConfigError naming them otherwise."""
+  for step, path in checkpoints.step_dirs(model_dir):
+    try:
+      with checkpoints.quiet_failed_reads():  # A corrupt step's reads print noise.
+        saved = checkpoints.saved_param_shapes(path)
+    except Exception:  # noqa: BLE001, S112  (unreadable: the restore falls back to an older step)
+      continue
+    wanted = checkpoints.flat_shapes(abstract_params)
+    problems = [f"{name}: checkpoint {saved[name]} vs model {shape}"
+                for name, shape in wanted.items() if name in saved and saved[name] != shape]
+    problems += [f"{name} not in the checkpoint" for name in sorted(set(wanted) - set(saved))]
+    problems += [f"{name} not in the model" for name in sorted(set(saved) - set(wanted))]
+    if problems:
+      more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+      raise errors.ConfigError(
+          f"MODEL_DIR={model_dir} holds checkpoint_{step} of another architecture: "
+          f"{'; '.join(problems[:3])}{more}"
+          f" (use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from it)")
+    return
+
+
+def _check_vocabulary_fits(model: Any, feed: Any, objective: Objective | None) -> None:
+  """The model's embedding must cover every id the data can hold."""
+  highest = int(feed.vocabulary.vocab_size) - 1
+  if objective is not None:
+    highest = max([highest, *objective.extra_token_names(int(feed.vocabulary.vocab_size))])
+  if highest >= model.vocab_size:
+    raise ValueError(f"the data holds token ids up to {highest} but the model has "
+                     f"{model.vocab_size} embeddings (bind padded_vocab_size.extra_tokens)")
+
+
+def _first_batch(feed: Any) -> dict[str, np.ndarray]:
+  """The next batch of `feed`, without moving it (shapes for compilation)."""
+  state = feed.get_state()
+  try:
+    batch = next(feed)
+  except StopIteration:
+    raise ValueError(f"split of {feed.task.name!r} holds no batch of "
+                     f"BATCH_SIZE={feed.batch_size}") from None
+  feed.set_state(state)  # Also closes the iterator opened for this batch.
+  return batch
