@@ -10,7 +10,8 @@ lengths 32/8, 12 steps, a checkpoint every 3) and checks the exit code, the
 last stderr line, that no traceback is printed, and what MODEL_DIR holds
 afterwards. Faults are injected the way they happen (signals, `kill -9`,
 truncated files, a file where a directory should be) or, for NaN and
-disk-full, through the test hooks of `t5xlike.training.fault_injection`. Exit code 0
+disk-full, through the test hooks of `t5xlike.training.fault_hooks` (loaded by
+`tests/gin/fault_hooks.gin`). Exit code 0
 when every case passes. See docs/reliability.md.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ BASE = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.LOG_PERIOD=1",
         "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3", f"--gin.TRAIN_STEPS={STEPS}",
         "--gin.CheckpointConfig.async_save=False"]
+#: The fault hooks (none active until FAULT_NAN_AT_STEPS / FAULT_ENOSPC_AT_STEPS are set).
+FAULTS = [f"--gin_file={REPO / 'tests' / 'gin' / 'fault_hooks.gin'}"]
 INFER = ["--gin_file=gin_configs/models/t5_1_1/tiny.gin", "--gin_file=runs/infer.gin",
          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=2"]
 
@@ -57,7 +60,7 @@ class Case:
 
 
 def _env(**extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("T5XLIKE_FAULT_")}
+  env = dict(os.environ)
   env.pop("T5XLIKE_TRACEBACK", None)
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
   return env
@@ -294,8 +297,8 @@ def _corrupt(strict: bool) -> Callable[[Drill], tuple[str, bool]]:
 def _nan(policy: str, steps: str, *extra: str) -> Callable[[Drill], tuple[str, bool]]:
   def run(drill: Drill) -> tuple[str, bool]:
     model_dir = drill.fresh(f"nan_{policy}")
-    result = drill.train(model_dir, f"--gin.NAN_POLICY={policy}", *extra,
-                         env=_env(T5XLIKE_FAULT_NAN_AT_STEP=steps))
+    result = drill.train(model_dir, *FAULTS, f"--gin.FAULT_NAN_AT_STEPS=[{steps}]",
+                         f"--gin.NAN_POLICY={policy}", *extra)
     got = {r["step"]: r for r in rows(model_dir)}
     bad = int(steps.split(",")[0])
     if policy == "stop":
@@ -322,7 +325,7 @@ def _nan(policy: str, steps: str, *extra: str) -> Callable[[Drill], tuple[str, b
 
 def _enospc(drill: Drill) -> tuple[str, bool]:
   model_dir = drill.fresh("enospc")
-  result = drill.train(model_dir, env=_env(T5XLIKE_FAULT_ENOSPC_AT_STEP="6"))
+  result = drill.train(model_dir, *FAULTS, "--gin.FAULT_ENOSPC_AT_STEPS=[6]")
   line = last_line(result)
   first_ok = (result.returncode == 1 and "No space left" in line and "checkpoint_6" in line
               and "Traceback" not in result.stderr and steps_saved(model_dir) == [3])

@@ -20,7 +20,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,7 +29,6 @@ from etils import epath
 from flax import traverse_util
 
 from t5xlike import errors
-from t5xlike.training import fault_injection
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,14 @@ class Checkpointer:
     model_dir: the run's directory; step directories are `checkpoint_<N>`.
     keep: number of newest checkpoints kept (None keeps all).
     async_save: write in a background thread while training continues.
+    before_save: called with the step before each save (tests inject a full disk
+      there: `training.fault_hooks`); None in production.
   """
 
-  def __init__(self, model_dir: str | epath.Path, keep: int | None = 3, async_save: bool = True):
+  def __init__(self, model_dir: str | epath.Path, keep: int | None = 3, async_save: bool = True,
+               before_save: Callable[[int], None] | None = None):
     self.directory = epath.Path(model_dir)
+    self._before_save = before_save
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, step_prefix=STEP_PREFIX, enable_async_checkpointing=async_save,
         create=True)
@@ -85,7 +89,8 @@ class Checkpointer:
       CheckpointSaveError: the write failed (this step's or, async, the previous one's).
     """
     try:
-      fault_injection.check_save(step)
+      if self._before_save is not None:
+        self._before_save(step)
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))),
           force=True)

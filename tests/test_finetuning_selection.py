@@ -147,7 +147,8 @@ def trained_scanned():
 
 def test_frozen_parameters_are_bit_identical_after_training(trained_scanned):
   trainer, before, after, opt_state = trained_scanned
-  frozen = per_layer(trainer.boxed_params, selection.select(trainer.boxed_params, FROZEN))
+  plan = trainer.state_plan(batch())
+  frozen = per_layer(plan.boxed_params, selection.select(plan.boxed_params, FROZEN))
   before, after = unstacked(before), unstacked(after)
   for path, is_frozen in frozen.items():
     same = before[path].tobytes() == after[path].tobytes()
@@ -159,9 +160,9 @@ def test_frozen_parameters_are_bit_identical_after_training(trained_scanned):
         jax.tree_util.keystr(path)]
   assert len(mu) == 1 and mu[0].shape == (2, 48, 32)
   assert not mu[0][0].any() and mu[0][1].any()
-  assert selection.count(trainer.boxed_params, trainer.trainable)[0] == (
-      selection.count(trainer.boxed_params)[1]
-      - selection.count(trainer.boxed_params, selection.select(trainer.boxed_params, FROZEN))[0])
+  assert selection.count(plan.boxed_params, plan.trainable)[0] == (
+      selection.count(plan.boxed_params)[1]
+      - selection.count(plan.boxed_params, selection.select(plan.boxed_params, FROZEN))[0])
 
 
 # -- layer-wise learning-rate decay ----------------------------------------------

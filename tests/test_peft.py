@@ -279,8 +279,7 @@ def trained(bases, tmp_path_factory):
     schedule = optim.constant(0.05)
     trainer = trainer_lib.Trainer(wrapped, optim.adamw(schedule), schedule,
                                   partitioning.Partitioner({"data": 1}), finetuning=method)
-    trainer.init_state(0, batch)  # Builds the boxed parameters and the trainable masks.
-    state = trainer.state_from_params(params, jnp.asarray(7, jnp.int32), 0)
+    state = trainer.state_from_params(params, jnp.asarray(7, jnp.int32), 0, batch)
     for _ in range(3):
       state, _ = trainer.train_step(state, batch)
     after = jax.device_get(state.params)

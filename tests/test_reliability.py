@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from t5xlike import checkpoints, errors, metrics, train
-from t5xlike.training import fault_injection, nan_policy, preemption
+from t5xlike.training import nan_policy, preemption
+from t5xlike.training.fault_hooks import FaultHooks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
@@ -41,6 +42,10 @@ def _load_drill():
 drill = _load_drill()
 
 
+#: Loads the fault hooks (no fault until FAULT_NAN_AT_STEPS / FAULT_ENOSPC_AT_STEPS are set).
+FAULTS = [f"--gin_file={REPO / 'tests' / 'gin' / 'fault_hooks.gin'}"]
+
+
 def run(model_dir, *overrides):
   return train.main(SMALL + [f"--gin.MODEL_DIR={model_dir}", *overrides])
 
@@ -54,13 +59,6 @@ def baseline(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("baseline")
   assert run(model_dir) == 0
   return model_dir
-
-
-@pytest.fixture
-def no_fault_hooks(monkeypatch):
-  for name in (fault_injection.NAN_AT_STEP, fault_injection.ENOSPC_AT_STEP):
-    monkeypatch.delenv(name, raising=False)
-  return monkeypatch
 
 
 # -- units (no compilation) ----------------------------------------------------------
@@ -166,9 +164,9 @@ def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, cap
       _tiny_state(0)))[0]["step"]) == 22
 
 
-def test_disk_full_on_save_is_one_error_and_keeps_earlier_steps(tmp_path, no_fault_hooks):
-  no_fault_hooks.setenv(fault_injection.ENOSPC_AT_STEP, "2")
-  saver = checkpoints.Checkpointer(tmp_path, keep=None, async_save=False)
+def test_disk_full_on_save_is_one_error_and_keeps_earlier_steps(tmp_path):
+  saver = checkpoints.Checkpointer(tmp_path, keep=None, async_save=False,
+                                  before_save=FaultHooks(enospc_at_steps=[2]).before_save)
   saver.save(1, _tiny_state(1), {"position": 1})
   with pytest.raises(checkpoints.CheckpointSaveError, match="No space left") as error:
     saver.save(2, _tiny_state(2), {"position": 2})
@@ -182,7 +180,7 @@ def test_disk_full_on_save_is_one_error_and_keeps_earlier_steps(tmp_path, no_fau
 # -- runs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("signum, code", [
     (signal.SIGTERM, 0), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
-def test_signal_mid_run_checkpoints_the_step_reached(tmp_path, signum, code, no_fault_hooks):
+def test_signal_mid_run_checkpoints_the_step_reached(tmp_path, signum, code):
   train_rows = tmp_path / "metrics" / "train.jsonl"
 
   def send_when_training():
@@ -205,7 +203,7 @@ def test_signal_mid_run_checkpoints_the_step_reached(tmp_path, signum, code, no_
 
 
 def test_truncated_newest_checkpoint_falls_back_and_reruns_the_same_steps(
-    baseline, tmp_path, capsys, caplog, no_fault_hooks):
+    baseline, tmp_path, capsys, caplog):
   model_dir = tmp_path / "run"
   shutil.copytree(baseline, model_dir)
   drill.truncate_state(model_dir / "checkpoint_6")
@@ -219,10 +217,8 @@ def test_truncated_newest_checkpoint_falls_back_and_reruns_the_same_steps(
   assert drill.steps_saved(model_dir) == [3, 6]
 
 
-def test_nan_stop_names_the_step_and_writes_no_later_checkpoint(tmp_path, capsys,
-                                                                no_fault_hooks):
-  no_fault_hooks.setenv(fault_injection.NAN_AT_STEP, "5")
-  assert run(tmp_path, "--gin.LOG_PERIOD=100") == 1
+def test_nan_stop_names_the_step_and_writes_no_later_checkpoint(tmp_path, capsys):
+  assert run(tmp_path, *FAULTS, "--gin.FAULT_NAN_AT_STEPS=[5]", "--gin.LOG_PERIOD=100") == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: loss is nan at step 5") and "Traceback" not in "\n".join(err)
   rows = {r["step"]: r for r in drill.rows(tmp_path)}
@@ -230,9 +226,9 @@ def test_nan_stop_names_the_step_and_writes_no_later_checkpoint(tmp_path, capsys
   assert drill.steps_saved(tmp_path) == [3]
 
 
-def test_nan_skip_leaves_the_state_bitwise_unchanged(tmp_path, no_fault_hooks):
-  no_fault_hooks.setenv(fault_injection.NAN_AT_STEP, "2")
-  assert run(tmp_path, "--gin.NAN_POLICY=skip", "--gin.CHECKPOINT_PERIOD=1",
+def test_nan_skip_leaves_the_state_bitwise_unchanged(tmp_path):
+  assert run(tmp_path, *FAULTS, "--gin.FAULT_NAN_AT_STEPS=[2]", "--gin.NAN_POLICY=skip",
+             "--gin.CHECKPOINT_PERIOD=1",
              "--gin.TRAIN_STEPS=3", "--gin.CheckpointConfig.keep=None") == 0
   rows = {r["step"]: r for r in drill.rows(tmp_path)}
   assert rows[2]["loss"] == "nan" and rows[2]["grad_norm"] == "nan"
@@ -243,14 +239,11 @@ def test_nan_skip_leaves_the_state_bitwise_unchanged(tmp_path, no_fault_hooks):
   assert all(np.isfinite(v).all() for v in three.values())
 
 
-def test_disk_full_run_exits_in_one_line_and_resumes(baseline, tmp_path, capsys,
-                                                     no_fault_hooks):
-  no_fault_hooks.setenv(fault_injection.ENOSPC_AT_STEP, "6")
-  assert run(tmp_path) == 1
+def test_disk_full_run_exits_in_one_line_and_resumes(baseline, tmp_path, capsys):
+  assert run(tmp_path, *FAULTS, "--gin.FAULT_ENOSPC_AT_STEPS=[6]") == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: saving ") and "No space left on device" in err[-1]
   assert "checkpoint_3" in err[-1] and drill.steps_saved(tmp_path) == [3]
-  no_fault_hooks.delenv(fault_injection.ENOSPC_AT_STEP)
   assert run(tmp_path) == 0
   assert losses(tmp_path) == losses(baseline)
 

@@ -44,7 +44,8 @@ def plain_and_scanned():
   scanned_state = scanned.init_state(0, data[0])
   stacked = t5.stack_layers(initial, cfg.num_encoder_layers, cfg.num_decoder_layers)
   scanned_state = scanned_state.replace(params=jax.device_put(stacked),
-                                        opt_state=scanned.optimizer.init(stacked))
+                                        opt_state=scanned.state_plan(data[0]).optimizer.init(
+                                            stacked))
   losses = {"plain": [], "scanned": []}
   for batch in data:
     state, m = plain.train_step(state, batch)
@@ -59,7 +60,7 @@ def test_scanned_parameters_carry_a_layers_axis(plain_and_scanned):
   assert scanned_params["encoder"]["layers"]["mlp"]["wi_0"]["kernel"].shape == (3, 128, 256)
   assert scanned_params["decoder"]["layers"]["self_attention"]["query"]["kernel"].shape == (
       2, 128, 128)
-  specs = nn.get_partition_spec(scanned.boxed_params)
+  specs = nn.get_partition_spec(scanned.state_plan(batches(1)[0]).boxed_params)
   assert tuple(specs["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]) == ("layers", "embed", "mlp")
 
 

@@ -7,6 +7,7 @@ import pytest
 from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, t5
 from t5xlike.training import trainer as trainer_lib
+from t5xlike.training.train_state import parameter_summary
 from tests import test_t5_model
 
 CONFIG = test_t5_model.CONFIG
@@ -75,7 +76,7 @@ def test_bfloat16_activations_keep_float32_parameters_and_loss():
 
 def test_parameter_summary_counts_every_parameter(full_and_accumulated):
   params, _ = full_and_accumulated[1]
-  rows = dict(trainer_lib.parameter_summary(params))
+  rows = dict(parameter_summary(params))
   assert rows["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert rows["token_embedder"] == 128 * 32
   assert rows["encoder/layers_0"] == 2 * 32 + 4 * 32 * 32 + 3 * 32 * 48
@@ -93,7 +94,7 @@ def test_background_compile_trains_bit_identically(full_and_accumulated):
   state, metrics = trainer.train_step(state, batch)
   assert future.done() and future.result() is not None
   # The step ran the background's executable: the jitted step never compiled.
-  assert trainer._train_step[1]._cache_size() == 0  # pylint: disable=protected-access
+  assert trainer.jitted_step_compilations() == 0
   params1, metrics1 = full_and_accumulated[1]
   for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(jax.device_get(state.params))):
     assert np.array_equal(a, b)
@@ -106,7 +107,7 @@ def test_background_compile_of_other_shapes_is_not_used(full_and_accumulated):
   trainer.start_compile(abstract(batch_of(4))).result()
   state = trainer.init_state(0, batch)
   state, _ = trainer.train_step(state, batch)  # compiles its own (jitted) step
-  assert trainer._train_step[1]._cache_size() == 1  # pylint: disable=protected-access
+  assert trainer.jitted_step_compilations() == 1
   params1, _ = full_and_accumulated[1]
   for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(jax.device_get(state.params))):
     assert np.array_equal(a, b)
@@ -128,9 +129,7 @@ def test_unoptimised_init_compilation_matches_the_optimised_one_to_rounding():
   batch = batch_of(4)
   trainer = make_trainer()
   state = trainer.init_state(3, batch)
-  zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
-  init_fn = trainer._init_fn  # pylint: disable=protected-access
-  reference = jax.jit(lambda rng: init_fn(rng, zeros))(jax.random.key(3))
+  reference = jax.jit(trainer.state_plan(batch).init_fn)(jax.random.key(3))
   differing = 0
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
     a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))

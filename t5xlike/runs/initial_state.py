@@ -17,7 +17,7 @@ from flax import traverse_util
 from t5xlike import checkpoints, errors, metrics
 from t5xlike.runs.train_plan import TrainPlan
 from t5xlike.training import nan_policy as nan_policy_lib
-from t5xlike.training.trainer import TrainState
+from t5xlike.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> T
       state = state.replace(params=jax.device_put(params, shardings))
   if plan.checkpointing.fresh_optimizer_state:
     log.info("fresh optimizer state (fresh_optimizer_state=True)")
-    state = trainer.state_from_params(state.params, state.step, plan.random_seed)
+    state = trainer.state_from_params(state.params, state.step, plan.random_seed,
+                                      plan.example_batch)
   return state
 
 
@@ -75,7 +76,7 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
     params = traverse_util.flatten_dict(trainer.init_state(seed, plan.example_batch).params)
     params.update(traverse_util.flatten_dict(shared))
     return trainer.state_from_params(traverse_util.unflatten_dict(params),
-                                     checkpoints.restore_step(path), seed)
+                                     checkpoints.restore_step(path), seed, plan.example_batch)
   expected = [(tuple(leaf.shape), str(leaf.dtype))
               for leaf in jax.tree.leaves(abstract_state.opt_state)]
   if checkpoints.saved_leaf_shapes(path, "opt_state") == expected:
@@ -84,7 +85,7 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
            "step, with a fresh optimizer state")
   params, step = checkpoints.restore_params_from_path(path, abstract_state.params,
                                                       abstract_state.step)
-  return trainer.state_from_params(params, step, seed)
+  return trainer.state_from_params(params, step, seed, plan.example_batch)
 
 
 def rolled_back_state(rollback: nan_policy_lib.RollBack, rollbacks: int,

@@ -26,7 +26,10 @@ from t5xlike.data import batch_shapes, pipeline, sources, task_examples
 from t5xlike.finetuning.base import FineTuning
 from t5xlike.objectives.base import Objective
 from t5xlike.runs import run_config
-from t5xlike.training import nan_policy as nan_policy_lib, trainer as trainer_lib
+from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
+from t5xlike.training.fault_hooks import FaultHooks
+from t5xlike.training.state_plan import StatePlan
+from t5xlike.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class TrainPlan:
     train_feed: this process's training batches (opened, not yet read from).
     make_eval_feed: opens a one-epoch feed of the evaluation split (None: no evaluation).
     example_batch: this process's rows of the first training batch (shapes for compilation).
-    abstract_state: the train state's shapes, dtypes and shardings.
+    state_plan: the train state's layout: parameters with their logical axes, which
+      train, the shardings and the abstract state.
   """
   model: Any
   model_dir: str
@@ -62,11 +66,16 @@ class TrainPlan:
   finetuning: FineTuning | None
   partitioner: partitioning.Partitioner
   trainer: trainer_lib.Trainer
-  loop: trainer_lib.LoopConfig
+  loop: loop_lib.LoopConfig
   train_feed: Any
   make_eval_feed: Callable[[], Any] | None
   example_batch: Mapping[str, np.ndarray]
-  abstract_state: trainer_lib.TrainState
+  state_plan: StatePlan
+
+  @property
+  def abstract_state(self) -> TrainState:
+    """The train state's shapes, dtypes and shardings."""
+    return self.state_plan.abstract_state
 
 
 def import_task_module(module: str | None) -> None:
@@ -93,7 +102,8 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                   finetuning: FineTuning | None, evaluation: run_config.EvalConfig,
                   checkpointing: run_config.CheckpointConfig,
                   partitioning_config: run_config.PartitioningConfig,
-                  nan_policy: nan_policy_lib.NanPolicy) -> TrainPlan:
+                  nan_policy: nan_policy_lib.NanPolicy,
+                  fault_hooks: FaultHooks | None = None) -> TrainPlan:
   """Checks the run (arguments as `train_run.train`'s) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
@@ -107,7 +117,8 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
         f"{optimizer.num_microbatches}")
   trainer = trainer_lib.Trainer(model, optimizer.build(), optimizer.learning_rate_schedule,
                                 partitioner, num_microbatches=optimizer.num_microbatches,
-                                finetuning=finetuning, skip_nonfinite=nan_policy.skip_in_step)
+                                finetuning=finetuning, skip_nonfinite=nan_policy.skip_in_step,
+                                fault_hooks=fault_hooks)
   # The train step compiles in threads while the pipeline starts (shapes from the lengths);
   # a mistyped task name is reported first, without waiting for a compilation.
   validated(lambda: sources.get_task(data.mixture_or_task_name), "training data")
@@ -151,17 +162,17 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
         "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
   example_batch = validated(lambda: _first_batch(train_feed), "training data")
   # The fine-tuning technique meets the parameter tree here (bad groups...).
-  abstract_state = validated(lambda: trainer.abstract_state(example_batch),
-                             f"finetuning={finetuning!r}" if finetuning else "model")
+  state_plan = validated(lambda: trainer.state_plan(example_batch),
+                         f"finetuning={finetuning!r}" if finetuning else "model")
   if initial:
-    _check_initial_checkpoint(initial, abstract_state.params)
-  _check_resumable(model_dir, abstract_state.params)
+    _check_initial_checkpoint(initial, state_plan.abstract_state.params)
+  _check_resumable(model_dir, state_plan.abstract_state.params)
   return TrainPlan(model=model, model_dir=model_dir, train_steps=train_steps,
                    random_seed=random_seed, data=data, evaluation=evaluation,
                    checkpointing=checkpointing, nan_policy=nan_policy, finetuning=finetuning,
                    partitioner=partitioner, trainer=trainer, loop=loop, train_feed=train_feed,
                    make_eval_feed=make_eval_feed, example_batch=example_batch,
-                   abstract_state=abstract_state)
+                   state_plan=state_plan)
 
 
 def _checked_model_dir(model_dir: str) -> str:
@@ -177,7 +188,7 @@ def _checked_model_dir(model_dir: str) -> str:
 
 def _loop_config(train_steps: int, log_period: int, random_seed: int, data: run_config.DataConfig,
                  evaluation: run_config.EvalConfig, checkpointing: run_config.CheckpointConfig
-                 ) -> trainer_lib.LoopConfig:
+                 ) -> loop_lib.LoopConfig:
   """The loop's periods, each checked against its macro's range."""
   for name, value, minimum in (
       ("TRAIN_STEPS", train_steps, 1), ("BATCH_SIZE", data.batch_size, 1),
@@ -186,7 +197,7 @@ def _loop_config(train_steps: int, log_period: int, random_seed: int, data: run_
     errors.require_int(name, value, minimum)
   if evaluation.period is not None:
     errors.require_int("EVAL_PERIOD", evaluation.period)
-  return trainer_lib.LoopConfig(train_steps=train_steps, log_period=log_period,
+  return loop_lib.LoopConfig(train_steps=train_steps, log_period=log_period,
                                 eval_period=evaluation.period,
                                 checkpoint_period=checkpointing.period)
 

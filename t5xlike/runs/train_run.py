@@ -25,7 +25,9 @@ from t5xlike.finetuning import selection
 from t5xlike.objectives.base import Objective
 from t5xlike.runs import initial_state, run_config
 from t5xlike.runs.train_plan import TrainPlan, plan_training
-from t5xlike.training import nan_policy as nan_policy_lib, preemption, trainer as trainer_lib
+from t5xlike.training import loop, nan_policy as nan_policy_lib, preemption
+from t5xlike.training.fault_hooks import FaultHooks
+from t5xlike.training.train_state import TrainState, parameter_summary
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
           checkpointing: run_config.CheckpointConfig = run_config.CheckpointConfig(),
           partitioning: run_config.PartitioningConfig = run_config.PartitioningConfig(),
           nan_policy: nan_policy_lib.NanPolicy = nan_policy_lib.NanPolicy(),
-          log_period: int = 100, random_seed: int = 0) -> trainer_lib.TrainState:
+          log_period: int = 100, random_seed: int = 0,
+          fault_hooks: FaultHooks | None = None) -> TrainState:
   """Trains `model` on a seqio task or mixture to TRAIN_STEPS; returns the final state.
 
   Args:
@@ -60,6 +63,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
     log_period: LOG_PERIOD, steps between logged metrics rows (step 1 and the last
       step are always logged).
     random_seed: RANDOM_SEED: initialisation, dropout and data order.
+    fault_hooks: faults injected on purpose: set only by the tests and the fault drill
+      (`tests/gin/fault_hooks.gin`).
 
   A model that is an `interfaces.ExportingModel` (ELECTRA) has its exports written
   to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>` at the end. SIGTERM / SIGINT stop
@@ -69,19 +74,22 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
                        log_period=log_period, random_seed=random_seed, data=data,
                        optimizer=optimizer, objective=objective, finetuning=finetuning,
                        evaluation=evaluation, checkpointing=checkpointing,
-                       partitioning_config=partitioning, nan_policy=nan_policy)
+                       partitioning_config=partitioning, nan_policy=nan_policy,
+                       fault_hooks=fault_hooks)
   return execute(plan)
 
 
-def execute(plan: TrainPlan) -> trainer_lib.TrainState:
+def execute(plan: TrainPlan) -> TrainState:
   """Runs a validated plan: from here on MODEL_DIR is written."""
   entry.mark_run_started()
   model_dir = epath.Path(plan.model_dir)
   if jax.process_index() == 0:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.gin").write_text(gin.operative_config_str())
+  hooks = plan.trainer.fault_hooks
   checkpointer = checkpoints.Checkpointer(model_dir, keep=plan.checkpointing.keep,
-                                          async_save=plan.checkpointing.async_save)
+                                          async_save=plan.checkpointing.async_save,
+                                          before_save=hooks.before_save if hooks else None)
   try:
     state = initial_state.starting_state(plan, checkpointer)
   except BaseException:  # (e.g. RESTORE_STRICT): close orbax's threads before exiting
@@ -102,9 +110,9 @@ def execute(plan: TrainPlan) -> trainer_lib.TrainState:
   return state
 
 
-def _train(plan: TrainPlan, state: trainer_lib.TrainState, start: int,
+def _train(plan: TrainPlan, state: TrainState, start: int,
            checkpointer: checkpoints.Checkpointer,
-           model_dir: epath.Path) -> trainer_lib.TrainState:
+           model_dir: epath.Path) -> TrainState:
   """The training loop from `start` to TRAIN_STEPS, rolled back to the last checkpoint
   when the NaN policy asks; closes the feed, the writer and the checkpointer."""
   writer = metrics.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
@@ -123,7 +131,7 @@ def _train(plan: TrainPlan, state: trainer_lib.TrainState, start: int,
       rollbacks = 0
       while True:
         try:
-          return trainer_lib.train_loop(
+          return loop.train_loop(
               plan.trainer, state, plan.train_feed, plan.loop, writer, checkpointer,
               run_eval=run_eval, tokens_per_batch=tokens_per_batch,
               flop_accounting=flop_accounting, guard=guard, watch=watch)
@@ -143,7 +151,7 @@ def _evaluate(plan: TrainPlan, step: int, params: Any,
   training task, plus the inference evaluator's task metrics (outputs written by process 0)."""
   assert plan.make_eval_feed is not None
   with plan.make_eval_feed() as eval_feed:
-    values = trainer_lib.evaluate(plan.trainer, params,
+    values = loop.evaluate(plan.trainer, params,
                                   itertools.islice(eval_feed, plan.evaluation.steps))
   results: dict[str, dict[str, Any]] = {plan.data.mixture_or_task_name: values}
   evaluator = plan.evaluation.inference_evaluator
@@ -174,21 +182,21 @@ def _activation_dtype(model: interfaces.Model) -> str:
     return "float32"
 
 
-def _log_startup(plan: TrainPlan, state: trainer_lib.TrainState, start: int) -> None:
+def _log_startup(plan: TrainPlan, state: TrainState, start: int) -> None:
   """Devices, parameter counts, the fine-tuning technique, the partitioning plan, the task."""
-  trainer, feed = plan.trainer, plan.train_feed
+  feed, boxed_params = plan.train_feed, plan.state_plan.boxed_params
   log.info("devices: %d x %s (%d process(es)); %s", jax.device_count(),
            jax.devices()[0].device_kind, jax.process_count(), plan.partitioner.describe())
-  for module, count in trainer_lib.parameter_summary(state.params):
+  for module, count in parameter_summary(state.params):
     log.info("  params %-32s %12s", module, f"{count:,}")
   if plan.finetuning is not None:
-    for line in plan.finetuning.describe(trainer.boxed_params):
+    for line in plan.finetuning.describe(boxed_params):
       log.info("finetuning: %s", line)
-  trainable, total = selection.count(trainer.boxed_params, trainer.trainable)
+  trainable, total = selection.count(boxed_params, plan.state_plan.trainable)
   log.info("trainable parameters: %s of %s (%.1f%%)", f"{trainable:,}", f"{total:,}",
            100.0 * trainable / max(total, 1))
   log.info("partitioning plan (parameter, logical axes, mesh axes, global -> per-device shape):")
-  for line in plan.partitioner.plan(trainer.boxed_params, plan.abstract_state):
+  for line in plan.partitioner.plan(boxed_params, plan.abstract_state):
     log.info("  %s", line)
   log.info("task %s: feature lengths %s, global batch %d; steps %d -> %d",
            feed.task.name, feed.feature_lengths, feed.batch_size, start, plan.train_steps)
