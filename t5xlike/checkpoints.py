@@ -362,8 +362,8 @@ def restore_matching_params(path: str | epath.Path,
   """
   path = validate_step_dir(path)
   saved = check_param_shapes(path, flat_shapes(abstract_params))
-  wanted = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  wanted = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in wanted}
+  wanted = {"/".join(str(getattr(k, "key", k)) for k in p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   unused = sorted(set(saved) - set(wanted))
   if unused:
     log.info("%d checkpoint parameter(s) not in the model, not restored: %s", len(unused),

@@ -49,7 +49,7 @@ import functools
 import logging
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, TypedDict
 
 import jax
 import numpy as np
@@ -88,6 +88,15 @@ class StepFlops:
   model: float
   hardware: float
   forward: float
+
+
+class _TrainedWeights(TypedDict):
+  """Which weights a step trains: the keyword arguments of the `*_step_flops` functions
+  that describe SPDF sparsity and PEFT (frozen base, LoRA) rather than the network."""
+  sparsity: float
+  frozen: bool
+  lora_rank: int
+  lora_targets: str | None
 
 
 def _matmul(rows: float, m: int, n: int, trained: bool = True) -> tuple[float, float]:
@@ -242,9 +251,10 @@ def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops |
   kind = type(cfg).__name__
   sparsity = float(getattr(model, "sparsity", 0.0) or 0.0)
   method = getattr(model, "peft_method", None)
-  extra = dict(sparsity=sparsity, frozen=method is not None,
-               lora_rank=int(getattr(method, "rank", 0) or 0),
-               lora_targets=getattr(method, "targets", None) if hasattr(method, "rank") else None)
+  extra = _TrainedWeights(
+      sparsity=sparsity, frozen=method is not None,
+      lora_rank=int(getattr(method, "rank", 0) or 0),
+      lora_targets=getattr(method, "targets", None) if hasattr(method, "rank") else None)
   if kind == "T5Config" and "encoder_input_tokens" in batch_shapes:
     batch, inputs = batch_shapes["encoder_input_tokens"].shape
     return t5_step_flops(cfg, batch, inputs, batch_shapes["decoder_target_tokens"].shape[1],

@@ -114,10 +114,14 @@ def make_mesh(mesh_shape: Mapping[str, int] | None,
   return Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
 
-def boxed_leaves(boxed_params: Any) -> list[tuple[tuple, tuple[str, ...] | None, tuple[int, ...]]]:
+#: (key path, logical axis names or None, shape) of a parameter: see `boxed_leaves`.
+BoxedLeaf = tuple[jax.tree_util.KeyPath, tuple[str | None, ...] | None, tuple[int, ...]]
+
+
+def boxed_leaves(boxed_params: Any) -> list[BoxedLeaf]:
   """(path, logical axis names or None, shape) of each leaf of a tree of
   `nn.LogicallyPartitioned` (or plain) parameters."""
-  out = []
+  out: list[BoxedLeaf] = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
     if isinstance(leaf, nn.LogicallyPartitioned):
@@ -152,9 +156,14 @@ class Partitioner:
         nn.logical_axis_rules(self.rules):
       yield
 
-  def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+  def _mesh_axes(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+    """The mesh axes of an array with these logical axes, under this partitioner's rules."""
     spec = nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
-    return NamedSharding(self.mesh, spec)
+    assert spec is not None  # None only for logical axes None.
+    return spec
+
+  def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(self.mesh, self._mesh_axes(logical_axes))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
@@ -166,9 +175,8 @@ class Partitioner:
   def variable_shardings(self, boxed_variables: Any) -> Any:
     """Shardings for a tree of `nn.LogicallyPartitioned` (or plain, replicated) leaves."""
     specs = nn.get_partition_spec(boxed_variables)
-    return jax.tree.map(lambda spec: NamedSharding(
-        self.mesh, nn.logical_to_mesh_axes(tuple(spec), self.rules)), specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, self._mesh_axes(spec)), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
   def optimizer_state_shardings(self, abstract_opt_state: Any, boxed_params: Any) -> Any:
     """Shardings for optimizer state that follow the parameters they belong to.

@@ -54,9 +54,10 @@ def f1_binary(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, f
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
-  targets, predictions = np.asarray(targets), np.asarray(predictions)
-  predictions = np.where(np.isin(predictions, (0, 1)), predictions, 1 - targets)
-  score = metrics.f1_score(targets, predictions, pos_label=1, average="binary",
+  target_labels, predicted_labels = np.asarray(targets), np.asarray(predictions)
+  predicted_labels = np.where(np.isin(predicted_labels, (0, 1)), predicted_labels,
+                              1 - target_labels)
+  score = metrics.f1_score(target_labels, predicted_labels, pos_label=1, average="binary",
                            zero_division=0.0)
   return {"f1": 100.0 * float(score)}
 
@@ -70,8 +71,9 @@ def mcc(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
 
 def _references(targets: Sequence[str | Sequence[str]]) -> list[list[str]]:
   """sacrebleu's reference streams: [stream][example] from [example] or [example][ref]."""
-  if all(isinstance(t, str) for t in targets):
-    return [list(targets)]
+  strings = [t for t in targets if isinstance(t, str)]
+  if len(strings) == len(targets):
+    return [strings]
   counts = {len(t) for t in targets}
   if len(counts) != 1:
     raise ValueError(f"bleu: every example needs the same number of references, got {counts}")

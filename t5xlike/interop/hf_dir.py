@@ -27,7 +27,7 @@ def read_config(directory: str | pathlib.Path) -> dict[str, Any]:
     raise ValueError(f"{path}: not JSON ({error.msg})") from None
 
 
-def _converter(model_type: str):
+def _converter(model_type: str | None):
   if model_type in hf_t5.MODEL_TYPES:
     return hf_t5
   if model_type in hf_llama.MODEL_TYPES:

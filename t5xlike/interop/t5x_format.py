@@ -18,7 +18,7 @@ array); `t5_config` derives a `t5.T5Config` from their shapes.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeGuard
 
 import numpy as np
 
@@ -30,7 +30,7 @@ SCANNED_LAYER_AXIS = 1
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
 
 
-def _is_spec(value: Any) -> bool:
+def _is_spec(value: Any) -> TypeGuard[dict[str, Any]]:
   return isinstance(value, dict) and {"driver", "kvstore"} <= set(value)
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +143,11 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   four_d = lambda x: x.reshape((1,) * (4 - x.ndim) + x.shape)
   mask = None if mask is None else four_d(mask.astype(jnp.bool_))
   bias = None if bias is None else four_d(bias).astype(dtype if impl == "cudnn" else jnp.float32)
+  # `resolve` hands this function 'xla' or 'cudnn' only, the names jax knows.
+  implementation = cast(Literal["xla", "cudnn"], impl)
   try:
     return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=1.0,
-                                        implementation=impl).astype(dtype)
+                                        implementation=implementation).astype(dtype)
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
@@ -237,7 +240,9 @@ def _per_shard(kernel, batch: int, heads: int):
   P = jax.sharding.PartitionSpec
 
   def axes(name: str, size: int):
-    spec = nn.logical_to_mesh_axes((name,))[0]
+    mesh_axes = nn.logical_to_mesh_axes((name,))
+    assert mesh_axes is not None  # None only for array_dim_names=None.
+    spec = mesh_axes[0]
     names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     names = tuple(a for a in names if a in mesh.axis_names)
     if size % math.prod(mesh.shape[a] for a in names):

@@ -7,7 +7,7 @@ the targets and the loss weights.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,13 @@ class TokenModel:
   #: The batch features with the target ids and the loss weights, [batch, length].
   target_feature = "decoder_target_tokens"
   weight_feature = "decoder_loss_weights"
+
+  # The decoding protocol of `t5xlike.inference.decoding` that `predict_batch` calls:
+  # methods of the models that decode (declared here, not defined, so a model
+  # without them, such as `MLMModel`, still has none).
+  decoding_start: Callable[[Any, Batch, int], tuple[Any, Array]]
+  decoding_step: Callable[[Any, Array, Any], tuple[Array, Any]]
+  gather_decoding_rows: Callable[[Any, Array], Any]
 
   def __init__(self, network: nn.Module, vocabulary: Any = None, z_loss: float = 1e-4,
                label_smoothing: float = 0.0, loss_impl: str = "dense"):
@@ -96,13 +103,13 @@ class TokenModel:
     kernel are captured and it returns zeros, which nothing reads (XLA drops
     them), so the [b, l, vocab] logits are never computed.
     """
-    captured = []
+    captured: list[tuple[Array, Array, Any]] = []
 
     def intercept(next_fun, args, kwargs, context):
       module = context.module
       if (isinstance(module, layers.Dense) and module.name == "logits_dense"
           and context.method_name == "__call__"):
-        kernel = module.get_variable("params", "kernel")
+        kernel: Array = module.get_variable("params", "kernel")
         captured.append((args[0], kernel, module.dtype))
         return jnp.zeros(args[0].shape[:-1] + (module.features,), module.dtype)
       return next_fun(*args, **kwargs)

@@ -15,7 +15,7 @@ Batches (feature converter `encoder_classification`):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +79,9 @@ class ClassifierModel:
   def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
     """float32 class logits [b, num_classes]; dropout on when a rng is given."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return self.network.apply({"params": params}, batch["encoder_input_tokens"],
-                              deterministic=dropout_rng is None, rngs=rngs)
+    # `apply` without `mutable` returns the network's output alone.
+    return cast(Array, self.network.apply({"params": params}, batch["encoder_input_tokens"],
+                                          deterministic=dropout_rng is None, rngs=rngs))
 
   def class_log_probs(self, params: Any, batch: Batch) -> Array:
     """Natural-log class probabilities float32 [b, num_classes] (no dropout)."""

@@ -40,7 +40,7 @@ T5 v1.0 and T5X's DecoderOnly rescale).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -137,7 +137,8 @@ class DecoderLayer(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array | None):
+  def __call__(self, x: Array, mask: Array | masks.StructuredMask,
+               positions: Array | None) -> Array | tuple[Array, None]:
     """x: [b, l, embed]; mask: bool [b, 1, l, l] (with decode: see
     `layers.MultiHeadAttention`); positions: int [b, l] or None -> [b, l, embed]."""
     cfg = self.config
@@ -166,8 +167,8 @@ class DecoderStack(nn.Module):
   shared_embedding: layers.Embed
 
   @nn.compact
-  def __call__(self, tokens: Array, mask: Array, positions: Array | None,
-               deterministic: bool, decode: bool) -> Array:
+  def __call__(self, tokens: Array, mask: Array | masks.StructuredMask,
+               positions: Array | None, deterministic: bool, decode: bool) -> Array:
     """tokens: int [b, l]; mask: bool [b, 1, l, l]; positions: int [b, l] or None
     -> float32 logits [b, l, vocab]."""
     cfg = self.config
@@ -222,11 +223,14 @@ class Transformer(nn.Module):
                decoder_positions: Array | None = None,
                decoder_causal_attention: Array | None = None, deterministic: bool = True,
                decode: bool = False, decode_mask: Array | None = None) -> Array:
+    mask: Array | masks.StructuredMask
     if decode and decode_mask is not None:
       mask = decode_mask
     elif decode:
       valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
       mask = masks.decoder_mask(valid, decoder_causal_attention)
+    elif decoder_target_tokens is None:
+      raise ValueError("decoder_target_tokens is required unless decode=True")
     elif decoder_causal_attention is None and masks.wants_structured_mask(
         self.config.attention_impl):
       mask = masks.StructuredMask(decoder_target_tokens > 0, decoder_segment_ids, causal=True)
@@ -282,12 +286,13 @@ class DecoderOnlyModel(base.TokenModel):
   def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
     """float32 logits [batch, length, vocab]; dropout on when a rng is given."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return self.network.apply(
+    # `apply` without `mutable` returns the network's output alone.
+    return cast(Array, self.network.apply(
         {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         decoder_positions=batch.get("decoder_positions"),
         decoder_causal_attention=batch.get("decoder_causal_attention"),
-        deterministic=dropout_rng is None, rngs=rngs)
+        deterministic=dropout_rng is None, rngs=rngs))
 
   def init_cache(self, batch_size: int, max_length: int) -> Any:
     """An empty KV cache (the `cache` collection) for `max_length` tokens per row.

@@ -58,7 +58,7 @@ Classification batches (feature converter `encoder_classification`, model
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -161,10 +161,9 @@ class Embedder(nn.Module):
 
   def setup(self):
     self.token_embedder = layers.Embed(self.vocab_size, self.features, dtype=self.dtype)
-    self.position_embedding = self.param(
-        "position_embedding",
-        nn.with_logical_partitioning(layers.embedding_init, ("length", "embed")),
-        (self.max_length, self.features), jnp.float32)
+    self.position_embedding = layers.logical_param(
+        self, "position_embedding", layers.embedding_init, ("length", "embed"),
+        (self.max_length, self.features))
 
   def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
     """tokens: int [b, l]; positions: int [b, l] or None (0..l-1) -> [b, l, features]."""
@@ -193,7 +192,8 @@ class EncoderStack(nn.Module):
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, embedded: Array, mask: Array, deterministic: bool = True) -> Array:
+  def __call__(self, embedded: Array, mask: Array | masks.StructuredMask,
+               deterministic: bool = True) -> Array:
     """embedded: [b, l, embedding_dim]; mask: bool [b, 1, l, l] -> [b, l, emb_dim]."""
     cfg = self.config
     x = embedded
@@ -226,9 +226,8 @@ class MLMHead(nn.Module):
     h = layers.Dense(features, ("mlp", "embed"), dtype=cfg.jnp_dtype, name="dense")(hidden)
     h = layers.RMSNorm(dtype=cfg.jnp_dtype, name="layer_norm")(nn.gelu(h))
     logits = embedder.attend(h) / jnp.sqrt(features).astype(h.dtype)
-    bias = self.param("output_bias",
-                      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                      (cfg.vocab_size,), jnp.float32)
+    bias = layers.logical_param(self, "output_bias", nn.initializers.zeros, ("vocab",),
+                                (cfg.vocab_size,))
     logits = logits.astype(jnp.float32) + bias
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -240,8 +239,8 @@ class _VectorProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(_normal_vector_init, (self.axis,)),
-                        (x.shape[-1],), jnp.float32)
+    kernel = layers.logical_param(self, "kernel", _normal_vector_init, (self.axis,),
+                                  (x.shape[-1],))
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -288,11 +287,9 @@ class _Logits(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(layers.default_kernel_init,
-                                                               ("mlp", None)),
-                        (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-                      (self.features,), jnp.float32)
+    kernel = layers.logical_param(self, "kernel", layers.default_kernel_init, ("mlp", None),
+                                  (x.shape[-1], self.features))
+    bias = layers.logical_param(self, "bias", nn.initializers.zeros, (None,), (self.features,))
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32) + bias
 
 
@@ -376,6 +373,7 @@ class EncoderNetwork(nn.Module):
              encoder_positions: Array | None = None, deterministic: bool = True) -> Array:
     """Hidden states [b, l, emb_dim] of tokens [b, l]."""
     valid = encoder_input_tokens > 0
+    mask: Array | masks.StructuredMask
     if masks.wants_structured_mask(self.config.attention_impl):
       mask = masks.StructuredMask(valid, encoder_segment_ids, causal=False)
     else:
@@ -428,11 +426,12 @@ class MLMModel(base.TokenModel):
   def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
     """float32 logits [b, l, vocab]; dropout on when a rng is given."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return self.network.apply(
+    # `apply` without `mutable` returns the network's output alone.
+    return cast(Array, self.network.apply(
         {"params": params}, batch["encoder_input_tokens"],
         encoder_segment_ids=batch.get("encoder_segment_ids"),
         encoder_positions=batch.get("encoder_positions"),
-        deterministic=dropout_rng is None, rngs=rngs)
+        deterministic=dropout_rng is None, rngs=rngs))
 
 
 def check_vocabulary(vocabulary: Any, config: EncoderConfig) -> None:

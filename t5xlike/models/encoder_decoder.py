@@ -7,7 +7,7 @@ Batches use T5X's feature names, all `[batch, length]`:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,12 @@ class EncoderDecoderModel(base.TokenModel):
   def logits(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> Array:
     """float32 logits [batch, target_length, vocab]; dropout on when a rng is given."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return self.network.apply(
+    # `apply` without `mutable` returns the network's output alone.
+    return cast(Array, self.network.apply(
         {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
         batch["decoder_target_tokens"], encoder_segment_ids=batch.get("encoder_segment_ids"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
-        deterministic=dropout_rng is None, rngs=rngs)
+        deterministic=dropout_rng is None, rngs=rngs))
 
   # -- decoding protocol of `t5xlike.inference.decoding` (see base.TokenModel.predict_batch) --
   def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:

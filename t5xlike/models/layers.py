@@ -1,7 +1,7 @@
 """Transformer layers shared by every model family (Flax linen).
 
-Every parameter is created through `nn.with_logical_partitioning`, so it
-carries logical axis names from the vocabulary shared with
+Every parameter is created through `logical_param` (`nn.with_logical_partitioning`),
+so it carries logical axis names from the vocabulary shared with
 `t5xlike.partitioning`: `vocab`, `embed`, `mlp`, `heads`, `kv`, `joined_kv`,
 `relpos_buckets`, `layers`. Activations are tagged with
 `nn.with_logical_constraint` (`batch`, `length`, `embed`, `mlp`, `heads`,
@@ -18,7 +18,7 @@ cache. `run_stack` applies a stack of layers as a loop or one `nn.scan`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -87,6 +87,18 @@ def check_network_config(cfg, positive: Sequence[str]) -> None:
   attention.check_name(getattr(cfg, "attention_impl", "auto"))
 
 
+def logical_param(module: nn.Module, name: str, init: Initializer,
+                  logical_axes: tuple[str | None, ...], shape: Sequence[int],
+                  dtype: Any = jnp.float32) -> Array:
+  """`module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, dtype)`.
+
+  Returns the parameter array: `Module.param` unboxes the `nn.LogicallyPartitioned`
+  the initializer makes (`unbox=True`), though Flax annotates it as returning the box.
+  """
+  boxed_init = nn.with_logical_partitioning(init, logical_axes)
+  return cast(Array, module.param(name, boxed_init, shape, dtype))
+
+
 def residual_dropout(rate: float) -> nn.Dropout:
   """T5's dropout on embeddings and residual branches: one mask per row and feature,
   shared by all positions (broadcast over the length axis -2), as T5X."""
@@ -132,9 +144,8 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [..., in_features] -> [..., features]."""
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-        (x.shape[-1], self.features), jnp.float32)
+    kernel = logical_param(self, "kernel", self.kernel_init, self.kernel_axes,
+                           (x.shape[-1], self.features))
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -152,8 +163,7 @@ class RMSNorm(nn.Module):
     x32 = jnp.asarray(x, jnp.float32)
     mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(mean_square + self.epsilon)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = logical_param(self, "scale", nn.initializers.ones, ("embed",), (x.shape[-1],))
     return (y * scale).astype(self.dtype)
 
 
@@ -165,9 +175,8 @@ class Embed(nn.Module):
   embedding_init: Initializer = embedding_init
 
   def setup(self):
-    self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
-        (self.num_embeddings, self.features), jnp.float32)
+    self.embedding = logical_param(self, "embedding", self.embedding_init, ("vocab", "embed"),
+                                   (self.num_embeddings, self.features))
 
   def __call__(self, ids: Array) -> Array:
     """ids: int [batch, length] -> [batch, length, features]."""
@@ -226,9 +235,8 @@ class RelativePositionBiases(nn.Module):
     buckets = relative_position_bucket(memory - context, bidirectional=bidirectional,
                                        num_buckets=self.num_buckets,
                                        max_distance=self.max_distance)
-    table = self.param("rel_embedding",
-                       nn.with_logical_partitioning(relpos_init, ("heads", "relpos_buckets")),
-                       (self.num_heads, self.num_buckets), jnp.float32)
+    table = logical_param(self, "rel_embedding", relpos_init, ("heads", "relpos_buckets"),
+                          (self.num_heads, self.num_buckets))
     values = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
     return values[None].astype(self.dtype)
 
@@ -317,17 +325,19 @@ class MultiHeadAttention(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
-               bias: Array | None = None, deterministic: bool = True,
-               positions: Array | None = None) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Array,
+               mask: Array | masks.StructuredMask | None = None, bias: Array | None = None,
+               deterministic: bool = True, positions: Array | None = None) -> Array:
     """inputs_q: [b, q, embed]; inputs_kv: [b, k, embed]; mask: bool broadcastable
     to [b, heads, q, k], or a `masks.StructuredMask` (self-attention); bias:
     broadcastable to [b, heads, q, k]; positions: int [b, q] for RoPE
     (self-attention, default arange) -> [b, q, embed].
     With `decode=True`, k is the cache's max_length (see the class docstring)."""
-    structure = mask if isinstance(mask, masks.StructuredMask) else None
-    if structure is not None:  # Unused (and so not computed under jit) by the Pallas kernel.
-      mask = structure.dense()
+    if isinstance(mask, masks.StructuredMask):
+      # The dense mask is unused (and so not computed under jit) by the Pallas kernel.
+      structure, mask = mask, mask.dense()
+    else:
+      structure = None
     kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "

@@ -141,7 +141,8 @@ class EncoderLayer(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, mask: Array):
+  def __call__(self, x: Array, bias: Array | None,
+               mask: Array | masks.StructuredMask) -> Array | tuple[Array, None]:
     cfg = self.config
     deterministic = self.deterministic
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
@@ -165,8 +166,8 @@ class DecoderLayer(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, bias: Array, self_mask: Array,
-               cross_mask: Array):
+  def __call__(self, x: Array, encoded: Array, bias: Array, self_mask: Array | None,
+               cross_mask: Array) -> Array | tuple[Array, None]:
     cfg = self.config
     deterministic = self.deterministic
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_self_attention_layer_norm")(x)
@@ -184,7 +185,7 @@ class DecoderLayer(nn.Module):
 
 
 def _run_stack(cfg: T5Config, layer_cls: type[nn.Module], num_layers: int, x: Array,
-               *args: Array, deterministic: bool, **layer_attrs) -> Array:
+               *args: Array | None, deterministic: bool, **layer_attrs) -> Array:
   """Applies `num_layers` layers to x: a Python loop (`layers_<i>`) or one
   `nn.scan` (`layers`, parameters stacked on a leading `layers` axis).
   `args` are passed unchanged to every layer (masks, biases, encoder output)."""
@@ -232,6 +233,7 @@ class Decoder(nn.Module):
     length = tokens.shape[-1]
     if decode and self.has_variable("cache", "decode_position"):
       position = self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
+      assert max_decode_length is not None  # The cache length, which decoding calls pass.
       full = _relpos(cfg)(max_decode_length, max_decode_length, bidirectional=False)
       bias = jax.lax.dynamic_slice_in_dim(full, position.value, length, axis=2)
       position.value = position.value + length
@@ -293,11 +295,15 @@ class Transformer(nn.Module):
                                          encoder_input_tokens > 0)
       return self.decoder(encoded, decoder_input_tokens, None, cross_mask, deterministic,
                           decode=True, max_decode_length=max_decode_length)
+    if decoder_target_tokens is None:
+      raise ValueError("decoder_target_tokens is required unless decode=True")
     target_valid = decoder_target_tokens > 0
     self_mask = masks.attention_mask(target_valid, target_valid)
     self_mask = self_mask & masks.causal_mask(decoder_target_tokens.shape[-1])
     cross_mask = masks.attention_mask(target_valid, encoder_input_tokens > 0)
     if decoder_segment_ids is not None:
+      if encoder_segment_ids is None:
+        raise ValueError("decoder_segment_ids (packed targets) need encoder_segment_ids")
       self_mask = self_mask & masks.segment_mask(decoder_segment_ids, decoder_segment_ids)
       cross_mask = cross_mask & masks.segment_mask(decoder_segment_ids, encoder_segment_ids)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask, deterministic)

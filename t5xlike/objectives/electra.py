@@ -33,7 +33,7 @@ Masking here follows the paper's formula: every chosen position becomes
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import flax.linen as nn
 import jax
@@ -220,10 +220,11 @@ class ElectraModel:
 
   def _apply(self, params: Any, method: str, tokens: Array, batch: Batch,
              rng: Array | None) -> Array:
-    return self.network.apply(
+    # `apply` without `mutable` returns the network's output alone.
+    return cast(Array, self.network.apply(
         {"params": params}, tokens, batch.get("encoder_segment_ids"),
         batch.get("encoder_positions"), rng is None,
-        rngs={"dropout": rng} if rng is not None else None, method=method)
+        rngs={"dropout": rng} if rng is not None else None, method=method))
 
   def forward(self, params: Any, batch: Batch, dropout_rng: Array | None = None) -> dict:
     """The intermediate values of the loss, all [b, l] unless noted.

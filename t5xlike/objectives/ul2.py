@@ -130,8 +130,10 @@ class UL2(base.Objective):
       raise ValueError(f"denoiser rates must be >= 0 with a positive sum, got {rates.tolist()}")
     self.rates = rates / rates.sum()
     self.paradigm_tokens = paradigm_tokens
-    self._objectives = [
-        lm.PrefixLM(d.noise_density, d.prefix_split) if d.is_prefix_lm
+    # `d.is_prefix_lm`, written as the test on μ so that the type checker knows μ is a
+    # float in the span-corruption branch.
+    self._objectives: list[lm.PrefixLM | span_corruption.SpanCorruption] = [
+        lm.PrefixLM(d.noise_density, d.prefix_split) if d.mean_noise_span_length is None
         else span_corruption.SpanCorruption(d.noise_density, d.mean_noise_span_length)
         for d in self.denoisers]
     self._paradigm_ids: list[np.ndarray] | None = None
@@ -163,6 +165,11 @@ class UL2(base.Objective):
       raise RuntimeError("UL2.setup(vocabulary) must run before transform")
     return self._paradigm_ids[k]
 
+  def _denoiser_raw_length(self, k: int) -> int:
+    if self._raw_lengths is None:
+      raise RuntimeError("UL2.raw_length(feature_lengths) must run before transform")
+    return self._raw_lengths[k]
+
   def denoiser_raw_lengths(self, feature_lengths: Mapping[str, int]) -> list[int]:
     """Chunk length of each denoiser: the longest whose inputs (with the paradigm
     tokens) and targets fit `feature_lengths`. Raises ValueError naming the
@@ -191,13 +198,11 @@ class UL2(base.Objective):
 
   def transform(self, tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
                 eos_id: int) -> dict[str, np.ndarray]:
-    if self._raw_lengths is None:
-      raise RuntimeError("UL2.raw_length(feature_lengths) must run before transform")
     k = self.choose(rng)
-    tokens = np.asarray(tokens, dtype=np.int32)[:self._raw_lengths[k]]
+    tokens = np.asarray(tokens, dtype=np.int32)[:self._denoiser_raw_length(k)]
     features = self._objectives[k].transform(tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
     features["inputs"] = np.concatenate([self._paradigm(k), features["inputs"]]).astype(np.int32)
-    features["denoiser"] = np.int32(k)
+    features["denoiser"] = np.array(k, dtype=np.int32)
     return features
 
   def row_name(self, features) -> str:
@@ -205,7 +210,7 @@ class UL2(base.Objective):
 
   def example_stats(self, raw, features) -> dict[str, float]:
     k = int(features["denoiser"])
-    used = np.asarray(raw)[:self._raw_lengths[k]]
+    used = np.asarray(raw)[:self._denoiser_raw_length(k)]
     without_paradigm = dict(features)
     without_paradigm["inputs"] = features["inputs"][len(self._paradigm(k)):]
     return self._objectives[k].example_stats(used, without_paradigm)
