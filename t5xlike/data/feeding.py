@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import seqio
 
-from t5xlike.data import feature_converters, pipeline, sources
+from t5xlike.data import feature_converters, pipeline, seqio_tasks, sources
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class SequentialFeed:
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
-    task = sources.get_task(mixture_or_task_name)
+    task = seqio_tasks.get_task(mixture_or_task_name)
     if isinstance(task, seqio.Mixture):
       raise ValueError(f"mixture {task.name!r} has a task too large to hold in memory and "
                        "no task cache: mixtures need random access, cache its tasks with "

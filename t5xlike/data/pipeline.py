@@ -32,7 +32,7 @@ import grain
 import numpy as np
 import seqio
 
-from t5xlike.data import chunking, feature_converters, mixing, packing, sources
+from t5xlike.data import chunking, feature_converters, mixing, packing, seqio_tasks, sources
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Pipeline:
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
-    self.task = sources.get_task(mixture_or_task_name)
+    self.task = seqio_tasks.get_task(mixture_or_task_name)
     self.split = split
     self.feature_lengths = dict(feature_lengths)
     self.batch_size = batch_size
