@@ -9,7 +9,9 @@ modules, `getattr`/`hasattr` probes (all, and those on a model / fine-tuning
 technique / objective / feed), `pylint: disable` comments, comment lines per
 code line, and the share of public functions with five or more parameters
 whose docstring documents them. `tests/test_layering.py` uses `import_graph`,
-`cycles` and `private_uses` to keep the graph acyclic and private names private.
+`cycles`, `private_uses` and `library_private_modules` to keep the graph
+acyclic, private names private and libraries' private names in
+`t5xlike/library_compat.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import json
 import pathlib
 import sys
 import tokenize
-from typing import Iterable
+from typing import Iterable, Iterator
 
 #: Receivers of a getattr/hasattr probe that count as "probing an interface":
 #: an object of one of the package's protocols, named the way the code names them.
@@ -154,8 +156,18 @@ def private_uses(package_dir: pathlib.Path) -> list[str]:
 def library_private_uses(package_dir: pathlib.Path) -> list[str]:
   """'module:line lib.path._name' for every private name of another library (seqio, tfds,
   gin, ...) that a package module reads: `from lib import _x` or `lib.a._x`."""
+  return sorted({f"{module}:{line} {name}"
+                 for module, line, name in _library_private_names(package_dir)})
+
+
+def library_private_modules(package_dir: pathlib.Path) -> list[str]:
+  """The package modules that read a private name of another library (`library_private_uses`)."""
+  return sorted({module for module, _, _ in _library_private_names(package_dir)})
+
+
+def _library_private_names(package_dir: pathlib.Path) -> Iterator[tuple[str, int, str]]:
+  """Yields (module, line, 'lib.path._name') for `library_private_uses`."""
   top = package_dir.name
-  uses = []
   for module, path in package_modules(package_dir).items():
     tree = ast.parse(path.read_text())
     libraries = set()
@@ -167,10 +179,10 @@ def library_private_uses(package_dir: pathlib.Path) -> list[str]:
       elif isinstance(node, ast.ImportFrom) and not node.level and (
           node.module or "").split(".")[0] != top:
         if any(_is_private(part) for part in (node.module or "").split(".")):
-          uses.append(f"{module}:{node.lineno} {node.module}")
+          yield module, node.lineno, node.module
         for alias in node.names:
           if _is_private(alias.name):
-            uses.append(f"{module}:{node.lineno} {node.module}.{alias.name}")
+            yield module, node.lineno, f"{node.module}.{alias.name}"
           libraries.add(alias.asname or alias.name)
     defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)} | {"self", "cls"}
     for node in ast.walk(tree):
@@ -182,8 +194,7 @@ def library_private_uses(package_dir: pathlib.Path) -> list[str]:
         name = root.id if isinstance(root, ast.Name) else "<expr>"
         # A library module's private name, or one of an object the library made.
         if name in libraries or name not in defined and name not in package_aliases(tree, top):
-          uses.append(f"{module}:{node.lineno} {name}.{'.'.join(reversed(chain))}")
-  return sorted(set(uses))
+          yield module, node.lineno, f"{name}.{'.'.join(reversed(chain))}"
 
 
 def package_aliases(tree: ast.AST, top: str) -> set[str]:

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 import tasks.embedded
 from t5xlike import cache_tasks, train
-from t5xlike.data import direct_sources, pipeline, preprocessor_replay, sources
+from t5xlike.data import direct_sources, pipeline, preprocessor_replay, sources, task_datasets
 from t5xlike.objectives import span_corruption
 from tests import user_tasks
 
@@ -217,7 +217,7 @@ def test_array_record_only_dataset_is_read_directly(registered, caplog, tmp_path
   assert "TensorFlow cannot read" in caplog.text
   assert_same_examples(everything(direct), reference)
   with pytest.raises(ValueError, match="prepared as array_record only, which TensorFlow"):
-    sources.deterministic_dataset(seqio.get_mixture_or_task("direct_tfds_ar"), "train")
+    task_datasets.deterministic_dataset(seqio.get_mixture_or_task("direct_tfds_ar"), "train")
   assert cache_tasks.main(["--tasks=direct_tfds_ar", f"--output_dir={tmp_path}"]) == 2
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tasks.embedded  # pylint: disable=unused-import  (registers embedded_corpus)
-from t5xlike.data import feature_converters, feeding, sources
+from t5xlike.data import feature_converters, feeding, seqio_tasks
 from t5xlike.objectives import span_corruption
 
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -72,7 +72,7 @@ def test_bad_requests_are_clear_errors():
   with pytest.raises(ValueError, match="divisible"):
     make_feed(batch_size=3, process_count=2)
   with pytest.raises(ValueError, match="unknown task or mixture 'nope'"):
-    sources.get_task("nope")
+    seqio_tasks.get_task("nope")
 
 
 def test_eval_feed_ends_after_one_epoch():

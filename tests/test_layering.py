@@ -1,6 +1,17 @@
-"""The core imports no TensorFlow, seqio or grain (docs/architecture.md)."""
+"""The core imports no TensorFlow, seqio or grain (docs/architecture.md); the package's
+import graph is acyclic, no module reads another's private names, and private names of
+other libraries are read in `t5xlike/library_compat.py` only (`scripts/code_structure.py`)."""
+import importlib.util
+import pathlib
 import subprocess
 import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "t5xlike"
+_SPEC = importlib.util.spec_from_file_location("code_structure",
+                                               REPO / "scripts" / "code_structure.py")
+code_structure = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(code_structure)
 
 CORE = ["t5xlike.models.t5", "t5xlike.models.layers", "t5xlike.models.encoder_decoder",
         "t5xlike.training.trainer", "t5xlike.partitioning", "t5xlike.optim",
@@ -19,3 +30,37 @@ def test_core_imports_no_tensorflow_seqio_or_grain():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_graph_has_no_cycles():
+  """Module-level and function-level imports alike."""
+  assert code_structure.cycles(code_structure.import_graph(PACKAGE)) == []
+
+
+def test_no_module_reads_another_modules_private_names():
+  assert code_structure.private_uses(PACKAGE) == []
+
+
+def test_private_names_of_libraries_only_in_library_compat():
+  modules = code_structure.library_private_modules(PACKAGE)
+  assert set(modules) <= {"t5xlike.library_compat"}, [
+      use for use in code_structure.library_private_uses(PACKAGE)
+      if not use.startswith("t5xlike.library_compat:")]
+
+
+def test_peft_checkpoints_load_with_only_checkpoint_loading_imported():
+  """Importing `checkpoint_loading` registers every PEFT method (through
+  `t5xlike/finetuning/__init__.py`), and a `peft.json` method record written
+  before the registry existed still loads."""
+  code = ("import t5xlike.inference.checkpoint_loading\n"
+          "import sys\n"
+          "registry = sys.modules['t5xlike.finetuning.peft_registry']\n"
+          "print(sorted(registry.method_classes()))\n"
+          "record = {'method': 'LoRA', 'rank': 4, 'alpha': 8.0, 'dropout': 0.0,\n"
+          "          'targets': 'attention/(query|value)$', 'also_train': []}\n"
+          "method = registry.method_from_json(record)\n"
+          "assert registry.method_to_json(method) == record, method\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "['Adapters', 'LoRA', 'PromptTuning']" in result.stdout

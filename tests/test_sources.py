@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 import tasks.embedded
 from t5xlike import cache_tasks
-from t5xlike.data import sources, task_cache
+from t5xlike.data import seqio_tasks, sources, task_cache
 from tests import user_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,9 +189,10 @@ def test_postcache_preprocessors_refused_except_eos():
           "user_random_postcache and bind the objective instead") in str(error.value)
   with pytest.raises(ValueError, match="post-cache preprocessor drop_empty_targets is not "
                                        "supported: t5xlike runs no TensorFlow per example"):
-    sources.check_postcache_preprocessors(seqio.get_mixture_or_task("user_postcache_filter"))
-  assert sources.check_postcache_preprocessors(seqio.get_mixture_or_task("embedded_corpus")) == []
-  assert sources.check_postcache_preprocessors(
+    seqio_tasks.check_postcache_preprocessors(seqio.get_mixture_or_task("user_postcache_filter"))
+  assert seqio_tasks.check_postcache_preprocessors(
+      seqio.get_mixture_or_task("embedded_corpus")) == []
+  assert seqio_tasks.check_postcache_preprocessors(
       seqio.get_mixture_or_task("user_text_lines")) == ["inputs", "targets"]
 
 

@@ -25,7 +25,7 @@ order (`FileDataSource`'s and tfds's `cycle_length=16, block_length=16`,
 `interleave_order`), lines follow `tf.data.TextLineDataset` ('\\n'
 separates, every '\\r' is dropped, a last line without '\\n' counts when
 it is not empty), and the kept features, dtypes and token ids are those of
-`sources.to_example`. `DirectSource.verify` checks the first examples
+`task_datasets.to_example`. `DirectSource.verify` checks the first examples
 against TensorFlow before a source is used (where TensorFlow can read the
 split at all: tfds.load cannot read ArrayRecord files, so a dataset prepared
 only in that format is read directly or not at all).
@@ -49,6 +49,8 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from t5xlike import library_compat
+from t5xlike.data import seqio_tasks, task_datasets
 from t5xlike.data.preprocessor_replay import NotDirect, Spec, replay_steps, string_scalar
 
 log = logging.getLogger(__name__)
@@ -121,27 +123,21 @@ def _tfds_random_access_formats() -> set:
   return set(tfds.core.file_adapters.FileFormat.with_random_access())
 
 
-def tensorflow_reads_tfds(builder) -> bool:
-  """Whether tfds.load (seqio's path) can read a prepared builder's files."""
-  file_format = builder.info.file_format
-  return file_format is None or file_format in tfds.core.file_adapters.FileFormat.with_tf_data()
-
-
 class _TfdsReader(_Reader):
   """A prepared TFDS split through `as_data_source`, in tfds.load's interleaved order."""
 
   def __init__(self, task: seqio.Task, split: str):
     loader = task.source.tfds_dataset
-    if loader._decoders:  # pylint: disable=protected-access
+    if library_compat.tfds_decoders(loader):
       raise NotDirect("its TFDS source has decoders")
     read_config = loader.read_config
     if (read_config.experimental_interleave_sort_fn is not None
         or read_config.input_context is not None):
       raise NotDirect("seqio's TFDS read config reorders or shards the files")
     name, _ = loader.get_split_params(split)
-    builder = loader._get_builder(split)  # pylint: disable=protected-access  (seqio's, memoized)
-    tfds_split = loader._map_split(split)  # pylint: disable=protected-access
-    self.tensorflow_reads = tensorflow_reads_tfds(builder)
+    builder = library_compat.tfds_builder(loader, split)  # seqio's, memoized.
+    tfds_split = library_compat.tfds_split(loader, split)
+    self.tensorflow_reads = task_datasets.tensorflow_reads_tfds(builder)
     try:
       # A read-only builder from the prepared files: it knows the alternative
       # formats (registered builders forget them) and leaves seqio's builder alone.
@@ -238,12 +234,11 @@ class _TextLineReader(_Reader):
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
       raise NotDirect(f"its text files are missing ({(missing or [source])[0]})")
-    skip = int(source._skip_header_lines)  # pylint: disable=protected-access
+    skip = library_compat.text_line_header_lines(source)
     self.files = [_TextFile(p, skip) for p in paths]
     counts = [len(f) for f in self.files]
     self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    self.order = interleave_order(counts, source._cycle_length,  # pylint: disable=protected-access
-                                  source._block_length)  # pylint: disable=protected-access
+    self.order = interleave_order(counts, *library_compat.file_interleave(source))
     self.spec = string_scalar()
     self.tensorflow_reads = True
     self.kind = "text lines"
@@ -280,10 +275,9 @@ class DirectSource:
   """
 
   def __init__(self, task: seqio.Task | str, split: str):
-    from t5xlike.data import sources  # pylint: disable=g-import-not-at-top
-    self.task = sources.resolve_task(task)
+    self.task = seqio_tasks.resolve_task(task)
     self.name, self.split = self.task.name, split
-    self.eos_features = tuple(sources.check_postcache_preprocessors(self.task))
+    self.eos_features = tuple(seqio_tasks.check_postcache_preprocessors(self.task))
     self._steps = replay_steps(self.task)  # Cheap checks first: no I/O.
     self._reader = _reader(self.task, split)
     spec = self._reader.spec
@@ -295,7 +289,7 @@ class DirectSource:
     if nested:
       raise NotDirect(f"output features {nested} are nested dicts")
     flat = {k: v for k, v in spec.items() if isinstance(v, tf.TensorSpec)}
-    self.features = sources._kept_features(self.task, flat)  # pylint: disable=protected-access
+    self.features = task_datasets.kept_features(self.task, flat)
     self._dtypes = {k: flat[k].dtype.as_numpy_dtype for k, token in self.features.items()
                     if not token}
     self.kind, self.description = self._reader.kind, self._reader.description
@@ -371,8 +365,7 @@ class DirectSource:
       log.info("%s/%s: TensorFlow cannot read %s; direct reads are the only reads", self.name,
                self.split, self.description)
       return
-    from t5xlike.data import sources  # pylint: disable=g-import-not-at-top
-    dataset, features = sources.deterministic_dataset(self.task, self.split)
+    dataset, features = task_datasets.deterministic_dataset(self.task, self.split)
     if features != self.features:
       raise NotDirect(f"the replay keeps features {self.features}, TensorFlow {features}")
     cardinality = int(dataset.cardinality())
@@ -381,7 +374,7 @@ class DirectSource:
     iterator = iter(dataset.take(count).as_numpy_iterator())
     try:
       for i, raw in enumerate(iterator):
-        expected, got = sources.to_example(raw, features), self[i]
+        expected, got = task_datasets.to_example(raw, features), self[i]
         for key, value in expected.items():
           if value.dtype != got[key].dtype or not np.array_equal(value, got[key]):
             raise NotDirect(f"example {i} differs from TensorFlow's in {key!r}")

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import seqio
 
-from t5xlike.data import feature_converters, pipeline, sources
+from t5xlike.data import feature_converters, feed_steps, seqio_tasks, sources
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class SequentialFeed:
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
-    task = sources.get_task(mixture_or_task_name)
+    task = seqio_tasks.get_task(mixture_or_task_name)
     if isinstance(task, seqio.Mixture):
       raise ValueError(f"mixture {task.name!r} has a task too large to hold in memory and "
                        "no task cache: mixtures need random access, cache its tasks with "
@@ -79,7 +79,7 @@ class SequentialFeed:
     self.local_rows = slice(process_index * batch_size // process_count,
                             (process_index + 1) * batch_size // process_count)
     self.convert = feature_converters.get_converter(feature_converter)
-    self.vocabulary, self.raw_length = pipeline.prepare_objective(
+    self.vocabulary, self.raw_length = feed_steps.prepare_objective(
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
     self._position = 0  # Examples consumed (global, across processes).
@@ -140,7 +140,7 @@ class SequentialFeed:
     """The untransformed example stream (chunks of text, or supervised pairs)."""
     if self.raw_length is None:
       for doc in self._documents():
-        yield pipeline.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
+        yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
       return
     pending: list[np.ndarray] = []
     size = 0

@@ -26,13 +26,22 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import grain
 import numpy as np
 import seqio
 
-from t5xlike.data import chunking, feature_converters, mixing, packing, sources
+from t5xlike.data import (
+  chunking,
+  feature_converters,
+  feed_steps,
+  feeding,
+  mixing,
+  packing,
+  seqio_tasks,
+  sources,
+)
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -64,43 +73,6 @@ class _Indexed:
 
   def __getitem__(self, index: int):
     return int(index), self.source[int(index)]
-
-
-def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
-               feature_lengths: Mapping[str, int], eos_id: int) -> dict[str, np.ndarray]:
-  """seqio's `append_eos_after_trim` in NumPy: trim to length - 1, then EOS."""
-  out = dict(example)
-  for key in eos_features:
-    if key in out and key in feature_lengths:
-      tokens = np.asarray(out[key], dtype=np.int32)[:feature_lengths[key] - 1]
-      out[key] = np.concatenate([tokens, np.array([eos_id], np.int32)])
-  return out
-
-
-def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | None,
-                      feature_lengths: Mapping[str, int], feature_converter: str):
-  """(vocabulary, raw chunk length or None) of a task read with an objective.
-
-  Checks that the task has the objective's source feature, gives the
-  objective the vocabulary (`setup`) and asks it for its raw length (which
-  validates TASK_FEATURE_LENGTHS). Without an objective (supervised) the
-  lengths must name `inputs` and `targets`, except for the decoder converter
-  (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
-  """
-  feature = objective.source_feature if objective is not None else None
-  if feature is not None and feature not in task.output_features:
-    raise ValueError(f"objective {objective.name!r} reads the feature {feature!r}, which "
-                     f"task {task.name!r} lacks")
-  vocabulary = task.output_features[feature or next(iter(task.output_features))].vocabulary
-  if objective is not None:
-    objective.setup(vocabulary)
-    return vocabulary, objective.raw_length(feature_lengths)
-  required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
-      feature_converter, ("inputs", "targets"))
-  missing = set(required) - set(feature_lengths)
-  if missing:
-    raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")
-  return vocabulary, None
 
 
 def _examples_in(batch: Mapping[str, np.ndarray]) -> int:
@@ -168,7 +140,7 @@ class Pipeline:
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
-    self.task = sources.get_task(mixture_or_task_name)
+    self.task = seqio_tasks.get_task(mixture_or_task_name)
     self.split = split
     self.feature_lengths = dict(feature_lengths)
     self.batch_size = batch_size
@@ -190,8 +162,8 @@ class Pipeline:
         source.close()
         raise SequentialOnly(f"{task.name}/{split} is read in file order")
       self.sources.append(source)
-    self.vocabulary, self.raw_length = prepare_objective(self.tasks[0], objective,
-                                                         self.feature_lengths, feature_converter)
+    self.vocabulary, self.raw_length = feed_steps.prepare_objective(
+        self.tasks[0], objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
     # What each task's examples are: its source, or chunks of its token stream.
     self.task_examples = [
@@ -223,8 +195,8 @@ class Pipeline:
     index, raw = item
     epoch = position // count
     if self.objective is None:
-      features = append_eos(raw, self.sources[t].eos_features, self.feature_lengths,
-                            self.eos_id)
+      features = feed_steps.append_eos(raw, self.sources[t].eos_features, self.feature_lengths,
+                                       self.eos_id)
     else:
       rng = np.random.default_rng([self.seed, t, epoch, index])
       features = self.objective.transform(raw[self.objective.source_feature], rng,
@@ -357,7 +329,6 @@ def make_feed(mixture_or_task_name: str, split: str, feature_lengths: Mapping[st
     return Pipeline(mixture_or_task_name, split, feature_lengths, batch_size, objective,
                     **kwargs)
   except SequentialOnly as reason:
-    from t5xlike.data import feeding  # pylint: disable=g-import-not-at-top
     log.warning("%s: no global shuffle (cache it with python -m t5xlike.cache_tasks for a "
                 "shuffled, random-access pipeline)", reason)
     for key in ("use_cached", "cache_dir", "pack", "shuffle", "num_threads",

@@ -11,13 +11,15 @@ else raises `NotDirect` naming the preprocessor. Used by
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from t5xlike import library_compat
+from t5xlike.data import seqio_tasks
 
 
 class NotDirect(ValueError):
@@ -60,15 +62,6 @@ class _Step:
   spec: Callable[[Any], Any]  # Spec -> spec (NotDirect where the replay would differ).
 
 
-def unwrap_partial(preprocessor: Any) -> tuple[Any, tuple, dict]:
-  """(the function inside nested functools.partials, their positional args, keywords)."""
-  args, keywords = (), {}
-  while isinstance(preprocessor, functools.partial):
-    args, keywords = preprocessor.args + args, {**preprocessor.keywords, **keywords}
-    preprocessor = preprocessor.func
-  return preprocessor, args, keywords
-
-
 def string_scalar() -> tf.TensorSpec:
   return tf.TensorSpec([], tf.string)
 
@@ -94,8 +87,7 @@ def _encoder(vocabulary: seqio.Vocabulary) -> Callable[[list[bytes]], list[np.nd
   documents), so it is not used. Bytes are NumPy.
   """
   kind, sentencepiece = type(vocabulary), seqio.SentencePieceVocabulary
-  if (issubclass(kind, sentencepiece)
-      and kind._encode_tf is sentencepiece._encode_tf  # pylint: disable=protected-access
+  if (issubclass(kind, sentencepiece) and library_compat.encodes_like(kind, sentencepiece)
       and kind.tf_tokenizer is sentencepiece.tf_tokenizer):
     tokenizer = []  # Made on first use: a TF resource holding the model.
     lock = threading.Lock()
@@ -111,8 +103,8 @@ def _encoder(vocabulary: seqio.Vocabulary) -> Callable[[list[bytes]], list[np.nd
       return [values[a:b] for a, b in zip(splits[:-1], splits[1:])]
     return encode
   if (issubclass(kind, seqio.ByteVocabulary)
-      and kind._encode_tf is seqio.ByteVocabulary._encode_tf):  # pylint: disable=protected-access
-    offset = vocabulary._num_special_tokens  # pylint: disable=protected-access
+      and library_compat.encodes_like(kind, seqio.ByteVocabulary)):
+    offset = library_compat.byte_vocabulary_offset(vocabulary)
     return lambda texts: [np.frombuffer(t, np.uint8).astype(np.int32) + offset for t in texts]
   return None
 
@@ -220,11 +212,10 @@ def _keywords(name: str, args: tuple, keywords: dict, allowed: Sequence[str]) ->
 def replay_steps(task: seqio.Task) -> list[_Step]:
   """The task's deterministic preprocessors as Python steps; NotDirect naming the first
   one that cannot be replayed."""
-  from t5xlike.data import sources  # pylint: disable=g-import-not-at-top  (sources imports us)
   steps = []
-  for preprocessor in sources.split_preprocessors(task)[0]:
-    function, args, keywords = unwrap_partial(preprocessor)
-    name = sources._name(preprocessor)  # pylint: disable=protected-access
+  for preprocessor in seqio_tasks.split_preprocessors(task)[0]:
+    function, args, keywords = seqio_tasks.unwrap_partial(preprocessor)
+    name = seqio_tasks.preprocessor_name(preprocessor)
     if function is seqio.preprocessors.rekey:
       steps.append(_rekey_step(_keywords(name, args, keywords, ["key_map"]).get("key_map")))
     elif function in (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos):

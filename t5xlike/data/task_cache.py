@@ -50,8 +50,11 @@ import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import seqio
 from etils import epath
 from flax import serialization
+
+from t5xlike.data import seqio_tasks, task_datasets
 
 FORMAT = "t5xlike.task_cache"
 FORMAT_VERSION = 1
@@ -121,7 +124,7 @@ class ShardReader:
   """
 
   def __init__(self, paths: Sequence[epath.PathLike]):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_module  # noqa: PLC0415  (heavy; cache I/O only)
     self._readers = []
     for path in paths:
       reader = array_record_module.ArrayRecordReader(
@@ -247,7 +250,7 @@ class _ShardWriter:
   """Writes records into `part-<i>` files, starting a new one past `SHARD_BYTES`."""
 
   def __init__(self, directory: epath.Path):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_module  # noqa: PLC0415  (heavy; cache I/O only)
     self._module = array_record_module
     self.directory, self.parts, self.counts = directory, [], []
     self._writer, self._bytes = None, 0
@@ -277,7 +280,7 @@ class _ShardWriter:
 def _reshard(directory: epath.Path, parts: list[epath.Path], total: int,
              num_shards: int) -> list[str]:
   """Rewrites the parts as `num_shards` shards of contiguous ranges; their names."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # noqa: PLC0415  (heavy; cache I/O only)
   records = ShardReader(parts)
   names = [shard_name(i, num_shards) for i in range(num_shards)]
   for i, name in enumerate(names):
@@ -330,16 +333,11 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
   Raises ValueError (before writing anything) for an unknown task or split,
   a refused post-cache preprocessor or an unprepared TFDS dataset.
   """
-  # sources reads what this module writes; it is imported here to keep the
-  # format module free of seqio/TensorFlow at import time.
-  import seqio  # pylint: disable=g-import-not-at-top
-
-  from t5xlike.data import sources  # pylint: disable=g-import-not-at-top
   if num_shards is not None and num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  task = sources.resolve_task(task)
-  eos_features = sources.check_postcache_preprocessors(task)
-  _, features = sources.deterministic_dataset(task, split)  # Validates before writing.
+  task = seqio_tasks.resolve_task(task)
+  eos_features = seqio_tasks.check_postcache_preprocessors(task)
+  _, features = task_datasets.deterministic_dataset(task, split)  # Validates before writing.
   final = epath.Path(output_dir) / task.name / split
   final.parent.mkdir(parents=True, exist_ok=True)
   remove_stale(final.parent)
@@ -349,7 +347,7 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
   start = time.time()
   label = f"{task.name}/{split}"
   try:
-    stream = sources.iterate_examples(task, split)
+    stream = task_datasets.iterate_examples(task, split)
     try:
       writer, lengths, info = _write_examples(temp, stream, features, label, progress)
     finally:
@@ -368,8 +366,8 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
     stats = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "task": task.name, "split": split,
         "num_examples": total, "features": info, "eos_features": eos_features,
-        "precache_preprocessors": sources.precache_names(task),
-        "precache_seed": sources.PRECACHE_SEED, "seqio_version": seqio.__version__,
+        "precache_preprocessors": seqio_tasks.precache_names(task),
+        "precache_seed": task_datasets.PRECACHE_SEED, "seqio_version": seqio.__version__,
         "shards": shards, "seconds": round(time.time() - start, 3), "id": cache_id,
     }
     (temp / STATS).write_text(json.dumps(stats, indent=2) + "\n")

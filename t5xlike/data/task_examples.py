@@ -15,7 +15,7 @@ import numpy as np
 import seqio
 
 from t5xlike import errors
-from t5xlike.data import pipeline, sources
+from t5xlike.data import feed_steps, pipeline, seqio_tasks, sources
 
 
 def import_module(module: str | None) -> None:
@@ -30,7 +30,7 @@ def import_module(module: str | None) -> None:
 
 def leaf_tasks(name: str) -> list[seqio.Task]:
   """The task, or the tasks of a mixture, in the mixture's order."""
-  return pipeline.resolve_tasks(sources.get_task(name))
+  return pipeline.resolve_tasks(seqio_tasks.get_task(name))
 
 
 def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int], *,
@@ -48,7 +48,7 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
   if not examples:
     raise ValueError(f"{task.name}/{split} holds no example")
   eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
-  return [pipeline.append_eos(ex, source.eos_features, feature_lengths, eos_id)
+  return [feed_steps.append_eos(ex, source.eos_features, feature_lengths, eos_id)
           for ex in examples]
 
 

@@ -11,8 +11,10 @@ FreezeLower), `llrd` (LayerwiseDecay), `reinit` (ReinitTop), `hft`
 (its exported deltas: apply, compose); parameter-efficient (`peft`: the model
 wrapper, `peft.wrap_model`): `lora` (LoRA, merge_lora), `adapters`
 (Adapters), `prompt_tuning` (PromptTuning), their checkpoints
-`peft_checkpoint`. `merging` (soups, task arithmetic, Model Breadcrumbs) and
-`merge_run` are `python -m t5xlike.merge`.
+`peft_checkpoint` and `peft_registry` (each technique registers itself
+there by name; importing this package registers them all). `merging`
+(soups, task arithmetic, Model Breadcrumbs) and `merge_run` are
+`python -m t5xlike.merge`.
 Gin: `gin_configs/finetune/{freeze_lower,llrd,reinit_top,hft,sparse_ft,lora,
 adapters,prompt_tuning}.gin`, `gin_configs/runs/{merge,greedy_soup}.gin`.
 """

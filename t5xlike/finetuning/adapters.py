@@ -23,7 +23,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t5xlike.finetuning import peft, selection
+from t5xlike.finetuning import peft, peft_registry, selection
 from t5xlike.models import layers
 
 #: Houlsby: after every attention module and every MLP block.
@@ -34,6 +34,7 @@ PFEIFFER_TARGETS = r"mlp$"
 down_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+@peft_registry.register
 @dataclasses.dataclass(frozen=True)
 class Adapters(peft.PeftMethod):
   """Bottleneck adapters after the attention / MLP modules matching `targets`.

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike.finetuning import peft, selection
+from t5xlike.finetuning import peft, peft_registry, selection
 from t5xlike.models import layers
 
 #: Attention query and value projections of every attention module (Hu et al. §7.1).
@@ -37,6 +37,7 @@ DEFAULT_TARGETS = r"attention/(query|value)$"
 a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+@peft_registry.register
 @dataclasses.dataclass(frozen=True)
 class LoRA(peft.PeftMethod):
   """LoRA on the dense layers matching `targets` (see module docstring).

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5xlike.finetuning import base, freezing, selection
+from t5xlike.finetuning import base, freezing, peft_checkpoint, peft_registry, selection
 
 _LAYER = re.compile(r"/layers_\d+(?=/|$)")
 
@@ -104,8 +104,9 @@ class PeftMethod(base.FineTuning):
 
   Subclasses define `param_pattern` (a regex over per-layer parameter paths,
   see `selection`) and `interceptor()` (a fresh flax method interceptor for
-  one `init` / `apply` call), and may define `merge(params)` (fold the
-  technique into the base parameters; LoRA).
+  one `init` / `apply` call), may define `merge(params)` (fold the
+  technique into the base parameters; LoRA), and register themselves with
+  `@peft_registry.register`, so that their checkpoints load.
   """
 
   #: Regex selecting the technique's own parameters.
@@ -138,17 +139,15 @@ class PeftMethod(base.FineTuning):
     return lines
 
   def export(self, params, model_dir, step, base_checkpoint):
-    from t5xlike.finetuning import peft_checkpoint  # pylint: disable=g-import-not-at-top
     return peft_checkpoint.export(self, params, model_dir, step, base_checkpoint)
 
   def wrap(self, model: Any) -> Any:
     return wrap_model(model, self)
 
   def to_json(self) -> dict[str, Any]:
-    """{'method': class name, field: value...}: what a PEFT checkpoint records."""
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    return {"method": type(self).__name__,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+    """{'method': class name, field: value...}: what a PEFT checkpoint records
+    (`peft_registry.method_to_json`)."""
+    return peft_registry.method_to_json(self)
 
 
 def check_positive(method: Any, *names: str) -> None:

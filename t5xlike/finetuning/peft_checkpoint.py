@@ -16,7 +16,8 @@ Loading restores the full model: `checkpoints.restore_matching_params`
 follows `base_checkpoint` (restores the base, then lays the PEFT
 parameters over it), so INITIAL_CHECKPOINT_PATH may name a PEFT
 checkpoint; `checkpoint_loading.load_model_checkpoint` (eval / infer with
-CHECKPOINT_PATH) rebuilds the wrapped model from `method` (`method_from_json`).
+CHECKPOINT_PATH) rebuilds the wrapped model from `method` (`method_of`, which
+finds the technique in `peft_registry` by its recorded name).
 """
 from __future__ import annotations
 
@@ -31,27 +32,16 @@ from etils import epath
 from flax import traverse_util
 
 from t5xlike import checkpoints
-from t5xlike.finetuning import adapters, lora, peft, prompt_tuning
+from t5xlike.finetuning import base, peft_registry
 
 FORMAT = "t5xlike-peft-1"
-METHODS = {cls.__name__: cls for cls in (lora.LoRA, adapters.Adapters,
-                                         prompt_tuning.PromptTuning)}
-
-
-def method_from_json(spec: dict[str, Any]) -> peft.PeftMethod:
-  """The technique a PEFT checkpoint's `method` entry describes."""
-  spec = dict(spec)
-  name = spec.pop("method", None)
-  if name not in METHODS:
-    raise ValueError(f"unknown PEFT method {name!r}; known: {sorted(METHODS)}")
-  return METHODS[name](**spec)
 
 
 def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def trained_params(method: peft.PeftMethod, params: Any) -> dict[str, Any]:
+def trained_params(method: base.FineTuning, params: Any) -> dict[str, Any]:
   """The leaves `method` trains (any of their layers), as a nested dict."""
   masks = method.trainable(params)
   flat = traverse_util.flatten_dict(params)
@@ -60,13 +50,16 @@ def trained_params(method: peft.PeftMethod, params: Any) -> dict[str, Any]:
                                        if np.asarray(flat_masks[k]).any()})
 
 
-def export(method: peft.PeftMethod, params: Any, model_dir: Any, step: int,
+def export(method: base.FineTuning, params: Any, model_dir: Any, step: int,
            base_checkpoint: str | None) -> list[epath.Path]:
-  """Writes the PEFT checkpoint (and LoRA's merged one); returns their directories."""
+  """Writes the PEFT checkpoint (and LoRA's merged one); returns their directories.
+
+  `method` is a registered PEFT method (`peft.PeftMethod`, `peft_registry`).
+  """
   model_dir = epath.Path(model_dir)
   directory = checkpoints.save_params(model_dir / "peft", step, trained_params(method, params))
   if jax.process_index() == 0:
-    info = {"format": FORMAT, "step": int(step), "method": method.to_json(),
+    info = {"format": FORMAT, "step": int(step), "method": peft_registry.method_to_json(method),
             "base_checkpoint": _absolute(str(base_checkpoint)) if base_checkpoint else None}
     (directory / checkpoints.PEFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
   written = [directory]
@@ -85,11 +78,12 @@ def read(path: str | epath.Path) -> dict[str, Any] | None:
 
 def peft_parameters(paths) -> list[str]:
   """The paths among `paths` that name a PEFT technique's parameters (LoRA's A/B, ...)."""
-  return sorted(p for p in paths
-                if any(re.search(cls.param_pattern, p) for cls in METHODS.values()))
+  patterns = [cls.param_pattern for cls in peft_registry.method_classes().values()]
+  return sorted(p for p in paths if any(re.search(pattern, p) for pattern in patterns))
 
 
-def method_of(path: str | epath.Path) -> peft.PeftMethod | None:
-  """The technique of a PEFT checkpoint (None for an ordinary checkpoint)."""
+def method_of(path: str | epath.Path) -> base.FineTuning | None:
+  """The technique of a PEFT checkpoint (a `peft.PeftMethod`; None for an ordinary
+  checkpoint)."""
   info = read(path)
-  return None if info is None else method_from_json(info["method"])
+  return None if info is None else peft_registry.method_from_json(info["method"])

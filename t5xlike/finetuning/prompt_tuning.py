@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike.finetuning import peft, selection
+from t5xlike.finetuning import peft, peft_registry, selection
 from t5xlike.models import decoder, layers, t5
 
 PARAM = "prompt"
@@ -94,6 +94,7 @@ def _replace(args, kwargs, index: int, name: str, value):
   return args, {**kwargs, name: value}
 
 
+@peft_registry.register
 @dataclasses.dataclass(frozen=True)
 class PromptTuning(peft.PeftMethod):
   """`length` soft prompt vectors before the encoder / decoder-only input.

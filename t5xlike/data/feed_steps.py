@@ -1,0 +1,63 @@
+"""What both feeds do alike: the shuffled `pipeline.Pipeline` and the in-order
+`feeding.SequentialFeed` (and `task_examples`, for inference).
+
+`prepare_objective` checks a task against the run's objective (or, without
+one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the raw
+chunk length; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
+the features a task's post-cache EOS preprocessor names.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import seqio
+
+from t5xlike.objectives import base as objectives_base
+
+
+def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
+               feature_lengths: Mapping[str, int], eos_id: int) -> dict[str, np.ndarray]:
+  """seqio's `append_eos_after_trim` in NumPy: trim to length - 1, then EOS.
+
+  Args:
+    example: {feature: tokens [length]}.
+    eos_features: the features that get EOS (`sources.*.eos_features`).
+    feature_lengths: TASK_FEATURE_LENGTHS; a feature without a length is left alone.
+    eos_id: the vocabulary's EOS id.
+
+  Returns:
+    A new dict; the EOS features are int32 [min(length, feature length - 1) + 1].
+  """
+  out = dict(example)
+  for key in eos_features:
+    if key in out and key in feature_lengths:
+      tokens = np.asarray(out[key], dtype=np.int32)[:feature_lengths[key] - 1]
+      out[key] = np.concatenate([tokens, np.array([eos_id], np.int32)])
+  return out
+
+
+def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | None,
+                      feature_lengths: Mapping[str, int], feature_converter: str):
+  """(vocabulary, raw chunk length or None) of a task read with an objective.
+
+  Checks that the task has the objective's source feature, gives the
+  objective the vocabulary (`setup`) and asks it for its raw length (which
+  validates TASK_FEATURE_LENGTHS). Without an objective (supervised) the
+  lengths must name `inputs` and `targets`, except for the decoder converter
+  (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
+  """
+  feature = objective.source_feature if objective is not None else None
+  if feature is not None and feature not in task.output_features:
+    raise ValueError(f"objective {objective.name!r} reads the feature {feature!r}, which "
+                     f"task {task.name!r} lacks")
+  vocabulary = task.output_features[feature or next(iter(task.output_features))].vocabulary
+  if objective is not None:
+    objective.setup(vocabulary)
+    return vocabulary, objective.raw_length(feature_lengths)
+  required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
+      feature_converter, ("inputs", "targets"))
+  missing = set(required) - set(feature_lengths)
+  if missing:
+    raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")
+  return vocabulary, None
