@@ -1,4 +1,4 @@
-"""Every use of a private name of another library (gin, seqio, TFDS), in one place.
+"""Every use of a private name of another library (gin, seqio, TFDS, JAX), in one place.
 
 Each function says which public API is missing. When a library adds it, only
 this module changes; `tests/test_layering.py` checks that no other module of
@@ -105,3 +105,25 @@ def byte_vocabulary_offset(vocabulary: Any) -> int:
   is `vocabulary._num_special_tokens`, without a public accessor.
   """
   return int(vocabulary._num_special_tokens)  # noqa: SLF001
+
+
+def pallas_tpu_interpret_mode() -> bool:
+  """Whether Pallas TPU interpret mode (`pltpu.force_tpu_interpret_mode()`) is active here.
+
+  Missing public API: JAX has no query for it; the context manager sets the private
+  config option `jax._src.config.pallas_tpu_interpret_mode_context_manager`.
+  False when this JAX version has no such option.
+  """
+  try:
+    from jax._src import config as jax_config  # noqa: PLC0415  (private: read only when asked)
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+  except (ImportError, AttributeError):
+    return False
+
+
+def jit_cache_size(jitted: Any) -> int:
+  """How many executables a `jax.jit` function has compiled (one per argument signature).
+
+  Missing public API: `jax.jit` wrappers expose the count only as `_cache_size()`.
+  """
+  return int(jitted._cache_size())  # noqa: SLF001

@@ -59,10 +59,6 @@ from etils import epath
 
 from t5xlike.data import direct_sources, preprocessor_replay, seqio_tasks, task_cache, task_datasets
 
-# Re-exported: the commands (`runs/train_run`, `runs/cache_tasks_run`) name them `sources.<name>`.
-from t5xlike.data.seqio_tasks import check_postcache_preprocessors, get_task  # noqa: F401
-from t5xlike.data.task_datasets import deterministic_dataset  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 Example = task_datasets.Example

@@ -62,6 +62,8 @@ from typing import Literal, cast
 import jax
 import jax.numpy as jnp
 
+from t5xlike import library_compat
+
 log = logging.getLogger(__name__)
 Array = jax.Array
 
@@ -110,7 +112,7 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
   if dropout:
     return _fallback(requested, "attention dropout is on")
   if requested == "pallas":
-    if platform != "tpu" and not pallas_interpret_mode():
+    if platform != "tpu" and not library_compat.pallas_tpu_interpret_mode():
       return _fallback(requested, f"the Pallas flash kernel needs a TPU or TPU interpret mode, "
                        f"this is {platform}")
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
@@ -157,15 +159,6 @@ def mesh_size() -> int:
   """Devices of the mesh in context (`jax.set_mesh`, `Partitioner.activate`); 1 if none."""
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh is None or mesh.empty else int(mesh.size)
-
-
-def pallas_interpret_mode() -> bool:
-  """Pallas TPU interpret mode is on here (`pltpu.force_tpu_interpret_mode`)."""
-  try:
-    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
-    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
-  except (ImportError, AttributeError):
-    return False
 
 
 def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,

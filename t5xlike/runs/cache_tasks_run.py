@@ -5,7 +5,7 @@ import time
 
 import seqio
 
-from t5xlike.data import sources, task_cache
+from t5xlike.data import seqio_tasks, task_cache, task_datasets
 
 
 def plan(task_names: list[str], splits: list[str]) -> list[tuple[seqio.Task, str]]:
@@ -15,14 +15,14 @@ def plan(task_names: list[str], splits: list[str]) -> list[tuple[seqio.Task, str
   """
   tasks = {}
   for name in task_names:
-    found = sources.get_task(name)
+    found = seqio_tasks.get_task(name)
     for task in found.tasks if isinstance(found, seqio.Mixture) else [found]:
       tasks.setdefault(task.name, task)
   pairs = []
   for task in tasks.values():
-    sources.check_postcache_preprocessors(task)
+    seqio_tasks.check_postcache_preprocessors(task)
     for split in splits or list(task.splits):
-      sources.deterministic_dataset(task, split)  # Split, TFDS data and features.
+      task_datasets.deterministic_dataset(task, split)  # Split, TFDS data and features.
       pairs.append((task, split))
   return pairs
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from t5xlike import checkpoints, errors, partitioning
-from t5xlike.data import batch_shapes, pipeline, sources, task_examples
+from t5xlike.data import batch_shapes, pipeline, seqio_tasks, task_examples
 from t5xlike.finetuning.base import FineTuning
 from t5xlike.objectives.base import Objective
 from t5xlike.runs import run_config
@@ -121,7 +121,7 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                                 fault_hooks=fault_hooks)
   # The train step compiles in threads while the pipeline starts (shapes from the lengths);
   # a mistyped task name is reported first, without waiting for a compilation.
-  validated(lambda: sources.get_task(data.mixture_or_task_name), "training data")
+  validated(lambda: seqio_tasks.get_task(data.mixture_or_task_name), "training data")
   _start_compile(trainer, model.feature_converter, data, init=not (
       checkpointing.initial_checkpoint_path or checkpoints.step_dirs(model_dir)))
   try:

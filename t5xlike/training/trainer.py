@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5xlike import errors, interfaces, partitioning
+from t5xlike import errors, interfaces, library_compat, partitioning
 from t5xlike.training.fault_hooks import FaultHooks
 from t5xlike.training.state_plan import StatePlan, plan_state, shape_key
 from t5xlike.training.step_compiler import StepCompiler
@@ -226,7 +226,7 @@ class Trainer:
 
   def jitted_step_compilations(self) -> int:
     """How many times the jitted (not ahead-of-time) train step compiled (diagnostics)."""
-    return sum(step._cache_size() for step in self._jitted.values())  # noqa: SLF001
+    return sum(library_compat.jit_cache_size(step) for step in self._jitted.values())
 
   def _lower_train_step(self, key: tuple) -> Any:
     plan = self._plan_of(key)
