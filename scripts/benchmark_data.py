@@ -18,9 +18,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import tasks.embedded  # noqa: E402,F401  (registers the task)
-from t5xlike.data import feature_converters, pipeline  # noqa: E402
-from t5xlike.objectives import span_corruption, ul2  # noqa: E402
+import tasks.embedded  # noqa: F401  (registers the task)
+from t5xlike.data import feature_converters, pipeline
+from t5xlike.objectives import span_corruption, ul2
 
 CONFIGS = {
     "span_corruption": (lambda: span_corruption.SpanCorruption(),

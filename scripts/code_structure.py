@@ -22,7 +22,7 @@ import json
 import pathlib
 import sys
 import tokenize
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 #: Receivers of a getattr/hasattr probe that count as "probing an interface":
 #: an object of one of the package's protocols, named the way the code names them.

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -55,7 +55,7 @@ class Outcome:
 class Case:
   name: str
   expected: str
-  run: Callable[["Drill"], tuple[str, bool]]
+  run: Callable[[Drill], tuple[str, bool]]
   fast: bool = False
 
 

@@ -15,7 +15,8 @@ import dataclasses
 import resource
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

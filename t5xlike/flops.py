@@ -49,7 +49,8 @@ import functools
 import logging
 import re
 import time
-from typing import Any, Mapping, TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import jax
 import numpy as np
@@ -269,7 +270,7 @@ def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops |
   return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_tflops(size: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
   """Best observed TFLOP/s of a jitted [size, size] @ [size, size] matmul on device 0
   (the CPU's practical peak: there is no data sheet figure for it)."""

@@ -8,7 +8,8 @@ return an `optax.GradientTransformation`; run gins bind them un-called
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

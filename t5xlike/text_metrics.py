@@ -26,7 +26,8 @@ without them); the libraries are imported on first use.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 

@@ -14,7 +14,7 @@ split for evaluation).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import seqio
 

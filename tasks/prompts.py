@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 

@@ -9,7 +9,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5xlike import optim, partitioning

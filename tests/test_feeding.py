@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import tasks.embedded  # pylint: disable=unused-import  (registers embedded_corpus)
 from t5xlike.data import feature_converters, feeding, seqio_tasks
 from t5xlike.objectives import span_corruption
 

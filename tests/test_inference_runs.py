@@ -4,7 +4,6 @@ bad input to infer."""
 import json
 import pathlib
 
-import numpy as np
 import pytest
 
 from t5xlike import eval as eval_entry, infer, train

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from t5xlike import checkpoints, errors, optim, partitioning, train
-from t5xlike.finetuning import adapters, lora, peft, peft_checkpoint, prompt_tuning, selection
+from t5xlike.finetuning import adapters, lora, peft, prompt_tuning
 from t5xlike.inference import checkpoint_loading
 from t5xlike.models import decoder, encoder_decoder, t5
 from t5xlike.training import trainer as trainer_lib

@@ -4,7 +4,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks.embedded  # noqa: F401  (registers the embedded tasks)
+import tasks.embedded
 from t5xlike.data import mixing, packing, pipeline
 from t5xlike.objectives import span_corruption
 

@@ -7,7 +7,6 @@ import pytest
 from t5xlike import optim, partitioning
 from t5xlike.models import encoder_decoder, layers, t5
 from t5xlike.training import trainer as trainer_lib
-from tests import test_trainer
 
 # emb 128 x mlp 256: big enough for Adafactor to factor the MLP kernels.
 BASE = dict(vocab_size=256, emb_dim=128, num_heads=4, num_encoder_layers=3,

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from t5xlike.cli import distributed, flags, gin_config
 from t5xlike.errors import ConfigError, RunError, one_line

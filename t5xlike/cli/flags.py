@@ -8,7 +8,7 @@ flags of `jax.distributed` and `--verbose`.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from t5xlike.errors import ConfigError
 

@@ -14,7 +14,7 @@ import difflib
 import logging
 import pathlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import gin
 

@@ -12,7 +12,7 @@ carry `inputs`, the one case the lengths do not decide).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np

@@ -24,7 +24,7 @@ decoder input is the target shifted right with 0 as BOS.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 

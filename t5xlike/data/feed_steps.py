@@ -8,7 +8,7 @@ the features a task's post-cache EOS preprocessor names.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import seqio
@@ -117,7 +117,7 @@ class SequentialFeed:
     self._stream = None
     self._examples = None
 
-  def __enter__(self) -> "SequentialFeed":
+  def __enter__(self) -> SequentialFeed:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -174,7 +174,7 @@ class SequentialFeed:
     finally:
       stream.close()
 
-  def __iter__(self) -> "SequentialFeed":
+  def __iter__(self) -> SequentialFeed:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:

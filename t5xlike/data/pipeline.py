@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -277,14 +278,14 @@ class Pipeline:
         close()
     self._iterator = None
 
-  def __enter__(self) -> "Pipeline":
+  def __enter__(self) -> Pipeline:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
 
   # -- iteration --------------------------------------------------------------
-  def __iter__(self) -> "Pipeline":
+  def __iter__(self) -> Pipeline:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:

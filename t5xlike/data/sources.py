@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import seqio
@@ -196,7 +197,7 @@ class SequentialSource:
   def close(self) -> None:
     _close_all(self._open)
 
-  def __enter__(self) -> "SequentialSource":
+  def __enter__(self) -> SequentialSource:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -255,8 +256,7 @@ def _open_direct(task: seqio.Task, split: str):
 
 def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, use_cached: bool,
                 cache_dir: str | None, in_memory_max_examples: int = 200_000
-                ) -> ("CachedSource | InMemorySource | direct_sources.DirectSource | "
-                      "SequentialSource"):
+                ) -> (CachedSource | InMemorySource | direct_sources.DirectSource | SequentialSource):
   """The source of one task split (a mixture is refused: open each task).
 
   use_cached=True: the cache `cache_dir/<task>/<split>` (ValueError with the

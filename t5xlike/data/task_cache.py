@@ -47,7 +47,8 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import seqio

@@ -13,7 +13,8 @@ read by `t5xlike.data.direct_sources`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import seqio

@@ -51,7 +51,8 @@ INITIAL_CHECKPOINT_PATH initialises their new parameters from RANDOM_SEED
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np

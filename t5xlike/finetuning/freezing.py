@@ -7,7 +7,8 @@ its layers only keeps a (whole-leaf) optimizer state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -19,7 +19,7 @@ of one checkpoint *is* that checkpoint, bit for bit.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -82,7 +83,7 @@ class InterceptedNetwork:
       return self.network.apply(*args, **kwargs)
 
 
-def wrap_model(model: Any, method: "PeftMethod") -> Any:
+def wrap_model(model: Any, method: PeftMethod) -> Any:
   """A shallow copy of `model` (any t5xlike token model) whose network carries
   `method`'s parameters; everything else (loss, decoding, feature converter)
   is the model's own. Gin: `train_run.train.model = @peft.wrap_model()` with

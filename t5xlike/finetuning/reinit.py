@@ -15,7 +15,8 @@ the checkpoint's values bit for bit. Every parameter is trained.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -22,7 +22,8 @@ decay included (it is part of the update); 0 freezes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

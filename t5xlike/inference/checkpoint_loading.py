@@ -8,7 +8,8 @@ one-line `errors.ConfigError` naming CHECKPOINT_PATH.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

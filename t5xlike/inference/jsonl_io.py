@@ -14,7 +14,8 @@ MIXTURE_OR_TASK_NAME's `split` are read and written to
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath

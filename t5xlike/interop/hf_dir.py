@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -13,7 +13,8 @@ convention); an imported Llama's own BOS id is only a token to it.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 

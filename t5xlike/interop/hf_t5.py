@@ -18,7 +18,8 @@ Activation names (`feed_forward_proj`): 'gated-gelu' <-> ('gelu', 'linear'),
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

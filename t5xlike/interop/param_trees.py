@@ -3,7 +3,8 @@ scanned <-> unscanned layer layouts, without JAX (host memory only)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -18,7 +18,8 @@ array); `t5_config` derives a `t5.T5Config` from their shapes.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterator, TypeGuard
+from collections.abc import Iterator
+from typing import Any, TypeGuard
 
 import numpy as np
 

@@ -15,7 +15,8 @@ Batches (feature converter `encoder_classification`):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp

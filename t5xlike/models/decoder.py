@@ -40,7 +40,8 @@ T5 v1.0 and T5X's DecoderOnly rescale).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax

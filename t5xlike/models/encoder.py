@@ -58,7 +58,8 @@ Classification batches (feature converter `encoder_classification`, model
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax

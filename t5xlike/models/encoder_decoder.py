@@ -7,7 +7,8 @@ Batches use T5X's feature names, all `[batch, length]`:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ cache. `run_stack` applies a stack of layers as a loop or one `nn.scan`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax

@@ -9,7 +9,7 @@ trainer never branches on them.
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -33,7 +33,8 @@ Masking here follows the paper's formula: every chosen position becomes
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import flax.linen as nn
 import jax

@@ -23,7 +23,7 @@ decoder feature converter then makes the same prefix-LM rows.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -28,7 +28,7 @@ without EOS, never padding (0) or a sentinel.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -17,7 +17,7 @@ and span lengths are random partitions of the noise and non-noise counts.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax

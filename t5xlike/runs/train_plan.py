@@ -150,7 +150,7 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
     if evaluation.split not in train_feed.task.splits:
       raise errors.ConfigError(f"task {name!r} has no {evaluation.split!r} split for "
                                f"evaluation (set EVAL_PERIOD=None to train without eval)")
-    make_eval_feed = lambda: pipeline.make_feed(  # noqa: E731  (called at every evaluation)
+    make_eval_feed = lambda: pipeline.make_feed(
         name, evaluation.split, data.task_feature_lengths, data.batch_size, objective,
         seed=random_seed, num_epochs=1, shuffle=False, **feed_args)
   initial = checkpointing.initial_checkpoint_path
@@ -253,7 +253,7 @@ def _check_resumable(model_dir: str, abstract_params: Any) -> None:
     try:
       with checkpoints.quiet_failed_reads():  # A corrupt step's reads print noise.
         saved = checkpoints.saved_param_shapes(path)
-    except Exception:  # noqa: BLE001, S112  (unreadable: the restore falls back to an older step)
+    except Exception:  # noqa: BLE001  (unreadable: the restore falls back to an older step)
       continue
     wanted = checkpoints.flat_shapes(abstract_params)
     problems = [f"{name}: checkpoint {saved[name]} vs model {shape}"

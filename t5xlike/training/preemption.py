@@ -51,7 +51,7 @@ class PreemptionGuard:
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
-  def __enter__(self) -> "PreemptionGuard":
+  def __enter__(self) -> PreemptionGuard:
     if threading.current_thread() is threading.main_thread():
       for signum in EXIT_CODES:
         self._previous[signum] = signal.signal(signum, self._handle)

@@ -57,7 +57,7 @@ import dataclasses
 import functools
 import re
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import seqio
 import tensorflow as tf
