@@ -139,15 +139,14 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(run_child([f"--config={name}", *rest])), flush=True)
     return 0
   bench = benchmarking.CONFIGS[names[0]]
-  row = benchmarking.run(
+  row = benchmarking.run(benchmarking.BenchmarkSettings(
       names[0], batch_size=args.batch_size or bench.batch_size,
       inputs_length=args.inputs_length or bench.inputs_length,
       targets_length=args.targets_length or bench.targets_length, dtype=args.dtype,
       steps=args.steps, warmup=args.warmup, mesh_shape=args.mesh_shape,
       attention=args.attention, remat=args.remat, scan=args.scan, data=args.data,
-      compile_only=args.compile_only, process_start=PROCESS_START,
-      peak_tflops=args.peak_tflops, loss_impl=args.loss, num_layers=args.num_layers,
-      profile=args.profile)
+      compile_only=args.compile_only, peak_tflops=args.peak_tflops, loss_impl=args.loss,
+      num_layers=args.num_layers, profile=args.profile), process_start=PROCESS_START)
   print(json.dumps(row), flush=True)
   return 0
 

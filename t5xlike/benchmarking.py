@@ -11,19 +11,29 @@ time median / p90, tokens/s, TFLOP/s per device, MFU, peak memory.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import json
+import re
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
+import jaxlib
 import numpy as np
+import optax
 
 from t5xlike import flops, optim, partitioning
 from t5xlike.data import batch_shapes
 from t5xlike.models import decoder, encoder_decoder, t5
+from t5xlike.objectives import lm, span_corruption
 from t5xlike.training import trainer as trainer_lib
 
 
@@ -61,11 +71,11 @@ CONFIGS: dict[str, BenchConfig] = {
 
 
 def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool,
-                   num_layers: int | None = None):
+                   num_layers: int | None = None) -> t5.T5Config | decoder.DecoderConfig:
   """The network config; `num_layers` overrides the depth (of each T5 stack)."""
-  common = dict(vocab_size=bench.vocab_size, dtype=dtype, attention_impl=attention,
-                remat_policy=remat, scan_layers=scan)
-  dims = dict(bench.dims)
+  common: dict[str, Any] = dict(vocab_size=bench.vocab_size, dtype=dtype,
+                                attention_impl=attention, remat_policy=remat, scan_layers=scan)
+  dims: dict[str, Any] = dict(bench.dims)
   if num_layers:
     depth = ("num_encoder_layers", "num_decoder_layers") if bench.family == "t5" else (
         "num_layers",)
@@ -103,8 +113,8 @@ def synthetic_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int]
 def pipeline_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int], seed: int = 0):
   """The project's grain pipeline on the embedded corpus, packing on: span corruption
   for T5, causal LM for the decoder (imports TensorFlow/seqio/grain)."""
-  from t5xlike.data import pipeline, task_examples  # pylint: disable=g-import-not-at-top
-  from t5xlike.objectives import lm, span_corruption  # pylint: disable=g-import-not-at-top
+  # TensorFlow, seqio and grain only here: synthetic benchmarks run where they are absent.
+  from t5xlike.data import pipeline, task_examples  # noqa: PLC0415
   task_examples.import_module("tasks.embedded")
   objective = span_corruption.SpanCorruption() if bench.family == "t5" else lm.CausalLM()
   converter = "encoder_decoder" if bench.family == "t5" else "decoder"
@@ -134,76 +144,115 @@ def peak_memory() -> tuple[int, str]:
 
 
 def versions() -> dict[str, str]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "python": sys.version.split()[0]}
 
 
-def run(name: str, *, batch_size: int, inputs_length: int, targets_length: int, dtype: str,
-        steps: int, warmup: int, mesh_shape: Mapping[str, int], attention: str, remat: str,
-        scan: bool, data: str, compile_only: bool, process_start: float,
-        peak_tflops: float | None = None, loss_impl: str = "dense",
-        num_layers: int | None = None, profile: bool = False) -> dict[str, Any]:
-  """Benchmarks config `name`; returns the JSON row (see the module docstring)."""
-  bench = CONFIGS[name]
-  cfg = network_config(bench, dtype, attention, remat, scan, num_layers)
-  model = make_model(bench, cfg, loss_impl)
-  lengths = feature_lengths(bench, inputs_length, targets_length)
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
+  """One benchmark run (`scripts/benchmark.py`'s flags).
+
+  Attributes:
+    name: the config (a key of CONFIGS).
+    batch_size, inputs_length, targets_length: the global batch and its lengths
+      (tokens; `inputs_length` unused by decoder-only configs).
+    dtype: 'float32' or 'bfloat16' activations.
+    steps, warmup: timed steps, and untimed ones before them (>= 1).
+    mesh_shape: MESH_SHAPE.
+    attention: the attention kernel (`models.attention.IMPLEMENTATIONS`).
+    remat: 'none', 'full' or 'dots_saveable'.
+    scan: scan over layers.
+    data: 'pipeline' (the real grain pipeline, packed) or 'synthetic'.
+    compile_only: compile and report memory and XLA's FLOP count, run nothing.
+    peak_tflops: the device's peak TFLOP/s for MFU (None: measured or tabulated).
+    loss_impl: 'dense' or 'chunked'.
+    num_layers: override the depth (of each T5 stack).
+    profile: also report the top XLA ops of one profiled step.
+  """
+  name: str
+  batch_size: int
+  inputs_length: int
+  targets_length: int
+  dtype: str = "float32"
+  steps: int = 10
+  warmup: int = 2
+  mesh_shape: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+  attention: str = "auto"
+  remat: str = "none"
+  scan: bool = False
+  data: str = "pipeline"
+  compile_only: bool = False
+  peak_tflops: float | None = None
+  loss_impl: str = "dense"
+  num_layers: int | None = None
+  profile: bool = False
+
+
+def run(settings: BenchmarkSettings, process_start: float) -> dict[str, Any]:
+  """Benchmarks one config; returns the JSON row (see the module docstring).
+  `process_start` (perf_counter) is when the process started: time to first step."""
+  bench, cfg = CONFIGS[settings.name], settings
+  model = make_model(bench, network_config(bench, cfg.dtype, cfg.attention, cfg.remat,
+                                           cfg.scan, cfg.num_layers), cfg.loss_impl)
+  lengths = feature_lengths(bench, cfg.inputs_length, cfg.targets_length)
   schedule = optim.rsqrt_with_warmup()
-  partitioner = partitioning.Partitioner(dict(mesh_shape),
+  partitioner = partitioning.Partitioner(dict(cfg.mesh_shape),
                                          partitioning.logical_axis_rules("data_fsdp_tensor"))
   trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule, partitioner)
   # The step compiles (in a thread) while the pipeline starts: shapes from the lengths.
-  expected = batch_shapes.expected_batch_shapes(model.feature_converter, lengths, batch_size,
-                                                pack=data != "synthetic")
+  shapes = batch_shapes.expected_batch_shapes(model.feature_converter, lengths, cfg.batch_size,
+                                              pack=cfg.data != "synthetic")
   compile_start = time.perf_counter()
-  trainer.start_compile(expected)
-  batches = (synthetic_batches if data == "synthetic" else pipeline_batches)(
-      bench, batch_size, lengths)
+  trainer.start_compile(shapes)
+  batches = (synthetic_batches if cfg.data == "synthetic" else pipeline_batches)(
+      bench, cfg.batch_size, lengths)
   first = next(batches)
-  if not batch_shapes.matches(expected, first):
-    raise AssertionError(f"predicted batch shapes {expected} differ from the pipeline's "
+  if not batch_shapes.matches(shapes, first):
+    raise AssertionError(f"predicted batch shapes {shapes} differ from the pipeline's "
                          f"{batch_shapes.shapes_of(first)}")
-  shapes = expected
   step_flops = flops.model_step_flops(model, shapes)
-  peak, peak_source = flops.peak_tflops_per_device(dtype, configured=peak_tflops)
-  row: dict[str, Any] = {
-      "config": name, "family": bench.family, "batch_size": batch_size,
-      "inputs_length": inputs_length if bench.family == "t5" else 0,
-      "targets_length": targets_length, "vocab_size": bench.vocab_size, "dtype": dtype,
-      "num_layers": num_layers or bench.dims.get("num_layers", bench.dims.get(
-          "num_encoder_layers")),
-      "attention": attention, "loss": loss_impl, "remat": remat, "scan": scan,
-      "mesh_shape": dict(mesh_shape),
-      "data": data, "model_flops_per_step": step_flops.model,
-      "hardware_flops_per_step": step_flops.hardware}
+  if step_flops is None:  # Both benchmark families are covered by the FLOP formulas.
+    raise AssertionError(f"no FLOP formula for {type(model).__name__}")
+  row = _settings_row(cfg, bench, step_flops)
   wait_start = time.perf_counter()
   compiled = trainer.compile_train_step(shapes)
   row["compile_s"] = trainer.compiler.seconds["train_step"]  # in the thread, overlapped
   row["startup_s"] = wait_start - compile_start  # pipeline start + first batch
   row["compile_wait_s"] = time.perf_counter() - wait_start  # compile not hidden by it
-  if compile_only:
+  peak, peak_source = flops.peak_tflops_per_device(cfg.dtype, configured=cfg.peak_tflops)
+  if cfg.compile_only:
     memory = compiled.memory_analysis()
     row.update(compiled_memory_bytes=int(memory.argument_size_in_bytes
                                          + memory.temp_size_in_bytes),
                xla_flops_per_device=float(compiled.cost_analysis().get("flops", 0.0)))
   else:
-    row.update(_time_steps(trainer, compiled, batches, first, steps, warmup, process_start))
-    num_devices = jax.device_count()
-    achieved = step_flops.model / row["step_time_s"] / num_devices / 1e12
+    row.update(_time_steps(trainer, compiled, batches, first, cfg.steps, cfg.warmup,
+                           process_start))
+    achieved = step_flops.model / row["step_time_s"] / jax.device_count() / 1e12
     row.update(tflops_per_device=achieved, mfu=achieved / peak)
+    if cfg.profile:
+      row["top_ops"] = profile_top_ops(trainer, compiled, batches)
   row["init_compile_s"] = trainer.compiler.seconds.get("init")  # also in a thread
   row["peak_memory_bytes"], row["peak_memory_kind"] = peak_memory()
-  if profile and not compile_only:
-    row["top_ops"] = profile_top_ops(trainer, compiled, batches)
   row.update(peak_tflops_per_device=peak, peak_source=peak_source,
              device=jax.devices()[0].device_kind, platform=jax.default_backend(),
              device_count=jax.device_count(), versions=versions())
-  if hasattr(batches, "close"):
-    batches.close()
+  batches.close()
   return row
+
+
+def _settings_row(cfg: BenchmarkSettings, bench: BenchConfig,
+                  step_flops: flops.StepFlops) -> dict[str, Any]:
+  """The row's description of what was measured."""
+  return {
+      "config": cfg.name, "family": bench.family, "batch_size": cfg.batch_size,
+      "inputs_length": cfg.inputs_length if bench.family == "t5" else 0,
+      "targets_length": cfg.targets_length, "vocab_size": bench.vocab_size, "dtype": cfg.dtype,
+      "num_layers": cfg.num_layers or bench.dims.get("num_layers", bench.dims.get(
+          "num_encoder_layers")),
+      "attention": cfg.attention, "loss": cfg.loss_impl, "remat": cfg.remat, "scan": cfg.scan,
+      "mesh_shape": dict(cfg.mesh_shape), "data": cfg.data,
+      "model_flops_per_step": step_flops.model, "hardware_flops_per_step": step_flops.hardware}
 
 
 def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
@@ -257,12 +306,6 @@ def profile_top_ops(trainer, compiled, batches, steps: int = 2, top: int = 12,
   The trace is written to `directory` (a temporary one when None); XLA:CPU
   records one event per executed thunk, named as the compiled HLO's ops.
   """
-  import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   directory = directory or tempfile.mkdtemp(prefix="t5xlike_profile_")
   sources = dict(re.findall(r"%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", compiled.as_text()))
   state = trainer.init_state(0, next(batches))

@@ -27,7 +27,8 @@ def _flags(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   def call_root(args):
-    from t5xlike.runs import infer_run  # pylint: disable=g-import-not-at-top
+    # The run imports JAX: `--help` and flag errors stay fast.
+    from t5xlike.runs import infer_run  # noqa: PLC0415
     overrides = {"mode": args.mode, "input_path": args.input, "output_path": args.output}
     if args.max_decode_length is not None:
       overrides["max_decode_length"] = args.max_decode_length

@@ -131,7 +131,14 @@ def test_greedy_soup_ranks_then_adds_while_not_worse():
 def test_greedy_cli_uses_the_evaluator(ckpts, tmp_path):
   """merge_run.merge with an evaluator that prefers parameters near checkpoint a."""
   target = ckpts["a"][1]
-  evaluator = lambda flat: -float(sum(np.sum((flat[k] - target[k]) ** 2) for k in flat))
+
+  class Closeness:
+    """Minus the squared distance to checkpoint a's parameters."""
+    higher_is_better = True
+
+    def __call__(self, flat):
+      return -float(sum(np.sum((flat[k] - target[k]) ** 2) for k in flat))
+  evaluator = Closeness()
   paths = [str(ckpts[n][0]) for n in ("b", "a", "c")]
   merge_run.merge(method="greedy", checkpoint_paths=paths, output=str(tmp_path),
                   evaluator=evaluator)

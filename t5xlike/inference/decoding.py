@@ -74,7 +74,7 @@ class DecodingConfig:
       raise ValueError(f"DecodingConfig.num_beams must be >= 1, got {self.num_beams}")
 
 
-def length_penalty(length: Array, alpha: float) -> Array:
+def length_penalty(length: Array | int, alpha: float) -> Array:
   """T5X's brevity penalty ((5 + length) / 6) ** alpha (1 when alpha = 0)."""
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 

@@ -85,7 +85,7 @@ class Predictor:
     self._predict = jax.jit(functools.partial(
         model.predict_batch, config=self.decoding_config, max_length=self.max_decode_length,
         eos_id=eos_id))
-    self._compiled_predict = None
+    self._compiled_predict: Any = None  # compiled at the first predict() call
     self._score = jax.jit(model.score_batch)
     self.last_stats: dict[str, float] = {}
 

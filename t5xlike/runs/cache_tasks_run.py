@@ -13,7 +13,7 @@ def plan(task_names: list[str], splits: list[str]) -> list[tuple[seqio.Task, str
 
   A mixture name stands for its tasks; no `splits` means every split of each task.
   """
-  tasks = {}
+  tasks: dict[str, seqio.Task] = {}
   for name in task_names:
     found = seqio_tasks.get_task(name)
     for task in found.tasks if isinstance(found, seqio.Mixture) else [found]:

@@ -115,20 +115,24 @@ def _jobs(model: interfaces.DecodingModel, data: DataConfig, mode: str,
           input_path: str | None, max_examples: int | None
           ) -> list[tuple[str | None, list[dict[str, Any]], list[dict[str, Any]]]]:
   """(task name or None, rows, examples) of `--input` or of each task of the mixture."""
+  jobs: list[tuple[str | None, list[dict[str, Any]], list[dict[str, Any]]]]
   if input_path:
     rows, examples = jsonl_io.read_examples(input_path, mode, model.vocabulary,
                                             model.vocab_size)
-    return [(None, rows, examples)]
+    jobs = [(None, rows, examples)]
+    return jobs
   # seqio and TensorFlow only for task-based inference: `--input` runs without them.
   from t5xlike.data import task_examples  # noqa: PLC0415
+  assert data.mixture_or_task_name  # checked by plan_inference
   try:
-    return task_examples.read_tasks(data.mixture_or_task_name, data.split,
+    jobs = list(task_examples.read_tasks(data.mixture_or_task_name, data.split,
                                     data.task_feature_lengths,
                                     module=data.mixture_or_task_module,
                                     use_cached=data.use_cached_tasks,
-                                    cache_dir=data.task_cache_dir, max_examples=max_examples)
+                                    cache_dir=data.task_cache_dir, max_examples=max_examples))
   except ValueError as error:
     raise errors.ConfigError(errors.one_line(error)) from None
+  return jobs
 
 
 def execute(plan: InferPlan) -> list[str]:

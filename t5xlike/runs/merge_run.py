@@ -21,11 +21,12 @@ vectors masked per layer: top `beta` and bottom `gamma` by |tau| dropped),
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -36,10 +37,13 @@ from flax import traverse_util
 from t5xlike import checkpoints, errors
 from t5xlike.cli import entry
 from t5xlike.finetuning import merging, sparse_delta
+from t5xlike.inference import task_evaluator
 
 log = logging.getLogger(__name__)
 
 METHODS = ("uniform", "greedy", "task_arithmetic", "breadcrumbs", "add_deltas")
+#: The methods that take the pretrained checkpoint `--base`.
+NEEDS_BASE = ("task_arithmetic", "breadcrumbs", "add_deltas")
 
 
 def read_params(step_dir: str | epath.Path, names: Sequence[str],
@@ -95,40 +99,126 @@ def _floats(name: str, values: Sequence[float] | float | None, count: int,
   return [float(v) for v in values]
 
 
+class HeldOutScore(Protocol):
+  """Scores a merged model for the greedy soup (`HeldOutMetric`, or any callable with
+  `higher_is_better`)."""
+  higher_is_better: bool
+
+  def __call__(self, flat_params: Mapping[str, np.ndarray]) -> float: ...
+
+
+@dataclasses.dataclass
+class MergePlan:
+  """A validated merge: the inputs checked against each other, nothing written.
+
+  Attributes:
+    method: one of METHODS.
+    checkpoint_paths: the step directories merged (`--checkpoints`).
+    output: the directory the merged `checkpoint_<step>` is written to.
+    base: the pretrained step directory (`--base`), or None.
+    deltas: the sparse delta directories (`--deltas`).
+    composed: the deltas composed into one (add_deltas), or None.
+    shapes: {parameter path: shape} of the architecture.
+    lambdas: task arithmetic's scale per checkpoint.
+    lam, beta, gamma: Model Breadcrumbs' scale and dropped top / bottom fractions.
+    step: the step of the output.
+    evaluator: the greedy soup's held-out score, or None.
+  """
+  method: str
+  checkpoint_paths: list[str]
+  output: str
+  base: str | None
+  deltas: list[str]
+  composed: sparse_delta.SparseDelta | None
+  shapes: dict[str, tuple[int, ...]]
+  lambdas: list[float]
+  lam: float
+  beta: float
+  gamma: float
+  step: int
+  evaluator: HeldOutScore | None
+
+
 def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | None = None,
           base: str | None = None, deltas: Sequence[str] = (),
           lambdas: Sequence[float] | None = None, lam: float = 1.0, beta: float = 0.01,
           gamma: float = 0.85, step: int | None = None,
-          evaluator: Callable[[Mapping[str, np.ndarray]], float] | None = None) -> epath.Path:
-  """Merges checkpoints (see the module docstring); returns the step directory written."""
-  # ---- validation: nothing is written before this block has passed. ----
-  if method not in METHODS:
-    raise errors.ConfigError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
-  if not output:
-    raise errors.ConfigError("--output is not set (the directory the merged checkpoint_<N> "
-                             "is written to)")
-  checkpoint_paths = [c for c in checkpoint_paths if c]
-  needs_base = method in ("task_arithmetic", "breadcrumbs", "add_deltas")
-  if needs_base and not base:
-    raise errors.ConfigError(f"--method={method} needs --base=BASE_CHECKPOINT")
-  if method == "add_deltas":
-    if not deltas:
-      raise errors.ConfigError("--method=add_deltas needs --deltas=DIR[,DIR] (sparse deltas)")
-  elif not checkpoint_paths:
-    raise errors.ConfigError(f"--method={method} needs --checkpoints=A,B,...")
-  if method == "greedy" and evaluator is None:
-    raise errors.ConfigError("--method=greedy needs a held-out metric: add "
-                             "--gin_file=<model gin> --gin_file=runs/greedy_soup.gin")
+          evaluator: HeldOutScore | None = None) -> epath.Path:
+  """Merges checkpoints (see the module docstring); returns the step directory written.
+
+  Args:
+    method: 'uniform', 'greedy', 'task_arithmetic', 'breadcrumbs' or 'add_deltas'.
+    checkpoint_paths: the step directories merged (`--checkpoints`).
+    output: the directory the merged `checkpoint_<step>` is written to (`--output`).
+    base: the pretrained step directory (`--base`): task vectors are theta_i - base,
+      deltas are added to it.
+    deltas: sparse delta directories (`--deltas`, add_deltas).
+    lambdas: task arithmetic: one scale, or one per checkpoint (default 1).
+    lam, beta, gamma: Model Breadcrumbs: the scale of the masked sum, the top and the
+      bottom fractions of |tau| dropped per layer.
+    step: the output's step (default: the inputs' largest).
+    evaluator: the greedy soup's held-out score (`runs/greedy_soup.gin`).
+  """
+  return execute(plan_merge(method=method, checkpoint_paths=checkpoint_paths, output=output,
+                            base=base, deltas=deltas, lambdas=lambdas, lam=lam, beta=beta,
+                            gamma=gamma, step=step, evaluator=evaluator))
+
+
+def plan_merge(*, method: str, checkpoint_paths: Sequence[str], output: str | None,
+               base: str | None, deltas: Sequence[str], lambdas: Sequence[float] | None,
+               lam: float, beta: float, gamma: float, step: int | None,
+               evaluator: HeldOutScore | None) -> MergePlan:
+  """Checks every input (arguments as `merge`'s); ConfigError naming the culprit, nothing
+  written."""
+  paths = [c for c in checkpoint_paths if c]
+  output = _check_method(method, paths, output, base, deltas, evaluator)
   if method == "breadcrumbs":
     try:
       merging.layer_counts(100, beta, gamma)
       merging.breadcrumbs_mask(np.zeros(1), beta, gamma)
     except ValueError as error:
       raise errors.ConfigError(f"--beta/--gamma: {error}") from None
-  reference = base if needs_base else checkpoint_paths[0]
-  shapes = _shapes_of(reference, "--base" if needs_base else "--checkpoints")
-  for path in checkpoint_paths:
+  reference = base if base and method in NEEDS_BASE else paths[0]
+  shapes = _shapes_of(reference, "--base" if reference == base else "--checkpoints")
+  for path in paths:
     _same_architecture(reference, shapes, path, _shapes_of(path, "--checkpoints"))
+  composed = _composed_deltas(deltas, shapes, base)
+  steps = [int(checkpoints.restore_step(p)) for p in paths + ([base] if base else [])]
+  steps += [d for d in (sparse_delta.load(p).step for p in deltas) if d is not None]
+  step = max(steps) if step is None else errors.require_int("--step", step, 0)
+  target = checkpoints.step_dir(output, step)
+  if target.exists():
+    raise errors.ConfigError(f"--output: {target} exists already (choose another --output)")
+  return MergePlan(method=method, checkpoint_paths=paths, output=output, base=base,
+                   deltas=list(deltas), composed=composed, shapes=shapes,
+                   lambdas=_floats("--lambdas", lambdas, len(paths), 1.0), lam=lam, beta=beta,
+                   gamma=gamma, step=step, evaluator=evaluator)
+
+
+def _check_method(method: str, paths: list[str], output: str | None, base: str | None,
+                  deltas: Sequence[str], evaluator: HeldOutScore | None) -> str:
+  """The inputs each method needs are given; returns `output`."""
+  if method not in METHODS:
+    raise errors.ConfigError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
+  if not output:
+    raise errors.ConfigError("--output is not set (the directory the merged checkpoint_<N> "
+                             "is written to)")
+  if method in NEEDS_BASE and not base:
+    raise errors.ConfigError(f"--method={method} needs --base=BASE_CHECKPOINT")
+  if method == "add_deltas":
+    if not deltas:
+      raise errors.ConfigError("--method=add_deltas needs --deltas=DIR[,DIR] (sparse deltas)")
+  elif not paths:
+    raise errors.ConfigError(f"--method={method} needs --checkpoints=A,B,...")
+  if method == "greedy" and evaluator is None:
+    raise errors.ConfigError("--method=greedy needs a held-out metric: add "
+                             "--gin_file=<model gin> --gin_file=runs/greedy_soup.gin")
+  return output
+
+
+def _composed_deltas(deltas: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                     base: str | None) -> sparse_delta.SparseDelta | None:
+  """The sparse deltas, each checked against the base's shapes, composed into one."""
   composed = None
   for path in deltas:
     try:
@@ -136,57 +226,63 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
       sparse_delta.check_fits(delta, shapes, f"--deltas {path} vs --base {base}")
     except (ValueError, OSError) as error:
       raise errors.ConfigError(errors.one_line(error)) from None
-    if delta.base_checkpoint and epath.Path(delta.base_checkpoint) != epath.Path(base):
+    if delta.base_checkpoint and base and epath.Path(delta.base_checkpoint) != epath.Path(base):
       log.warning("%s was fine-tuned from %s, added to %s", path, delta.base_checkpoint, base)
     composed = delta if composed is None else sparse_delta.compose(composed, delta)
-  lambdas = _floats("--lambdas", lambdas, len(checkpoint_paths), 1.0)
-  steps = [int(checkpoints.restore_step(p)) for p in checkpoint_paths + ([base] if base else [])]
-  steps += [d for d in (sparse_delta.load(p).step for p in deltas) if d is not None]
-  step = max(steps) if step is None else errors.require_int("--step", step, 0)
-  target = checkpoints.step_dir(output, step)
-  if target.exists():
-    raise errors.ConfigError(f"--output: {target} exists already (choose another --output)")
+  return composed
 
-  # ---- the run. ----
+
+def execute(plan: MergePlan) -> epath.Path:
+  """Merges one parameter at a time and writes `OUTPUT/checkpoint_<step>` and merge.json."""
   entry.mark_run_started()
-  names = sorted(shapes)
-  report: dict[str, Any] = {"method": method, "checkpoints": checkpoint_paths, "base": base,
-                            "deltas": list(deltas), "step": step}
-  if method == "add_deltas":
-    merged = sparse_delta.apply(read_params(base, names, shapes), composed)
-    report["delta_entries"] = composed.num_entries
-  elif method == "greedy":
+  report: dict[str, Any] = {"method": plan.method, "checkpoints": plan.checkpoint_paths,
+                            "base": plan.base, "deltas": plan.deltas, "step": plan.step}
+  merged = _merged_params(plan, report)
+  written = checkpoints.save_params(plan.output, plan.step, traverse_util.unflatten_dict(
+      {tuple(k.split("/")): v for k, v in merged.items()}))
+  if jax.process_index() == 0:
+    (epath.Path(plan.output) / "merge.json").write_text(json.dumps(report, indent=1) + "\n")
+  log.info("wrote %s (%s of %d input(s))", written, plan.method,
+           len(plan.checkpoint_paths) + len(plan.deltas))
+  return written
+
+
+def _merged_params(plan: MergePlan, report: dict[str, Any]) -> dict[str, np.ndarray]:
+  """{parameter path: merged value} by the plan's method; adds its figures to `report`."""
+  names = sorted(plan.shapes)
+  if plan.method == "add_deltas":
+    assert plan.base is not None and plan.composed is not None  # checked by plan_merge
+    report["delta_entries"] = plan.composed.num_entries
+    return sparse_delta.apply(read_params(plan.base, names, plan.shapes), plan.composed)
+  if plan.method == "greedy":
+    assert plan.evaluator is not None  # checked by plan_merge
+    evaluator = plan.evaluator
     soup = lambda members: _merge_streaming(
-        names, shapes, lambda name, read: merging.uniform_soup([read(p) for p in members]))
+        names, plan.shapes, lambda name, read: merging.uniform_soup([read(p) for p in members]))
     score = lambda members: float(evaluator(soup(members)))
-    up = getattr(evaluator, "higher_is_better", True)
-    members, decisions = merging.greedy_soup(checkpoint_paths, lambda p: score([p]), score, up)
+    members, decisions = merging.greedy_soup(plan.checkpoint_paths, lambda p: score([p]), score,
+                                             evaluator.higher_is_better)
     for row in decisions:
       log.info("greedy soup: %s alone %.5g, soup with it %.5g: %s", row["name"], row["alone"],
                row["soup_with"], "added" if row["added"] else "skipped")
     report.update(members=members, decisions=decisions)
-    merged = soup(members)
-  else:
-    def one(name, read):
-      thetas = [read(p) for p in checkpoint_paths]
-      if method == "uniform":
-        return merging.uniform_soup(thetas)
-      if method == "task_arithmetic":
-        return merging.task_arithmetic(read(base), thetas, lambdas)
-      layered = "layers" in name.split("/")[:-1]  # scanned stack: axis 0 = layers
-      return merging.breadcrumbs(read(base), thetas, beta, gamma, lam, layered)
-    report.update(lambdas=lambdas if method == "task_arithmetic" else None,
-                  beta=beta if method == "breadcrumbs" else None,
-                  gamma=gamma if method == "breadcrumbs" else None,
-                  lam=lam if method == "breadcrumbs" else None)
-    merged = _merge_streaming(names, shapes, one)
-  written = checkpoints.save_params(output, step, traverse_util.unflatten_dict(
-      {tuple(k.split("/")): v for k, v in merged.items()}))
-  if jax.process_index() == 0:
-    (epath.Path(output) / "merge.json").write_text(json.dumps(report, indent=1) + "\n")
-  log.info("wrote %s (%s of %d input(s))", written, method,
-           len(checkpoint_paths) + len(deltas))
-  return written
+    return soup(members)
+
+  def one(name: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
+    thetas = [read(p) for p in plan.checkpoint_paths]
+    if plan.method == "uniform":
+      return merging.uniform_soup(thetas)
+    assert plan.base is not None  # checked by plan_merge
+    if plan.method == "task_arithmetic":
+      return merging.task_arithmetic(read(plan.base), thetas, plan.lambdas)
+    layered = "layers" in name.split("/")[:-1]  # scanned stack: axis 0 = layers
+    return merging.breadcrumbs(read(plan.base), thetas, plan.beta, plan.gamma, plan.lam, layered)
+  breadcrumbs = plan.method == "breadcrumbs"
+  report.update(lambdas=plan.lambdas if plan.method == "task_arithmetic" else None,
+                beta=plan.beta if breadcrumbs else None,
+                gamma=plan.gamma if breadcrumbs else None,
+                lam=plan.lam if breadcrumbs else None)
+  return _merge_streaming(names, plan.shapes, one)
 
 
 def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
@@ -220,7 +316,6 @@ class HeldOutMetric:
                max_examples: int | None = 64, metric: str = "loss",
                higher_is_better: bool = False, decoding_config: Any = None,
                mesh_shape: Mapping[str, int] | None = None):
-    from t5xlike.inference import task_evaluator  # pylint: disable=g-import-not-at-top
     self.model, self.metric, self.higher_is_better = model, metric, higher_is_better
     self.feature_lengths, self.mesh_shape = dict(task_feature_lengths), mesh_shape
     try:

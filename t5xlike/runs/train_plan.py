@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from t5xlike import checkpoints, errors, partitioning
+from t5xlike import checkpoints, errors, interfaces, partitioning
 from t5xlike.data import batch_shapes, pipeline, seqio_tasks, task_examples
-from t5xlike.finetuning.base import FineTuning
 from t5xlike.objectives.base import Objective
 from t5xlike.runs import run_config
 from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
@@ -63,7 +62,7 @@ class TrainPlan:
   evaluation: run_config.EvalConfig
   checkpointing: run_config.CheckpointConfig
   nan_policy: nan_policy_lib.NanPolicy
-  finetuning: FineTuning | None
+  finetuning: interfaces.FineTuningTechnique | None
   partitioner: partitioning.Partitioner
   trainer: trainer_lib.Trainer
   loop: loop_lib.LoopConfig
@@ -99,7 +98,8 @@ def validated(fn: Callable[[], Any], what: str) -> Any:
 def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: int,
                   random_seed: int, data: run_config.DataConfig,
                   optimizer: run_config.OptimizerConfig, objective: Objective | None,
-                  finetuning: FineTuning | None, evaluation: run_config.EvalConfig,
+                  finetuning: interfaces.FineTuningTechnique | None,
+                  evaluation: run_config.EvalConfig,
                   checkpointing: run_config.CheckpointConfig,
                   partitioning_config: run_config.PartitioningConfig,
                   nan_policy: nan_policy_lib.NanPolicy,
@@ -121,7 +121,10 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                                 fault_hooks=fault_hooks)
   # The train step compiles in threads while the pipeline starts (shapes from the lengths);
   # a mistyped task name is reported first, without waiting for a compilation.
-  validated(lambda: seqio_tasks.get_task(data.mixture_or_task_name), "training data")
+  task_name = data.mixture_or_task_name
+  if not task_name:
+    raise errors.ConfigError("MIXTURE_OR_TASK_NAME is not set")
+  validated(lambda: seqio_tasks.get_task(task_name), "training data")
   _start_compile(trainer, model.feature_converter, data, init=not (
       checkpointing.initial_checkpoint_path or checkpoints.step_dirs(model_dir)))
   try:

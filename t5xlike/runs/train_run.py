@@ -153,7 +153,7 @@ def _evaluate(plan: TrainPlan, step: int, params: Any,
   with plan.make_eval_feed() as eval_feed:
     values = loop.evaluate(plan.trainer, params,
                                   itertools.islice(eval_feed, plan.evaluation.steps))
-  results: dict[str, dict[str, Any]] = {plan.data.mixture_or_task_name: values}
+  results: dict[str, dict[str, Any]] = {str(plan.data.mixture_or_task_name): values}
   evaluator = plan.evaluation.inference_evaluator
   if evaluator is not None:
     results.update(evaluator.evaluate(plan.model, params, step,

@@ -103,15 +103,15 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: interfaces.Da
     if run_eval is not None and config.eval_period and (
         (step % config.eval_period == 0 and not stopping) or is_final):
       watch.check()  # No evaluation of a state that went bad.
-      for task, values in run_eval(step, state.params).items():
-        writer.write_eval(step, task, values)
+      for task, task_values in run_eval(step, state.params).items():
+        writer.write_eval(step, task, task_values)
         log.info("eval step %d %s | %s", step, task, " | ".join(
-            f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))
+            f"{k} {v:.4g}" for k, v in task_values.items() if isinstance(v, float)))
       window_start, window_steps = time.perf_counter(), 0
     if step % config.checkpoint_period == 0 or is_final or stopping:
       watch.check()  # Never a checkpoint of a state that went bad.
       checkpointer.save(step, state, train_batches.get_state())
-    if stopping:
+    if guard is not None and stopping:
       checkpointer.wait()
       log.info("stopped after step %d: %s", step, checkpoints.step_dir(checkpointer.directory,
                                                                        step))

@@ -26,7 +26,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: Exit codes of a run stopped by each signal.
-EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
+EXIT_CODES: dict[int, int] = {signal.SIGTERM: 0, signal.SIGINT: 130}
 
 
 class Stopped(Exception):
@@ -81,7 +81,9 @@ class PreemptionGuard:
     del step  # Every process calls this at every step, so the steps agree.
     if self.process_count <= 1:
       return self.signum is not None
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # JAX is imported here: `cli.entry` imports this module (for `Stopped`) before the
+    # flags are parsed, and `--help` stays free of JAX.
+    from jax.experimental import multihost_utils  # noqa: PLC0415
     flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
     signalled = [int(f) for f in np.asarray(flags).reshape(-1) if int(f)]
     if signalled and self.signum is None:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import jax
 import numpy as np
+from flax import struct
 
 
-@flax.struct.dataclass
-class TrainState:
+class TrainState(struct.PyTreeNode):
   """Everything a checkpoint restores.
+
+  The same tree also holds the train state's `jax.ShapeDtypeStruct`s (an abstract
+  state) or its shardings (`state_plan.StatePlan.shardings`): hence the `Any` leaves.
 
   Attributes:
     step: int32 scalar, completed optimizer steps.
@@ -18,10 +20,10 @@ class TrainState:
     opt_state: the optax optimizer state.
     rng: uint32 [2] raw key; dropout at step s uses fold_in(rng, s).
   """
-  step: jax.Array
+  step: Any
   params: Any
   opt_state: Any
-  rng: jax.Array
+  rng: Any
 
 
 def parameter_summary(params: Any) -> list[tuple[str, int]]:

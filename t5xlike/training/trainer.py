@@ -30,7 +30,9 @@ from t5xlike.training.step_compiler import StepCompiler
 from t5xlike.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
-Batch = Mapping[str, np.ndarray]
+Batch = Mapping[str, np.ndarray]  # feature name -> [rows, ...] (this process's rows)
+#: A batch or only its shapes: arrays, or `jax.ShapeDtypeStruct`s.
+BatchShapes = Mapping[str, np.ndarray | jax.Array | jax.ShapeDtypeStruct]
 
 
 def global_shapes(batch: Batch) -> dict[str, jax.ShapeDtypeStruct]:
@@ -99,7 +101,7 @@ class Trainer:
     self.compiler = StepCompiler(self._lower_train_step, self._lower_init)
 
   # -- state ------------------------------------------------------------------
-  def state_plan(self, batch_shapes: Batch) -> StatePlan:
+  def state_plan(self, batch_shapes: BatchShapes) -> StatePlan:
     """The train state's layout for batches of these shapes (shape evaluation only; kept)."""
     key = shape_key(batch_shapes)
     with self._plans_lock:
@@ -108,11 +110,11 @@ class Trainer:
                                       self.partitioner, batch_shapes)
       return self._plans[key]
 
-  def abstract_state(self, batch_shapes: Batch) -> TrainState:
+  def abstract_state(self, batch_shapes: BatchShapes) -> TrainState:
     """ShapeDtypeStructs with shardings of the train state (nothing allocated or compiled)."""
     return self.state_plan(batch_shapes).abstract_state
 
-  def init_state(self, seed: int, batch_shapes: Batch) -> TrainState:
+  def init_state(self, seed: int, batch_shapes: BatchShapes) -> TrainState:
     """A fresh train state from `seed`, initialised by the compiled init of these shapes."""
     self.state_plan(batch_shapes)
     compiled_init = self.compiler.init(shape_key(batch_shapes))
@@ -120,7 +122,7 @@ class Trainer:
       return compiled_init(jax.random.key(seed))
 
   def state_from_params(self, params: Any, step: Any, seed: int,
-                        batch_shapes: Batch) -> TrainState:
+                        batch_shapes: BatchShapes) -> TrainState:
     """A train state around given (restored) parameters: a fresh optimizer state for
     them and the dropout key of `seed`, laid out as the plan of these batch shapes."""
     plan = self.state_plan(batch_shapes)
@@ -212,10 +214,10 @@ class Trainer:
     _, stats = self.model.loss_fn(params, batch, None)
     return stats
 
-  def _batch_shardings(self, batch: Batch) -> dict[str, jax.sharding.Sharding]:
+  def _batch_shardings(self, batch: BatchShapes) -> dict[str, jax.sharding.Sharding]:
     return {k: self.partitioner.batch_sharding() for k in batch}
 
-  def _jitted_train_step(self, key: tuple, batch: Batch) -> Any:
+  def _jitted_train_step(self, key: tuple, batch: BatchShapes) -> Any:
     if key not in self._jitted:
       plan = self._plan_of(key)
       self._jitted[key] = jax.jit(
@@ -235,7 +237,7 @@ class Trainer:
     with self.partitioner.activate():
       return self._jitted_train_step(key, shapes).lower(plan.abstract_state, shapes)
 
-  def compile_train_step(self, batch_shapes: Batch) -> Any:
+  def compile_train_step(self, batch_shapes: BatchShapes) -> Any:
     """Ahead-of-time compiled train step for batches of these (global) shapes.
 
     Allocates nothing: use `.memory_analysis()` / `.cost_analysis()` of the
@@ -246,7 +248,8 @@ class Trainer:
     self.state_plan(batch_shapes)
     return self.compiler.step(shape_key(batch_shapes))
 
-  def start_compile(self, batch_shapes: Batch, init: bool = True) -> concurrent.futures.Future:
+  def start_compile(self, batch_shapes: BatchShapes,
+                    init: bool = True) -> concurrent.futures.Future:
     """Starts compiling the train step (and, with `init`, the initialisation) for batches
     of these (global) shapes in background threads (`StepCompiler.start`); returns the
     Future of the compiled step (None when cancelled or failed)."""
