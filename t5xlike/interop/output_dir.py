@@ -1,6 +1,6 @@
 """The t5xlike side of a conversion: write or read a t5xlike model directory.
 
-Written (DESIGN.md §2):
+Written (docs/architecture.md, "Contracts users rely on"):
   OUT/checkpoint/state   an orbax step directory `{step: 0, params}` (as
                          `checkpoints.save_params` writes), accepted by
                          CHECKPOINT_PATH and INITIAL_CHECKPOINT_PATH;
