@@ -20,6 +20,7 @@ import ast
 import io
 import json
 import pathlib
+import re
 import sys
 import tokenize
 from collections.abc import Iterable, Iterator
@@ -228,10 +229,11 @@ def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
 
 def _documents_parameters(node: ast.FunctionDef | ast.AsyncFunctionDef,
                           parameters: list[str]) -> bool:
-  """The docstring has an Args section or names (in backticks or as `name:`) at least
+  """The docstring has an Args section, refers to another function's for the same
+  arguments ("arguments as `train`'s"), or names (in backticks or as `name:`) at least
   half of the parameters."""
   doc = ast.get_docstring(node) or ""
-  if "Args:" in doc:
+  if "Args:" in doc or re.search(r"arguments as `[\w.]+`'s", doc):
     return True
   named = sum(1 for p in parameters if f"`{p}`" in doc or f"{p}:" in doc or f"{p} " in doc)
   return named >= (len(parameters) + 1) // 2

@@ -72,7 +72,9 @@ CONFIGS: dict[str, BenchConfig] = {
 
 def network_config(bench: BenchConfig, dtype: str, attention: str, remat: str, scan: bool,
                    num_layers: int | None = None) -> t5.T5Config | decoder.DecoderConfig:
-  """The network config; `num_layers` overrides the depth (of each T5 stack)."""
+  """The network config of a benchmark: `bench`'s dimensions with `dtype` activations,
+  the `attention` kernel, the `remat` policy and `scan` over layers; `num_layers`
+  overrides the depth (of each T5 stack)."""
   common: dict[str, Any] = dict(vocab_size=bench.vocab_size, dtype=dtype,
                                 attention_impl=attention, remat_policy=remat, scan_layers=scan)
   dims: dict[str, Any] = dict(bench.dims)

@@ -76,7 +76,9 @@ class DecodingModel(Model, Protocol):
 
   def predict_batch(self, params: Any, batch: Batch, config: DecodingConfig, max_length: int,
                     eos_id: int, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(tokens int32 [batch, max_length], scores float32 [batch]) generated for each row."""
+    """(tokens int32 [batch, max_length], scores float32 [batch]) generated for each row:
+    `config` the decoding method, at most `max_length` tokens, stopping after `eos_id`,
+    sampling keyed by `rng`; `params` and `batch` as in `loss_fn`."""
     ...
 
 

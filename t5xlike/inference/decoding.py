@@ -128,6 +128,18 @@ def sample(step_fn: StepFn, state: Any, first_logits: Array, max_length: int, eo
            top_p: float = 1.0, greedy: bool = False) -> tuple[Array, Array]:
   """Greedy decoding (`greedy=True`) or sampling, one token per row per step.
 
+  Args:
+    step_fn: (tokens int32 [b, 1], state) -> (logits [b, vocab], state): one decoder
+      step with the KV cache in `state`.
+    state: the decoding state after the prompt (`model.decoding_start`).
+    first_logits: [b, vocab] logits of the first generated token.
+    max_length: tokens generated per row at most.
+    eos_id: generation of a row stops after this id (kept in the output).
+    rng: the sampling key (token t uses fold_in(rng, t)); required unless greedy.
+    temperature, top_k, top_p: how logits are filtered before sampling
+      (`filter_logits`; 0 / 1.0 turn top-k / top-p off).
+    greedy: take the argmax instead of sampling.
+
   Returns:
     tokens int32 [b, max_length] (EOS kept, 0 after it) and scores float32
     [b], the summed log-likelihood of each row's generated tokens.
@@ -173,8 +185,18 @@ def beam_search(step_fn: StepFn, state: Any, first_logits: Array, max_length: in
   extensions, moves those among the k best that end in EOS (or reach
   `max_length`) to the finished set (score = log p / length_penalty) and
   keeps the k best extensions not ending in EOS alive (one beam with
-  alpha = 0 is greedy decoding). A row stops when its worst finished score beats the best score any
-  live beam could still reach.
+  alpha = 0 is greedy decoding). A row stops when its worst finished score beats
+  the best score any live beam could still reach.
+
+  Args:
+    step_fn: (tokens int32 [b * k, 1], state) -> (logits [b * k, vocab], state).
+    state: the decoding state of the b rows after the prompt (repeated k times here).
+    first_logits: [b, vocab] logits of the first generated token.
+    max_length: tokens generated per beam at most.
+    eos_id: a beam ending in this id is finished.
+    num_beams: k, beams kept per row.
+    gather_rows: (state, rows int32 [m]) -> the state of those rows (beam reordering).
+    alpha: the length penalty's exponent (`length_penalty`; T5X's default 0.6).
 
   Returns:
     tokens int32 [b, k, max_length] and scores float32 [b, k] of the k best
@@ -234,7 +256,14 @@ def decode(config: DecodingConfig, step_fn: StepFn, state: Any, first_logits: Ar
            max_length: int, eos_id: int, gather_rows: GatherFn,
            rng: Array | None = None) -> tuple[Array, Array]:
   """Runs the method of `config`: tokens int32 [b, max_length] and scores float32 [b]
-  (beam search: the best beam and its length-penalised score)."""
+  (beam search: the best beam and its length-penalised score).
+
+  Args:
+    config: greedy, sampling (temperature, top-k, top-p) or beam search.
+    step_fn, state, first_logits, max_length, eos_id: as `sample`'s.
+    gather_rows: as `beam_search`'s (used by beam search only).
+    rng: the sampling key (sampling only).
+  """
   if config.method == "beam":
     tokens, scores = beam_search(step_fn, state, first_logits, max_length, eos_id,
                                  config.num_beams, gather_rows, config.length_penalty_alpha)

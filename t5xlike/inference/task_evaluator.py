@@ -115,6 +115,13 @@ def task_metrics(task: Any, examples: Sequence[Mapping[str, Any]],
   predictions go through `task.postprocess_fn(text, example=..., is_target=...)`;
   then `metric_fn(targets, predictions)` for each prediction metric and
   `metric_fn(targets, scores)` for each score metric.
+
+  Args:
+    task: the seqio task (its postprocessor and metric functions).
+    examples: its examples (token ids), in order.
+    rows: their decoded texts (`task_examples.text_row`), in the same order.
+    predictions: decoded generated texts (None: no prediction metrics).
+    scores: summed target log-likelihoods (None: no score metrics).
   """
   post = lambda text, example, is_target: task.postprocess_fn(text, example=example,
                                                               is_target=is_target)

@@ -92,7 +92,15 @@ def rolled_back_state(rollback: nan_policy_lib.RollBack, rollbacks: int,
                       checkpointer: checkpoints.Checkpointer, writer: metrics.MetricsWriter,
                       abstract_state: TrainState) -> TrainState:
   """The train state of the last checkpoint after `nan_rollback_after` bad steps (the
-  data goes on from where it is); NonFiniteLoss after MAX_ROLLBACKS or without one."""
+  data goes on from where it is); NonFiniteLoss after MAX_ROLLBACKS or without one.
+
+  Args:
+    rollback: the bad steps that asked for it.
+    rollbacks: rollbacks already made in this run.
+    checkpointer: MODEL_DIR's checkpoints (waited for, then read).
+    writer: its rows after the restored step are rewound.
+    abstract_state: the train state's layout (restore target).
+  """
   checkpointer.wait()
   latest = checkpointer.latest_step()
   if latest is None or rollbacks >= nan_policy_lib.MAX_ROLLBACKS:

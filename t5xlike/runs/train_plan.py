@@ -104,7 +104,8 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                   partitioning_config: run_config.PartitioningConfig,
                   nan_policy: nan_policy_lib.NanPolicy,
                   fault_hooks: FaultHooks | None = None) -> TrainPlan:
-  """Checks the run (arguments as `train_run.train`'s) and returns its plan; nothing written."""
+  """Checks the run (arguments as `train_run.train`'s; `partitioning_config` is its
+  `partitioning`) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
   import_task_module(data.mixture_or_task_module)

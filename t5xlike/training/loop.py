@@ -53,17 +53,27 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: interfaces.Da
                tokens_per_batch: int = 0, flop_accounting: Any = None,
                guard: preemption.PreemptionGuard | None = None,
                watch: nan_policy.NonFiniteWatch | None = None) -> TrainState:
-  """Trains from `state.step` to `config.train_steps`.
+  """Trains from `state.step` to `config.train_steps`; returns the final state.
 
-  `train_batches` yields this process's rows of successive global batches
-  and has `get_state()`, saved with each checkpoint. Step 1 (or the first
-  step after a resume) and the final step are always logged, the final step
-  always evaluated (when eval is configured) and checkpointed.
-  `flop_accounting` (a `t5xlike.flops.Accounting`) adds `tflops_per_device`
-  and `mfu` to every logged step. `guard` (a `preemption.PreemptionGuard`):
-  after a signal the step reached is logged and checkpointed, then
-  `preemption.Stopped` is raised. `watch` applies the NaN policy (default:
-  stop at the first non-finite step).
+  Step 1 (or the first step after a resume) and the final step are always
+  logged, the final step always evaluated (when eval is configured) and
+  checkpointed.
+
+  Args:
+    trainer: the compiled steps.
+    state: the state to train from (donated to the first step).
+    train_batches: this process's rows of successive global batches; its
+      `get_state()` is saved with each checkpoint.
+    config: the periods (steps between logs, evaluations, checkpoints).
+    writer: metrics/train.jsonl, eval.jsonl and TensorBoard.
+    checkpointer: saves `checkpoint_<step>`.
+    run_eval: (step, params) -> {task: metrics}; None: no evaluation.
+    tokens_per_batch: tokens of one global batch (tokens_per_second).
+    flop_accounting: a `t5xlike.flops.Accounting`: adds `tflops_per_device` and
+      `mfu` to every logged step.
+    guard: a `preemption.PreemptionGuard`: after a signal the step reached is
+      logged and checkpointed, then `preemption.Stopped` is raised.
+    watch: applies the NaN policy (default: stop at the first non-finite step).
   """
   if watch is None:
     watch = nan_policy.NonFiniteWatch(nan_policy.NanPolicy(), writer.write_train)
