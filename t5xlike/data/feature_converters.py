@@ -27,13 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 Example = Mapping[str, np.ndarray]
 Batch = dict[str, np.ndarray]
 
 
 def pad_or_truncate(sequences: Sequence[np.ndarray], length: int,
-                    dtype: np.dtype = np.int32) -> np.ndarray:
+                    dtype: npt.DTypeLike = np.int32) -> np.ndarray:
   """Stacks sequences into `dtype` [len(sequences), length], 0-padded / truncated."""
   out = np.zeros((len(sequences), length), dtype=dtype)
   for row, seq in enumerate(sequences):
