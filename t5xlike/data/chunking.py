@@ -8,20 +8,24 @@ binary search), so the pipeline can shuffle chunks globally by index.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # Types only: chunking itself imports no TensorFlow or seqio.
+  from t5xlike.data.sources import RandomAccessSource
 
 
 class ChunkedSource:
   """Chunk `i` = tokens [i * length, (i + 1) * length) of the concatenated `feature`.
 
   Args:
-    source: random access to examples (`__len__`, `__getitem__`,
-      `token_lengths(feature)`).
+    source: random access to examples (`sources.RandomAccessSource`).
     feature: the token feature to concatenate (e.g. 'targets').
     length: tokens per chunk; the last chunk holds the remainder (shorter).
   """
 
-  def __init__(self, source, feature: str, length: int):
+  def __init__(self, source: RandomAccessSource, feature: str, length: int):
     if length <= 0:
       raise ValueError(f"chunk length must be positive, got {length}")
     self.source = source
@@ -31,7 +35,7 @@ class ChunkedSource:
     self.offsets = np.concatenate([[0], np.cumsum(lengths)])  # [num_examples + 1]
     self.total_tokens = int(self.offsets[-1])
     if self.total_tokens == 0:
-      raise ValueError(f"{getattr(source, 'name', 'the source')} has no {feature!r} tokens")
+      raise ValueError(f"{source.name} has no {feature!r} tokens")
 
   def __len__(self) -> int:
     return -(-self.total_tokens // self.length)

@@ -43,7 +43,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import seqio
@@ -103,13 +103,13 @@ def interleave_order(counts: Sequence[int], cycle_length: int,
       num_open += 1
     else:
       slot = (slot + 1) % cycle_length
-  starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
-  block_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
-  return np.repeat(starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64) - block_start
+  first, sizes = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+  block_start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+  return np.repeat(first, sizes) + np.arange(int(sizes.sum()), dtype=np.int64) - block_start
 
 
 # -- readers: raw examples of the source, in seqio's order -----------------------
-class _Reader:
+class _Reader(Protocol):
   """Raw source examples by index, in the order seqio's get_dataset(shuffle=False) yields."""
   kind: str  # For logs: 'TFDS array_record', 'text lines'.
   spec: Spec
@@ -144,7 +144,8 @@ class _TfdsReader(_Reader):
       # formats (registered builders forget them) and leaves seqio's builder alone.
       files = tfds.builder_from_directory(builder.data_dir)
       formats = files.info.available_file_formats()
-    except Exception as error:  # pylint: disable=broad-except  (unprepared, mocked, unreadable)
+    except Exception as error:  # noqa: BLE001  (any failure to open: not direct)
+      # tfds and TensorFlow fail in many ways on unprepared, mocked or unreadable datasets.
       raise NotDirect(f"its TFDS dataset {name} cannot be opened from {builder.data_dir}: "
                       f"{type(error).__name__}: {error}") from None
     usable = formats & _tfds_random_access_formats()
@@ -194,7 +195,8 @@ class _TextFile:
   def __init__(self, path: str, skip_lines: int):
     self.path = path
     size = os.path.getsize(path)
-    if size:
+    self.data: mmap.mmap | bytes
+    if size:  # mmap refuses an empty file.
       with open(path, "rb") as f:
         self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     else:
@@ -258,9 +260,11 @@ class _TextLineReader(_Reader):
 
 def _reader(task: seqio.Task, split: str) -> _Reader:
   source = task.source
-  if type(source) is seqio.TfdsDataSource:  # pylint: disable=unidiomatic-typecheck
+  # Exact types: a subclass may override how it reads (get_dataset), which the readers
+  # would not replay.
+  if type(source) is seqio.TfdsDataSource:
     return _TfdsReader(task, split)
-  if type(source) is seqio.TextLineDataSource:  # pylint: disable=unidiomatic-typecheck
+  if type(source) is seqio.TextLineDataSource:
     return _TextLineReader(task, split)
   raise NotDirect(f"its source is a {type(source).__name__} (direct reads: TfdsDataSource "
                   f"prepared as ArrayRecord, TextLineDataSource over local files)")

@@ -27,13 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 Example = Mapping[str, np.ndarray]
 Batch = dict[str, np.ndarray]
 
 
 def pad_or_truncate(sequences: Sequence[np.ndarray], length: int,
-                    dtype: np.dtype = np.int32) -> np.ndarray:
+                    dtype: npt.DTypeLike = np.int32) -> np.ndarray:
   """Stacks sequences into `dtype` [len(sequences), length], 0-padded / truncated."""
   out = np.zeros((len(sequences), length), dtype=dtype)
   for row, seq in enumerate(sequences):
@@ -87,6 +88,10 @@ def decoder_batch(examples: Sequence[Example], feature_lengths: Mapping[str, int
     decoder_input_tokens     0 9 4 6 1 3 9 1 0
     decoder_loss_weights     0 0 0 0 1 1 1 0 0
     decoder_causal_attention 1 1 1 1 1 0 0 0 0
+
+  An example without `inputs` in a prefix-LM batch (a mixture of both kinds of
+  task) has an empty prefix, as in packed rows: loss on every target token,
+  causal attention on its first position only.
   """
   _require(feature_lengths, ("targets",), "decoder")
   prefix_lm = any("inputs" in ex for ex in examples)
@@ -96,7 +101,8 @@ def decoder_batch(examples: Sequence[Example], feature_lengths: Mapping[str, int
             "decoder_loss_weights": (targets > 0).astype(np.float32)}
   _require(feature_lengths, ("inputs",), "prefix-LM decoder")
   length = feature_lengths["inputs"] + feature_lengths["targets"]
-  prefixes = [np.asarray(ex["inputs"])[:feature_lengths["inputs"]] for ex in examples]
+  prefixes = [np.asarray(ex["inputs"])[:feature_lengths["inputs"]] if "inputs" in ex
+              else np.zeros([0], np.int32) for ex in examples]
   suffixes = [np.asarray(ex["targets"])[:feature_lengths["targets"]] for ex in examples]
   targets = pad_or_truncate([np.concatenate([p, s]) for p, s in zip(prefixes, suffixes)], length)
   positions = np.arange(length)[None, :]

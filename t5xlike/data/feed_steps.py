@@ -48,7 +48,7 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
   """
   feature = objective.source_feature if objective is not None else None
-  if feature is not None and feature not in task.output_features:
+  if objective is not None and feature not in task.output_features:
     raise ValueError(f"objective {objective.name!r} reads the feature {feature!r}, which "
                      f"task {task.name!r} lacks")
   vocabulary = task.output_features[feature or next(iter(task.output_features))].vocabulary

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 
 import numpy as np
 import seqio
@@ -29,7 +29,7 @@ from t5xlike.objectives import base as objectives_base
 log = logging.getLogger(__name__)
 
 
-def _close_all(streams: list) -> None:
+def _close_all(streams: list[Generator[dict[str, np.ndarray], None, None]]) -> None:
   for stream in streams:
     stream.close()
   streams.clear()
@@ -83,11 +83,12 @@ class SequentialFeed:
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
     self._position = 0  # Examples consumed (global, across processes).
-    self._stream = None  # The generator of raw examples, when open.
+    # The generator of raw examples, when open.
+    self._stream: Generator[dict[str, np.ndarray], None, None] | None = None
     self._examples: Iterator[dict[str, np.ndarray]] | None = None
     # Safety net for feeds nobody closed: close at interpreter exit, while
     # TensorFlow's threads are still alive.
-    self._open_streams: list = []
+    self._open_streams: list[Generator[dict[str, np.ndarray], None, None]] = []
     weakref.finalize(self, _close_all, self._open_streams)
 
   # -- state ----------------------------------------------------------------
@@ -136,9 +137,10 @@ class SequentialFeed:
         raise ValueError(f"split {self.split!r} of {self.task.name!r} is empty")
       log.debug("finished epoch %d of %s/%s", epoch, self.task.name, self.split)
 
-  def _raw_examples(self) -> Iterator[dict[str, np.ndarray]]:
+  def _raw_examples(self) -> Generator[dict[str, np.ndarray], None, None]:
     """The untransformed example stream (chunks of text, or supervised pairs)."""
-    if self.raw_length is None:
+    raw_length = self.raw_length  # Set only with an objective (`prepare_objective`).
+    if raw_length is None or self.objective is None:
       for doc in self._documents():
         yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
       return
@@ -148,21 +150,23 @@ class SequentialFeed:
     for doc in self._documents():
       pending.append(np.asarray(doc[source], dtype=np.int32))
       size += len(pending[-1])
-      while size >= self.raw_length:
+      while size >= raw_length:
         stream = np.concatenate(pending)
-        yield {source: stream[:self.raw_length]}
-        pending, size = [stream[self.raw_length:]], len(stream) - self.raw_length
+        yield {source: stream[:raw_length]}
+        pending, size = [stream[raw_length:]], len(stream) - raw_length
     if size:
       yield {source: np.concatenate(pending)}
 
   def _transform(self, index: int, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if self.objective is None:
       return raw
+    # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
     rng = np.random.default_rng([self.seed, 0, 0, index])
     return self.objective.transform(raw[self.objective.source_feature], rng,
                                     vocab_size=self.vocab_size, eos_id=self.eos_id)
 
-  def examples(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+  def examples(self) -> Generator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                                  None, None]:
     """(raw, transformed) examples from the start of the stream (for inspection).
 
     Independent of the batch position; close the generator when done.
@@ -179,12 +183,13 @@ class SequentialFeed:
 
   def __next__(self) -> dict[str, np.ndarray]:
     """The next global batch's local rows: features [B / process_count, length]."""
-    if self._examples is None:
-      self._stream = self._raw_examples()
-      self._open_streams.append(self._stream)
-      self._examples = itertools.islice(self._stream, self._position, None)
+    remaining = self._examples
+    if remaining is None:
+      self._stream = stream = self._raw_examples()
+      self._open_streams.append(stream)
+      self._examples = remaining = itertools.islice(stream, self._position, None)
     start = self._position
-    raws = list(itertools.islice(self._examples, self.batch_size))
+    raws = list(itertools.islice(remaining, self.batch_size))
     if len(raws) < self.batch_size:
       self.close()
       raise StopIteration

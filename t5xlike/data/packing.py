@@ -197,15 +197,12 @@ def _stack(rows: Sequence[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
     raise ValueError("packed_batch needs at least one row")
   stacked = {}
   for name in needed:
-    if isinstance(rows, Mapping):
-      present = name in rows
-      value = np.asarray(rows[name]) if present else None
-    else:
-      present = all(name in row for row in rows)
-      value = np.stack([np.asarray(row[name]) for row in rows]) if present else None
+    present = name in rows if isinstance(rows, Mapping) else all(name in row for row in rows)
     if not present:
       raise ValueError(f"packed rows for the {converter} converter lack {name!r} (pack "
                        f"with length_struct=pack_lengths(...): {dict(lengths)})")
+    value = (np.asarray(rows[name]) if isinstance(rows, Mapping)
+             else np.stack([np.asarray(row[name]) for row in rows]))
     length = lengths[name.removesuffix("_segment_ids").removesuffix("_positions")]
     if value.ndim != 2 or value.shape[1] != length:
       raise ValueError(f"packed feature {name!r} has shape {value.shape}, expected "

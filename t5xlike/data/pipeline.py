@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import grain
@@ -84,7 +84,7 @@ def _examples_in(batch: Mapping[str, np.ndarray]) -> int:
   return len(next(iter(batch.values())))
 
 
-_SOURCES: dict[tuple, Any] = {}
+_SOURCES: dict[tuple[Any, ...], Any] = {}
 
 
 def _open_source(task: seqio.Task, split: str, use_cached: bool, cache_dir: str | None,
@@ -100,7 +100,7 @@ def _open_source(task: seqio.Task, split: str, use_cached: bool, cache_dir: str 
     if not len(source):
       raise ValueError(f"task {task.name!r} split {split!r} holds no example (an empty split: "
                        f"check the task's data for {split!r})")
-    if len(_SOURCES) >= 16:
+    if len(_SOURCES) >= 16:  # Bounded: each holds a split (in memory) or open files.
       _SOURCES.pop(next(iter(_SOURCES)))
     _SOURCES[key] = source
   return source
@@ -166,14 +166,16 @@ class Pipeline:
     self.vocabulary, self.raw_length = feed_steps.prepare_objective(
         self.tasks[0], objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
-    # What each task's examples are: its source, or chunks of its token stream.
+    # What each task's examples are: its source, or chunks of its token stream (a raw
+    # length comes only with an objective).
+    raw_length = self.raw_length
     self.task_examples = [
-        source if self.raw_length is None else
-        chunking.ChunkedSource(source, objective.source_feature, self.raw_length)
+        source if raw_length is None or objective is None else
+        chunking.ChunkedSource(source, objective.source_feature, raw_length)
         for source in self.sources]
     self.examples_per_task = [len(examples) for examples in self.task_examples]
     self.rates = self._rates()
-    self._iterator = None
+    self._iterator: grain.DatasetIterator | None = None
     self._state: dict[str, Any] | None = None
     self._batches = 0  # Global batches consumed.
     self._loader_seconds = 0.0
@@ -232,8 +234,11 @@ class Pipeline:
                                                   prefetch_buffer_size=4))
     ds = ds.map(functools.partial(packing.prepare_for_packing, self.converter_name,
                                   feature_lengths=lengths))
+    # Elements are examples here (batches in the unpacked path): two per packed row.
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=self.num_threads, prefetch_buffer_size=max(2 * self.local_batch_size, 1)))
+    # The packer's seed: (seed, 1 << 20), a stream no task index reaches (the shuffles
+    # use (seed, task index)).
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=packing.pack_lengths(self.converter_name, lengths),
         num_packing_bins=self.local_batch_size, seed=_seed32(self.seed, 1 << 20),
@@ -291,14 +296,15 @@ class Pipeline:
   def __next__(self) -> dict[str, np.ndarray]:
     """The next global batch's local rows: features [B / process_count, length]."""
     start = time.perf_counter()
-    if self._iterator is None:
-      self._iterator = iter(self._dataset())
+    iterator = self._iterator
+    if iterator is None:
+      self._iterator = iterator = iter(self._dataset())
       if self._state is not None:
-        self._iterator.set_state(self._state)
+        iterator.set_state(self._state)
     try:
-      batch = next(self._iterator)
+      batch = next(iterator)
     except StopIteration:
-      self._state = self._iterator.get_state()
+      self._state = iterator.get_state()
       self.close()
       raise
     self._batches += 1
@@ -314,7 +320,8 @@ class Pipeline:
     self._loader_seconds, self._loader_examples = 0.0, 0
     return {"loader_examples_per_second": rate, "packing_efficiency": self._last_efficiency}
 
-  def examples(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+  def examples(self) -> Generator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                                  None, None]:
     """(raw, transformed) examples in global order, for inspection (one epoch of
     the mixture at most; independent of the batch position)."""
     ds = self._mixed(with_raw=True)
@@ -323,9 +330,20 @@ class Pipeline:
 
 
 def make_feed(mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
-              batch_size: int, objective: objectives_base.Objective | None, **kwargs):
+              batch_size: int, objective: objectives_base.Objective | None,
+              **kwargs: Any) -> Pipeline | feeding.SequentialFeed:
   """The shuffled, random-access `Pipeline`, or, for a large task read without a
-  cache, the in-order reader (`feeding.SequentialFeed`, resumable by position)."""
+  cache, the in-order reader (`feeding.SequentialFeed`, resumable by position).
+
+  Args:
+    mixture_or_task_name: a registered seqio task or mixture.
+    split: the split to read.
+    feature_lengths: TASK_FEATURE_LENGTHS.
+    batch_size: the global batch size (all processes together).
+    objective: turns token chunks into model examples; None: the task's own examples.
+    **kwargs: the other arguments of `Pipeline`; those the in-order reader lacks
+      (caching, packing, shuffling, threads) are dropped for it.
+  """
   try:
     return Pipeline(mixture_or_task_name, split, feature_lengths, batch_size, objective,
                     **kwargs)

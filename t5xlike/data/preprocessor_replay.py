@@ -90,7 +90,7 @@ def _encoder(vocabulary: seqio.Vocabulary) -> Callable[[list[bytes]], list[np.nd
   kind, sentencepiece = type(vocabulary), seqio.SentencePieceVocabulary
   if (issubclass(kind, sentencepiece) and library_compat.encodes_like(kind, sentencepiece)
       and kind.tf_tokenizer is sentencepiece.tf_tokenizer):
-    tokenizer = []  # Made on first use: a TF resource holding the model.
+    tokenizer: list[Any] = []  # Made on first use: a TF resource holding the model.
     lock = threading.Lock()
 
     def encode(texts: list[bytes]) -> list[np.ndarray]:
@@ -133,7 +133,11 @@ def _tokenize_step(name: str, output_features: Mapping[str, seqio.Feature],
                    copy_pretokenized: bool, with_eos: bool) -> _Step:
   """seqio.preprocessors.tokenize: every output feature present is encoded (a
   `<k>_pretokenized` copy kept if asked); with_eos appends EOS where add_eos."""
-  encoders = {key: _encoder(feature.vocabulary) for key, feature in output_features.items()}
+  encoders = {}
+  for key, feature in output_features.items():
+    encoder = _encoder(feature.vocabulary)
+    if encoder is not None:  # The others: `spec` refuses them before any example is read.
+      encoders[key] = encoder
 
   def spec(x):
     if not isinstance(x, dict):
@@ -141,7 +145,7 @@ def _tokenize_step(name: str, output_features: Mapping[str, seqio.Feature],
     out = {}
     for key, value in x.items():
       if key in output_features:
-        if encoders[key] is None:
+        if key not in encoders:
           raise NotDirect(f"{name}: the vocabulary of {key!r} is a "
                           f"{type(output_features[key].vocabulary).__name__} (direct reads "
                           f"tokenize with SentencePiece and byte vocabularies)")

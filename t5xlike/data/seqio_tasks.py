@@ -52,9 +52,10 @@ def preprocessor_name(preprocessor: Any) -> str:
   return seqio.utils.function_name(preprocessor)
 
 
-def unwrap_partial(preprocessor: Any) -> tuple[Any, tuple, dict]:
+def unwrap_partial(preprocessor: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
   """(the function inside nested functools.partials, their positional args, keywords)."""
-  args, keywords = (), {}
+  args: tuple[Any, ...] = ()
+  keywords: dict[str, Any] = {}
   while isinstance(preprocessor, functools.partial):
     args, keywords = preprocessor.args + args, {**preprocessor.keywords, **keywords}
     preprocessor = preprocessor.func

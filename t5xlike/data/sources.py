@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -164,7 +164,7 @@ class CachedSource:
     return f"CachedSource({self.directory}, {len(self)} examples)"
 
 
-def _close_all(streams: list) -> None:
+def _close_all(streams: list[Generator[Example, None, None]]) -> None:
   for stream in streams:
     stream.close()
   streams.clear()
@@ -184,7 +184,7 @@ class SequentialSource:
     self.name, self.split = self.task.name, split
     self.eos_features = tuple(seqio_tasks.check_postcache_preprocessors(self.task))
     task_datasets.check_split(self.task, split)
-    self._open: list = []
+    self._open: list[Generator[Example, None, None]] = []
     weakref.finalize(self, _close_all, self._open)  # Safety net at interpreter exit.
 
   def iterate(self, start: int = 0) -> Iterator[Example]:
@@ -222,10 +222,10 @@ def load_in_memory(task: seqio.Task | str, split: str,
       f"with {CACHE_COMMAND} --tasks={task.name} --output_dir=DIR and set USE_CACHED_TASKS=True")
   if not task_datasets.tensorflow_reads(task, split):
     direct, _ = _open_direct(task, split)
-    if direct is None:
-      # Raises: neither TensorFlow nor a direct reader.
-      task_datasets.check_tensorflow_reads(task, split)
-    return _direct_in_memory(direct, max_examples, too_large)
+    if direct is not None:
+      return _direct_in_memory(direct, max_examples, too_large)
+    # Raises: neither TensorFlow nor a direct reader.
+    task_datasets.check_tensorflow_reads(task, split)
   count = _input_count(task, split)
   if count is not None and count > max_examples:
     raise too_large
@@ -239,14 +239,16 @@ def load_in_memory(task: seqio.Task | str, split: str,
   return InMemorySource(examples, name=task.name, split=split, eos_features=eos)
 
 
-def _direct_in_memory(direct, max_examples: int, too_large: Exception) -> InMemorySource:
+def _direct_in_memory(direct: direct_sources.DirectSource, max_examples: int,
+                      too_large: Exception) -> InMemorySource:
   if len(direct) > max_examples:
     raise too_large
   return InMemorySource(direct.__getitems__(range(len(direct))), name=direct.name,
                         split=direct.split, eos_features=direct.eos_features)
 
 
-def _open_direct(task: seqio.Task, split: str):
+def _open_direct(task: seqio.Task,
+                 split: str) -> tuple[direct_sources.DirectSource | None, str | None]:
   """(DirectSource, None), or (None, why the task split cannot be read directly)."""
   try:
     return direct_sources.DirectSource(task, split), None
@@ -256,7 +258,7 @@ def _open_direct(task: seqio.Task, split: str):
 
 def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, use_cached: bool,
                 cache_dir: str | None, in_memory_max_examples: int = 200_000
-                ) -> (CachedSource | InMemorySource | direct_sources.DirectSource | SequentialSource):
+                ) -> CachedSource | InMemorySource | direct_sources.DirectSource | SequentialSource:
   """The source of one task split (a mixture is refused: open each task).
 
   use_cached=True: the cache `cache_dir/<task>/<split>` (ValueError with the
@@ -268,6 +270,13 @@ def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, u
        TensorFlow's;
     3. a SequentialSource (file order, no global shuffle).
   The log names the choice and the reason.
+
+  Args:
+    mixture_or_task_name_or_task: a seqio task or its registered name.
+    split: the split to read.
+    use_cached: USE_CACHED_TASKS: read the task cache.
+    cache_dir: where task caches live (`cache_dir/<task>/<split>`).
+    in_memory_max_examples: the most examples a split read into memory may hold.
   """
   task = seqio_tasks.resolve_task(mixture_or_task_name_or_task)
   seqio_tasks.check_postcache_preprocessors(task)

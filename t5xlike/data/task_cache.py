@@ -128,6 +128,7 @@ class ShardReader:
     from array_record.python import array_record_module  # noqa: PLC0415  (heavy; cache I/O only)
     self._readers = []
     for path in paths:
+      # Reads by index, in any order: readahead would read records nobody asked for.
       reader = array_record_module.ArrayRecordReader(
           os.fspath(path), "readahead_buffer_size:0", file_reader_buffer_size=32768)
       if not reader.ok():
@@ -253,28 +254,34 @@ class _ShardWriter:
   def __init__(self, directory: epath.Path):
     from array_record.python import array_record_module  # noqa: PLC0415  (heavy; cache I/O only)
     self._module = array_record_module
-    self.directory, self.parts, self.counts = directory, [], []
-    self._writer, self._bytes = None, 0
+    self.directory = directory
+    self.parts: list[epath.Path] = []
+    self.counts: list[int] = []  # Records per part.
+    self._writer: Any = None  # The open ArrayRecordWriter of the last part.
+    self._bytes = 0
 
   def write(self, record: bytes) -> None:
-    if self._writer is None or self._bytes >= SHARD_BYTES:
-      self._roll()
-    self._writer.write(record)
+    writer = self._writer
+    if writer is None or self._bytes >= SHARD_BYTES:
+      writer = self._roll()
+    writer.write(record)
     self._bytes += len(record)
     self.counts[-1] += 1
 
-  def _roll(self) -> None:
+  def _roll(self) -> Any:
+    """Closes the open part and opens the next; returns its writer."""
     if self._writer is not None:
       self._writer.close()
     self.parts.append(self.directory / f"part-{len(self.parts)}")
     self.counts.append(0)
     self._writer = self._module.ArrayRecordWriter(str(self.parts[-1]), "group_size:1")
     self._bytes = 0
+    return self._writer
 
   def close(self) -> None:
-    if self._writer is None:
-      self._roll()  # An empty split still has one (empty) shard.
-    self._writer.close()
+    # An empty split still has one (empty) shard.
+    writer = self._writer if self._writer is not None else self._roll()
+    writer.close()
     self._writer = None
 
 

@@ -13,7 +13,7 @@ read by `t5xlike.data.direct_sources`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import numpy as np
@@ -161,7 +161,8 @@ def to_example(raw: Mapping[str, Any], features: Mapping[str, bool]) -> Example:
   return example
 
 
-def iterate_examples(task: seqio.Task, split: str, start: int = 0) -> Iterator[Example]:
+def iterate_examples(task: seqio.Task, split: str,
+                     start: int = 0) -> Generator[Example, None, None]:
   """Examples of the split from position `start`, in file order (close the generator when done)."""
   dataset, features = deterministic_dataset(task, split)
   iterator = iter(dataset.skip(start).as_numpy_iterator())

@@ -38,7 +38,20 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
                use_cached: bool, cache_dir: str | None,
                max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
   """The first `max_examples` (all if None) examples of a task split, with the
-  task's post-cache EOS appended as in training (trimmed to length - 1 first)."""
+  task's post-cache EOS appended as in training (trimmed to length - 1 first).
+
+  Args:
+    task: the seqio task (not a mixture).
+    split: the split to read.
+    feature_lengths: TASK_FEATURE_LENGTHS (where EOS features are trimmed).
+    use_cached: USE_CACHED_TASKS: read the task cache.
+    cache_dir: where task caches live.
+    max_examples: read at most this many examples, in file order (None: all).
+
+  Returns:
+    One dict per example in the `sources` format (token features int32 [length]);
+    ValueError for an empty split.
+  """
   source = sources.open_source(task, split, use_cached=use_cached, cache_dir=cache_dir)
   if isinstance(source, sources.SequentialSource):
     with source:
@@ -55,7 +68,7 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
 
 def text_row(task: seqio.Task, example: dict[str, np.ndarray]) -> dict[str, Any]:
   """{'inputs', 'targets'} decoded with the task's vocabularies (EOS dropped)."""
-  row = {}
+  row: dict[str, Any] = {}
   for name in ("inputs", "targets"):
     if name in example and name in task.output_features:
       row[name] = task.output_features[name].vocabulary.decode(
@@ -67,7 +80,17 @@ def read_tasks(name: str, split: str, feature_lengths: Mapping[str, int], *,
                module: str | None = None, use_cached: bool = False,
                cache_dir: str | None = None, max_examples: int | None = None
                ) -> list[tuple[str, list[dict[str, Any]], list[dict[str, np.ndarray]]]]:
-  """[(task name, decoded text rows, token examples)] of each task of `name`."""
+  """[(task name, decoded text rows, token examples)] of each task of `name`.
+
+  Args:
+    name: a registered seqio task or mixture (a mixture: each of its tasks, in order).
+    split: the split to read.
+    feature_lengths: TASK_FEATURE_LENGTHS.
+    module: MIXTURE_OR_TASK_MODULE, imported first (it registers the tasks).
+    use_cached: USE_CACHED_TASKS: read the task caches.
+    cache_dir: where task caches live.
+    max_examples: at most this many examples per task (None: all).
+  """
   import_module(module)
   jobs = []
   for task in leaf_tasks(name):

@@ -29,3 +29,21 @@ from t5xlike.finetuning.prompt_tuning import PromptTuning
 from t5xlike.finetuning.reinit import ReinitTop
 from t5xlike.finetuning.selection import Group
 from t5xlike.finetuning.sparse import SparseFineTuning
+
+__all__ = [
+    "Adapters",
+    "Combine",
+    "FineTuning",
+    "Freeze",
+    "FreezeLower",
+    "Group",
+    "HalfFineTuning",
+    "LayerwiseDecay",
+    "LoRA",
+    "PeftMethod",
+    "PromptTuning",
+    "ReinitTop",
+    "SparseFineTuning",
+    "merge_lora",
+    "wrap_model",
+]

@@ -70,8 +70,8 @@ class Adapters(peft.PeftMethod):
         return next_fun(*args, **kwargs)
       h = next_fun(*args, **kwargs)
       features, dtype = h.shape[-1], module.dtype
-      param = lambda name, init, shape, axes: module.param(
-          name, nn.with_logical_partitioning(init, axes), shape, jnp.float32).astype(dtype)
+      param = lambda name, init, shape, axes: layers.logical_param(
+          module, name, init, axes, shape, jnp.float32).astype(dtype)
       down = param("adapter_down", down_init, (features, self.size), ("embed", "adapter"))
       down_bias = param("adapter_down_bias", nn.initializers.zeros, (self.size,), ("adapter",))
       up = param("adapter_up", nn.initializers.zeros, (self.size, features), ("adapter", "embed"))

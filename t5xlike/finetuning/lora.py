@@ -78,11 +78,10 @@ class LoRA(peft.PeftMethod):
       y = next_fun(*args, **kwargs)
       x = args[0] if args else kwargs["x"]
       in_axis, out_axis = module.kernel_axes
-      a = module.param("lora_a", nn.with_logical_partitioning(a_init, (in_axis, "lora_rank")),
-                       (x.shape[-1], self.rank), jnp.float32)
-      b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                              ("lora_rank", out_axis)),
-                       (self.rank, module.features), jnp.float32)
+      a = layers.logical_param(module, "lora_a", a_init, (in_axis, "lora_rank"),
+                               (x.shape[-1], self.rank), jnp.float32)
+      b = layers.logical_param(module, "lora_b", nn.initializers.zeros, ("lora_rank", out_axis),
+                               (self.rank, module.features), jnp.float32)
       if self.dropout > 0.0 and peft.dropout_active(module):
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))

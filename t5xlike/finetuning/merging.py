@@ -80,7 +80,19 @@ def breadcrumbs_mask(tau: np.ndarray, beta: float, gamma: float,
 
 def breadcrumbs(base: np.ndarray, thetas: Sequence[np.ndarray], beta: float, gamma: float,
                 lam: float = 1.0, layered: bool = False) -> np.ndarray:
-  """base + lam * sum_i mask_i * tau_i (masks from `breadcrumbs_mask` of each tau_i)."""
+  """base + lam * sum_i mask_i * tau_i (masks from `breadcrumbs_mask` of each tau_i).
+
+  Args:
+    base: the base checkpoint's parameter (any shape).
+    thetas: the fine-tuned checkpoints' parameter, each shaped as `base`.
+    beta: fraction of each layer's entries dropped at the top (largest |tau|).
+    gamma: fraction dropped at the bottom (smallest |tau|).
+    lam: the scale of the summed masked task vectors.
+    layered: axis 0 indexes layers (a scanned leaf), masked one slice at a time.
+
+  Returns:
+    The merged parameter, shaped and typed as `base` (float64 arithmetic, one rounding).
+  """
   base64 = np.asarray(base, np.float64)
   total = np.zeros(base64.shape, np.float64)
   for theta in thetas:

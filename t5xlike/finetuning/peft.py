@@ -34,10 +34,9 @@ component spelled `layers` (scanned and unscanned alike, e.g.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -83,7 +82,7 @@ class InterceptedNetwork:
       return self.network.apply(*args, **kwargs)
 
 
-def wrap_model(model: Any, method: PeftMethod) -> Any:
+def wrap_model(model: Any, method: PeftMethod | None) -> Any:
   """A shallow copy of `model` (any t5xlike token model) whose network carries
   `method`'s parameters; everything else (loss, decoding, feature converter)
   is the model's own. Gin: `train_run.train.model = @peft.wrap_model()` with
@@ -91,7 +90,7 @@ def wrap_model(model: Any, method: PeftMethod) -> Any:
   if method is None:
     raise ValueError("no PEFT method: bind PEFT_METHOD (use gin_configs/finetune/lora.gin, "
                      "adapters.gin or prompt_tuning.gin)")
-  if isinstance(getattr(model, "network", None), InterceptedNetwork):
+  if isinstance(model.network, InterceptedNetwork):
     raise ValueError(f"the model already carries a PEFT method ({model.peft_method!r})")
   wrapped = copy.copy(model)
   wrapped.network = InterceptedNetwork(model.network, method.interceptor)
@@ -99,25 +98,30 @@ def wrap_model(model: Any, method: PeftMethod) -> Any:
   return wrapped
 
 
-@dataclasses.dataclass(frozen=True)
 class PeftMethod(base.FineTuning):
   """Base class: trains the parameters matching `param_pattern` (and `also_train`).
 
-  Subclasses define `param_pattern` (a regex over per-layer parameter paths,
-  see `selection`) and `interceptor()` (a fresh flax method interceptor for
-  one `init` / `apply` call), may define `merge(params)` (fold the
-  technique into the base parameters; LoRA), and register themselves with
-  `@peft_registry.register`, so that their checkpoints load.
+  Subclasses are frozen dataclasses with an `also_train` field; they define
+  `param_pattern` (a regex over per-layer parameter paths, see `selection`)
+  and `interceptor()` (a fresh flax method interceptor for one `init` /
+  `apply` call), may define `merge(params)` (fold the technique into the
+  base parameters; LoRA: `peft_checkpoint.Merging`), and register themselves
+  with `@peft_registry.register`, so that their checkpoints load.
+
+  Not a dataclass itself: a field declared here would come first in every
+  subclass's fields (and positional arguments).
   """
 
   #: Regex selecting the technique's own parameters.
-  param_pattern = ""
+  param_pattern: ClassVar[str] = ""
+  #: Further parameter groups trained (`selection.GroupSpec`s): a field of every subclass.
+  also_train: Sequence[selection.GroupSpec]
 
   def interceptor(self) -> Callable:
     raise NotImplementedError
 
   def trained_groups(self) -> list[selection.GroupSpec]:
-    return [self.param_pattern, *getattr(self, "also_train", ())]
+    return [self.param_pattern, *self.also_train]
 
   def frozen(self, params: Any) -> Any:
     if not any(np.asarray(m).any() for m in jax.tree.leaves(

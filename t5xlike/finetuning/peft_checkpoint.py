@@ -24,24 +24,34 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from t5xlike import checkpoints
-from t5xlike.finetuning import base, peft_registry
+from t5xlike import checkpoints, interfaces
+from t5xlike.finetuning import peft_registry
 
 FORMAT = "t5xlike-peft-1"
+
+
+@runtime_checkable
+class Merging(Protocol):
+  """A PEFT method that folds itself into the base architecture's parameters (LoRA)."""
+
+  def merge(self, params: Any) -> Any:
+    """The base architecture's parameters with the technique folded in."""
+    ...
 
 
 def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def trained_params(method: base.FineTuning, params: Any) -> dict[str, Any]:
+def trained_params(method: interfaces.FineTuningTechnique, params: Any) -> dict[str, Any]:
   """The leaves `method` trains (any of their layers), as a nested dict."""
   masks = method.trainable(params)
   flat = traverse_util.flatten_dict(params)
@@ -50,11 +60,17 @@ def trained_params(method: base.FineTuning, params: Any) -> dict[str, Any]:
                                        if np.asarray(flat_masks[k]).any()})
 
 
-def export(method: base.FineTuning, params: Any, model_dir: Any, step: int,
+def export(method: peft_registry.Method, params: Any, model_dir: Any, step: int,
            base_checkpoint: str | None) -> list[epath.Path]:
   """Writes the PEFT checkpoint (and LoRA's merged one); returns their directories.
 
-  `method` is a registered PEFT method (`peft.PeftMethod`, `peft_registry`).
+  Args:
+    method: a registered PEFT method (`peft.PeftMethod`, `peft_registry`); a
+      `Merging` one also writes `model_dir/merged/checkpoint_<step>`.
+    params: the run's full parameter tree (unboxed).
+    model_dir: MODEL_DIR (a path or string).
+    step: the final step, the checkpoints' number.
+    base_checkpoint: INITIAL_CHECKPOINT_PATH, recorded (absolute) in `peft.json`; None: none.
   """
   model_dir = epath.Path(model_dir)
   directory = checkpoints.save_params(model_dir / "peft", step, trained_params(method, params))
@@ -63,7 +79,7 @@ def export(method: base.FineTuning, params: Any, model_dir: Any, step: int,
             "base_checkpoint": _absolute(str(base_checkpoint)) if base_checkpoint else None}
     (directory / checkpoints.PEFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
   written = [directory]
-  if hasattr(method, "merge"):
+  if isinstance(method, Merging):
     written.append(checkpoints.save_params(model_dir / "merged", step, method.merge(params)))
   return written
 
@@ -76,13 +92,13 @@ def read(path: str | epath.Path) -> dict[str, Any] | None:
   return info
 
 
-def peft_parameters(paths) -> list[str]:
+def peft_parameters(paths: Iterable[str]) -> list[str]:
   """The paths among `paths` that name a PEFT technique's parameters (LoRA's A/B, ...)."""
   patterns = [cls.param_pattern for cls in peft_registry.method_classes().values()]
   return sorted(p for p in paths if any(re.search(pattern, p) for pattern in patterns))
 
 
-def method_of(path: str | epath.Path) -> base.FineTuning | None:
+def method_of(path: str | epath.Path) -> peft_registry.Method | None:
   """The technique of a PEFT checkpoint (a `peft.PeftMethod`; None for an ordinary
   checkpoint)."""
   info = read(path)

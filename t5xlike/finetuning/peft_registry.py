@@ -16,16 +16,32 @@ package's `__init__` imports every technique.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
-from t5xlike.finetuning import base
-
-MethodClass = TypeVar("MethodClass", bound=type)
-
-_METHODS: dict[str, type[base.FineTuning]] = {}
+from t5xlike import interfaces
 
 
-def register(cls: MethodClass) -> MethodClass:
+class Method(interfaces.FineTuningTechnique, Protocol):
+  """A registered PEFT method, as the registry and the PEFT checkpoints use it.
+
+  The methods are `peft.PeftMethod` dataclasses; `peft` imports this module,
+  so the type is spelled here as a protocol.
+  """
+
+  #: Regex over parameter paths selecting the technique's own parameters.
+  param_pattern: ClassVar[str]
+
+  def wrap(self, model: Any) -> Any:
+    """`model` carrying the technique's parameters (`peft.wrap_model`)."""
+    ...
+
+
+MethodType = TypeVar("MethodType", bound=Method)
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[MethodType]) -> type[MethodType]:
   """Class decorator: registers a PEFT method class (a dataclass) under `cls.__name__`.
 
   ValueError when another class already holds the name (a class defined
@@ -40,26 +56,29 @@ def register(cls: MethodClass) -> MethodClass:
   return cls
 
 
-def method_classes() -> dict[str, type[base.FineTuning]]:
+def method_classes() -> dict[str, type[Method]]:
   """{registered name: method class}, a copy."""
   return dict(_METHODS)
 
 
-def method_class(name: str) -> type[base.FineTuning]:
+def method_class(name: str) -> type[Method]:
   """The method class registered under `name`; ValueError naming the known ones."""
   if name not in _METHODS:
     raise ValueError(f"unknown PEFT method {name!r}; known: {sorted(_METHODS)}")
   return _METHODS[name]
 
 
-def method_to_json(method: base.FineTuning) -> dict[str, Any]:
+def method_to_json(method: Method) -> dict[str, Any]:
   """{'method': class name, field: value...}: what a PEFT checkpoint records of `method`."""
+  if not dataclasses.is_dataclass(method):
+    raise TypeError(f"{type(method).__name__} is not a dataclass: a PEFT method's record is "
+                    f"its dataclass fields")
   fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
   return {"method": type(method).__name__,
           **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
-def method_from_json(spec: dict[str, Any]) -> base.FineTuning:
+def method_from_json(spec: dict[str, Any]) -> Method:
   """The method a PEFT checkpoint's `method` record describes (`method_to_json`'s inverse)."""
   spec = dict(spec)
   name = spec.pop("method", None)

@@ -127,15 +127,23 @@ class PromptTuning(peft.PeftMethod):
     peft.as_tuple(self, "also_train")
 
   def _prompt(self, module: nn.Module, features: int) -> jax.Array:
-    return module.param(PARAM, nn.with_logical_partitioning(uniform_init,
-                                                            ("prompt_length", "embed")),
-                        (self.length, features), jnp.float32)
+    return layers.logical_param(module, PARAM, uniform_init, ("prompt_length", "embed"),
+                                (self.length, features), jnp.float32)
 
   def interceptor(self):
     n = self.length
     pending: list[jax.Array] = []  # The prompt, until the stack's input embedding takes it.
 
     def run_on_extended_tokens(next_fun, args, kwargs, module, token_index, features):
+      """Runs the stack on [n placeholder ids; tokens]; its `layers.Embed` call then
+      swaps the placeholders' embeddings for the prompt (the `pending` one).
+
+      Args:
+        next_fun, args, kwargs: the intercepted call.
+        module: the stack (`t5.Encoder`, `decoder.DecoderStack`): owns the prompt parameter.
+        token_index: the position of `tokens` (int [b, l]) among the call's arguments.
+        features: the embedding width (the prompt is [n, features]).
+      """
       tokens = _arg(args, kwargs, token_index, "tokens")
       pending.append(self._prompt(module, features))
       extended = jnp.concatenate([jnp.zeros(tokens.shape[:-1] + (n,), tokens.dtype), tokens],

@@ -117,7 +117,8 @@ def _is_boxed(x: Any) -> bool:
   return isinstance(x, nn.LogicallyPartitioned)
 
 
-def _keys(path) -> list[str]:
+def _keys(path: Sequence[Any]) -> list[str]:
+  """A jax tree path as strings: a DictKey's key, a GetAttrKey's name, else the entry."""
   return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
@@ -164,18 +165,18 @@ def select(params: Any, groups: Iterable[GroupSpec], require_match: bool = False
 
   With `require_match` a group that selects no parameter is a ValueError (a
   misspelt regex would otherwise select nothing, silently)."""
-  groups = [as_group(g) for g in groups]
-  used = set()
+  resolved = [as_group(g) for g in groups]
+  used: set[int] = set()
 
   def mask(leaf: Leaf) -> np.ndarray:
     hits = []
     for layer, path in leaf.layer_paths:
-      matched = [i for i, g in enumerate(groups) if g.matches(path, layer, leaf.num_layers)]
+      matched = [i for i, g in enumerate(resolved) if g.matches(path, layer, leaf.num_layers)]
       used.update(matched)
       hits.append(bool(matched))
     return np.asarray(hits if leaf.scanned else hits[0], bool)
   out = _map_leaves(mask, params)
-  unused = [groups[i] for i in range(len(groups)) if i not in used]
+  unused = [resolved[i] for i in range(len(resolved)) if i not in used]
   if require_match and unused:
     raise ValueError(f"{', '.join(map(repr, unused))} select(s) no parameter")
   return out
@@ -240,6 +241,7 @@ def depths(params: Any, *, serial: bool = True,
       return np.asarray(0 if re.search(embedding_pattern, leaf.path) else top, np.int32)
     if leaf.scanned:
       return start[leaf.stack] + np.arange(leaf.num_layers, dtype=np.int32)
+    assert leaf.layer is not None  # `leaves`: an unscanned leaf of a stack has its layer.
     return np.asarray(start[leaf.stack] + leaf.layer, np.int32)
   return _map_leaves(depth, params), top
 

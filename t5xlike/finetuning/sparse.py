@@ -73,7 +73,9 @@ class SparseState(NamedTuple):
       candidates before step K, the chosen k after it; None elsewhere).
     inner: the inner optimizer's state.
   """
-  count: jax.Array
+  # Shadows tuple.count, which typeshed types as a method; the name is kept because
+  # checkpoints hold it ('opt_state/count', read by `sparse_delta.read_sparse_state`).
+  count: jax.Array  # type: ignore[assignment]
   theta0: Any
   mask: Any
   inner: Any
@@ -211,7 +213,11 @@ class SparseFineTuning(base.FineTuning):
   def num_chosen(self, params: Any) -> int:
     """k: the number of scalars trained after the dense phase."""
     candidates = selection.count(params, self.candidates_mask(params))[0]
-    k = self.num_trainable if self.fraction is None else int(round(self.fraction * candidates))
+    if self.fraction is not None:
+      k = int(round(self.fraction * candidates))
+    else:
+      assert self.num_trainable is not None  # __post_init__: exactly one of the two is set.
+      k = self.num_trainable
     if not 1 <= k <= candidates:
       raise ValueError(f"the sparse phase trains {k} parameters but the groups hold "
                        f"{candidates:,} candidates (need 1 <= k <= candidates)")

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 FORMAT = "t5xlike.sparse_delta.v1"
 DIRECTORY = "sparse_delta"
@@ -68,7 +69,6 @@ def flatten(tree: Any) -> dict[str, Any]:
 
 def _host(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
 
@@ -102,7 +102,9 @@ def save(directory: str | epath.Path, delta: SparseDelta) -> epath.Path:
     arrays[f"{name}@indices"] = np.asarray(indices)
     arrays[f"{name}@values"] = np.asarray(values, np.float64)
   with (directory / "delta.npz").open("wb") as f:
-    np.savez(f, **arrays)
+    # numpy's stub types **kwds against `allow_pickle: bool` too; every key here ends
+    # in '@indices' / '@values', so none is a keyword of savez.
+    np.savez(f, **arrays)  # type: ignore[arg-type]
   meta = {"format": FORMAT, "base_checkpoint": delta.base_checkpoint, "step": delta.step,
           "num_entries": delta.num_entries,
           "values_dtype": "float64",
