@@ -69,8 +69,7 @@ def compiled(request):
   else:
     model, batch = decoder.DecoderOnlyModel(decoder.Transformer(DECODER)), DECODER_BATCH
   trainer = make_trainer(model)
-  state = trainer.abstract_state(batch)
-  lowered = trainer._jitted_train_step(batch).lower(state, batch)  # pylint: disable=protected-access
+  lowered = trainer.lower_train_step(batch)
   return model, batch, lowered.as_text(), lowered.compile().cost_analysis()["flops"]
 
 
@@ -153,8 +152,7 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   schedule = optim.constant(0.01)
   trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule,
                                 partitioning.Partitioner({"data": 1}), finetuning=method)
-  state = trainer.abstract_state(T5_BATCH)
-  lowered = trainer._jitted_train_step(T5_BATCH).lower(state, T5_BATCH)  # pylint: disable=protected-access
+  lowered = trainer.lower_train_step(T5_BATCH)
   counted = dot_general_flops(lowered.as_text())
   ours = flops.model_step_flops(model, T5_BATCH)
   dense = flops.model_step_flops(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,7 @@ def abstract_params(model: Any, batch_shapes: Mapping[str, Any],
             for k, v in batch_shapes.items()}
   boxed = jax.eval_shape(model.init, jax.random.key(0), shapes)["params"]
   shardings = partitioner.variable_shardings(boxed)
-  unboxed = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                         is_leaf=lambda x: hasattr(x, "names"))
+  unboxed = nn.meta.unbox(boxed)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       unboxed, shardings), boxed
 
@@ -62,9 +62,9 @@ def load_checkpoint(model: Any, checkpoint_path: str | None, feature_lengths: Ma
   """
   loaded, params, step = load_model_checkpoint(model, checkpoint_path, feature_lengths,
                                                partitioner)
-  if loaded is not model:
-    method = loaded.peft_method
-    if not hasattr(method, "merge"):
+  method = peft_checkpoint.method_of(checkpoint_path) if loaded is not model else None
+  if method is not None:
+    if not isinstance(method, peft_checkpoint.Merging):
       raise errors.ConfigError(f"CHECKPOINT_PATH={checkpoint_path} is a {type(method).__name__} "
                                f"PEFT checkpoint: load it with "
                                f"checkpoint_loading.load_model_checkpoint")

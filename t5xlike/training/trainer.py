@@ -237,6 +237,12 @@ class Trainer:
     with self.partitioner.activate():
       return self._jitted_train_step(key, shapes).lower(plan.abstract_state, shapes)
 
+  def lower_train_step(self, batch_shapes: BatchShapes) -> Any:
+    """The train step for batches of these (global) shapes, traced and lowered (a
+    `jax.stages.Lowered`: `.as_text()` is its StableHLO, `.compile()` compiles it)."""
+    self.state_plan(batch_shapes)
+    return self._lower_train_step(shape_key(batch_shapes))
+
   def compile_train_step(self, batch_shapes: BatchShapes) -> Any:
     """Ahead-of-time compiled train step for batches of these (global) shapes.
 
