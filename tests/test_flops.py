@@ -70,7 +70,7 @@ def compiled(request):
     model, batch = decoder.DecoderOnlyModel(decoder.Transformer(DECODER)), DECODER_BATCH
   trainer = make_trainer(model)
   state = trainer.abstract_state(batch)
-  lowered = trainer._jitted_train_step(batch).lower(state, batch)  # pylint: disable=protected-access
+  lowered = trainer._jitted_train_step(batch).lower(state, batch)
   return model, batch, lowered.as_text(), lowered.compile().cost_analysis()["flops"]
 
 
@@ -130,7 +130,7 @@ def test_remat_adds_the_layers_forward_pass():
 def test_peak_table_and_accounting():
   assert flops.peak_tflops_per_device("bfloat16", configured=123.0) == (123.0, "configured")
 
-  class Device:  # pylint: disable=too-few-public-methods
+  class Device:
     platform, device_kind = "tpu", "TPU v5 lite"
   assert flops.peak_tflops_per_device("bfloat16", device=Device())[0] == 197.0
   Device.device_kind = "NVIDIA H100 80GB HBM3"
@@ -145,7 +145,7 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   the step's dot_generals. The formula charges every frozen weight its input
   gradient (4 m n T); the step skips it where nothing below is trainable (the
   first layers' query/key/value), so the count is a little below the formula."""
-  from t5xlike.finetuning import lora, peft  # pylint: disable=g-import-not-at-top
+  from t5xlike.finetuning import lora, peft
   cfg = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=2,
                     num_decoder_layers=2, head_dim=64, mlp_dim=512)
   method = lora.LoRA(rank=8)
@@ -154,7 +154,7 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule,
                                 partitioning.Partitioner({"data": 1}), finetuning=method)
   state = trainer.abstract_state(T5_BATCH)
-  lowered = trainer._jitted_train_step(T5_BATCH).lower(state, T5_BATCH)  # pylint: disable=protected-access
+  lowered = trainer._jitted_train_step(T5_BATCH).lower(state, T5_BATCH)
   counted = dot_general_flops(lowered.as_text())
   ours = flops.model_step_flops(model, T5_BATCH)
   dense = flops.model_step_flops(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)),
