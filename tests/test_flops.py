@@ -16,6 +16,7 @@ from t5xlike import flops, optim, partitioning
 from t5xlike.models import decoder, encoder_decoder, t5
 from t5xlike.objectives import spdf
 from t5xlike.training import trainer as trainer_lib
+from t5xlike.training.state_plan import shape_key
 
 T5 = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=1, head_dim=64, mlp_dim=512)
@@ -70,7 +71,7 @@ def compiled(request):
     model, batch = decoder.DecoderOnlyModel(decoder.Transformer(DECODER)), DECODER_BATCH
   trainer = make_trainer(model)
   state = trainer.abstract_state(batch)
-  lowered = trainer._jitted_train_step(batch).lower(state, batch)
+  lowered = trainer._jitted_train_step(shape_key(batch), batch).lower(state, batch)
   return model, batch, lowered.as_text(), lowered.compile().cost_analysis()["flops"]
 
 
@@ -154,7 +155,7 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   trainer = trainer_lib.Trainer(model, optim.adafactor(schedule), schedule,
                                 partitioning.Partitioner({"data": 1}), finetuning=method)
   state = trainer.abstract_state(T5_BATCH)
-  lowered = trainer._jitted_train_step(T5_BATCH).lower(state, T5_BATCH)
+  lowered = trainer._jitted_train_step(shape_key(T5_BATCH), T5_BATCH).lower(state, T5_BATCH)
   counted = dot_general_flops(lowered.as_text())
   ours = flops.model_step_flops(model, T5_BATCH)
   dense = flops.model_step_flops(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)),
