@@ -91,10 +91,20 @@ def vocabulary_gin(vocabulary: Vocabulary, copied: pathlib.Path | None, size: in
 
 def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np.ndarray],
           vocabulary: Vocabulary, final: str | pathlib.Path | None = None) -> pathlib.Path:
-  """Writes OUT/checkpoint (step 0) and OUT/model.gin; `flat` is unscanned
-  (`layers_<i>`) and is stacked here when the config scans its layers.
-  `final`: the directory OUT will be renamed to (model.gin names the copied
-  SentencePiece model by its final path)."""
+  """Writes OUT/checkpoint (step 0) and OUT/model.gin.
+
+  Args:
+    output: OUT (created).
+    network_config: a `t5.T5Config` or `decoder.DecoderConfig`.
+    flat: the unscanned parameters (`layers_<i>`) by '/'-joined path; stacked
+      here when the config scans its layers.
+    vocabulary: where the token ids come from (a SentencePiece model is copied to OUT).
+    final: the directory OUT will be renamed to (model.gin names the copied
+      SentencePiece model by its final path); None: OUT itself.
+
+  Returns:
+    OUT.
+  """
   output = pathlib.Path(output)
   output.mkdir(parents=True, exist_ok=True)
   copied = None

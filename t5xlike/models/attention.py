@@ -246,6 +246,8 @@ def _per_shard(kernel, batch: int, heads: int):
   four, two = P(b, h, None, None), P(b, None)
 
   def call(q, k, v, ab, segments):
+    """The kernel per shard. q, k, v [b, heads, len, d]; ab (bias) [b, heads, q_len,
+    k_len] or None; segments (`SegmentIds`, q and kv [b, len]) or None."""
     return jax.shard_map(
         kernel, mesh=mesh, in_specs=(four, four, four, None if ab is None else four,
                                      None if segments is None else type(segments)(two, two)),
