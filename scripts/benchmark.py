@@ -11,8 +11,9 @@ its own process so that peak RSS and time to first step are its own).
 `--compare A B` runs the command twice, in fresh processes, with the extra
 flags A, then B (flags without their leading `--`, several separated by
 spaces: "dtype=bfloat16 attention=xla"; they override the others), prints
-both JSON lines and a side-by-side table with the ratio B / A. Time to first step counts from the start of the process
-(imports, data pipeline, initialisation, compilation, first step).
+both JSON lines and a side-by-side table with the ratio B / A. Time to first
+step counts from the start of the process (imports, data pipeline,
+initialisation, compilation, first step).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-TABLE_KEYS = ("compile_s", "compiled_memory_bytes", "time_to_first_step_s", "step_time_s", "step_time_p90_s",
-              "cpu_s_per_step",
+TABLE_KEYS = ("compile_s", "compiled_memory_bytes", "time_to_first_step_s", "step_time_s",
+              "step_time_p90_s", "cpu_s_per_step",
               "tokens_per_second", "padded_tokens_per_second", "tflops_per_device", "mfu",
               "peak_memory_bytes", "final_loss")
 
@@ -65,8 +66,8 @@ def positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-  from t5xlike import benchmarking  # pylint: disable=g-import-not-at-top
-  from t5xlike.models import attention  # pylint: disable=g-import-not-at-top
+  from t5xlike import benchmarking
+  from t5xlike.models import attention
   p = OneLineParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="t5_1_1_small",
                  help=f"comma-separated names from {sorted(benchmarking.CONFIGS)}")
@@ -122,7 +123,7 @@ def compare(base: list[str], variants: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
-  from t5xlike import benchmarking  # pylint: disable=g-import-not-at-top
+  from t5xlike import benchmarking
   names = [n for n in args.config.split(",") if n]
   unknown = [n for n in names if n not in benchmarking.CONFIGS]
   if unknown or not names:

@@ -55,7 +55,7 @@ def du(path: pathlib.Path) -> int:
 
 def params_bytes(step_dir: pathlib.Path) -> int:
   sys.path.insert(0, str(REPO))
-  from t5xlike import checkpoints  # pylint: disable=g-import-not-at-top
+  from t5xlike import checkpoints
   total = 0
   for shape in checkpoints.saved_param_shapes(step_dir).values():
     size = 4
@@ -94,7 +94,7 @@ def run(method: str, args, start_step: int) -> dict:
   match = re.search(r"sparse phase trains ([\d,]+) parameters", text)
   if match:  # Sparse fine-tuning: the candidates train densely first, then k of them.
     row["trainable_sparse_phase"] = int(match.group(1).replace(",", ""))
-  train_rows = [json.loads(l) for l in (model_dir / "metrics" / "train.jsonl").read_text()
+  train_rows = [json.loads(line) for line in (model_dir / "metrics" / "train.jsonl").read_text()
                 .splitlines()]
   times = [r["step_time_s"] for r in train_rows[1:] if "step_time_s" in r]
   row["median_step_time_s"] = statistics.median(times) if times else None
@@ -103,7 +103,7 @@ def run(method: str, args, start_step: int) -> dict:
   row["export"] = export.name if export else "params"
   row["size_bytes"] = du(export) if export else params_bytes(step_dir)
   row["checkpoint_bytes"] = du(step_dir)
-  evals = [json.loads(l) for l in (model_dir / "metrics" / "eval.jsonl").read_text()
+  evals = [json.loads(line) for line in (model_dir / "metrics" / "eval.jsonl").read_text()
            .splitlines()]
   tasks = {r["task"]: r for r in evals if r["step"] == total and "examples" in r}
   row["eval"] = {task: {k: v for k, v in r.items() if k in METRICS + ("loss",)}

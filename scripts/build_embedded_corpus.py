@@ -139,7 +139,7 @@ def build(sources: pathlib.Path, out: pathlib.Path, vocab_size: int) -> None:
     size = sum(len(d["text"].encode()) for d in docs)
     print(f"{split}: {len(docs)} documents, {size / 1e6:.2f} MB of text")
 
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm
   sentences = [p for doc in splits["train"] for p in doc["text"].split("\n")]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(

@@ -101,8 +101,8 @@ def truncate_state(step_dir: pathlib.Path) -> None:
 
 def saved_params(step_dir: pathlib.Path) -> dict:
   """{path: numpy array} of a checkpoint's parameters (host arrays, no sharding)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import orbax.checkpoint as ocp
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.restore(step_dir / "state")
   flat = {}
@@ -267,7 +267,7 @@ def _half_written(drill: Drill) -> tuple[str, bool]:
                   model_dir / "checkpoint_9.orbax-checkpoint-tmp-1795000000000000")
   result = drill.train(model_dir, "--gin.TRAIN_STEPS=7")
   ok = result.returncode == 0 and "resuming from" in result.stdout and "checkpoint_6" in (
-      [l for l in result.stdout.splitlines() if "resuming from" in l] or [""])[0]
+      [line for line in result.stdout.splitlines() if "resuming from" in line] or [""])[0]
   return f"exit {result.returncode}, resumed from checkpoint_6, step 7 trained", ok
 
 
@@ -282,7 +282,7 @@ def _corrupt(strict: bool) -> Callable[[Drill], tuple[str, bool]]:
             and "Traceback" not in result.stderr and steps_saved(model_dir) == [3, 6, 9])
       return f"exit {result.returncode}: {line[:160]}", ok
     result = drill.train(model_dir)
-    warning = [l for l in result.stdout.splitlines() if "is corrupt" in l]
+    warning = [line for line in result.stdout.splitlines() if "is corrupt" in line]
     baseline = {r["step"]: r["loss"] for r in rows(drill.baseline)}
     got = rows(model_dir)
     ok = (result.returncode == 0 and bool(warning) and "step 9" in warning[0]
@@ -309,7 +309,7 @@ def _nan(policy: str, steps: str, *extra: str) -> Callable[[Drill], tuple[str, b
       return f"exit {result.returncode}: {line[:120]}; row {bad} loss NaN; checkpoints [3]", ok
     skipped = got.get(STEPS, {}).get("skipped_steps")
     if extra:  # Rolled back: the bad rows were logged, then rewound and re-run.
-      rolled = [l for l in result.stdout.splitlines() if "rolling back to" in l]
+      rolled = [line for line in result.stdout.splitlines() if "rolling back to" in line]
       ok = (result.returncode == 0 and f"step {bad}: non-finite loss" in result.stdout
             and bool(rolled) and "checkpoint_3" in rolled[0]
             and sorted(got) == list(range(1, STEPS + 1))
@@ -406,7 +406,7 @@ def run_cases(cases: list[Case], root: pathlib.Path, log=print) -> list[Outcome]
     start = time.perf_counter()
     try:
       observed, ok = case.run(drill)
-    except Exception as error:  # pylint: disable=broad-except  (a drill bug is a failure)
+    except Exception as error:  # A bug in the drill fails its case.
       observed, ok = f"drill error: {type(error).__name__}: {error}"[:240], False
     outcomes.append(Outcome(case.name, case.expected, observed, ok, time.perf_counter() - start))
     log(f"{'PASS' if ok else 'FAIL'} {case.name} ({outcomes[-1].seconds:.0f} s): {observed}")

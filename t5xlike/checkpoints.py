@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from t5xlike import errors
 
@@ -118,7 +119,7 @@ class Checkpointer:
       try:
         with quiet_failed_reads():
           return (step, *self.restore(step, abstract_state))
-      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+      except Exception as error:  # noqa: BLE001  (a corrupt step fails in many ways)
         reason = f"{type(error).__name__}: {errors.one_line(error)}"
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         if strict:
@@ -130,7 +131,8 @@ class Checkpointer:
                     "previous checkpoint", step, reason, where)
     return None
 
-  def _move_aside(self, step: int) -> epath.Path:  # pylint: disable=missing-function-docstring
+  def _move_aside(self, step: int) -> epath.Path:
+    """Moves the corrupt `step` to MODEL_DIR/corrupt/ (process 0); returns where it went."""
     target = self.directory / CORRUPT_DIR / f"{STEP_PREFIX}_{step}"
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,6 @@ class Checkpointer:
         target = target.parent / f"{STEP_PREFIX}_{step}.{time.time_ns()}"
       step_dir(self.directory, step).rename(target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"t5xlike_corrupt_checkpoint_{step}")
     self._manager.reload()
     return target

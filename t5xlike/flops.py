@@ -55,6 +55,10 @@ from typing import Any, TypedDict
 import jax
 import numpy as np
 
+from t5xlike import interfaces
+from t5xlike.models import base, classifier, decoder, encoder, t5
+from t5xlike.objectives import spdf
+
 log = logging.getLogger(__name__)
 
 #: Dense peak TFLOP/s per chip by `device_kind` substring (lower case), for
@@ -136,6 +140,15 @@ class _Tally:
 
   def attention_core(self, batch: int, heads: int, q_len: int, k_len: int,
                      head_dim: int) -> None:
+    """Q K^T and P V of one attention layer (no weights: the same cost trained or frozen).
+
+    Args:
+      batch: rows.
+      heads: query heads (grouped key/value heads are repeated to them).
+      q_len: query positions per row.
+      k_len: key / value positions per row.
+      head_dim: d_h.
+    """
     forward = 4.0 * batch * heads * q_len * k_len * head_dim
     self.layer_forward += forward
     self.layer_train += 3.0 * forward
@@ -167,11 +180,26 @@ def _mlp_block(tally: _Tally, d: int, mlp: int, activations: Any, rows: float,
   tally.projection(rows, mlp, d, f"{path}/wo")
 
 
-def t5_step_flops(cfg: Any, batch: int, inputs_length: int, targets_length: int,
+def t5_step_flops(cfg: t5.T5Config, batch: int, inputs_length: int, targets_length: int,
                   lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
                   frozen: bool = False) -> StepFlops:
-  """T5 encoder-decoder (`t5.T5Config`) training step on [batch, inputs_length]
-  encoder and [batch, targets_length] decoder tokens."""
+  """T5 encoder-decoder training step on [batch, inputs_length] encoder and
+  [batch, targets_length] decoder tokens.
+
+  Args:
+    cfg: the network's config.
+    batch: rows of the global batch.
+    inputs_length: encoder positions per row (padding included).
+    targets_length: decoder positions per row (padding included).
+    lora_rank: LoRA's rank r (0: no LoRA).
+    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    lora_targets: regex over module paths selecting the LoRA-adapted projections
+      (None: all of them).
+    frozen: a PEFT run: only the technique's own parameters train.
+
+  Returns:
+    The step's FLOPs (see the module docstring).
+  """
   tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   enc, dec = batch * inputs_length, batch * targets_length
@@ -189,10 +217,24 @@ def t5_step_flops(cfg: Any, batch: int, inputs_length: int, targets_length: int,
   return tally.result(remat=cfg.remat_policy != "none")
 
 
-def decoder_step_flops(cfg: Any, batch: int, length: int, lora_rank: int = 0,
+def decoder_step_flops(cfg: decoder.DecoderConfig, batch: int, length: int, lora_rank: int = 0,
                        sparsity: float = 0.0, lora_targets: str | None = None,
                        frozen: bool = False) -> StepFlops:
-  """Decoder-only (`decoder.DecoderConfig`) training step on [batch, length] tokens."""
+  """Decoder-only training step on [batch, length] tokens.
+
+  Args:
+    cfg: the network's config.
+    batch: rows of the global batch.
+    length: positions per row (padding included).
+    lora_rank: LoRA's rank r (0: no LoRA).
+    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    lora_targets: regex over module paths selecting the LoRA-adapted projections
+      (None: all of them).
+    frozen: a PEFT run: only the technique's own parameters train.
+
+  Returns:
+    The step's FLOPs (see the module docstring).
+  """
   tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
@@ -205,12 +247,26 @@ def decoder_step_flops(cfg: Any, batch: int, length: int, lora_rank: int = 0,
   return tally.result(remat=cfg.remat_policy != "none")
 
 
-def encoder_step_flops(cfg: Any, batch: int, length: int, head: str = "mlm",
+def encoder_step_flops(cfg: encoder.EncoderConfig, batch: int, length: int, head: str = "mlm",
                        lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
-                  frozen: bool = False) -> StepFlops:
-  """Encoder-only (`encoder.EncoderConfig`) training step on [batch, length]
-  tokens; `head` 'mlm' adds the MLM head (dense + tied vocabulary logits),
-  'binary' ELECTRA's per-token dense, others (pooled classifiers) nothing."""
+                       frozen: bool = False) -> StepFlops:
+  """Encoder-only training step on [batch, length] tokens.
+
+  Args:
+    cfg: the network's config.
+    batch: rows of the global batch.
+    length: positions per row (padding included).
+    head: 'mlm' adds the MLM head (dense + tied vocabulary logits), 'binary'
+      ELECTRA's per-token dense, others (pooled classifiers) nothing.
+    lora_rank: LoRA's rank r (0: no LoRA).
+    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    lora_targets: regex over module paths selecting the LoRA-adapted projections
+      (None: all of them).
+    frozen: a PEFT run: only the technique's own parameters train.
+
+  Returns:
+    The step's FLOPs (see the module docstring).
+  """
   tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
@@ -229,44 +285,70 @@ def encoder_step_flops(cfg: Any, batch: int, length: int, head: str = "mlm",
   return tally.result(remat=cfg.remat_policy != "none")
 
 
-def network_config(model: Any) -> Any:
-  """The network config (`T5Config`, `DecoderConfig`, `EncoderConfig`) of a model,
-  unwrapping model wrappers that hold the real one as `.model` (SPDF)."""
-  while not hasattr(model, "network") and hasattr(model, "model"):
-    model = model.model
-  return model.network.config
+def _single_network(model: interfaces.Model
+                    ) -> base.TokenModel | classifier.ClassifierModel | None:
+  """The model with one configured network that `model` is or wraps (SPDF's `SparseModel`),
+  None for ELECTRA (a generator and a discriminator: no formula here)."""
+  inner = model.model if isinstance(model, spdf.SparseModel) else model
+  # Token models and classifiers hold one network with a `config` (TokenModel's
+  # constructor reads it); a PEFT-wrapped copy is still an instance of its class.
+  if isinstance(inner, (base.TokenModel, classifier.ClassifierModel)):
+    return inner
+  return None
 
 
-def model_step_flops(model: Any, batch_shapes: Mapping[str, Any]) -> StepFlops | None:
+def network_config(model: interfaces.Model) -> Any:
+  """The network config (`T5Config`, `DecoderConfig`, `EncoderConfig`) of a model or of
+  the model an SPDF `SparseModel` wraps.
+
+  Raises:
+    AttributeError: the model has no single network config (ELECTRA); what
+      `runs.train_run` catches to fall back on float32 activations.
+  """
+  inner = _single_network(model)
+  if inner is None:
+    raise AttributeError(f"{type(model).__name__} has no single network config")
+  return inner.network.config
+
+
+def _trained_weights(model: interfaces.Model) -> _TrainedWeights:
+  """SPDF's sparsity (`objectives.spdf.SparseModel`) and the PEFT technique's frozen base
+  and LoRA adapters (`finetuning.peft.wrap_model`) of a model."""
+  method = model.peft_method
+  lora_rank, lora_targets = 0, None
+  if method is not None:
+    from t5xlike.finetuning import lora  # noqa: PLC0415  (0.3 s; loaded with any technique)
+    if isinstance(method, lora.LoRA):
+      lora_rank, lora_targets = method.rank, method.targets
+  return _TrainedWeights(
+      sparsity=model.sparsity if isinstance(model, spdf.SparseModel) else 0.0,
+      frozen=method is not None, lora_rank=lora_rank, lora_targets=lora_targets)
+
+
+def model_step_flops(model: interfaces.Model,
+                     batch_shapes: Mapping[str, Any]) -> StepFlops | None:
   """Training FLOPs of one step of `model` on global batches of these shapes (arrays
   or ShapeDtypeStructs with the model's features); None for a family not covered.
 
-  SPDF models (`sparsity` attribute) and PEFT-wrapped models
-  (`finetuning.peft.wrap_model`: `peft_method`; LoRA's rank and targets) are
+  SPDF models (`objectives.spdf.SparseModel`) and PEFT-wrapped models
+  (`finetuning.peft.wrap_model`: a frozen base; LoRA's rank and targets) are
   accounted for.
   """
-  try:
-    cfg = network_config(model)
-  except AttributeError:
+  inner = _single_network(model)
+  if inner is None:
     return None
-  kind = type(cfg).__name__
-  sparsity = float(getattr(model, "sparsity", 0.0) or 0.0)
-  method = getattr(model, "peft_method", None)
-  extra = _TrainedWeights(
-      sparsity=sparsity, frozen=method is not None,
-      lora_rank=int(getattr(method, "rank", 0) or 0),
-      lora_targets=getattr(method, "targets", None) if hasattr(method, "rank") else None)
-  if kind == "T5Config" and "encoder_input_tokens" in batch_shapes:
+  cfg = inner.network.config
+  extra = _trained_weights(model)
+  if isinstance(cfg, t5.T5Config) and "encoder_input_tokens" in batch_shapes:
     batch, inputs = batch_shapes["encoder_input_tokens"].shape
     return t5_step_flops(cfg, batch, inputs, batch_shapes["decoder_target_tokens"].shape[1],
                          **extra)
-  if kind == "DecoderConfig":
+  if isinstance(cfg, decoder.DecoderConfig):
     batch, length = batch_shapes["decoder_target_tokens"].shape
     return decoder_step_flops(cfg, batch, length, **extra)
-  if kind == "EncoderConfig" and "encoder_input_tokens" in batch_shapes:
+  if isinstance(cfg, encoder.EncoderConfig) and "encoder_input_tokens" in batch_shapes:
     batch, length = batch_shapes["encoder_input_tokens"].shape
-    head = getattr(getattr(model, "network", None), "head", "mlm")
-    return encoder_step_flops(cfg, batch, length, head=head, **extra)
+    return encoder_step_flops(cfg, batch, length, head=inner.network.head, **extra)
   return None
 
 

@@ -39,17 +39,34 @@ Batch = Mapping[str, Any]  # feature name -> [batch, ...] array (NumPy or jax)
 class Model(Protocol):
   """A network plus its loss: what the trainer compiles.
 
+  Read-only members, so that a class attribute, an instance attribute or a
+  property (a wrapper's delegation) all satisfy them.
+
   Attributes:
     feature_converter: the name of the converter in
       `data.feature_converters.CONVERTERS` that makes its batches.
     vocab_size: rows of the embedding table (the token ids it can read).
     vocabulary: the (seqio) vocabulary that encodes its text (None: ids only).
+    network: the Flax module it applies (`finetuning.peft.wrap_model` replaces it
+      by one that runs under the technique's interceptor).
+    peft_method: the PEFT technique its network carries (set by
+      `finetuning.peft.wrap_model`); None for every model it did not wrap.
   """
-  feature_converter: str
-  vocabulary: Any
+
+  @property
+  def feature_converter(self) -> str: ...
+
+  @property
+  def vocabulary(self) -> Any: ...
 
   @property
   def vocab_size(self) -> int: ...
+
+  @property
+  def network(self) -> Any: ...
+
+  @property
+  def peft_method(self) -> FineTuningTechnique | None: ...
 
   def init(self, rng: jax.Array, batch: Batch) -> Any:
     """The variables (logically boxed parameters under 'params') for batches of these shapes."""
@@ -67,8 +84,14 @@ class Model(Protocol):
 
 
 class DecodingModel(Model, Protocol):
-  """A model that scores given targets and generates (inference, evaluation)."""
-  weight_feature: str
+  """A model that scores given targets and generates (inference, evaluation).
+
+  Attributes:
+    weight_feature: the batch feature whose positions `score_batch` scores.
+  """
+
+  @property
+  def weight_feature(self) -> str: ...
 
   def score_batch(self, params: Any, batch: Batch) -> jax.Array:
     """Log-likelihood of each target token, float32 [batch, length] (0 off `weight_feature`)."""
@@ -76,9 +99,16 @@ class DecodingModel(Model, Protocol):
 
   def predict_batch(self, params: Any, batch: Batch, config: DecodingConfig, max_length: int,
                     eos_id: int, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(tokens int32 [batch, max_length], scores float32 [batch]) generated for each row:
-    `config` the decoding method, at most `max_length` tokens, stopping after `eos_id`,
-    sampling keyed by `rng`; `params` and `batch` as in `loss_fn`."""
+    """(tokens int32 [batch, max_length], scores float32 [batch]) generated for each row.
+
+    Args:
+      params: the model's (unboxed) parameters.
+      batch: the rows' features (inputs; targets only as far as the converter needs them).
+      config: how each next token is chosen (greedy, sampling, beam search).
+      max_length: tokens generated at most per row.
+      eos_id: the token that ends a row (kept; 0 after it).
+      rng: the key of method 'sample' (greedy and beam search draw nothing: None).
+    """
     ...
 
 

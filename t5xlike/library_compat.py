@@ -87,7 +87,7 @@ def file_interleave(source: Any) -> tuple[int, int]:
 
 
 # -- seqio: vocabularies ------------------------------------------------------------------
-def encodes_like(vocabulary_class: type, base_class: type) -> bool:
+def encodes_like(vocabulary_class: type[Any], base_class: type[Any]) -> bool:
   """Whether `vocabulary_class` keeps `base_class`'s TensorFlow encoding (a subclass that
   does not override it, or the class itself).
 

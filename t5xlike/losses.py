@@ -63,7 +63,15 @@ def correct_count(logits: Array, targets: Array, weights: Array) -> Array:
 def token_stats(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0,
                 label_smoothing: float = 0.0) -> dict[str, Array]:
   """Summed statistics of a token-level loss: `loss_sum` (cross entropy + z-loss),
-  `z_loss_sum`, `correct` (weighted argmax hits) and `weight_sum` (scored tokens)."""
+  `z_loss_sum`, `correct` (weighted argmax hits) and `weight_sum` (scored tokens).
+
+  Args:
+    logits: [batch, length, vocab] (any float dtype; the loss is float32).
+    targets: int [batch, length].
+    weights: [batch, length], 0 on positions that are not scored.
+    z_loss: coefficient of log(Z)^2 (see `cross_entropy_with_z_loss`).
+    label_smoothing: target mass spread over the other ids.
+  """
   loss_sum, z_sum = cross_entropy_with_z_loss(logits, targets, weights, z_loss=z_loss,
                                               label_smoothing=label_smoothing)
   return {"loss_sum": loss_sum, "z_loss_sum": z_sum,

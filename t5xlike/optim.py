@@ -78,17 +78,40 @@ def adafactor(learning_rate: Schedule | float, decay_rate: float = 0.8,
   >= `min_dim_size_to_factor`, second-moment decay 1 - t^-0.8, update
   clipping at RMS 1.0, updates scaled by the parameter RMS (floored at 1e-3),
   no momentum.
+
+  Args:
+    learning_rate: a schedule (step -> rate) or a constant rate.
+    decay_rate: c in the second-moment decay 1 - t^-c.
+    clipping_threshold: clip each update to this RMS (None: no clipping).
+    multiply_by_parameter_scale: scale updates by the parameter's RMS (relative steps).
+    momentum: first-moment decay (None: no first moment kept).
+    min_dim_size_to_factor: factor the second moment of a matrix whose two
+      largest dimensions are both at least this.
+    epsilon1: regulariser added to the squared gradients.
+    weight_decay_rate: decoupled weight decay per step (None: none).
+    factored: False keeps full (unfactored) second moments.
   """
-  return optax.adafactor(learning_rate=learning_rate, min_dim_size_to_factor=min_dim_size_to_factor,
-                         decay_rate=decay_rate, multiply_by_parameter_scale=multiply_by_parameter_scale,
-                         clipping_threshold=clipping_threshold, momentum=momentum,
-                         weight_decay_rate=weight_decay_rate, eps=epsilon1, factored=factored)
+  return optax.adafactor(
+      learning_rate=learning_rate, min_dim_size_to_factor=min_dim_size_to_factor,
+      decay_rate=decay_rate, multiply_by_parameter_scale=multiply_by_parameter_scale,
+      clipping_threshold=clipping_threshold, momentum=momentum,
+      weight_decay_rate=weight_decay_rate, eps=epsilon1, factored=factored)
 
 
 def adamw(learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0, global_clip_norm: float | None = None
           ) -> optax.GradientTransformation:
-  """AdamW (Loshchilov & Hutter 2019), optionally after global-norm gradient clipping."""
+  """AdamW (Loshchilov & Hutter 2019), optionally after global-norm gradient clipping.
+
+  Args:
+    learning_rate: a schedule (step -> rate) or a constant rate.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    global_clip_norm: clip the gradients to this global L2 norm first (None or 0: no
+      clipping).
+  """
   adam = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                      weight_decay=weight_decay)
   if global_clip_norm:

@@ -61,7 +61,7 @@ def test_kernel_matches_einsum_reference(impl, kv_heads, scaling):
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN serves on GPUs")
 def test_unservable_kernel_logs_one_line_and_falls_back_to_einsum(caplog):
-  attention._said.clear()  # pylint: disable=protected-access
+  attention._said.clear()
   ref_out, _ = run("einsum")
   with caplog.at_level(logging.WARNING, logger="t5xlike.models.attention"):
     out, _ = run("cudnn")
@@ -88,7 +88,7 @@ def test_resolution_rules_and_bad_names():
       assert attention.resolve("auto", jnp.float32, dropout=False) == "einsum"
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     attention.resolve("flash", jnp.float32, dropout=False)
-  from t5xlike.models import t5  # pylint: disable=g-import-not-at-top
+  from t5xlike.models import t5
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     t5.T5Config(vocab_size=128, emb_dim=8, num_heads=2, num_encoder_layers=1,
                 num_decoder_layers=1, head_dim=4, mlp_dim=16, attention_impl="flash")
@@ -206,7 +206,7 @@ def test_structured_mask_dense_is_the_models_mask():
 
 def test_pallas_unservable_logs_one_line_and_matches_einsum(caplog):
   """(d) off a TPU without interpret mode, and lengths not multiples of 128 in it."""
-  attention._said.clear()  # pylint: disable=protected-access
+  attention._said.clear()
   ref_out, ref_grads = run("einsum")
   with caplog.at_level(logging.WARNING, logger="t5xlike.models.attention"):
     if jax.default_backend() != "tpu":
@@ -231,9 +231,9 @@ def test_pallas_unservable_logs_one_line_and_matches_einsum(caplog):
 
 def test_pallas_t5_model_loss_matches_einsum(caplog):
   """End to end: a tiny T5 (relative biases, padding, causal decoder, cross-attention)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
 
-  from t5xlike.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
+  from t5xlike.models import encoder_decoder, t5
   rng = np.random.default_rng(4)
   enc = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
   enc[0, 100:] = 0
@@ -275,9 +275,9 @@ def test_pallas_decoder_only_packed_scanned_loss_and_grads_match_einsum(caplog):
   """End to end: a tiny Llama-style decoder (GQA, RoPE, packed rows, scanned layers), the
   StructuredMask broadcast through nn.scan to the kernel. No remat: interpret mode's
   callbacks are effects, which `jax.checkpoint` refuses (the TPU kernel has none)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
 
-  from t5xlike.models import decoder  # pylint: disable=g-import-not-at-top
+  from t5xlike.models import decoder
   rng = np.random.default_rng(5)
   targets = rng.integers(1, 64, size=(1, P_LEN)).astype(np.int32)
   segments = np.ones((1, P_LEN), np.int32)
@@ -312,7 +312,7 @@ def test_pallas_shard_map_wrapping_on_a_four_device_mesh():
   """Multi-device meshes: the kernel (here the flash module's pure-JAX reference, since
   interpret mode hangs under shard_map on the CPU) runs per batch x heads shard, same
   values; in interpret mode 'pallas' falls back there."""
-  import json  # pylint: disable=g-import-not-at-top,multiple-imports
+  import json
   import os
   import pathlib
   import subprocess

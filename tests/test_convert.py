@@ -11,13 +11,14 @@ import pathlib
 import numpy as np
 import pytest
 
+from t5xlike import convert, infer
+from t5xlike.data import feature_converters
+from t5xlike.interop import hf_weights, output_dir, param_trees
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from t5xlike import convert, infer  # pylint: disable=g-import-not-at-top
-from t5xlike.data import feature_converters
-from t5xlike.interop import hf_weights, output_dir, param_trees
-from tests import hf_reference
+from tests import hf_reference  # noqa: E402  (imports torch and transformers: skipped above)
 
 TOL = 1e-4
 
@@ -46,9 +47,9 @@ def _llama_batch(seed: int = 2):
 
 def _our_logits(out_dir: pathlib.Path, batch) -> tuple[np.ndarray, object, dict]:
   """Logits of a converted t5xlike directory, built from its model.gin."""
-  import gin  # pylint: disable=g-import-not-at-top
+  import gin
 
-  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
+  from t5xlike.cli import gin_config
   gin_config.configure([str(out_dir / "model.gin")])
   model = output_dir.configured_model()
   gin.clear_config()
@@ -184,7 +185,7 @@ def _weights_warnings(warnings):
 
 def test_load_hf_sees_missing_weight_warnings(t5_v10, tmp_path, capfd):
   """The warnings check below can fail: a directory lacking a tensor is reported."""
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file
   broken = tmp_path / "broken"
   broken.mkdir()
   (broken / "config.json").write_text((t5_v10.hf_dir / "config.json").read_text())
@@ -252,9 +253,9 @@ def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
   Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models. `gcs`:
   the specs T5X writes for a gs:// directory (bucket placeholder, top-level path).
   Returns the parameters as saved (unscanned, float32)."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  from flax import serialization  # pylint: disable=g-import-not-at-top
+  import ml_dtypes
+  import tensorstore as ts
+  from flax import serialization
   directory.mkdir(parents=True)
   saved = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if k.endswith(bfloat16) else v)
            for k, v in flat.items()}
@@ -286,9 +287,9 @@ def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
 def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
   assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
                   "--relative_attention_max_distance=16", *flags) == 0
-  import gin  # pylint: disable=g-import-not-at-top
+  import gin
 
-  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
+  from t5xlike.cli import gin_config
   gin_config.configure([str(out / "model.gin")])
   cfg = output_dir.configured_model().network.config
   gin.clear_config()
@@ -311,7 +312,7 @@ def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned, gcs):
 def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path, item, use_ocdbt):
   """Orbax T5X: the train state dict {'target', 'state'} as a PyTree checkpoint, in the
   step directory or its `state` item (T5X's CheckpointManager, use_ocdbt=False)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(tmp_path / "checkpoint_7" / item, args=ocp.args.PyTreeSave({
@@ -429,7 +430,7 @@ def test_unsupported_hf_config_is_refused(tmp_path, capsys):
 
 
 def test_weight_reader_reads_sharded_safetensors(t5_v10, tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file
   tensors = load_file(str(t5_v10.hf_dir / "model.safetensors"))
   names = sorted(tensors)
   halves = {"a.safetensors": names[:10], "b.safetensors": names[10:]}
@@ -444,7 +445,7 @@ def test_weight_reader_reads_sharded_safetensors(t5_v10, tmp_path):
 
 def test_pytorch_bin_weights_import_like_safetensors(t5_v10, tmp_path):
   """HF's PyTorch `pytorch_model.bin` (read only where torch is installed)."""
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text((t5_v10.hf_dir / "config.json").read_text())
   torch.save(load_file(str(t5_v10.hf_dir / "model.safetensors")),
@@ -459,7 +460,7 @@ def test_pytorch_bin_weights_import_like_safetensors(t5_v10, tmp_path):
 def test_flax_msgpack_weights_read_as_state_dict_names(t5_v10, tmp_path):
   """HF's Flax layout (`flax_model.msgpack`: `kernel` [in, out], `embedding`, norm
   `weight`) reads as the PyTorch names and layout."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from flax import serialization
   reference = hf_weights.WeightReader(t5_v10.hf_dir)
   flax_tree = {}
   for name in reference.names():
@@ -483,10 +484,10 @@ def test_flax_msgpack_weights_read_as_state_dict_names(t5_v10, tmp_path):
 def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
   """An HF T5 directory with `spiece.model`: OUT holds a copy, model.gin binds it
   with T5's 100 extra ids, and the export carries it back."""
-  import gin  # pylint: disable=g-import-not-at-top
-  import seqio  # pylint: disable=g-import-not-at-top
+  import gin
+  import seqio
 
-  from t5xlike.cli import gin_config  # pylint: disable=g-import-not-at-top
+  from t5xlike.cli import gin_config
   spm = pathlib.Path(__file__).resolve().parents[1] / "tasks" / "embedded" / "spm.model"
   hf_config = transformers.T5Config(vocab_size=8192, d_model=16, d_kv=4, d_ff=16, num_layers=1,
                                     num_heads=2, feed_forward_proj="gated-gelu",
@@ -509,8 +510,8 @@ def test_sentencepiece_vocabulary_is_copied_and_bound(tmp_path):
 
 def test_conversion_imports_no_torch_transformers_or_tensorflow(t5_v10, tmp_path):
   """HF -> t5xlike -> HF in a fresh interpreter loads neither PyTorch nor TensorFlow."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import sys
   code = (f"import sys\nfrom t5xlike import convert\n"
           f"assert convert.main(['--from=hf', '--checkpoint={t5_v10.hf_dir}', "
           f"'--output={tmp_path / 'ours'}']) == 0\n"

@@ -53,7 +53,7 @@ def prepare(data_dir: pathlib.Path, file_format: str) -> tfds.core.DatasetBuilde
                              file_format="tfrecord" if file_format == "both" else file_format)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
   if file_format == "both":  # What `tfds convert_format` (apache-beam) does: same records.
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_module
     for path in sorted(pathlib.Path(builder.data_dir).glob("*.tfrecord-*")):
       writer = array_record_module.ArrayRecordWriter(
           str(path).replace(".tfrecord-", ".array_record-"), "group_size:1")
@@ -163,9 +163,9 @@ def test_tokens_are_those_of_seqio_tensorflow_op():
   vocabulary = tasks.embedded.vocabulary()
   expected = vocabulary.encode_tf(tf.constant(TIE)).numpy().tolist()
   assert vocabulary.encode(TIE) != expected  # Why the replay runs tf_text's op, not sentencepiece.
-  encode = preprocessor_replay._encoder(vocabulary)  # pylint: disable=protected-access
+  encode = preprocessor_replay._encoder(vocabulary)
   assert [ids.tolist() for ids in encode([TIE.encode(), b""])] == [expected, []]
-  assert preprocessor_replay._encoder(  # pylint: disable=protected-access
+  assert preprocessor_replay._encoder(
       seqio.PassThroughVocabulary(8)) is None
 
 
@@ -256,7 +256,7 @@ def test_pipeline_batches_are_the_same_from_memory_or_direct(registered, objecti
   for name in names:
     memory = batches(name)
     direct = batches(name, in_memory_max_examples=0)
-    opened = pipeline._SOURCES  # pylint: disable=protected-access
+    opened = pipeline._SOURCES
     assert isinstance(next(v for k, v in opened.items() if k[1] == name and k[-1] == 0),
                       direct_sources.DirectSource)
     for a, b in zip(memory, direct):

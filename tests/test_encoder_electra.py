@@ -392,7 +392,7 @@ def test_gin_model_files(name):
                  id="scanned-remat-bf16-microbatches")])
 def test_trainer_step(options, num_microbatches):
   """One Trainer step (real partitioner and optimizer); the slow variant ~35 s on 2 CPUs."""
-  from t5xlike import optim  # pylint: disable=import-outside-toplevel
+  from t5xlike import optim
   from t5xlike.training import trainer as trainer_lib
   model = electra.ElectraModel(dataclasses.replace(GEN, **options),
                                dataclasses.replace(DISC, **options), vocabulary=FakeVocabulary())

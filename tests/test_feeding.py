@@ -27,7 +27,7 @@ def test_encoder_decoder_features_layout():
 
 def test_chunks_are_the_concatenated_token_stream():
   feed = make_feed()
-  raw = feed._raw_examples()  # pylint: disable=protected-access
+  raw = feed._raw_examples()
   chunks = [next(raw)["targets"] for _ in range(30)]
   raw.close()
   docs = feed.task.get_dataset(sequence_length=None, split="train", shuffle=False,

@@ -75,7 +75,8 @@ def test_masks_of_scanned_and_unscanned_models_agree(boxed):
   assert plain == scanned and len(plain) == 52
   selected = sorted(p for p, m in plain.items() if m)
   assert selected == sorted(
-      [f"{s}/layers_0/mlp/{w}/kernel" for s in ("encoder", "decoder") for w in ("wi_0", "wi_1", "wo")]
+      [f"{s}/layers_0/mlp/{w}/kernel" for s in ("encoder", "decoder")
+       for w in ("wi_0", "wi_1", "wo")]
       + [f"encoder/layers_1/attention/{w}/kernel" for w in ("key", "out", "query", "value")]
       + ["token_embedder/embedding"])
   mask = selection.select(boxed[True], FROZEN)
@@ -90,9 +91,10 @@ def test_masks_of_scanned_and_unscanned_models_agree(boxed):
 
 
 def test_depths_serial_and_parallel(boxed):
+  layer = lambda path: int(path.split("layers_")[1][0])
   expected = lambda path: (0 if path.startswith("token_embedder") or "relpos" in path
-                           else 1 + int(path.split("layers_")[1][0]) if path.startswith("encoder/layers")
-                           else 3 + int(path.split("layers_")[1][0]) if path.startswith("decoder/layers")
+                           else 1 + layer(path) if path.startswith("encoder/layers")
+                           else 3 + layer(path) if path.startswith("decoder/layers")
                            else 5)
   for scan in (False, True):
     depth, top = selection.depths(boxed[scan])

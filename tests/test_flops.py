@@ -129,7 +129,7 @@ def test_remat_adds_the_layers_forward_pass():
 def test_peak_table_and_accounting():
   assert flops.peak_tflops_per_device("bfloat16", configured=123.0) == (123.0, "configured")
 
-  class Device:  # pylint: disable=too-few-public-methods
+  class Device:
     platform, device_kind = "tpu", "TPU v5 lite"
   assert flops.peak_tflops_per_device("bfloat16", device=Device())[0] == 197.0
   Device.device_kind = "NVIDIA H100 80GB HBM3"
@@ -144,7 +144,7 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   the step's dot_generals. The formula charges every frozen weight its input
   gradient (4 m n T); the step skips it where nothing below is trainable (the
   first layers' query/key/value), so the count is a little below the formula."""
-  from t5xlike.finetuning import lora, peft  # pylint: disable=g-import-not-at-top
+  from t5xlike.finetuning import lora, peft
   cfg = t5.T5Config(vocab_size=512, emb_dim=256, num_heads=4, num_encoder_layers=2,
                     num_decoder_layers=2, head_dim=64, mlp_dim=512)
   method = lora.LoRA(rank=8)

@@ -52,7 +52,8 @@ REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "MIXTURE_OR_TASK_NA
                    "LOG_PERIOD", "EVAL_PERIOD", "CHECKPOINT_PERIOD")
 
 
-OBJECTIVE_GINS = sorted(str(p.relative_to(GIN_DIR)) for p in (GIN_DIR / "objectives").glob("[!_]*.gin"))
+OBJECTIVE_GINS = sorted(str(p.relative_to(GIN_DIR))
+                        for p in (GIN_DIR / "objectives").glob("[!_]*.gin"))
 
 
 @pytest.mark.parametrize("files", [["quickstart.gin"],

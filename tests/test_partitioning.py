@@ -29,7 +29,8 @@ def test_resolve_mesh_shape(shape, devices, expected):
 
 @pytest.mark.parametrize("shape, message", [
     ({"model": 2}, "unknown axes"), ({"data": -1, "fsdp": -1}, "at most one -1"),
-    ({"data": 3}, "needs 3 devices"), ({"data": 0}, "positive"), ({"data": 3, "fsdp": -1}, "divisible"),
+    ({"data": 3}, "needs 3 devices"), ({"data": 0}, "positive"),
+    ({"data": 3, "fsdp": -1}, "divisible"),
 ])
 def test_bad_mesh_shapes(shape, message):
   with pytest.raises(ValueError, match=message):

@@ -175,7 +175,7 @@ def test_zero_init_adapters_give_exactly_the_base_logits(bases, kind):
 
 def test_adapters_match_a_numpy_reference_on_the_mlp_output():
   """h + relu(h W_down + b_down) W_up + b_up on an MlpBlock, float64 reference."""
-  from t5xlike.models import layers  # pylint: disable=g-import-not-at-top
+  from t5xlike.models import layers
   block = layers.MlpBlock(intermediate_dim=12, name="mlp")
   x = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
   wrapped = peft.InterceptedNetwork(block, adapters.Adapters(size=4, targets="").interceptor)
@@ -212,8 +212,8 @@ def test_a_prompt_of_token_embeddings_equals_those_tokens_prepended(bases, kind)
   rows = batch["decoder_target_tokens"].shape[0]
   prefix = np.broadcast_to(PROMPT_IDS, (rows, 3))
   if kind.startswith("t5"):
-    reference = logits_of(model, base_params, {
-        **batch, "encoder_input_tokens": np.concatenate([prefix, batch["encoder_input_tokens"]], 1)})
+    prompted = np.concatenate([prefix, batch["encoder_input_tokens"]], 1)
+    reference = logits_of(model, base_params, {**batch, "encoder_input_tokens": prompted})
   else:
     longer = {name: np.concatenate([prefix, batch[name]], 1)
               for name in ("decoder_input_tokens", "decoder_target_tokens")}
@@ -349,7 +349,7 @@ TASK = "--gin.MIXTURE_OR_TASK_NAME='mt_first_word'"
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", ["lora", "adapters", "prompt_tuning"])
 def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
-  from tests import test_finetuning_selection as selection_tests  # pylint: disable=g-import-not-at-top
+  from tests import test_finetuning_selection as selection_tests
   step_dir = checkpoints.save_params(tmp_path / "pretrain", 2, selection_tests.tiny_params())
   start = selection_tests.load(step_dir)
   model_dir = tmp_path / technique

@@ -35,11 +35,11 @@ def test_same_seed_same_bytes_other_seed_other_order():
 def test_epochs_are_full_passes_in_fresh_orders():
   feed = make(shuffle=True)
   chunks = len(feed.task_examples[0])
-  mixed = feed._mixed(with_raw=True)  # pylint: disable=protected-access
+  mixed = feed._mixed(with_raw=True)
   first = [tuple(mixed[i][0]["targets"][:4]) for i in range(chunks)]
   second = [tuple(mixed[chunks + i][0]["targets"][:4]) for i in range(chunks)]
   assert sorted(first) == sorted(second) and first != second
-  unshuffled = make(shuffle=False)._mixed(with_raw=True)  # pylint: disable=protected-access
+  unshuffled = make(shuffle=False)._mixed(with_raw=True)
   assert sorted(first) == sorted(tuple(unshuffled[i][0]["targets"][:4]) for i in range(chunks))
 
 
@@ -76,7 +76,7 @@ def test_processes_read_disjoint_slices_of_the_global_batch():
   whole = take(make(batch_size=4), 3)
   parts = [take(make(batch_size=4, process_index=p, process_count=2), 3) for p in range(2)]
   for k in range(3):
-    rows = lambda b: {b["encoder_input_tokens"][i].tobytes() for i in range(len(b["encoder_input_tokens"]))}
+    rows = lambda b: {row.tobytes() for row in b["encoder_input_tokens"]}
     a, b = rows(parts[0][k]), rows(parts[1][k])
     assert not a & b and a | b == rows(whole[k])
 
@@ -139,7 +139,7 @@ def test_threads_do_not_change_the_order():
 
 
 def test_large_uncached_task_is_read_in_order():
-  from t5xlike.data import feeding  # pylint: disable=g-import-not-at-top
+  from t5xlike.data import feeding
   feed = pipeline.make_feed("embedded_corpus", "validation", LENGTHS, 4,
                             span_corruption.SpanCorruption(), in_memory_max_examples=10,
                             num_threads=0)

@@ -136,7 +136,7 @@ def test_watch_skip_counts_and_rolls_back_after_k_consecutive():
 
 
 def _tiny_state(value):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
   return {"step": jnp.asarray(value, jnp.int32), "w": jnp.full((64, 64), float(value))}
 
 
@@ -319,8 +319,8 @@ def test_fault_drill_case(drill_run, case):
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """Two processes (gloo on 127.0.0.1, 2 CPU devices each): only process 1 is signalled;
   both stop after the same step and save one checkpoint of it together."""
-  import socket  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import socket
+  import subprocess
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -282,7 +282,7 @@ def second_generation(tmp_path, monkeypatch, num_shards):
 
 def test_reader_waits_for_a_replacement_under_way(tmp_path, monkeypatch):
   final, temp, new = second_generation(tmp_path, monkeypatch, num_shards=2)
-  steps = task_cache._replacement(temp, final)  # pylint: disable=protected-access
+  steps = task_cache._replacement(temp, final)
   assert next(steps) == "aside" and not final.exists()  # The instant readers could see nothing.
   progress = []
   monkeypatch.setattr(task_cache, "_sleep",  # Each poll of the reader lets the writer go on.
@@ -304,7 +304,7 @@ def test_reader_retries_when_the_cache_is_replaced_while_it_opens(tmp_path, monk
     stats = original(directory, text)
     if not calls:  # The whole replacement between reading stats.json and opening the shards.
       calls.append(stats["id"])
-      task_cache._replace(temp, final)  # pylint: disable=protected-access
+      task_cache._replace(temp, final)
     return stats
 
   monkeypatch.setattr(task_cache, "read_stats", read_stats_then_replace)

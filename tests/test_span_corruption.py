@@ -15,7 +15,7 @@ def test_lengths_follow_t5_arithmetic(inputs_length, expected):
 
 def _reconstruct(inputs, targets):
   """Undoes span corruption: fills each sentinel of the inputs with its target span."""
-  spans, current, key = {}, None, None
+  spans, key = {}, None
   for tok in targets[:-1]:
     if tok > VOCAB - 200:
       key = tok

@@ -46,8 +46,8 @@ def test_run_leaves_what_design_promises(uninterrupted):
               "step_time_s"):
     assert all(isinstance(r[key], float) for r in train_rows), key
   # Model FLOPs per step (T5.1.1 tiny, vocabulary 8,192, batch 8 x 64 / 16) / step time / peak.
-  from t5xlike import flops  # pylint: disable=g-import-not-at-top
-  from t5xlike.models import t5  # pylint: disable=g-import-not-at-top
+  from t5xlike import flops
+  from t5xlike.models import t5
   tiny = t5.T5Config(vocab_size=8192, emb_dim=64, num_heads=4, num_encoder_layers=2,
                      num_decoder_layers=2, head_dim=16, mlp_dim=256)
   step_flops = flops.t5_step_flops(tiny, 8, 64, 16).model

@@ -53,7 +53,7 @@ def test_micro_batches_must_divide_the_batch():
   trainer = make_trainer(num_microbatches=3)
   batch = batch_of(8)
   state = trainer.init_state(0, batch)
-  with pytest.raises(Exception):
+  with pytest.raises(TypeError, match="cannot reshape"):  # 8 rows into 3 micro-batches
     trainer.train_step(state, batch)
 
 

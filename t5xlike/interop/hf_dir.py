@@ -67,7 +67,19 @@ def write(directory: str | pathlib.Path, network_config: Any,
           flat: Mapping[str, np.ndarray], vocabulary: output_dir.Vocabulary,
           max_position_embeddings: int = 2048) -> pathlib.Path:
   """Writes `config.json`, `model.safetensors` (float32) and the SentencePiece model
-  (`spiece.model` for T5, `tokenizer.model` for Llama) with a `tokenizer_config.json`."""
+  (`spiece.model` for T5, `tokenizer.model` for Llama) with a `tokenizer_config.json`.
+
+  Args:
+    directory: the Hugging Face model directory (created).
+    network_config: a `t5.T5Config` or `decoder.DecoderConfig` (ValueError otherwise).
+    flat: the unscanned parameters by '/'-joined t5xlike path (`layers_<i>`).
+    vocabulary: where the token ids come from (the SentencePiece model is copied).
+    max_position_embeddings: Llama's `max_position_embeddings` (RoPE has no table:
+      the longest sequence the exported config announces).
+
+  Returns:
+    `directory`.
+  """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   if isinstance(network_config, t5.T5Config):

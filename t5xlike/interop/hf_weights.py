@@ -17,6 +17,11 @@ import pathlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+from flax import serialization
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from t5xlike.interop import param_trees
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,7 +61,6 @@ class WeightReader:
       raise ValueError(f"{d} holds no {SAFETENSORS}, {SAFETENSORS_INDEX}, {FLAX} or {PYTORCH}")
 
   def _index_safetensors(self, files) -> None:
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     for file in files:
       with safe_open(str(file), framework="numpy") as handle:
         for name in handle.keys():
@@ -74,7 +78,6 @@ class WeightReader:
       return self._loaded[name]
     if name not in self._files:
       raise KeyError(f"{self.directory} ({self.source}) has no tensor {name}")
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with safe_open(str(self._files[name]), framework="numpy") as handle:
       return handle.get_tensor(name)
 
@@ -82,9 +85,6 @@ class WeightReader:
 def _read_flax(path: pathlib.Path) -> dict[str, np.ndarray]:
   """HF Flax weights -> PyTorch names: `a/b/kernel` [in, out] -> `a.b.weight` [out, in];
   `embedding` and norm `weight` / `scale` -> `weight`."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-
-  from t5xlike.interop import param_trees  # pylint: disable=g-import-not-at-top
   tree = serialization.msgpack_restore(path.read_bytes())
   tree = tree.get("params", tree)
   out = {}
@@ -93,13 +93,14 @@ def _read_flax(path: pathlib.Path) -> dict[str, np.ndarray]:
     value = np.asarray(value)
     if leaf == "kernel":
       value = np.ascontiguousarray(value.T)
-    out[".".join(parents + ["weight" if leaf in ("kernel", "embedding", "scale") else leaf])] = value
+    leaf = "weight" if leaf in ("kernel", "embedding", "scale") else leaf
+    out[".".join(parents + [leaf])] = value
   return out
 
 
 def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # noqa: PLC0415  (optional, not a t5xlike dependency: PyTorch files only)
   except ImportError:
     raise ValueError(f"{directory} holds PyTorch weights ({PYTORCH}), which need torch "
                      "installed; convert them to safetensors or install torch") from None
@@ -117,7 +118,6 @@ def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
 def write_safetensors(directory: str | pathlib.Path, tensors: Iterator[tuple[str, np.ndarray]]
                       | Mapping[str, np.ndarray]) -> pathlib.Path:
   """Writes `directory/model.safetensors` (contiguous copies, `{"format": "pt"}`)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
   path = pathlib.Path(directory) / SAFETENSORS
   save_file({name: np.ascontiguousarray(value) for name, value in items}, str(path),

@@ -20,10 +20,13 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import gin
+import jax
 import numpy as np
+import sentencepiece
 
 from t5xlike import checkpoints
-from t5xlike.interop import param_trees
+from t5xlike.interop import network_shapes, param_trees
 from t5xlike.models import decoder, t5
 
 CHECKPOINT = "checkpoint"
@@ -46,7 +49,6 @@ class Vocabulary:
 
 def t5_extra_ids(sentencepiece_model: str, vocab_size: int) -> int:
   """T5's 100 extra ids when the embedding has room for them after the pieces, else 0."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   pieces = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model).get_piece_size()
   return T5_EXTRA_IDS if pieces + T5_EXTRA_IDS <= vocab_size else 0
 
@@ -66,8 +68,8 @@ def model_gin(network_config: Any, vocabulary_lines: list[str]) -> str:
     imports = ["from t5xlike.models import decoder"]
   else:
     raise TypeError(f"no gin for {type(network_config).__name__}")
-  fields = [f"  {f.name} = {_value(getattr(network_config, f.name))}"
-            for f in dataclasses.fields(network_config)]
+  fields = [f"  {name} = {_value(value)}"
+            for name, value in dataclasses.asdict(network_config).items()]
   return "\n".join([
       "# Written by `python -m t5xlike.convert`.", "from __gin__ import dynamic_registration",
       "", *imports, "from seqio import vocabularies", "", *vocabulary_lines, "",
@@ -89,10 +91,20 @@ def vocabulary_gin(vocabulary: Vocabulary, copied: pathlib.Path | None, size: in
 
 def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np.ndarray],
           vocabulary: Vocabulary, final: str | pathlib.Path | None = None) -> pathlib.Path:
-  """Writes OUT/checkpoint (step 0) and OUT/model.gin; `flat` is unscanned
-  (`layers_<i>`) and is stacked here when the config scans its layers.
-  `final`: the directory OUT will be renamed to (model.gin names the copied
-  SentencePiece model by its final path)."""
+  """Writes OUT/checkpoint (step 0) and OUT/model.gin.
+
+  Args:
+    output: OUT (created).
+    network_config: a `t5.T5Config` or `decoder.DecoderConfig`.
+    flat: the unscanned parameters (`layers_<i>`) by '/'-joined path; stacked
+      here when the config scans its layers.
+    vocabulary: where the token ids come from (a SentencePiece model is copied to OUT).
+    final: the directory OUT will be renamed to (model.gin names the copied
+      SentencePiece model by its final path); None: OUT itself.
+
+  Returns:
+    OUT.
+  """
   output = pathlib.Path(output)
   output.mkdir(parents=True, exist_ok=True)
   copied = None
@@ -109,7 +121,6 @@ def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np
 
 def configured_model() -> Any:
   """The MODEL of the loaded gin files (e.g. OUT/model.gin, or a run's model gin)."""
-  import gin  # pylint: disable=g-import-not-at-top
   try:
     macro = gin.query_parameter("%MODEL")
   except ValueError:
@@ -120,9 +131,6 @@ def configured_model() -> Any:
 def read_params(checkpoint: str | pathlib.Path, network_config: Any) -> dict[str, np.ndarray]:
   """The unscanned parameters of a t5xlike step directory as float32 NumPy arrays,
   checked against the network config's shapes (paths and shapes named on mismatch)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from t5xlike.interop import network_shapes  # pylint: disable=g-import-not-at-top
   shapes = network_shapes.param_shapes(network_config)
   checkpoints.check_param_shapes(checkpoint, shapes)
   abstract = param_trees.unflatten({name: jax.ShapeDtypeStruct(shape, np.float32)

@@ -21,7 +21,11 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any, TypeGuard
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import serialization
 
 from t5xlike.interop import param_trees
 from t5xlike.models import t5
@@ -51,7 +55,6 @@ def layout(directory: str | pathlib.Path) -> str:
 
 
 def _read_spec(directory: pathlib.Path, spec: dict) -> np.ndarray:
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
   spec = dict(spec)
   kvstore = dict(spec["kvstore"])
   relative = kvstore.get("path", spec.pop("path", None))
@@ -61,7 +64,6 @@ def _read_spec(directory: pathlib.Path, spec: dict) -> np.ndarray:
 
 def _msgpack_params(directory: pathlib.Path) -> dict[str, Any]:
   """{path: array or TensorStore spec dict} of the `target` tree of a `checkpoint` file."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   contents = serialization.msgpack_restore((directory / MSGPACK).read_bytes())
   state = contents.get("optimizer", contents)
   if not isinstance(state, dict) or "target" not in state:
@@ -83,7 +85,6 @@ def _join_specs(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _orbax_params(directory: pathlib.Path) -> dict[str, np.ndarray]:
   """{path: array} of the parameters of an orbax PyTree checkpoint (read whole)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not _is_orbax(directory):
     directory = directory / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -99,8 +100,6 @@ def _orbax_params(directory: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _numpy_restore_args(restore_args: Any) -> Any:
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), restore_args,
                       is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
 

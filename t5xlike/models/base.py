@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike import losses
+from t5xlike import interfaces, losses
 from t5xlike.inference import decoding
 from t5xlike.models import layers
 
@@ -48,6 +48,8 @@ class TokenModel:
   #: The batch features with the target ids and the loss weights, [batch, length].
   target_feature = "decoder_target_tokens"
   weight_feature = "decoder_loss_weights"
+  #: The PEFT technique the network carries: `finetuning.peft.wrap_model` sets it on its copy.
+  peft_method: interfaces.FineTuningTechnique | None = None
 
   # The decoding protocol of `t5xlike.inference.decoding` that `predict_batch` calls:
   # methods of the models that decode (declared here, not defined, so a model
@@ -141,6 +143,14 @@ class TokenModel:
     """Generates up to `max_length` tokens per row (jit it with the config,
     lengths and eos static). Needs the model's `decoding_start`,
     `decoding_step` and `gather_decoding_rows`.
+
+    Args:
+      params: the model's (unboxed) parameters.
+      batch: the rows' features, [b, ...] (the prompts / encoder inputs).
+      config: how each next token is chosen (greedy, sampling, beam search).
+      max_length: tokens generated at most per row.
+      eos_id: the token that ends a row.
+      rng: the key of method 'sample' (greedy and beam search draw nothing: None).
 
     Returns:
       tokens int32 [b, max_length] (EOS kept, 0 after it) and scores float32

@@ -21,7 +21,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from t5xlike import losses
+from t5xlike import interfaces, losses
 from t5xlike.models import encoder
 
 Array = jax.Array
@@ -47,6 +47,8 @@ class ClassifierModel:
   feature_names = ("encoder_input_tokens", "classification_labels")
   #: The feature converter (`t5xlike.data.feature_converters.CONVERTERS`) that makes its batches.
   feature_converter = "encoder_classification"
+  #: The PEFT technique the network carries: `finetuning.peft.wrap_model` sets it on its copy.
+  peft_method: interfaces.FineTuningTechnique | None = None
 
   def __init__(self, network: encoder.EncoderNetwork, vocabulary: Any = None,
                z_loss: float = 0.0, label_smoothing: float = 0.0):

@@ -376,5 +376,6 @@ class DecoderOnlyModel(base.TokenModel):
   def gather_decoding_rows(self, state: Any, rows: Array) -> Any:
     """The decoding state of rows `rows` (int [m])."""
     take = lambda x: jnp.take(x, rows, axis=0)
-    return {"cache": layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers),
+    cache = layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers)
+    return {"cache": cache,
             "slot_valid": take(state["slot_valid"]), "next_position": take(state["next_position"])}

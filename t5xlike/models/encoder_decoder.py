@@ -83,6 +83,7 @@ class EncoderDecoderModel(base.TokenModel):
   def gather_decoding_rows(self, state: Any, rows: Array) -> Any:
     """The decoding state of rows `rows` (int [m])."""
     take = lambda x: jnp.take(x, rows, axis=0)
-    return {"cache": layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers),
+    cache = layers.gather_cache_rows(state["cache"], rows, self.network.config.scan_layers)
+    return {"cache": cache,
             "encoded": take(state["encoded"]),
             "encoder_input_tokens": take(state["encoder_input_tokens"])}

@@ -85,7 +85,7 @@ def check_network_config(cfg, positive: Sequence[str]) -> None:
   if not isinstance(cfg.remat_policy, str):
     object.__setattr__(cfg, "remat_policy", tuple(cfg.remat_policy))
   remat_policy(cfg.remat_policy)  # Validates the name.
-  attention.check_name(getattr(cfg, "attention_impl", "auto"))
+  attention.check_name(cfg.attention_impl)
 
 
 def logical_param(module: nn.Module, name: str, init: Initializer,
@@ -93,8 +93,17 @@ def logical_param(module: nn.Module, name: str, init: Initializer,
                   dtype: Any = jnp.float32) -> Array:
   """`module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, dtype)`.
 
-  Returns the parameter array: `Module.param` unboxes the `nn.LogicallyPartitioned`
-  the initializer makes (`unbox=True`), though Flax annotates it as returning the box.
+  Args:
+    module: the module that owns the parameter (inside its compact method or setup).
+    name: the parameter's name.
+    init: its initializer, `init(key, shape, dtype)`.
+    logical_axes: one logical axis name (or None) per dimension, for the partitioning rules.
+    shape: its shape.
+    dtype: its dtype (parameters stay float32 unless asked otherwise).
+
+  Returns:
+    The parameter array: `Module.param` unboxes the `nn.LogicallyPartitioned`
+    the initializer makes (`unbox=True`), though Flax annotates it as returning the box.
   """
   boxed_init = nn.with_logical_partitioning(init, logical_axes)
   return cast(Array, module.param(name, boxed_init, shape, dtype))

@@ -111,7 +111,7 @@ def _attention(cfg: T5Config, name: str, decode: bool = False) -> layers.MultiHe
   return layers.MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim,
                                    dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype,
                                    float32_logits=cfg.float32_attention_logits, decode=decode,
-                                   attention_impl=getattr(cfg, "attention_impl", "auto"),
+                                   attention_impl=cfg.attention_impl,
                                    name=name)
 
 
@@ -285,10 +285,19 @@ class Transformer(nn.Module):
              decode: bool = False, max_decode_length: int | None = None) -> Array:
     """Decoder logits float32 [b, ld, vocab] given the encoder output [b, le, embed].
 
-    With `decode=True` (the `cache` collection mutable) `decoder_input_tokens`
-    are the next tokens of every row, fed through a KV cache of
-    `max_decode_length` slots (see `Decoder`); `decoder_target_tokens` and
-    the segment ids are ignored.
+    Args:
+      encoded: the encoder output [b, le, embed].
+      encoder_input_tokens: int [b, le] (0 = padding: not attended to).
+      decoder_input_tokens: int [b, ld], the targets shifted right.
+      decoder_target_tokens: int [b, ld] (0 = padding), or None with `decode`.
+      encoder_segment_ids: int [b, le] of packed inputs, or None.
+      decoder_segment_ids: int [b, ld] of packed targets (needs `encoder_segment_ids`).
+      deterministic: no dropout.
+      decode: `decoder_input_tokens` are the next tokens of every row, fed
+        through a KV cache of `max_decode_length` slots (see `Decoder`; the
+        `cache` collection mutable); the target tokens and segment ids are
+        ignored.
+      max_decode_length: cache slots (with `decode`).
     """
     if decode:
       cross_mask = masks.attention_mask(jnp.ones(decoder_input_tokens.shape, jnp.bool_),

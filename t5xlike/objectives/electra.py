@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5xlike import losses
+from t5xlike import interfaces, losses
 from t5xlike.models import encoder
 from t5xlike.objectives import mlm
 
@@ -105,12 +105,13 @@ class ElectraNetwork(nn.Module):
             self.discriminate(tokens, segment_ids, positions, deterministic))
 
 
-def _as_config(net_or_config: Any) -> encoder.EncoderConfig:
+def _as_config(net_or_config: encoder.EncoderConfig | encoder.EncoderNetwork
+               ) -> encoder.EncoderConfig:
+  """The config itself, or the config of an `EncoderNetwork`."""
   if isinstance(net_or_config, encoder.EncoderConfig):
     return net_or_config
-  config = getattr(net_or_config, "config", None)
-  if isinstance(config, encoder.EncoderConfig):
-    return config
+  if isinstance(net_or_config, encoder.EncoderNetwork):
+    return net_or_config.config
   raise TypeError(f"expected an encoder.EncoderConfig or an encoder.EncoderNetwork, got "
                   f"{type(net_or_config).__name__}")
 
@@ -167,9 +168,13 @@ class ElectraModel:
   feature_names = ("encoder_input_tokens", "encoder_target_tokens", "mlm_weights")
   #: The feature converter (`t5xlike.data.feature_converters.CONVERTERS`) that makes its batches.
   feature_converter = "encoder"
+  #: The PEFT technique the network carries (`interfaces.Model`): none for pretraining.
+  peft_method: interfaces.FineTuningTechnique | None = None
 
-  def __init__(self, generator: Any, discriminator: Any, discriminator_weight: float = 50.0,
-               sampling_temperature: float = 1.0, vocabulary: Any = None):
+  def __init__(self, generator: encoder.EncoderConfig | encoder.EncoderNetwork,
+               discriminator: encoder.EncoderConfig | encoder.EncoderNetwork,
+               discriminator_weight: float = 50.0, sampling_temperature: float = 1.0,
+               vocabulary: Any = None):
     gen, disc = _as_config(generator), _as_config(discriminator)
     for name in ("vocab_size", "embedding_size", "max_length"):
       if getattr(gen, name) != getattr(disc, name):

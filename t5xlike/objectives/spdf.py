@@ -31,12 +31,15 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from t5xlike import interfaces
+from t5xlike.inference import decoding
 
 #: Weight matrices that are sparsified: the kernels of attention and MLP blocks.
 DEFAULT_INCLUDE = r"(attention|mlp)/[^/]+/kernel$"
@@ -73,7 +76,7 @@ def weight_masks(boxed_params: Any, sparsity: float, seed: int,
       return None
     key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(_path_string(path).encode()))
     value = nn.meta.unbox(leaf)
-    names = getattr(leaf, "names", ()) or ()
+    names = (leaf.names or ()) if isinstance(leaf, nn.LogicallyPartitioned) else ()
     if names[:1] == ("layers",):
       keys = jax.random.split(key, value.shape[0])
       return jax.vmap(lambda k: random_mask(k, value.shape[1:], sparsity))(keys)
@@ -86,6 +89,11 @@ def weight_masks(boxed_params: Any, sparsity: float, seed: int,
 class SparseModel:
   """Wraps a model so that its attention and MLP matrices start sparse.
 
+  Everything but `init`, `loss_fn` and `metrics` is the wrapped model's: the
+  `interfaces.Model` members, the `interfaces.DecodingModel` ones (for a
+  model that decodes; AttributeError on use otherwise) and `exports` (empty
+  for a model that exports nothing).
+
   Args:
     model: any t5xlike model (`init`, `loss_fn`, `metrics`, ...).
     sparsity: fraction of each selected matrix's weights removed (0.5, 0.75).
@@ -93,7 +101,7 @@ class SparseModel:
     include: regex over '/'-joined parameter paths selecting the matrices.
   """
 
-  def __init__(self, model: Any, sparsity: float = 0.5, seed: int = 0,
+  def __init__(self, model: interfaces.Model, sparsity: float = 0.5, seed: int = 0,
                include: str = DEFAULT_INCLUDE):
     if not 0.0 <= sparsity < 1.0:
       raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -102,8 +110,62 @@ class SparseModel:
     self.seed = seed
     self.include = include
 
-  def __getattr__(self, name: str) -> Any:  # feature_converter, vocab_size, logits, ...
-    return getattr(self.model, name)
+  # -- the wrapped model's members ----------------------------------------------------------
+  @property
+  def feature_converter(self) -> str:
+    return self.model.feature_converter
+
+  @property
+  def vocabulary(self) -> Any:
+    return self.model.vocabulary
+
+  @property
+  def vocab_size(self) -> int:
+    return self.model.vocab_size
+
+  @property
+  def network(self) -> Any:
+    return self.model.network
+
+  @property
+  def peft_method(self) -> interfaces.FineTuningTechnique | None:
+    return self.model.peft_method
+
+  @property
+  def weight_feature(self) -> str:
+    return self._decoding().weight_feature
+
+  def score_batch(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The wrapped model's `score_batch` (the masked weights are plain zeros there)."""
+    return self._decoding().score_batch(params, batch)
+
+  def predict_batch(self, params: Any, batch: Mapping[str, jax.Array],
+                    config: decoding.DecodingConfig, max_length: int, eos_id: int,
+                    rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The wrapped model's `predict_batch`.
+
+    Args:
+      params: the (sparse) parameters.
+      batch: the rows' features.
+      config: how each next token is chosen.
+      max_length: tokens generated at most per row.
+      eos_id: the token that ends a row.
+      rng: the key of method 'sample' (None otherwise).
+    """
+    return self._decoding().predict_batch(params, batch, config, max_length, eos_id, rng=rng)
+
+  def exports(self, params: Any) -> Mapping[str, Any]:
+    """The wrapped model's exports (ELECTRA's discriminator); none for the others."""
+    if isinstance(self.model, interfaces.ExportingModel):
+      return self.model.exports(params)
+    return {}
+
+  def _decoding(self) -> interfaces.DecodingModel:
+    # A model that does not decode (a classifier) fails at the missing member's use,
+    # as it would unwrapped.
+    return cast(interfaces.DecodingModel, self.model)
+
+  # -- sparsity -----------------------------------------------------------------------------
 
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
     """The wrapped model's variables with the masked weights set to exactly 0.0."""
