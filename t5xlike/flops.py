@@ -297,18 +297,12 @@ def _single_network(model: interfaces.Model
   return None
 
 
-def network_config(model: interfaces.Model) -> Any:
+def network_config(model: interfaces.Model) -> Any | None:
   """The network config (`T5Config`, `DecoderConfig`, `EncoderConfig`) of a model or of
-  the model an SPDF `SparseModel` wraps.
-
-  Raises:
-    AttributeError: the model has no single network config (ELECTRA); what
-      `runs.train_run` catches to fall back on float32 activations.
-  """
+  the model an SPDF `SparseModel` wraps; None when it has no single network (ELECTRA's
+  generator and discriminator)."""
   inner = _single_network(model)
-  if inner is None:
-    raise AttributeError(f"{type(model).__name__} has no single network config")
-  return inner.network.config
+  return None if inner is None else inner.network.config
 
 
 def _trained_weights(model: interfaces.Model) -> _TrainedWeights:

@@ -175,11 +175,9 @@ def _write_exports(plan: TrainPlan, params: Any, model_dir: epath.Path) -> None:
 
 
 def _activation_dtype(model: interfaces.Model) -> str:
-  """The network's activation dtype name ('float32' when it has none)."""
-  try:
-    return str(flops.network_config(model).dtype)
-  except AttributeError:
-    return "float32"
+  """The network's activation dtype name ('float32' for a model of several networks)."""
+  config = flops.network_config(model)
+  return "float32" if config is None else str(config.dtype)
 
 
 def _log_startup(plan: TrainPlan, state: TrainState, start: int) -> None:
