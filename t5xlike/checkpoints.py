@@ -203,6 +203,8 @@ def validate_step_dir(path: str | epath.Path) -> epath.Path:
   """Checks that `path` is a complete t5xlike step directory (`.../checkpoint_<N>`, or
   any directory holding `state`, such as a converted model's `OUT/checkpoint`)."""
   path = epath.Path(path)
+  if not path.exists():
+    raise ValueError(f"{path} does not exist")
   if not (path / "state").exists():
     raise ValueError(f"{path} is not a t5xlike checkpoint step directory (no 'state' inside); "
                      f"name a directory like MODEL_DIR/{STEP_PREFIX}_<N>")

@@ -164,7 +164,8 @@ def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, capsys):
       ([f"--checkpoints={a},{wrong_shape}"], "encoder/layers_0/attention/query/kernel has shape "
        "(6, 8)"),
       ([f"--checkpoints={a},{missing_param}"], "decoder/final_layer_norm/scale is in"),
-      ([f"--checkpoints={a},{tmp_path / 'nope'}"], "nope is not a t5xlike checkpoint"),
+      ([f"--checkpoints={a},{tmp_path / 'nope'}"], "nope does not exist"),
+      ([f"--checkpoints={a},{tmp_path}"], "is not a t5xlike checkpoint step directory"),
       (["--method=task_arithmetic", f"--checkpoints={a}"], "needs --base"),
       (["--method=task_arithmetic", f"--base={a}", f"--checkpoints={a},{a}", "--lambdas=1,2,3"],
        "--lambdas"),

@@ -6,7 +6,8 @@ gin file exists before any is parsed, and `--gin.NAME=VALUE` for a macro
 (`NAME` without a dot) is refused unless a loaded gin file defines that
 macro, so a typo such as `--gin.TRAIN_STEP=10` cannot silently do nothing. A
 value that is not a gin literal (`--gin.MODEL_DIR=/tmp/run`) is taken as a
-string.
+string. Every known macro's value is then checked for its form
+(`macro_checks`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import gin
 
 from t5xlike import library_compat
+from t5xlike.cli import macro_checks
 from t5xlike.errors import ConfigError, one_line
 
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
@@ -107,3 +109,4 @@ def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (
     gin.finalize()
   except ValueError as error:  # e.g. a macro that is used but never bound.
     raise ConfigError(one_line(error).split(" in config string")[0]) from None
+  macro_checks.check_macros()

@@ -323,6 +323,7 @@ class HeldOutMetric:
           mixture_or_task_name, task_feature_lengths, batch_size, split=split,
           max_examples=max_examples, decoding_config=decoding_config,
           mixture_or_task_module=mixture_or_task_module)
+      self.evaluator.prepare()  # read here: a bad task is reported before any merging
     except ValueError as error:
       raise errors.ConfigError(f"greedy soup metric: {errors.one_line(error)}") from None
     self.calls = 0
