@@ -121,3 +121,31 @@ def test_configuration_errors_come_before_the_data_is_read(override, culprit, tm
   assert not model_dir.exists()
   # Reported before the pipeline read an example ("read ... into memory" is its first line).
   assert "into memory" not in caplog.text
+
+
+def test_truncated_supervised_examples_are_counted_once(caplog):
+  from t5xlike.data import feed_steps, pipeline
+  from tests import first_day_tasks  # noqa: F401  (registers the tasks)
+  counter = feed_steps.TruncationCount("t")
+  lengths = {"inputs": 4, "targets": 3}
+  for example in ({"inputs": [1, 2, 3], "targets": [1, 2]},      # fits with EOS appended
+                  {"inputs": [1, 2, 3, 4], "targets": [1, 2]},   # inputs: 4 + EOS > 4
+                  {"inputs": [1], "targets": [1, 2, 3, 4]}):     # targets cut
+    counter.add(feed_steps.truncated_features(example, ("inputs", "targets"), lengths))
+  assert (counter.examined, counter.truncated, counter.per_feature) == (
+      3, 2, {"inputs": 1, "targets": 1})
+  # Every example of first_day_qa ('repeat: a b' -> 'a b') is longer than 3 input tokens.
+  with caplog.at_level(logging.WARNING):
+    with pipeline.make_feed("first_day_qa", "train", {"inputs": 3, "targets": 16}, 2, None,
+                            seed=0) as feed:
+      for _ in range(feed_steps.TRUNCATION_REPORT_AFTER_BATCHES + 1):
+        next(feed)
+  lines = [r.getMessage() for r in caplog.records if "TASK_FEATURE_LENGTHS" in r.getMessage()]
+  assert len(lines) == 1 and "(100.0%) are longer" in lines[0] and "inputs" in lines[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    with pipeline.make_feed("first_day_qa", "train", {"inputs": 64, "targets": 16}, 2, None,
+                            seed=0) as feed:
+      for _ in range(feed_steps.TRUNCATION_REPORT_AFTER_BATCHES + 1):
+        next(feed)
+  assert "TASK_FEATURE_LENGTHS" not in caplog.text

@@ -4,16 +4,24 @@
 `prepare_objective` checks a task against the run's objective (or, without
 one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the raw
 chunk length; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
-the features a task's post-cache EOS preprocessor names.
+the features a task's post-cache EOS preprocessor names; `TruncationCount`
+counts the supervised examples that TASK_FEATURE_LENGTHS cuts.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
 
 from t5xlike.objectives import base as objectives_base
+
+log = logging.getLogger(__name__)
+
+#: The batches after which a feed reports how many examples were truncated.
+TRUNCATION_REPORT_AFTER_BATCHES = 4
 
 
 def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
@@ -61,3 +69,48 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   if missing:
     raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")
   return vocabulary, None
+
+
+def truncated_features(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
+                       feature_lengths: Mapping[str, int]) -> list[str]:
+  """The features of a supervised example (before `append_eos`) longer than their
+  TASK_FEATURE_LENGTHS entry leaves room for (one token less where EOS is appended)."""
+  return [key for key, length in feature_lengths.items() if key in example
+          and len(example[key]) + (1 if key in eos_features else 0) > length]
+
+
+class TruncationCount:
+  """Counts the supervised examples TASK_FEATURE_LENGTHS truncates, and logs the count
+  once, after the first batches (the feeds' read threads add to it: locked)."""
+
+  def __init__(self, what: str):
+    self.what = what  # the task or mixture, for the log line
+    self.examined = 0
+    self.truncated = 0
+    self.per_feature: dict[str, int] = {}
+    self._lock = threading.Lock()
+    self._reported = False
+
+  def add(self, features: Sequence[str]) -> None:
+    """One example, with the features `truncated_features` named."""
+    with self._lock:
+      self.examined += 1
+      if features:
+        self.truncated += 1
+        for key in features:
+          self.per_feature[key] = self.per_feature.get(key, 0) + 1
+
+  def report_once(self) -> None:
+    """Logs (once) how many of the examples read so far are truncated, when any is."""
+    with self._lock:
+      if self._reported or not self.examined:
+        return
+      self._reported = True
+      if not self.truncated:
+        return
+      share = 100.0 * self.truncated / self.examined
+      features = ", ".join(f"{k} {v}" for k, v in sorted(self.per_feature.items()))
+      log.warning("%s: %d of the first %d examples (%.1f%%) are longer than "
+                  "TASK_FEATURE_LENGTHS and are truncated (%s)", self.what, self.truncated,
+                  self.examined, share, features)
+

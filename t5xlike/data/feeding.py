@@ -73,6 +73,7 @@ class SequentialFeed:
     self.split = split
     self.feature_lengths = dict(feature_lengths)
     self.batch_size = batch_size
+    self._truncation = feed_steps.TruncationCount(f"{task.name}/{split}")
     self.objective = objective
     self.seed = seed
     self.num_epochs = num_epochs
@@ -142,6 +143,8 @@ class SequentialFeed:
     raw_length = self.raw_length  # Set only with an objective (`prepare_objective`).
     if raw_length is None or self.objective is None:
       for doc in self._documents():
+        self._truncation.add(feed_steps.truncated_features(doc, self.eos_features,
+                                                           self.feature_lengths))
         yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
       return
     pending: list[np.ndarray] = []
@@ -196,4 +199,6 @@ class SequentialFeed:
     rows = range(self.batch_size)[self.local_rows]
     examples = [self._transform(start + i, raws[i]) for i in rows]
     self._position = start + self.batch_size
+    if self._position == feed_steps.TRUNCATION_REPORT_AFTER_BATCHES * self.batch_size:
+      self._truncation.report_once()
     return self.convert(examples, self.feature_lengths)

@@ -178,6 +178,7 @@ class Pipeline:
     self._iterator: grain.DatasetIterator | None = None
     self._state: dict[str, Any] | None = None
     self._batches = 0  # Global batches consumed.
+    self._truncation = feed_steps.TruncationCount(f"{self.task.name}/{split}")
     self._loader_seconds = 0.0
     self._loader_examples = 0
     self._last_efficiency = 0.0
@@ -198,8 +199,10 @@ class Pipeline:
     index, raw = item
     epoch = position // count
     if self.objective is None:
-      features = feed_steps.append_eos(raw, self.sources[t].eos_features, self.feature_lengths,
-                                       self.eos_id)
+      eos_features = self.sources[t].eos_features
+      self._truncation.add(feed_steps.truncated_features(raw, eos_features,
+                                                         self.feature_lengths))
+      features = feed_steps.append_eos(raw, eos_features, self.feature_lengths, self.eos_id)
     else:
       rng = np.random.default_rng([self.seed, t, epoch, index])
       features = self.objective.transform(raw[self.objective.source_feature], rng,
@@ -308,6 +311,8 @@ class Pipeline:
       self.close()
       raise
     self._batches += 1
+    if self._batches == feed_steps.TRUNCATION_REPORT_AFTER_BATCHES:
+      self._truncation.report_once()
     self._loader_seconds += time.perf_counter() - start
     self._loader_examples += _examples_in(batch)
     self._last_efficiency = packing.packing_efficiency(batch)
