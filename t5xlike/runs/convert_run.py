@@ -26,8 +26,10 @@ def validate(args: argparse.Namespace) -> None:
   """Checks the flags and paths before anything is read or written (ConfigError)."""
   if args.source == args.target:
     raise errors.ConfigError(f"--from and --to are both {args.source}")
-  if not pathlib.Path(args.checkpoint).is_dir():
-    raise errors.ConfigError(f"--checkpoint={args.checkpoint}: no such directory")
+  checkpoint = pathlib.Path(args.checkpoint)
+  if not checkpoint.is_dir():
+    raise errors.ConfigError(f"--checkpoint={args.checkpoint}: "
+                             f"{'not a directory' if checkpoint.exists() else 'no such directory'}")
   output = pathlib.Path(args.output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise errors.ConfigError(f"--output={args.output} exists and is not empty")
