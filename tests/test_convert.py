@@ -238,6 +238,115 @@ def test_round_trip_ours_hf_ours_is_exact(name, request, tmp_path):
       imported.out_dir / "model.gin").read_text()
 
 
+def test_exported_safetensors_has_the_usual_file_mode(t5_v10, tmp_path, capfd):
+  """model.safetensors gets the mode of any new file (0644 under umask 022), not the
+  0600 of safetensors' temporary file; under umask 027, 0640."""
+  import os
+  import stat
+  out = tmp_path / "exported"
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={t5_v10.out_dir}",
+                  f"--output={out}") == 0
+  mode = stat.S_IMODE((out / hf_weights.SAFETENSORS).stat().st_mode)
+  assert mode == stat.S_IMODE((out / "config.json").stat().st_mode)
+  assert mode == 0o666 & ~_umask()
+  previous = os.umask(0o027)
+  try:
+    written = hf_weights.write_safetensors(tmp_path, {"a": np.zeros(3, np.float32)})
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+def _umask() -> int:
+  import os
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def test_convert_output_directory_is_accepted_as_checkpoint(t5_v10, tmp_path):
+  """--checkpoint=OUT (OUT/model.gin + OUT/checkpoint/): the export holds the tensors of
+  the original Hugging Face model, exactly."""
+  from safetensors.numpy import load_file
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={t5_v10.out_dir}",
+                  f"--output={tmp_path / 'hf'}") == 0
+  exported = load_file(str(tmp_path / "hf" / hf_weights.SAFETENSORS))
+  original = load_file(str(t5_v10.hf_dir / hf_weights.SAFETENSORS))
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+# ---- A training run's checkpoint: the model from MODEL_DIR/config.gin. ----
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  """A one-step run of the quickstart config (tiny lengths): MODEL_DIR/checkpoint_1 and
+  the run's operative MODEL_DIR/config.gin, no model.gin."""
+  from t5xlike import train
+  model_dir = tmp_path_factory.mktemp("quickstart") / "run"
+  assert train.main(["--gin_file=gin_configs/quickstart.gin", f"--gin.MODEL_DIR={model_dir}",
+                     "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]) == 0
+  assert (model_dir / "config.gin").is_file() and not (model_dir / "model.gin").exists()
+  return model_dir
+
+
+def _run_logits(checkpoint: pathlib.Path, batch) -> np.ndarray:
+  """Logits of a quickstart checkpoint with the model of models/t5_1_1/tiny.gin."""
+  import gin
+
+  from t5xlike.cli import gin_config
+  gin_config.configure(["models/t5_1_1/tiny.gin"])
+  model = output_dir.configured_model()
+  gin.clear_config()
+  params = param_trees.unflatten(output_dir.read_params(checkpoint, model.network.config))
+  return np.asarray(model.logits(params, batch))
+
+
+def test_training_run_checkpoint_exports_with_the_model_of_its_config_gin(quickstart_run,
+                                                                         tmp_path, capfd):
+  """convert --from=t5xlike --checkpoint=MODEL_DIR/checkpoint_1 (no --gin_file): the
+  model comes from the run's config.gin; transformers gives the logits t5xlike gives."""
+  out = tmp_path / "hf"
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={quickstart_run / 'checkpoint_1'}",
+                  f"--output={out}") == 0
+  loaded, info, _ = load_hf(transformers.T5ForConditionalGeneration, out, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+  assert (out / "spiece.model").is_file()  # The run's VOCABULARY (the embedded corpus').
+  batch = _t5_batch()
+  np.testing.assert_allclose(_hf_t5_logits(loaded, batch),
+                             _run_logits(quickstart_run / "checkpoint_1", batch),
+                             atol=TOL, rtol=0)
+
+
+def test_config_gin_with_modules_not_importable_here_still_gives_the_model(quickstart_run,
+                                                                           tmp_path, capsys):
+  """A run whose config.gin imports code this process cannot import (a user's objective
+  module): the import and what references it are skipped; MODEL needs neither."""
+  import shutil
+
+  from safetensors.numpy import load_file
+  run = tmp_path / "run"
+  shutil.copytree(quickstart_run, run)
+  text = (run / "config.gin").read_text()
+  assert "train_run.train.objective = @span_corruption.SpanCorruption()" in text
+  text = text.replace("from tasks import embedded\n",
+                      "from tasks import embedded\nfrom my_private_objectives import spans\n")
+  text = text.replace("train_run.train.objective = @span_corruption.SpanCorruption()",
+                      "train_run.train.objective = @spans.Custom()")
+  (run / "config.gin").write_text(text + "\nspans.Custom.rate = 0.5\n")
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={run / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'a'}") == 0
+  # convert logs to stdout.
+  assert ("not importable here, skipped with their bindings: my_private_objectives"
+          in capsys.readouterr().out)
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={quickstart_run / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'b'}") == 0
+  a, b = (load_file(str(tmp_path / d / hf_weights.SAFETENSORS)) for d in "ab")
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 # ---- T5X checkpoints, written here in T5X's layouts. ----
 
 def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
@@ -572,6 +681,25 @@ def test_unreadable_t5x_checkpoint_is_one_line_exit_2_nothing_written(t5_v11, tm
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_bad_checkpoint_prints_one_line_on_stderr_and_logs_to_stdout(tmp_path):
+  """From the shell: the progress log goes to stdout, stderr holds the error alone."""
+  import subprocess
+  import sys
+  (tmp_path / "checkpoint_3").mkdir()
+  result = subprocess.run(
+      [sys.executable, "-m", "t5xlike.convert", "--from=t5x",
+       f"--checkpoint={tmp_path / 'checkpoint_3'}", f"--output={tmp_path / 'out'}"],
+      capture_output=True, text=True, timeout=300,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f"error: {tmp_path / 'checkpoint_3'} is not a T5X checkpoint step directory: expected "
+      "T5X's orbax step directory (a 'state/' PyTree item holding 'target'), an orbax PyTree "
+      "checkpoint, or a 'checkpoint' msgpack file"], result.stderr
+  assert "reading t5x checkpoint" in result.stdout
+  assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_that_is_a_file_is_refused(tmp_path, capsys):
