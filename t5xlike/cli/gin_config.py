@@ -12,6 +12,7 @@ string. Every known macro's value is then checked for its form
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import pathlib
 import re
@@ -23,8 +24,51 @@ from t5xlike import library_compat
 from t5xlike.cli import macro_checks
 from t5xlike.errors import ConfigError, one_line
 
+log = logging.getLogger(__name__)
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IMPORT = re.compile(r"^(?:from\s+(?P<package>[\w.]+)\s+)?import\s+(?P<name>[\w.]+)"
+                     r"(?:\s+as\s+(?P<alias>\w+))?\s*(?:#.*)?$")
+
+
+def _importable(package: str | None, name: str) -> bool:
+  module = f"{package}.{name}" if package else name
+  try:
+    importlib.import_module(module)
+    return True
+  except ImportError:
+    pass
+  if package is None:
+    return False
+  try:  # `from package import name` where name is not a module.
+    return hasattr(importlib.import_module(package), name)
+  except ImportError:
+    return False
+
+
+def without_unimportable(text: str) -> tuple[str, list[str], set[str]]:
+  """(gin text without its import lines that fail here, the modules of those lines,
+  the selectors of their configurables, for gin's `skip_unknown`).
+
+  gin's `skip_unknown=True` cannot be used instead: with dynamic registration
+  it also skips every configurable referenced before its module's first
+  binding (an operative config's macros come first), the importable ones too.
+  """
+  kept, modules, aliases = [], [], []
+  for line in text.splitlines():
+    match = _IMPORT.match(line.strip())
+    if match and match["package"] != "__gin__" and not _importable(match["package"],
+                                                                   match["name"]):
+      modules.append(".".join(filter(None, (match["package"], match["name"]))))
+      aliases.append(match["alias"] or match["name"])
+      continue
+    kept.append(line)
+  unknown: set[str] = set()
+  for alias in aliases:
+    for reference in re.findall(rf"(?<![\w.]){re.escape(alias)}(?:\.\w+)+", text):
+      parts = reference.split(".")  # Every prefix: a binding's selector drops its parameter.
+      unknown.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+  return "\n".join(kept) + "\n", modules, unknown
 
 
 def quiet_gin_search_logs() -> None:
@@ -68,7 +112,8 @@ def _parse_override(name: str, value: str) -> None:
 
 
 def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (),
-              bindings: Sequence[str] = (), extra_search_paths: Sequence[str] = ()) -> None:
+              bindings: Sequence[str] = (), extra_search_paths: Sequence[str] = (),
+              skip_unknown: bool = False) -> None:
   """Loads gin files then overrides; raises ConfigError naming the culprit.
 
   Args:
@@ -77,6 +122,10 @@ def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (
       defined by a loaded file.
     bindings: `--gin_bindings` strings, parsed after the overrides.
     extra_search_paths: `--gin_search_paths` values (comma-separated directories).
+    skip_unknown: drop the files' imports that this process cannot import and
+      the bindings of their configurables (`without_unimportable`), and do not
+      finalize, e.g. to build the MODEL of a run's operative `config.gin` where
+      the run's own task or objective code is not importable.
   """
   if not gin_files:
     raise ConfigError("no --gin_file given")
@@ -89,7 +138,14 @@ def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (
   gin.add_config_file_search_path(str(REPO_GIN_DIR))
   for path in files:
     try:
-      gin.parse_config_file(str(path))
+      if skip_unknown:
+        text, modules, unknown = without_unimportable(path.read_text())
+        if modules:
+          log.warning("%s: not importable here, skipped with their bindings: %s", path,
+                      ", ".join(modules))
+        gin.parse_config(text, skip_unknown=unknown)
+      else:
+        gin.parse_config_file(str(path))
     except (ValueError, SyntaxError, ImportError, OSError, TypeError) as error:
       raise ConfigError(f"gin file {path}: {one_line(error)}") from None
   macros = library_compat.gin_defined_macros()
@@ -105,6 +161,10 @@ def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (
       gin.parse_config(binding)
     except (ValueError, SyntaxError, ImportError) as error:
       raise ConfigError(f"--gin_bindings={binding}: {one_line(error)}") from None
+  if skip_unknown:
+    # gin.finalize refuses any binding that references a skipped configurable (e.g. the
+    # run's objective); what is then built from the config fails only if it needs one.
+    return
   try:
     gin.finalize()
   except ValueError as error:  # e.g. a macro that is used but never bound.

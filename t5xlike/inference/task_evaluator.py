@@ -11,8 +11,10 @@ is_target=...)`; a metric function returns `{name: value}` (values may be
 seqio `MetricValue`s). Each task adds `loss` (mean negative log-likelihood
 per target token, from the scores) when scored. Writes
 `<output_dir>/metrics/eval.jsonl` rows `{"step", "task", <metric>: value}`
-and `<output_dir>/inference_eval/<task>-<step>.jsonl` (input, target,
-prediction).
+and `<output_dir>/inference_eval/<task>-<step>.jsonl`, one row per example
+in infer's vocabulary of keys (`jsonl_io`): the decoded `inputs` (absent for
+a task without inputs) and `targets`, the `prediction` (when the task has
+prediction metrics) and the `score` (summed log-likelihood of the targets).
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ class InferenceEvaluator:
     for task, examples, rows in self.tasks:
       vocabulary = task.output_features["targets"].vocabulary
       texts = scores = None
-      outputs = [{"input": row.get("inputs"), "target": row["targets"]} for row in rows]
+      outputs: list[dict[str, Any]] = [dict(row) for row in rows]  # inputs, targets
       speed = {}
       if task.predict_metric_fns:
         texts = [vocabulary.decode(p.ids) for p in predictor.predict(examples)]
