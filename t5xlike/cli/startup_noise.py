@@ -33,6 +33,7 @@ import sys
 import tempfile
 import types
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 #: TensorFlow's and XLA's C++ log level for the commands: 1 drops INFO only.
 TF_LOG_LEVEL = "1"
@@ -120,6 +121,11 @@ class _QuietLoader(importlib.abc.Loader):
 
   def __init__(self, loader: importlib.abc.Loader) -> None:
     self._loader = loader
+
+  def __getattr__(self, name: str) -> Any:
+    # What else the import machinery or TensorFlow's own import asks of its loader
+    # (is_package, get_resource_reader, ...).
+    return getattr(self._loader, name)
 
   def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
     return self._loader.create_module(spec)
