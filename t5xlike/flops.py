@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import re
 import time
 from collections.abc import Mapping
@@ -58,8 +57,6 @@ import numpy as np
 from t5xlike import interfaces
 from t5xlike.models import base, classifier, decoder, encoder, t5
 from t5xlike.objectives import spdf
-
-log = logging.getLogger(__name__)
 
 #: Dense peak TFLOP/s per chip by `device_kind` substring (lower case), for
 #: bfloat16 and float32 matmuls. TPUs run float32 matmuls at default precision
@@ -386,10 +383,13 @@ class Accounting:
     step_flops: FLOPs of one global step.
     num_devices: devices the step runs on.
     peak_tflops: peak TFLOP/s of one device.
+    peak_source: where the peak comes from (`peak_tflops_per_device`).
   """
 
-  def __init__(self, step_flops: StepFlops, num_devices: int, peak_tflops: float):
+  def __init__(self, step_flops: StepFlops, num_devices: int, peak_tflops: float,
+               peak_source: str = ""):
     self.step_flops, self.num_devices, self.peak_tflops = step_flops, num_devices, peak_tflops
+    self.peak_source = peak_source
 
   def fields(self, step_time_s: float) -> dict[str, float]:
     """`tflops_per_device` (model FLOPs / step time / devices, in TFLOP/s) and
@@ -399,15 +399,19 @@ class Accounting:
     achieved = self.step_flops.model / step_time_s / self.num_devices / 1e12
     return {"tflops_per_device": achieved, "mfu": achieved / self.peak_tflops}
 
+  def describe(self) -> str:
+    """One line: FLOPs per global step (model, with remat) and the peak per device."""
+    return (f"FLOPs per step {self.step_flops.model:.4g} (model), "
+            f"{self.step_flops.hardware:.4g} (with remat); peak {self.peak_tflops:.4g} "
+            f"TFLOP/s per device ({self.peak_source or 'given'})")
+
 
 def accounting(model: Any, batch_shapes: Mapping[str, Any], dtype: str = "float32",
                configured_peak_tflops: float | None = None) -> Accounting | None:
-  """The `Accounting` of a training run (None, logged, where the family is unknown)."""
+  """The `Accounting` of a training run (None where the family has no FLOP formula:
+  train.jsonl then has no mfu); `Accounting.describe` says what it counts."""
   step = model_step_flops(model, batch_shapes)
   if step is None:
-    log.info("no FLOP formula for %s: train.jsonl has no mfu", type(model).__name__)
     return None
   peak, source = peak_tflops_per_device(dtype, configured=configured_peak_tflops)
-  log.info("FLOPs per step %.4g (model), %.4g (with remat); peak %.4g TFLOP/s per device "
-           "(%s)", step.model, step.hardware, peak, source)
-  return Accounting(step, jax.device_count(), peak)
+  return Accounting(step, jax.device_count(), peak, source)
