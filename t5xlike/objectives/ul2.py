@@ -90,9 +90,10 @@ DEFAULT_DENOISERS: tuple[Denoiser, ...] = (
 def expected_mean_span_length(length: int, noise_density: float,
                               mean_noise_span_length: float) -> float:
   """The mean span length T5's `random_spans_noise_mask` produces on `length` tokens:
-  noise tokens / max(1, round(noise tokens / μ))."""
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-  return num_noise / max(int(round(num_noise / mean_noise_span_length)), 1)
+  noise tokens / spans, counted as the mask counts them (`span_corruption.noise_counts`)."""
+  num_noise, num_spans = span_corruption.noise_counts(length, noise_density,
+                                                      mean_noise_span_length)
+  return num_noise / num_spans
 
 
 def _as_denoiser(row: Denoiser | Mapping[str, Any]) -> Denoiser:
