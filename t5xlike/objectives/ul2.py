@@ -48,7 +48,10 @@ A note on μ large compared with the chunk: with μ=64, r=0.15 and a chunk of
 measured mean span length is the whole noise count (~22), not 64: T5's
 algorithm (and UL2's) never makes fewer than one span or spans longer than
 the noise. `expected_mean_span_length` gives the value the algorithm can
-achieve for a chunk length.
+achieve for a chunk length. With a single span the mask is one run of
+non-noise then one of noise, so X(μ=64, r=0.15) at the usual lengths
+predicts the last 15% of its chunk (a suffix), as the reference does
+(T5's mask with `random_roll=False`).
 """
 from __future__ import annotations
 
