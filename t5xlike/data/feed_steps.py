@@ -2,8 +2,8 @@
 `feeding.SequentialFeed` (and `task_examples`, for inference).
 
 `prepare_objective` checks a task against the run's objective (or, without
-one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the raw
-chunk length; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
+one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the chunk
+lengths; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
 the features a task's post-cache EOS preprocessor names; `TruncationCount`
 counts the supervised examples that TASK_FEATURE_LENGTHS cuts.
 """
@@ -47,13 +47,14 @@ def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
 
 def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | None,
                       feature_lengths: Mapping[str, int], feature_converter: str):
-  """(vocabulary, raw chunk length or None) of a task read with an objective.
+  """(vocabulary, the cycle of chunk lengths or None) of a task read with an objective.
 
   Checks that the task has the objective's source feature, gives the
-  objective the vocabulary (`setup`) and asks it for its raw length (which
-  validates TASK_FEATURE_LENGTHS). Without an objective (supervised) the
-  lengths must name `inputs` and `targets`, except for the decoder converter
-  (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
+  objective the vocabulary (`setup`) and asks it for its chunk lengths
+  (`Objective.chunk_lengths`, which validates TASK_FEATURE_LENGTHS). Without an
+  objective (supervised) the lengths must name `inputs` and `targets`, except for
+  the decoder converter (causal LM on `targets`) and encoder classification
+  (`inputs` only). ValueError on bad input.
   """
   feature = objective.source_feature if objective is not None else None
   if objective is not None and feature not in task.output_features:
@@ -62,7 +63,7 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   vocabulary = task.output_features[feature or next(iter(task.output_features))].vocabulary
   if objective is not None:
     objective.setup(vocabulary)
-    return vocabulary, objective.raw_length(feature_lengths)
+    return vocabulary, objective.chunk_lengths(feature_lengths)
   required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
       feature_converter, ("inputs", "targets"))
   missing = set(required) - set(feature_lengths)
