@@ -12,16 +12,16 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-import tasks.embedded
 from t5xlike import cache_tasks
 from t5xlike.data import seqio_tasks, sources, task_cache
+from t5xlike.tasks import embedded
 from tests import user_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def encode(text: str) -> np.ndarray:
-  return np.asarray(tasks.embedded.vocabulary().encode(text), np.int32)
+  return np.asarray(embedded.vocabulary().encode(text), np.int32)
 
 
 def assert_same_examples(a, b):
@@ -169,7 +169,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
       "test_tfds_unprepared",
       source=seqio.TfdsDataSource(tfds_name=user_tasks.TFDS_NAME, tfds_data_dir=str(tmp_path)),
       preprocessors=[seqio.preprocessors.tokenize],
-      output_features={"text": seqio.Feature(tasks.embedded.vocabulary())})
+      output_features={"text": seqio.Feature(embedded.vocabulary())})
   try:
     with pytest.raises(ValueError) as error:
       sources.open_source("test_tfds_unprepared", "train", use_cached=False, cache_dir=None)
