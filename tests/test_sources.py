@@ -201,6 +201,9 @@ def test_postcache_preprocessors_refused_except_eos():
     (["--tasks=user_random_postcache"], "remove random_token_drop from task"),
     (["--tasks=user_text_lines", "--splits=validation"], "has no split 'validation'"),
     (["--tasks=user_text_lines", "--num_shards=x"], "error: argument --num_shards"),
+    (["--tasks=embedded_corpus", "--module=tasks.embedded"],
+     "error: --module='tasks.embedded' cannot be imported: the shipped task modules are "
+     "t5xlike.tasks.*: use 't5xlike.tasks.embedded'"),
 ])
 def test_cache_tasks_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
   assert cache_tasks.main(argv + [f"--output_dir={tmp_path / 'out'}"]) == 2
