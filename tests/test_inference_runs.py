@@ -10,7 +10,7 @@ import pytest
 from t5xlike import errors, eval as eval_entry, infer, train
 from t5xlike.data import task_examples
 from t5xlike.inference import jsonl_io, task_evaluator
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 24}"
@@ -73,7 +73,7 @@ def test_eval_writes_one_row_per_task_and_inference_outputs(runs, tmp_path):
 
 def test_task_metrics_follow_the_seqio_contract():
   """Known predictions -> known metric values (postprocess on targets and predictions)."""
-  task_examples.import_module("tasks.multitask")
+  task_examples.import_module("t5xlike.tasks.multitask")
   task = task_examples.leaf_tasks("mt_count_words")[0]
   examples = task_examples.read_split(task, "validation", {"inputs": 64, "targets": 32},
                                       use_cached=False, cache_dir=None, max_examples=8)
