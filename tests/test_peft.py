@@ -269,6 +269,9 @@ def test_adapter_defaults_are_houlsbys(bases):
                      or re.search(selection.NORM_PATTERN, p)}
   assert "encoder/layers_0/pre_attention_layer_norm/scale" in trained
   assert "decoder/logits_dense/kernel" not in trained
+  only = adapters.Adapters(also_train=())  # the option: the adapters alone
+  assert {p for p, m in flat(only.trainable(boxed)).items() if np.asarray(m).any()} == {
+      p for p in values if re.search(method.param_pattern, p)}
   # Near the identity: the logits move, a little.
   _, _, batch, base_logits = bases["t5"]
   logits = logits_of(wrapped, params, batch)

@@ -135,6 +135,28 @@ def test_candidates_as_configured(runs):
   assert tfs.per_layer(params, no_head.candidates_mask(params))[HEAD]
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_per_entry_statistics_flatten_the_candidates_for_the_optimizer(runs, scan):
+  """With Adafactor factoring matrices of 16+ entries: per_entry_statistics keeps one
+  second moment per candidate entry ([n], or [L, n] scanned); False keeps the factored
+  row and column moments. The head (dense, not a candidate) is factored either way."""
+  params = runs[scan][0].state_plan(tfs.batch()).boxed_params
+  adafactor = optim.per_layer(optim.adafactor(0.01, min_dim_size_to_factor=16),
+                              tfs.stacked_counts(params))
+  shapes = {}
+  for flag in (True, False):
+    technique = sparse.SparseFineTuning(num_trainable=5, per_entry_statistics=flag)
+    state = jax.eval_shape(technique.wrap_optimizer(adafactor, params).init,
+                           jax.tree.map(lambda x: x.value, params,
+                                        is_leaf=lambda x: hasattr(x, "names")))
+    shapes[flag] = {tuple(leaf.shape) for leaf in jax.tree.leaves(state.inner)}
+  wo = (2, 48 * 32) if scan else (48 * 32,)  # an MLP `wo` kernel [48, 32], flattened
+  assert wo in shapes[True] and wo not in shapes[False]
+  factored = {(2, 48), (2, 32)} if scan else {(48,), (32,)}
+  assert factored <= shapes[False]
+  assert {(128,), (32,)} <= shapes[True] & shapes[False]  # the head's row / column moments
+
+
 def first_sparse_update(inner, density, shape=(128, 256)):
   """(the update of entry (0, 0), the mean |update| of the chosen entries) at the first
   sparse step; k = density * size. The dense step's gradient is nonzero on k scattered

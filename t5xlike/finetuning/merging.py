@@ -122,7 +122,10 @@ def breadcrumbs(base: np.ndarray, thetas: Sequence[np.ndarray], beta: float, gam
   *kept* and the fraction of largest entries removed; here `beta` is that removed
   top fraction and `gamma` the removed bottom fraction, so its
   (top_k_keep, top_k_remove) = (1 - beta - gamma, beta). mergekit's `breadcrumbs`
-  takes (density, gamma) = (1 - beta - gamma, beta).
+  takes (density, gamma) = (1 - beta - gamma, beta). The paper's beta and gamma are
+  percentiles of |tau|: entries below the beta-th and above the gamma-th are dropped
+  (its setting 85% and 99.3%), i.e. its beta is `gamma` here and its 1 - gamma is
+  `beta` (`beta=0.007, gamma=0.85`).
 
   Args:
     base: the base checkpoint's parameter (any shape).
