@@ -34,7 +34,7 @@ trains the collections "adapters", "layer_norm" and "head"):
 Houlsby's layers are BERT's two sub-layers; the same rule (an adapter after
 every sub-layer) gives a T5 decoder layer three: after self-attention, after
 cross-attention (`encoder_decoder_attention`) and after the MLP. Restrict with
-`targets`, e.g. '(self_attention|attention|mlp)$' without the cross-attention,
+`targets`, e.g. '(/attention|self_attention|mlp)$' without the cross-attention,
 or Pfeiffer's 'mlp$' (`PFEIFFER_TARGETS`).
 
 Placement 'after_dropout' needs the sub-layer's output to go straight into a

@@ -107,9 +107,11 @@ class SparseState(NamedTuple):
 
   Attributes:
     count: int32 (), optimizer updates done in this run.
-    theta0: the candidate leaves' values at the run's start (None elsewhere).
-    mask: bool, shape of each candidate leaf: the scalars that train (all
-      candidates before step K, the chosen k after it; None elsewhere).
+    theta0: the candidate and dense leaves' values at the run's start (None
+      elsewhere).
+    mask: bool, shape of each candidate or dense leaf: the scalars that train (all
+      of them before step K; after it the chosen k candidates and the dense layers;
+      None elsewhere).
     inner: the inner optimizer's state.
   """
   # Shadows tuple.count, which typeshed types as a method; the name is kept because
