@@ -43,7 +43,8 @@ def test_finetune_continues_the_step_count_and_evaluates_every_task(runs):
   evals = rows(finetune / "metrics" / "eval.jsonl")
   tasks = {r["task"] for r in evals}
   assert "multitask_offline" in tasks  # the teacher-forced loss/accuracy of the mixture
-  assert {"mt_last_word", "mt_reverse_words", "mt_continue"} <= tasks  # metric functions
+  assert {"mt_first_word", "mt_reverse_words", "mt_continue"} <= tasks  # metric functions
+  assert "mt_last_word" not in tasks  # held out of multitask_offline: evaluation follows training
   by_task = {r["task"]: r for r in evals if r["step"] == 4}
   assert {"loss", "accuracy"} <= set(by_task["multitask_offline"])
   assert "sequence_accuracy" in by_task["mt_reverse_words"]
@@ -169,10 +170,11 @@ def test_eval_and_infer_refuse_missing_checkpoint(tmp_path, capsys):
   assert not (tmp_path / "x").exists()
   assert _infer(tmp_path / "nope" / "checkpoint_3", "predict", tmp_path / "a.jsonl",
                 tmp_path / "b.jsonl") == 2
-  assert "a.jsonl: no such file" in capsys.readouterr().err
+  assert "nope/checkpoint_3 does not exist" in capsys.readouterr().err
+  assert not (tmp_path / "b.jsonl").exists()
 
 
-def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path):
+def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path, capsys):
   _, finetune = runs
   assert infer.main([MODEL, "--gin_file=gin_configs/runs/infer.gin",
                      f"--gin.CHECKPOINT_PATH={finetune}/checkpoint_4",
@@ -188,6 +190,11 @@ def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path):
   assert _infer(finetune / "checkpoint_4", "predict", source, out) == 0
   assert [r["inputs"] for r in rows(out)] == ["Give the first word: a b c",
                                               "Give the first word: d e"]
+  # A missing input file is named, once the checkpoint exists.
+  assert _infer(finetune / "checkpoint_4", "predict", tmp_path / "a.jsonl",
+                tmp_path / "b.jsonl") == 2
+  assert "a.jsonl: no such file" in capsys.readouterr().err
+  assert not (tmp_path / "b.jsonl").exists()
 
 
 def test_decoder_only_model_predicts_and_scores_from_the_command_line(tmp_path):
