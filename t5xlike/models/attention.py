@@ -99,7 +99,7 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
     decode: a KV-cache decoding call.
   """
   check_name(requested)
-  platform = jax.default_backend()
+  platform = target_platform()
   if requested == "auto":
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not (
         dropout or decode):
@@ -154,6 +154,15 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
+
+
+def target_platform() -> str:
+  """The platform the traced computation is for: that of the mesh in context
+  (`jax.set_mesh`, `Partitioner.activate`), whose devices may be compile-only TPU or
+  GPU devices of a machine that is not here (`t5xlike.aot`); else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else str(device.platform)
 
 
 def mesh_size() -> int:

@@ -1,0 +1,206 @@
+"""What an optimised HLO module holds: collectives, custom calls, loop trip counts.
+
+`hlo_stats(text)` reads the text of a compiled, SPMD-partitioned module
+(`jax.stages.Compiled.as_text()`: one device's program) and counts, per
+executed step, every collective by kind (all-gather, reduce-scatter,
+all-reduce, all-to-all, collective-permute; their async `-start` forms
+count once) and every custom call by target. An instruction inside a
+`while` body counts as many times as the loop's known trip count (XLA
+records it in the loop's backend config: scan over layers, micro-batches),
+nested loops multiply, and called computations (fusions, async
+computations, conditionals' branches) inherit their caller's count.
+
+The bytes of a collective are those of its full buffer on one device: the
+larger of its operands' and its result's sizes (all-gather: the gathered
+result; reduce-scatter: the operand before scattering; the others move
+buffers of equal size), summed over executions. That is the data each
+device sends or receives up to the factor (n - 1) / n of a ring over n
+devices, or 2 (n - 1) / n for an all-reduce.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+#: Bytes per element of HLO's primitive types (sub-byte types rounded up to 1/2).
+_ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+               "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+               "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation|"
+                      r"branch_computations|called_computations|async_execution_thread)="
+                      r"(\{[^}]*\}|%[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def shape_bytes(type_text: str) -> float:
+  """Bytes of an HLO type: an array `bf16[8,128]{1,0}` or a tuple of them (summed)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(type_text):
+    if dtype in _ITEM_BYTES:
+      count = 1
+      for dim in filter(None, dims.split(",")):
+        count *= int(dim)
+      total += count * _ITEM_BYTES[dtype]
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  """One HLO instruction: name, result type (text), opcode, operand names, the rest."""
+  name: str
+  type_text: str
+  opcode: str
+  operands: tuple[str, ...]
+  attributes: str
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+  """'(f32[2], s32[]) tuple(%a, %b), ...' -> ('(f32[2], s32[])', 'tuple(%a, %b), ...')."""
+  if rest.startswith("("):
+    depth = 0
+    for i, char in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(char, 0)
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  type_text, _, tail = rest.partition(" ")
+  return type_text, tail
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+  match = _INSTRUCTION.match(line)
+  if not match:
+    return None
+  name, rest = match.groups()
+  type_text, tail = _split_type(rest)
+  opcode, paren, after = tail.partition("(")
+  if not paren:
+    return None
+  depth, end = 1, len(after)
+  for i, char in enumerate(after):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      end = i
+      break
+  operands = tuple(re.findall(r"%([\w.\-]+)", after[:end]))
+  return Instruction(name, type_text, opcode.strip(), operands, after[end + 1:])
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str | None]:
+  """({computation name: its instructions}, the entry computation's name)."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = None, None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header and " = " not in line.split("{")[0]:
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+      continue
+    if current is not None:
+      if line.strip() == "}":
+        current = None
+        continue
+      instruction = _parse_instruction(line)
+      if instruction is not None:
+        computations[current].append(instruction)
+  return computations, entry
+
+
+def _callees(instruction: Instruction) -> list[tuple[str, str]]:
+  """(attribute, computation) pairs an instruction calls."""
+  out = []
+  for attribute, value in _CALLEES.findall(instruction.attributes):
+    out += [(attribute, name) for name in re.findall(r"%([\w.\-]+)", value)]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HloStats:
+  """Per-step counts of one device's program.
+
+  Attributes:
+    collectives: kind -> (executions per step, bytes per step on one device).
+    custom_calls: target -> executions per step.
+    kernel_custom_calls: target -> executions per step of the custom calls that are
+      kernels of their own (outside fusions).
+    unknown_trip_counts: `while` loops without a known trip count (counted once).
+  """
+  collectives: dict[str, tuple[int, float]]
+  custom_calls: dict[str, int]
+  kernel_custom_calls: dict[str, int]
+  unknown_trip_counts: int
+
+  @property
+  def collective_bytes(self) -> float:
+    return sum(size for _, size in self.collectives.values())
+
+
+def _executions(computations: dict[str, list[Instruction]], entry: str
+                ) -> tuple[dict[str, int], set[str], int]:
+  """(executions per step of each computation, the fused computations, loops without a
+  known trip count). Computations are printed callees first: callers come later."""
+  counts: dict[str, int] = {entry: 1}
+  fused: set[str] = set()
+  unknown = 0
+  for name in reversed(list(computations)):
+    times = counts.get(name, 0)
+    for instruction in computations[name]:
+      for attribute, callee in _callees(instruction):
+        factor = 1
+        if instruction.opcode == "while" and attribute == "body":
+          trip = _TRIP_COUNT.search(instruction.attributes)
+          factor = int(trip.group(1)) if trip else 1
+          unknown += trip is None and times > 0
+        if instruction.opcode == "fusion" or name in fused:
+          fused.add(callee)
+        counts[callee] = counts.get(callee, 0) + times * factor
+  return counts, fused, unknown
+
+
+def hlo_stats(text: str) -> HloStats:
+  """The `HloStats` of an optimised module's text (see the module docstring)."""
+  computations, entry = parse_module(text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  counts, fused, unknown = _executions(computations, entry)
+  collectives: dict[str, list[float]] = {}
+  custom_calls: dict[str, int] = {}
+  kernels: dict[str, int] = {}
+  for name, instructions in computations.items():
+    times = counts.get(name, 0)
+    if not times:
+      continue
+    types = {i.name: i.type_text for i in instructions}
+    done = {i.operands[0]: i.type_text for i in instructions
+            if i.opcode.endswith("-done") and i.operands}
+    for instruction in instructions:
+      kind = instruction.opcode.removesuffix("-start")
+      if kind in COLLECTIVES:
+        result = done.get(instruction.name, instruction.type_text) if (
+            instruction.opcode.endswith("-start")) else instruction.type_text
+        operands = sum(shape_bytes(types.get(op, "")) for op in instruction.operands)
+        entry_ = collectives.setdefault(kind, [0, 0.0])
+        entry_[0] += times
+        entry_[1] += times * max(shape_bytes(result), operands)
+      elif instruction.opcode == "custom-call":
+        target = _TARGET.search(instruction.attributes)
+        key = target.group(1) if target else "?"
+        custom_calls[key] = custom_calls.get(key, 0) + times
+        if name not in fused:
+          kernels[key] = kernels.get(key, 0) + times
+  return HloStats(collectives={k: (int(v[0]), float(v[1])) for k, v in collectives.items()},
+                  custom_calls=custom_calls, kernel_custom_calls=kernels,
+                  unknown_trip_counts=int(unknown))
+
+
+def count_matching(counts: dict[str, int], needles: Iterable[str]) -> int:
+  """Executions of the custom calls whose target contains any of `needles`."""
+  return sum(n for target, n in counts.items() if any(s in target for s in needles))
