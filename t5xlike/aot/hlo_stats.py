@@ -5,10 +5,13 @@
 executed step, every collective by kind (all-gather, reduce-scatter,
 all-reduce, all-to-all, collective-permute; their async `-start` forms
 count once) and every custom call by target. An instruction inside a
-`while` body counts as many times as the loop's known trip count (XLA
-records it in the loop's backend config: scan over layers, micro-batches),
-nested loops multiply, and called computations (fusions, async
-computations, conditionals' branches) inherit their caller's count.
+`while` body counts as many times as the loop runs (scan over layers,
+micro-batches): the trip count XLA records in the loop's backend config
+(XLA:GPU), else the one its induction variable gives (libtpu prints no
+backend config for loops: a counter starting at a constant, compared
+`LT` with a constant in the condition, incremented by a constant); nested
+loops multiply, and called computations (fusions, async computations,
+conditionals' branches) inherit their caller's count.
 
 The bytes of a collective are those of its full buffer on one device: the
 larger of its operands' and its result's sizes (all-gather: the gathered
@@ -31,7 +34,7 @@ _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16
                "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*)$")
 _CALLEES = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation|"
                       r"branch_computations|called_computations|async_execution_thread)="
                       r"(\{[^}]*\}|%[\w.\-]+)")
@@ -53,12 +56,15 @@ def shape_bytes(type_text: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Instruction:
-  """One HLO instruction: name, result type (text), opcode, operand names, the rest."""
+  """One HLO instruction: name, result type (text), opcode, operand names, the text
+  between its parentheses (a constant's literal), the rest, whether it is the ROOT."""
   name: str
   type_text: str
   opcode: str
   operands: tuple[str, ...]
+  arguments: str
   attributes: str
+  root: bool = False
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -77,7 +83,7 @@ def _parse_instruction(line: str) -> Instruction | None:
   match = _INSTRUCTION.match(line)
   if not match:
     return None
-  name, rest = match.groups()
+  root, name, rest = match.groups()
   type_text, tail = _split_type(rest)
   opcode, paren, after = tail.partition("(")
   if not paren:
@@ -89,7 +95,8 @@ def _parse_instruction(line: str) -> Instruction | None:
       end = i
       break
   operands = tuple(re.findall(r"%([\w.\-]+)", after[:end]))
-  return Instruction(name, type_text, opcode.strip(), operands, after[end + 1:])
+  return Instruction(name, type_text, opcode.strip(), operands, after[:end], after[end + 1:],
+                     bool(root))
 
 
 def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str | None]:
@@ -156,13 +163,85 @@ def _executions(computations: dict[str, list[Instruction]], entry: str
       for attribute, callee in _callees(instruction):
         factor = 1
         if instruction.opcode == "while" and attribute == "body":
-          trip = _TRIP_COUNT.search(instruction.attributes)
-          factor = int(trip.group(1)) if trip else 1
+          trip = _trip_count(instruction, computations[name], computations)
+          factor = 1 if trip is None else trip
           unknown += trip is None and times > 0
         if instruction.opcode == "fusion" or name in fused:
           fused.add(callee)
         counts[callee] = counts.get(callee, 0) + times * factor
   return counts, fused, unknown
+
+
+def _constant(instruction: Instruction | None) -> int | None:
+  """The value of an integer scalar constant (through copies), else None."""
+  if instruction is None or instruction.opcode != "constant":
+    return None
+  try:
+    return int(instruction.arguments)
+  except ValueError:
+    return None
+
+
+def _trip_count(loop: Instruction, caller: list[Instruction],
+                computations: dict[str, list[Instruction]]) -> int | None:
+  """A `while` loop's trip count: XLA's `known_trip_count`, else its induction variable's
+  (`start`, `limit` and `step` constants, see the module docstring); None if neither."""
+  known = _TRIP_COUNT.search(loop.attributes)
+  if known:
+    return int(known.group(1))
+  callees = dict(_callees(loop))
+  condition, body = (computations.get(callees.get(k, ""), []) for k in ("condition", "body"))
+  if not condition or not body or not loop.operands:
+    return None
+
+  def lookup(instructions: list[Instruction]):
+    named = {i.name: i for i in instructions}
+    def follow(name: str) -> Instruction | None:
+      instruction = named.get(name)
+      while instruction is not None and instruction.opcode == "copy" and instruction.operands:
+        instruction = named.get(instruction.operands[0])
+      return instruction
+    return follow
+
+  def element(instruction: Instruction | None) -> int | None:
+    """The tuple index a get-tuple-element reads."""
+    if instruction is None or instruction.opcode != "get-tuple-element":
+      return None
+    index = re.search(r"\bindex=(\d+)", instruction.attributes)
+    return int(index.group(1)) if index else None
+
+  in_condition, in_body, in_caller = lookup(condition), lookup(body), lookup(caller)
+  for compare in condition:
+    if compare.opcode != "compare" or len(compare.operands) != 2:
+      continue
+    left, right = (in_condition(op) for op in compare.operands)
+    if "direction=LT" in compare.attributes:
+      index, limit = element(left), _constant(right)
+    elif "direction=GT" in compare.attributes:
+      index, limit = element(right), _constant(left)
+    else:
+      continue
+    init = in_caller(loop.operands[0])
+    if index is None or limit is None or init is None or init.opcode != "tuple":
+      return None
+    start = _constant(in_caller(init.operands[index])) if index < len(init.operands) else None
+    root = next((i for i in body if i.root and i.opcode == "tuple"), None)
+    update = in_body(root.operands[index]) if root and index < len(root.operands) else None
+    if start is None or update is None or update.opcode != "add":
+      return None
+    step = None
+    for operand in update.operands:
+      value = in_body(operand)
+      carried = element(value)
+      if carried == index:  # the counter itself
+        continue
+      if carried is not None and carried < len(init.operands):
+        value = in_caller(init.operands[carried])  # a step carried through the loop
+      step = _constant(value)
+    if step is None or step <= 0:
+      return None
+    return max(0, -(-(limit - start) // step))
+  return None
 
 
 def hlo_stats(text: str) -> HloStats:

@@ -16,9 +16,9 @@ shapes and shardings (`sharded_bytes`).
 
 Step time is an estimate, never a measurement. TPU: libtpu's cost model
 (`optimal_seconds`). That model has no figure for some kernels of their own
-(custom calls outside fusions such as `ConcatBitcast`, from memory-space
-assignment's prefetches): each adds -1 to `optimal_seconds`, so they are
-taken out again and counted as free (`unestimated_kernels` says how many).
+(`UNESTIMATED_TARGETS`: `ConcatBitcast`, from memory-space assignment's
+prefetches): each adds -1 to `optimal_seconds`, so they are taken out again
+and counted as free (`unestimated_kernels` says how many).
 GPU: XLA's GPU compiler exposes no cost model, so the estimate is a roofline
 of ours: the largest of compute (the analytic FLOPs with rematerialisation,
 or the compiler's when larger, at the chip's peak), HBM traffic (bytes
@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,10 @@ from t5xlike.aot.targets import GIB, Target
 
 #: Custom-call targets of attention kernels: Pallas TPU (Mosaic) and cuDNN's fused attention.
 MOSAIC_TARGETS = ("tpu_custom_call",)
+#: Kernels (custom calls outside fusions) for which libtpu's cost model adds -1 to
+#: `optimal_seconds` instead of a time (found by compiling: memory-space assignment's
+#: `ConcatBitcast`; `AllocateBuffer` and Mosaic kernels add their own estimates or 0).
+UNESTIMATED_TARGETS = ("ConcatBitcast",)
 CUDNN_ATTENTION_TARGETS = ("__cudnn$fmha",)
 
 
@@ -107,6 +112,8 @@ class StepReport:
     roofline: compute / hbm / collectives seconds per step (see the module docstring).
     stats: collectives and custom calls of the optimised HLO.
     compile_seconds, compile_cpu_seconds: wall and process CPU time of the compilation.
+    out_of_memory: the compiler refused the step for lack of memory (`refused_for_memory`):
+      `memory` then holds the analytic arguments and the temporaries the compiler named.
   """
   target: Target
   device_kind: str
@@ -121,6 +128,7 @@ class StepReport:
   stats: hlo_stats_lib.HloStats
   compile_seconds: float
   compile_cpu_seconds: float
+  out_of_memory: bool = False
 
   @classmethod
   def from_compiled(cls, compiled: Any, target: Target, figures: StepFigures, *,
@@ -164,10 +172,32 @@ class StepReport:
                stats=stats, compile_seconds=compile_seconds,
                compile_cpu_seconds=compile_cpu_seconds)
 
+  @classmethod
+  def refused_for_memory(cls, message: str, target: Target, figures: StepFigures, *,
+                    device_kind: str, compile_seconds: float,
+                    compile_cpu_seconds: float) -> StepReport:
+    """The report of a step the compiler refused for lack of memory (its RESOURCE_EXHAUSTED
+    `message`): the analytic arguments, the temporaries the message names, no estimate."""
+    argument = figures.params_bytes + figures.opt_state_bytes + figures.batch_bytes
+    temp = _bytes_named(message, "temporaries")
+    total = argument + (temp or 0)
+    memory = {"argument": argument, "output": 0, "alias": 0, "temp": temp or 0, "code": 0,
+              "total": total, "hbm": int(target.chip.hbm_bytes),
+              "headroom": int(target.chip.hbm_bytes) - total}
+    stats = hlo_stats_lib.HloStats(collectives={}, custom_calls={}, kernel_custom_calls={},
+                                   unknown_trip_counts=0)
+    return cls(target=target, device_kind=device_kind, figures=figures, memory=memory,
+               compiler_flops=None, bytes_accessed=None, step_seconds=None,
+               estimate_source=f"not compiled: {message.strip()[:300]}",
+               unestimated_kernels=0, roofline={"compute_s": 0.0, "hbm_s": 0.0,
+                                                "collectives_s": 0.0},
+               stats=stats, compile_seconds=compile_seconds,
+               compile_cpu_seconds=compile_cpu_seconds, out_of_memory=True)
+
   # -- derived figures ----------------------------------------------------------
   @property
   def fits(self) -> bool:
-    return self.memory["total"] <= self.memory["hbm"]
+    return not self.out_of_memory and self.memory["total"] <= self.memory["hbm"]
 
   @property
   def tokens_per_second_per_chip(self) -> float | None:
@@ -213,7 +243,7 @@ class StepReport:
         "bytes_per_chip": {
             "params": figures.params_bytes, "opt_state": figures.opt_state_bytes,
             "batch": figures.batch_bytes, **dict(self.memory)},
-        "fits": self.fits,
+        "fits": self.fits, "out_of_memory": self.out_of_memory,
         "model_flops_per_step": figures.model_flops,
         "hardware_flops_per_step": figures.hardware_flops,
         "compiler_flops_per_chip": self.compiler_flops,
@@ -242,7 +272,8 @@ class StepReport:
     dcn = ("; over DCN " + " ".join(f"{k}={v}" for k, v in figures.dcn_mesh.items())
            if figures.dcn_mesh else "")
     lines = [
-        f"{figures.model_name} train step compiled for {target.describe()}, "
+        f"{figures.model_name} train step "
+        f"{'refused' if self.out_of_memory else 'compiled'} for {target.describe()}, "
         f"{target.chips} x {self.device_kind}",
         f"mesh        {mesh}{dcn}; rules {figures.rules}; "
         f"{figures.num_microbatches} micro-batch(es); attention_impl={figures.attention_impl}",
@@ -261,6 +292,9 @@ class StepReport:
         + (f"fits, {memory['headroom'] / GIB:.2f} GiB headroom" if self.fits else
            f"DOES NOT FIT, {-memory['headroom'] / GIB:.2f} GiB over"),
     ]
+    if self.out_of_memory:
+      lines.append(f"  the compiler refused the step: "
+                   f"{self.estimate_source.removeprefix('not compiled: ')}")
     flops = (f"model {figures.model_flops:.4g}, with remat {figures.hardware_flops:.4g} "
              f"(t5xlike.flops)" if figures.model_flops is not None else "no formula")
     compiler = (f"; compiler {self.compiler_flops:.4g} per chip "
@@ -274,6 +308,8 @@ class StepReport:
                    f"[{self.estimate_source}; an estimate, not a measurement]")
     else:
       lines.append(f"estimate    none ({self.estimate_source})")
+    if self.out_of_memory:
+      return "\n".join(lines)
     roof = self.roofline
     lines.append(f"roofline    compute {roof['compute_s']:.4g} s, HBM {roof['hbm_s']:.4g} s, "
                  f"collectives {roof['collectives_s']:.4g} s: {self.bottleneck()}-bound")
@@ -285,6 +321,15 @@ class StepReport:
     lines.append(f"compile     {self.compile_seconds:.1f} s wall, "
                  f"{self.compile_cpu_seconds:.1f} s CPU")
     return "\n".join(lines)
+
+
+def _bytes_named(message: str, what: str) -> int | None:
+  """Bytes of `what` in a compiler message ('... HLO temporaries (136.03G) ...')."""
+  match = re.search(rf"{what}\D*?\(([\d.]+)([KMGT]?)i?B?\)", message)
+  if not match:
+    return None
+  scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[match.group(2)]
+  return int(float(match.group(1)) * scale)
 
 
 def _memory(stats: Any, target: Target) -> dict[str, int]:
@@ -305,8 +350,7 @@ def _tpu_estimate(cost: Mapping[str, float], stats: hlo_stats_lib.HloStats
                   ) -> tuple[float | None, int, str]:
   """(step seconds or None, kernels without an estimate, source) from libtpu's cost model."""
   optimal = cost.get("optimal_seconds")
-  unestimated = sum(n for target, n in stats.kernel_custom_calls.items()
-                    if target not in MOSAIC_TARGETS)
+  unestimated = hlo_stats_lib.count_matching(stats.kernel_custom_calls, UNESTIMATED_TARGETS)
   source = "libtpu's cost model (optimal_seconds)"
   if optimal is None:
     return None, unestimated, "libtpu gave no optimal_seconds"

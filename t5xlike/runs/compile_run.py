@@ -149,7 +149,9 @@ def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
                                 finetuning=arguments["finetuning"],
                                 skip_nonfinite=nan_policy.skip_in_step)
   try:
-    with partitioner.activate():  # the model's kernels resolve for the target's platform
+    # The model's kernels resolve for the target's platform (the abstract mesh's); eager
+    # work (the init key) stays on this host's CPU.
+    with jax.sharding.use_abstract_mesh(partitioner.mesh.abstract_mesh):
       trainer.state_plan(shapes)
   except (ValueError, TypeError, KeyError) as error:
     raise errors.ConfigError(f"model: {errors.one_line(error)}") from None
@@ -206,17 +208,25 @@ def execute(plan: CompilePlan) -> step_report.StepReport:
            plan.partitioner.describe())
   lowered = plan.trainer.lower_train_step(plan.batch_shapes)
   start, cpu_start = time.perf_counter(), time.process_time()
+  device_kind = plan.devices[0].device_kind
   try:
     compiled = lowered.compile()
-  except Exception as error:  # noqa: BLE001  (XLA raises JaxRuntimeError for many causes)
-    raise errors.RunError(f"the compiler refused the step for {plan.target.name}: "
-                          f"{errors.one_line(error)[:300]}") from None
+  except jax.errors.JaxRuntimeError as error:
+    message = errors.one_line(error)
+    if not message.startswith("RESOURCE_EXHAUSTED"):
+      raise errors.RunError(f"the compiler refused the step for {plan.target.name}: "
+                            f"{message[:300]}") from None
+    # Too large for the chip: a report that says so, not a crash.
+    return step_report.StepReport.refused_for_memory(
+        message, plan.target, figures(plan), device_kind=device_kind,
+        compile_seconds=time.perf_counter() - start,
+        compile_cpu_seconds=time.process_time() - cpu_start)
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
   gpu_cost = None
   if plan.target.chip.platform == "gpu":
     gpu_cost = library_compat.hlo_cost_analysis_on_cpu(compiled)
   return step_report.StepReport.from_compiled(
-      compiled, plan.target, figures(plan), device_kind=plan.devices[0].device_kind,
+      compiled, plan.target, figures(plan), device_kind=device_kind,
       compile_seconds=wall, compile_cpu_seconds=cpu, gpu_cost=gpu_cost)
 
 
