@@ -148,6 +148,7 @@ def test_collectives_count_loop_trips_and_full_buffers():
   assert stats.collective_bytes == 6 * 8192 + 6 * 4096 + 256 + 32
   assert stats.custom_calls == {"AssumeGatherIndicesInBound": 6, "ConcatBitcast": 1}
   assert stats.kernel_custom_calls == {"ConcatBitcast": 1}   # the other is inside a fusion
+  assert stats.kernel_custom_call_sites == {"ConcatBitcast": 1}
   assert stats.unknown_trip_counts == 1
 
 

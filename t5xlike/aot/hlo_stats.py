@@ -138,11 +138,14 @@ class HloStats:
     custom_calls: target -> executions per step.
     kernel_custom_calls: target -> executions per step of the custom calls that are
       kernels of their own (outside fusions).
+    kernel_custom_call_sites: target -> instructions (not executions) of those kernels
+      in the executed computations.
     unknown_trip_counts: `while` loops without a known trip count (counted once).
   """
   collectives: dict[str, tuple[int, float]]
   custom_calls: dict[str, int]
   kernel_custom_calls: dict[str, int]
+  kernel_custom_call_sites: dict[str, int]
   unknown_trip_counts: int
 
   @property
@@ -253,6 +256,7 @@ def hlo_stats(text: str) -> HloStats:
   collectives: dict[str, list[float]] = {}
   custom_calls: dict[str, int] = {}
   kernels: dict[str, int] = {}
+  sites: dict[str, int] = {}
   for name, instructions in computations.items():
     times = counts.get(name, 0)
     if not times:
@@ -275,9 +279,10 @@ def hlo_stats(text: str) -> HloStats:
         custom_calls[key] = custom_calls.get(key, 0) + times
         if name not in fused:
           kernels[key] = kernels.get(key, 0) + times
+          sites[key] = sites.get(key, 0) + 1
   return HloStats(collectives={k: (int(v[0]), float(v[1])) for k, v in collectives.items()},
                   custom_calls=custom_calls, kernel_custom_calls=kernels,
-                  unknown_trip_counts=int(unknown))
+                  kernel_custom_call_sites=sites, unknown_trip_counts=int(unknown))
 
 
 def count_matching(counts: dict[str, int], needles: Iterable[str]) -> int:

@@ -17,8 +17,9 @@ shapes and shardings (`sharded_bytes`).
 Step time is an estimate, never a measurement. TPU: libtpu's cost model
 (`optimal_seconds`). That model has no figure for some kernels of their own
 (`UNESTIMATED_TARGETS`: `ConcatBitcast`, from memory-space assignment's
-prefetches): each adds -1 to `optimal_seconds`, so they are taken out again
-and counted as free (`unestimated_kernels` says how many).
+prefetches): each such instruction adds -1 to `optimal_seconds` (once, even
+inside a loop), so they are taken out again and counted as free
+(`unestimated_kernels` says how many).
 GPU: XLA's GPU compiler exposes no cost model, so the estimate is a roofline
 of ours: the largest of compute (the analytic FLOPs with rematerialisation,
 or the compiler's when larger, at the chip's peak), HBM traffic (bytes
@@ -46,8 +47,9 @@ from t5xlike.aot.targets import GIB, Target
 #: Custom-call targets of attention kernels: Pallas TPU (Mosaic) and cuDNN's fused attention.
 MOSAIC_TARGETS = ("tpu_custom_call",)
 #: Kernels (custom calls outside fusions) for which libtpu's cost model adds -1 to
-#: `optimal_seconds` instead of a time (found by compiling: memory-space assignment's
-#: `ConcatBitcast`; `AllocateBuffer` and Mosaic kernels add their own estimates or 0).
+#: `optimal_seconds` instead of a time, once per instruction (inside a loop too), found by
+#: compiling: memory-space assignment's `ConcatBitcast`; `AllocateBuffer` and Mosaic
+#: kernels add their own estimates or 0.
 UNESTIMATED_TARGETS = ("ConcatBitcast",)
 CUDNN_ATTENTION_TARGETS = ("__cudnn$fmha",)
 
@@ -114,6 +116,8 @@ class StepReport:
     compile_seconds, compile_cpu_seconds: wall and process CPU time of the compilation.
     out_of_memory: the compiler refused the step for lack of memory (`refused_for_memory`):
       `memory` then holds the analytic arguments and the temporaries the compiler named.
+    attention_fallbacks: what the attention kernels logged while the step was traced (a
+      requested kernel that could not serve, and what ran instead).
   """
   target: Target
   device_kind: str
@@ -129,6 +133,7 @@ class StepReport:
   compile_seconds: float
   compile_cpu_seconds: float
   out_of_memory: bool = False
+  attention_fallbacks: tuple[str, ...] = ()
 
   @classmethod
   def from_compiled(cls, compiled: Any, target: Target, figures: StepFigures, *,
@@ -185,7 +190,7 @@ class StepReport:
               "total": total, "hbm": int(target.chip.hbm_bytes),
               "headroom": int(target.chip.hbm_bytes) - total}
     stats = hlo_stats_lib.HloStats(collectives={}, custom_calls={}, kernel_custom_calls={},
-                                   unknown_trip_counts=0)
+                                   kernel_custom_call_sites={}, unknown_trip_counts=0)
     return cls(target=target, device_kind=device_kind, figures=figures, memory=memory,
                compiler_flops=None, bytes_accessed=None, step_seconds=None,
                estimate_source=f"not compiled: {message.strip()[:300]}",
@@ -240,6 +245,7 @@ class StepReport:
         "attention_impl": figures.attention_impl,
         "mosaic_kernels": self.mosaic_kernels,
         "cudnn_attention_kernels": self.cudnn_attention_kernels,
+        "attention_fallbacks": list(self.attention_fallbacks),
         "bytes_per_chip": {
             "params": figures.params_bytes, "opt_state": figures.opt_state_bytes,
             "batch": figures.batch_bytes, **dict(self.memory)},
@@ -318,6 +324,7 @@ class StepReport:
     lines.append("collectives " + ("; ".join(kinds) or "none") + " per step and chip")
     lines.append(f"kernels     {self.mosaic_kernels} Pallas (Mosaic), "
                  f"{self.cudnn_attention_kernels} cuDNN attention per step")
+    lines += [f"  {message}" for message in self.attention_fallbacks]
     lines.append(f"compile     {self.compile_seconds:.1f} s wall, "
                  f"{self.compile_cpu_seconds:.1f} s CPU")
     return "\n".join(lines)
@@ -350,7 +357,8 @@ def _tpu_estimate(cost: Mapping[str, float], stats: hlo_stats_lib.HloStats
                   ) -> tuple[float | None, int, str]:
   """(step seconds or None, kernels without an estimate, source) from libtpu's cost model."""
   optimal = cost.get("optimal_seconds")
-  unestimated = hlo_stats_lib.count_matching(stats.kernel_custom_calls, UNESTIMATED_TARGETS)
+  unestimated = hlo_stats_lib.count_matching(stats.kernel_custom_call_sites,
+                                             UNESTIMATED_TARGETS)
   source = "libtpu's cost model (optimal_seconds)"
   if optimal is None:
     return None, unestimated, "libtpu gave no optimal_seconds"

@@ -216,7 +216,8 @@ def compile_devices(target: Target) -> list[Any]:
   """The target's compile-only devices (`jax.Device`s nothing runs on).
 
   TPU: libtpu reads TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES when it loads
-  and prints warnings without them; they are set (when unset) to this target.
+  and prints warnings without them; they are set (when unset) to this target, and
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several processes compile at once.
   GPU: the CUDA plugin registers its topology only when it did not fail to find a
   GPU, i.e. with JAX_PLATFORMS=cpu on a machine without one (as the tests and
   `python -m t5xlike.compile` run).
@@ -232,6 +233,9 @@ def compile_devices(target: Target) -> list[Any]:
     name = "v5litepod" if target.chip.name == "v5e" else target.chip.name
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{name}-{cores}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes /tmp/libtpu_lockfile to own the host's TPUs; compile-only devices open
+    # none, so other processes (another compile, the tests) may hold libtpu meanwhile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       description = topologies.get_topology_desc(
           platform="tpu", topology_name=target.libtpu_topology, **_tpu_options(target))

@@ -29,6 +29,7 @@ import jax
 from t5xlike import errors, flops, interfaces, library_compat, partitioning
 from t5xlike.aot import step_report, targets
 from t5xlike.data import batch_shapes as batch_shapes_lib
+from t5xlike.models import attention
 from t5xlike.runs import run_config, train_run
 from t5xlike.training import nan_policy as nan_policy_lib, trainer as trainer_lib
 
@@ -202,11 +203,35 @@ def figures(plan: CompilePlan) -> step_report.StepFigures:
       hardware_flops=step_flops.hardware if step_flops else None)
 
 
+class _Collect(logging.Handler):
+  """Keeps the messages of the records it handles."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.messages.append(record.getMessage())
+
+
 def execute(plan: CompilePlan) -> step_report.StepReport:
-  """Lowers and compiles the planned step for the target; returns its report."""
+  """Lowers and compiles the planned step for the target; returns its report (with the
+  attention kernels' fallbacks logged while the step was traced)."""
   log.info("compiling the train step for %s: %s", plan.target.describe(),
            plan.partitioner.describe())
-  lowered = plan.trainer.lower_train_step(plan.batch_shapes)
+  fallbacks = _Collect()
+  attention_log = logging.getLogger(attention.__name__)
+  attention_log.addHandler(fallbacks)
+  try:
+    lowered = plan.trainer.lower_train_step(plan.batch_shapes)
+  finally:
+    attention_log.removeHandler(fallbacks)
+  result = _compiled_report(plan, lowered)
+  return dataclasses.replace(result, attention_fallbacks=tuple(fallbacks.messages))
+
+
+def _compiled_report(plan: CompilePlan, lowered: Any) -> step_report.StepReport:
+  """The report of the lowered step, compiled now (or refused for lack of memory)."""
   start, cpu_start = time.perf_counter(), time.process_time()
   device_kind = plan.devices[0].device_kind
   try:
