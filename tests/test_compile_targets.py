@@ -1,6 +1,10 @@
 """t5xlike.aot.targets (accelerator names -> slices) and t5xlike.aot.hlo_stats (collectives
-and kernels per step in optimised HLO text): pure Python, no compiler."""
+and kernels per step in optimised HLO text): pure Python, no compiler; and
+scripts/gpu_mfu.py's refusal of a machine without an H100 / H200."""
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +165,12 @@ def test_shape_bytes():
 def test_a_module_without_entry_is_refused():
   with pytest.raises(ValueError, match="no ENTRY"):
     hlo_stats.hlo_stats("%f (x: f32[]) -> f32[] {\n  ROOT %x = f32[] parameter(0)\n}\n")
+
+
+def test_gpu_mfu_script_refuses_a_machine_without_an_h100_in_one_line():
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_mfu.py"
+  result = subprocess.run([sys.executable, str(script), "--dry_run"], capture_output=True,
+                          text=True, timeout=300, check=False)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and "needs an NVIDIA H100 or H200" in lines[0]
+  assert result.stdout == ""
