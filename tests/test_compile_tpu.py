@@ -234,3 +234,27 @@ def test_two_slices_over_dcn():
   assert dict(plan.partitioner.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert {d.slice_index for d in plan.partitioner.mesh.devices[0].flat} == {0}
   assert {d.slice_index for d in plan.partitioner.mesh.devices[1].flat} == {1}
+
+
+def test_libtpu_counts_a_loop_body_once_and_the_cycles_say_how_often_it_runs():
+  """The premise of `StepReport.loop_expansion`: libtpu's cost analysis of a scan of n
+  matmuls is the same for every n (its loop body counted once), while its per-kernel
+  cycle estimates times the trip count grow n-fold. If libtpu starts multiplying loop
+  bodies itself, this fails (and the report would count them twice)."""
+  devices = targets.compile_devices(targets.parse_target("v5e:2x2"))
+  mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+  spec, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+  x = jax.ShapeDtypeStruct((4096, 2048), jax.numpy.bfloat16, sharding=named(mesh, spec("x")))
+  seen = []
+  for n in (4, 16):
+    w = jax.ShapeDtypeStruct((n, 2048, 2048), jax.numpy.bfloat16, sharding=named(mesh, spec()))
+
+    def scan(x, w):
+      return jax.lax.scan(lambda c, wi: (jax.numpy.tanh(c @ wi), None), x, w)[0]
+
+    compiled = jax.jit(scan).lower(x, w).compile()
+    stats = hlo_stats.hlo_stats(compiled.as_text())
+    cost = compiled.cost_analysis()
+    seen.append((cost["flops"], cost["optimal_seconds"]))
+    assert stats.loop_expansion == pytest.approx(n, rel=0.05)
+  assert seen[0] == seen[1]

@@ -40,6 +40,7 @@ _CALLEES = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_
                       r"(\{[^}]*\}|%[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 
 
 def shape_bytes(type_text: str) -> float:
@@ -141,12 +142,23 @@ class HloStats:
     kernel_custom_call_sites: target -> instructions (not executions) of those kernels
       in the executed computations.
     unknown_trip_counts: `while` loops without a known trip count (counted once).
+    cycles_once, cycles_per_step: the sums of libtpu's per-kernel `estimated_cycles`
+      (its backend config of fusions and other kernels; 0 elsewhere) over the executed
+      computations, each counted once, and as often as it executes per step.
   """
   collectives: dict[str, tuple[int, float]]
   custom_calls: dict[str, int]
   kernel_custom_calls: dict[str, int]
   kernel_custom_call_sites: dict[str, int]
   unknown_trip_counts: int
+  cycles_once: int = 0
+  cycles_per_step: int = 0
+
+  @property
+  def loop_expansion(self) -> float | None:
+    """cycles_per_step / cycles_once: how much loops multiply the work of a program whose
+    loop bodies are counted once (None without cycle estimates)."""
+    return self.cycles_per_step / self.cycles_once if self.cycles_once else None
 
   @property
   def collective_bytes(self) -> float:
@@ -257,10 +269,15 @@ def hlo_stats(text: str) -> HloStats:
   custom_calls: dict[str, int] = {}
   kernels: dict[str, int] = {}
   sites: dict[str, int] = {}
+  cycles_once = cycles_per_step = 0
   for name, instructions in computations.items():
     times = counts.get(name, 0)
     if not times:
       continue
+    if name not in fused:
+      cycles = sum(int(m.group(1)) for i in instructions
+                   if (m := _CYCLES.search(i.attributes)))
+      cycles_once, cycles_per_step = cycles_once + cycles, cycles_per_step + cycles * times
     types = {i.name: i.type_text for i in instructions}
     done = {i.operands[0]: i.type_text for i in instructions
             if i.opcode.endswith("-done") and i.operands}
@@ -282,7 +299,8 @@ def hlo_stats(text: str) -> HloStats:
           sites[key] = sites.get(key, 0) + 1
   return HloStats(collectives={k: (int(v[0]), float(v[1])) for k, v in collectives.items()},
                   custom_calls=custom_calls, kernel_custom_calls=kernels,
-                  kernel_custom_call_sites=sites, unknown_trip_counts=int(unknown))
+                  kernel_custom_call_sites=sites, unknown_trip_counts=int(unknown),
+                  cycles_once=cycles_once, cycles_per_step=cycles_per_step)
 
 
 def count_matching(counts: dict[str, int], needles: Iterable[str]) -> int:
