@@ -99,7 +99,8 @@ def test_report_fields_and_the_cost_model_estimate(decoder_pallas):
   plan, report = decoder_pallas
   row = json.loads(report.json_line())
   for key in ("topology", "chips", "mesh", "bytes_per_chip", "fits", "model_flops_per_step",
-              "compiler_flops_per_chip", "estimated_step_s", "estimated_mfu",
+              "compiler_flops_per_chip_loops_once", "loop_expansion", "estimated_step_s",
+              "estimated_mfu",
               "estimated_tokens_per_s_per_chip", "collectives", "compile_s"):
     assert key in row, key
   assert row["fits"] is True and row["bytes_per_chip"]["hbm"] == 16 * 2 ** 30
@@ -111,6 +112,7 @@ def test_report_fields_and_the_cost_model_estimate(decoder_pallas):
   # Gradients are summed over the data axis: all-reduces, executed once per step here.
   assert row["collectives"]["all-reduce"]["count"] > 0
   assert report.compiler_flops > 0
+  assert report.loop_expansion == 1.0   # two unscanned layers: no loop
   assert "estimate, not a measurement" in report.table()
 
 
