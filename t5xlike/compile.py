@@ -1,7 +1,7 @@
 """Compiles a run's train step for a TPU slice or GPU node that is not here, and reports it.
 
     python -m t5xlike.compile --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
-        --topology=v4-256 [--num_slices=2] [--json]
+        --topology=v4-256 [--num_slices=2] [--json] [--dump_hlo=FILE]
 
 Takes the gin files and overrides of `python -m t5xlike.train` and compiles
 exactly the train step that run would execute (model, optimizer, logical
@@ -19,8 +19,9 @@ Prints a table (per-chip bytes of parameters, optimizer state, batch,
 temporaries and outputs against the chip's HBM; model and compiler FLOPs;
 the cost model's estimated step time with the tokens/s/chip and MFU it
 implies; collectives per step; compile time) and one JSON line (`--json`:
-the line alone). The step time is the compiler cost model's estimate (TPU)
-or a roofline (GPU), never a measurement. Exit codes: 0 reported (also when
+the line alone); `--dump_hlo=FILE` also writes the optimised HLO text. The
+step time is the compiler cost model's estimate (TPU) or a roofline (GPU),
+never a measurement. Exit codes: 0 reported (also when
 the step does not fit: the report says so), 2 bad input (unknown topology,
 a mesh that does not match the chips, compiler not installed), 1 the
 compiler refused the step.
@@ -43,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_slices", type=int, default=1,
                         help="TPU slices over the data-center network")
     parser.add_argument("--json", action="store_true", help="print the JSON line only")
+    parser.add_argument("--dump_hlo", default=None, metavar="FILE",
+                        help="also write the optimised HLO text of the step to FILE")
 
   def call_root(args):
     from t5xlike import errors  # noqa: PLC0415  (after the flags, like the run)
     from t5xlike.runs import compile_run  # noqa: PLC0415  (JAX, the model: after the flags)
     if not args.topology:
       raise errors.ConfigError("--topology is required (e.g. v4-256, v5p:4x4x4, h100-8)")
-    report = compile_run.compile_step(args.topology, args.num_slices)
+    report = compile_run.compile_step(args.topology, args.num_slices, args.dump_hlo)
     compile_run.print_report(report, as_json=args.json)
 
   return entry.run_entry(__doc__.splitlines()[0], call_root, add_flags, argv=argv)

@@ -12,7 +12,8 @@ of a training run predicts them) and the trainer; any problem is an
 `errors.ConfigError` (one line, exit 2). `execute` lowers and compiles
 exactly the step `Trainer.train_step` would run (same model, optimizer,
 rules, scan / remat, micro-batches, attention kernel) and returns the
-`aot.step_report.StepReport`. Nothing is written; no data is read.
+`aot.step_report.StepReport`. Nothing is written (but the optimised HLO
+when `--dump_hlo` asks for it); no data is read.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import pathlib
 import time
 from typing import Any
 
@@ -214,9 +216,10 @@ class _Collect(logging.Handler):
     self.messages.append(record.getMessage())
 
 
-def execute(plan: CompilePlan) -> step_report.StepReport:
+def execute(plan: CompilePlan, hlo_path: str | None = None) -> step_report.StepReport:
   """Lowers and compiles the planned step for the target; returns its report (with the
-  attention kernels' fallbacks logged while the step was traced)."""
+  attention kernels' fallbacks logged while the step was traced). `hlo_path`: also
+  write the optimised HLO text there (`--dump_hlo`)."""
   log.info("compiling the train step for %s: %s", plan.target.describe(),
            plan.partitioner.describe())
   fallbacks = _Collect()
@@ -226,11 +229,12 @@ def execute(plan: CompilePlan) -> step_report.StepReport:
     lowered = plan.trainer.lower_train_step(plan.batch_shapes)
   finally:
     attention_log.removeHandler(fallbacks)
-  result = _compiled_report(plan, lowered)
+  result = _compiled_report(plan, lowered, hlo_path)
   return dataclasses.replace(result, attention_fallbacks=tuple(fallbacks.messages))
 
 
-def _compiled_report(plan: CompilePlan, lowered: Any) -> step_report.StepReport:
+def _compiled_report(plan: CompilePlan, lowered: Any,
+                     hlo_path: str | None) -> step_report.StepReport:
   """The report of the lowered step, compiled now (or refused for lack of memory)."""
   start, cpu_start = time.perf_counter(), time.process_time()
   device_kind = plan.devices[0].device_kind
@@ -250,14 +254,17 @@ def _compiled_report(plan: CompilePlan, lowered: Any) -> step_report.StepReport:
   gpu_cost = None
   if plan.target.chip.platform == "gpu":
     gpu_cost = library_compat.hlo_cost_analysis_on_cpu(compiled)
+  if hlo_path:
+    pathlib.Path(hlo_path).write_text(compiled.as_text())
   return step_report.StepReport.from_compiled(
       compiled, plan.target, figures(plan), device_kind=device_kind,
       compile_seconds=wall, compile_cpu_seconds=cpu, gpu_cost=gpu_cost)
 
 
-def compile_step(topology: str, num_slices: int = 1) -> step_report.StepReport:
-  """`execute(plan_compile(topology, num_slices))`."""
-  return execute(plan_compile(topology, num_slices))
+def compile_step(topology: str, num_slices: int = 1,
+                 hlo_path: str | None = None) -> step_report.StepReport:
+  """`execute(plan_compile(topology, num_slices), hlo_path)`."""
+  return execute(plan_compile(topology, num_slices), hlo_path)
 
 
 def print_report(report: step_report.StepReport, as_json: bool) -> None:
