@@ -74,7 +74,9 @@ def run(method: str, args, start_step: int) -> dict:
              f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={total}",
              f"--gin.EVAL_PERIOD={total}", f"--gin.CHECKPOINT_PERIOD={total}",
              f"--gin.LOG_PERIOD={args.log_period}",
-             f"--gin.EVAL_MAX_EXAMPLES={args.eval_max_examples}"]
+             f"--gin.EVAL_MAX_EXAMPLES={args.eval_max_examples}",
+             # The training tasks and the held-out ones (zero-shot), as docs/finetuning.md shows.
+             "--gin.EVAL_MIXTURE_OR_TASK_NAME='multitask_offline_all'"]
   command += [f"--gin.{o.split(':', 1)[1]}" for o in args.override
               if o.split(":", 1)[0] == method]
   log_path = pathlib.Path(args.work_dir) / f"{method}.log"

@@ -203,6 +203,8 @@ def validate_step_dir(path: str | epath.Path) -> epath.Path:
   """Checks that `path` is a complete t5xlike step directory (`.../checkpoint_<N>`, or
   any directory holding `state`, such as a converted model's `OUT/checkpoint`)."""
   path = epath.Path(path)
+  if not path.exists():
+    raise ValueError(f"{path} does not exist")
   if not (path / "state").exists():
     raise ValueError(f"{path} is not a t5xlike checkpoint step directory (no 'state' inside); "
                      f"name a directory like MODEL_DIR/{STEP_PREFIX}_<N>")
@@ -216,16 +218,34 @@ def restore_state_from_path(path: str | epath.Path, abstract_state: Any) -> Any:
     return checkpointer.restore(path / "state", abstract_state)
 
 
+def restore_data_state_from_path(path: str | epath.Path) -> dict[str, Any]:
+  """The data position saved beside a step directory's train state (its `data` item:
+  the feed's JSON state, e.g. {'iterator': {'next_index': 400}, ...})."""
+  path = validate_step_dir(path)
+  if not (path / "data").exists():
+    raise ValueError(f"{path} holds no data position (no 'data' inside)")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return dict(checkpointer.restore(path / "data") or {})
+
+
 def saved_leaf_shapes(path: str | epath.Path, subtree: str,
                       item: str = "state") -> list[tuple[tuple[int, ...], str]]:
   """(shape, dtype) of the leaves of one subtree (e.g. 'opt_state') of a saved item,
   in JAX's flattening order, read from orbax metadata (no array is loaded)."""
-  path = validate_step_dir(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path / item)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree).get(subtree, {})
+  tree = item_metadata(validate_step_dir(path) / item).get(subtree, {})
   return [(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
+
+
+def item_metadata(directory: str | epath.Path) -> dict[str, Any]:
+  """The metadata tree (shapes and dtypes, no array loaded) of one saved item, such as
+  `checkpoint_<N>/state`. Read through the item's handler: `StandardCheckpointer.metadata`
+  would also look for step metadata inside the item directory and warn 'Metadata file
+  does not exist' (it lives one level up)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return dict(handler.metadata(epath.Path(directory)).tree)
+  finally:
+    handler.close()
 
 
 def restore_params_from_path(path: str | epath.Path, abstract_params: Any,
@@ -298,11 +318,7 @@ def checkpoint_chain(path: str | epath.Path) -> list[epath.Path]:
 def own_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:
   """`flat_shapes` of the parameters saved in this step directory itself (a PEFT
   checkpoint: its trained parameters only), from orbax metadata."""
-  path = validate_step_dir(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path / "state")
-  tree = getattr(metadata, "item_metadata", metadata)
-  return flat_shapes(getattr(tree, "tree", tree).get("params", {}))
+  return flat_shapes(item_metadata(validate_step_dir(path) / "state").get("params", {}))
 
 
 def saved_param_shapes(path: str | epath.Path) -> dict[str, tuple[int, ...]]:

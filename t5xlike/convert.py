@@ -1,13 +1,17 @@
 """Converts checkpoints: `python -m t5xlike.convert --from=t5x|hf|t5xlike --to=t5xlike|hf
 --checkpoint=IN --output=OUT`.
 
-  # A T5X checkpoint (T5.1.1 / mT5 / Flan-T5; UL2: --mlp_activation=silu) -> t5xlike:
+  # A T5X checkpoint (T5X's orbax step directory or msgpack; T5.1.1 / mT5 / Flan-T5;
+  # UL2: --mlp_activation=silu) -> t5xlike:
   python -m t5xlike.convert --from=t5x --checkpoint=t5x_run/checkpoint_1000000 --output=OUT \
     [--vocabulary=spiece.model]
   # A Hugging Face T5 / mT5 / Llama-style directory -> t5xlike:
   python -m t5xlike.convert --from=hf --checkpoint=HF_DIR --output=OUT
-  # t5xlike -> Hugging Face (the model gin: --gin_file, default model.gin beside the checkpoint):
-  python -m t5xlike.convert --from=t5xlike --to=hf --checkpoint=OUT/checkpoint --output=HF_DIR
+  # t5xlike -> Hugging Face (the model: --gin_file, else model.gin beside the checkpoint,
+  # else a training run's MODEL_DIR/config.gin):
+  python -m t5xlike.convert --from=t5xlike --to=hf --checkpoint=OUT --output=HF_DIR
+  python -m t5xlike.convert --from=t5xlike --to=hf --checkpoint=MODEL_DIR/checkpoint_N \
+    --output=HF_DIR
 
 A t5xlike OUT holds OUT/checkpoint (step 0) and OUT/model.gin (see
 `t5xlike/interop/output_dir.py`); an HF OUT holds config.json and
@@ -34,7 +38,7 @@ def _flags(parser) -> None:
   parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
   parser.add_argument("--to", dest="target", choices=TARGETS, default="t5xlike")
   parser.add_argument("--checkpoint", required=True,
-                      help="T5X step dir, HF model dir, or t5xlike step dir")
+                      help="T5X step dir, HF model dir, t5xlike step dir or convert output")
   parser.add_argument("--output", required=True, help="directory to create")
   parser.add_argument("--vocabulary", default=None,
                       help="SentencePiece .model to use (default: the source's, if any)")
@@ -51,8 +55,10 @@ def _flags(parser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  # force: importing orbax (interop) has already given the root logger a stderr handler,
+  # which would put the progress log beside the one-line error on stderr.
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout)
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   logging.getLogger("t5xlike").setLevel(logging.INFO)
   gin_config.quiet_gin_search_logs()
   parser = flags.build_parser(__doc__.splitlines()[0])

@@ -37,16 +37,21 @@ whose module path, e.g. 'encoder/layers/attention/query', matches
 (4 m n T); `frozen` (a PEFT run: LoRA, adapters, prompt tuning train only
 their own parameters) makes every other weight frozen too, the output layer
 included (adapters' own small matmuls and prompt slots are not counted);
-`sparsity` s (SPDF: a fraction s of every
-attention/MLP kernel is zero) scales those layer kernels' matmul FLOPs by
-1 - s (the dense computation is what runs on GPUs/TPUs; the count is what a
-sparse kernel would need, as SPDF reports it).
+`sparsity` s (SPDF: a fraction s of the attention/MLP kernels that
+`sparse_targets` selects, all of them when it is None, is zero) scales those
+kernels' matmul FLOPs by 1 - s; attention's Q K^T and P V, the embedding
+projection and the output layer (tied or not) stay dense. The dense
+computation is what runs on GPUs/TPUs; the count is what a sparse kernel
+would need, as SPDF reports it: on GPT-3 XL shapes (24 layers, d 2,048,
+16 heads, f 8,192, GELU, tied embeddings, 2,048 tokens) 75% sparsity gives
+2.49x fewer training FLOPs, the paper's "~2.5x" (abstract).
+`Accounting` logs both counts of an SPDF run (`dense_train_flops`,
+`sparse_train_flops`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import re
 import time
 from collections.abc import Mapping
@@ -58,8 +63,6 @@ import numpy as np
 from t5xlike import interfaces
 from t5xlike.models import base, classifier, decoder, encoder, t5
 from t5xlike.objectives import spdf
-
-log = logging.getLogger(__name__)
 
 #: Dense peak TFLOP/s per chip by `device_kind` substring (lower case), for
 #: bfloat16 and float32 matmuls. TPUs run float32 matmuls at default precision
@@ -99,6 +102,7 @@ class _TrainedWeights(TypedDict):
   """Which weights a step trains: the keyword arguments of the `*_step_flops` functions
   that describe SPDF sparsity and PEFT (frozen base, LoRA) rather than the network."""
   sparsity: float
+  sparse_targets: str | None
   frozen: bool
   lora_rank: int
   lora_targets: str | None
@@ -114,12 +118,14 @@ class _Tally:
   """Sums (forward, train) FLOPs of layer and non-layer matmuls."""
 
   def __init__(self, lora_rank: int = 0, sparsity: float = 0.0,
-               lora_targets: str | None = None, frozen: bool = False):
+               lora_targets: str | None = None, frozen: bool = False,
+               sparse_targets: str | None = None):
     if lora_rank < 0 or not 0.0 <= sparsity < 1.0:
       raise ValueError(f"lora_rank must be >= 0 and sparsity in [0, 1), got {lora_rank}, "
                        f"{sparsity}")
     self.lora_rank, self.density = int(lora_rank), 1.0 - float(sparsity)
     self.lora_targets = None if lora_targets is None else re.compile(lora_targets)
+    self.sparse_targets = None if sparse_targets is None else re.compile(sparse_targets)
     self.frozen = bool(frozen)
     self.layer_forward = self.layer_train = 0.0
     self.other_forward = self.other_train = 0.0
@@ -130,7 +136,9 @@ class _Tally:
     adapted = bool(self.lora_rank) and (self.lora_targets is None
                                         or self.lora_targets.search(name) is not None)
     forward, train = _matmul(rows, m, n, trained=not (adapted or self.frozen))
-    forward, train = forward * self.density, train * self.density
+    # SPDF's regex selects parameter paths, so it is matched against the kernel's.
+    if self.sparse_targets is None or self.sparse_targets.search(f"{name}/kernel"):
+      forward, train = forward * self.density, train * self.density
     if adapted:
       for shape in ((m, self.lora_rank), (self.lora_rank, n)):
         f, t = _matmul(rows, *shape)
@@ -182,7 +190,7 @@ def _mlp_block(tally: _Tally, d: int, mlp: int, activations: Any, rows: float,
 
 def t5_step_flops(cfg: t5.T5Config, batch: int, inputs_length: int, targets_length: int,
                   lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
-                  frozen: bool = False) -> StepFlops:
+                  frozen: bool = False, sparse_targets: str | None = None) -> StepFlops:
   """T5 encoder-decoder training step on [batch, inputs_length] encoder and
   [batch, targets_length] decoder tokens.
 
@@ -192,15 +200,17 @@ def t5_step_flops(cfg: t5.T5Config, batch: int, inputs_length: int, targets_leng
     inputs_length: encoder positions per row (padding included).
     targets_length: decoder positions per row (padding included).
     lora_rank: LoRA's rank r (0: no LoRA).
-    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    sparsity: SPDF's fraction of the weights of the selected layer kernels that are zero.
     lora_targets: regex over module paths selecting the LoRA-adapted projections
       (None: all of them).
     frozen: a PEFT run: only the technique's own parameters train.
+    sparse_targets: regex over kernel paths ('decoder/layers/mlp/wo/kernel', every layer
+      named `layers`) selecting the sparse kernels (None: every attention / MLP kernel).
 
   Returns:
     The step's FLOPs (see the module docstring).
   """
-  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen, sparse_targets)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   enc, dec = batch * inputs_length, batch * targets_length
   for _ in range(cfg.num_encoder_layers):
@@ -219,7 +229,7 @@ def t5_step_flops(cfg: t5.T5Config, batch: int, inputs_length: int, targets_leng
 
 def decoder_step_flops(cfg: decoder.DecoderConfig, batch: int, length: int, lora_rank: int = 0,
                        sparsity: float = 0.0, lora_targets: str | None = None,
-                       frozen: bool = False) -> StepFlops:
+                       frozen: bool = False, sparse_targets: str | None = None) -> StepFlops:
   """Decoder-only training step on [batch, length] tokens.
 
   Args:
@@ -227,15 +237,17 @@ def decoder_step_flops(cfg: decoder.DecoderConfig, batch: int, length: int, lora
     batch: rows of the global batch.
     length: positions per row (padding included).
     lora_rank: LoRA's rank r (0: no LoRA).
-    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    sparsity: SPDF's fraction of the weights of the selected layer kernels that are zero.
     lora_targets: regex over module paths selecting the LoRA-adapted projections
       (None: all of them).
     frozen: a PEFT run: only the technique's own parameters train.
+    sparse_targets: regex over kernel paths ('decoder/layers/mlp/wo/kernel', every layer
+      named `layers`) selecting the sparse kernels (None: every attention / MLP kernel).
 
   Returns:
     The step's FLOPs (see the module docstring).
   """
-  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen, sparse_targets)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
   for _ in range(cfg.num_layers):
@@ -249,7 +261,7 @@ def decoder_step_flops(cfg: decoder.DecoderConfig, batch: int, length: int, lora
 
 def encoder_step_flops(cfg: encoder.EncoderConfig, batch: int, length: int, head: str = "mlm",
                        lora_rank: int = 0, sparsity: float = 0.0, lora_targets: str | None = None,
-                       frozen: bool = False) -> StepFlops:
+                       frozen: bool = False, sparse_targets: str | None = None) -> StepFlops:
   """Encoder-only training step on [batch, length] tokens.
 
   Args:
@@ -259,15 +271,17 @@ def encoder_step_flops(cfg: encoder.EncoderConfig, batch: int, length: int, head
     head: 'mlm' adds the MLM head (dense + tied vocabulary logits), 'binary'
       ELECTRA's per-token dense, others (pooled classifiers) nothing.
     lora_rank: LoRA's rank r (0: no LoRA).
-    sparsity: SPDF's fraction of every layer kernel's weights that are zero.
+    sparsity: SPDF's fraction of the weights of the selected layer kernels that are zero.
     lora_targets: regex over module paths selecting the LoRA-adapted projections
       (None: all of them).
     frozen: a PEFT run: only the technique's own parameters train.
+    sparse_targets: regex over kernel paths ('decoder/layers/mlp/wo/kernel', every layer
+      named `layers`) selecting the sparse kernels (None: every attention / MLP kernel).
 
   Returns:
     The step's FLOPs (see the module docstring).
   """
-  tally = _Tally(lora_rank, sparsity, lora_targets, frozen)
+  tally = _Tally(lora_rank, sparsity, lora_targets, frozen, sparse_targets)
   d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
   rows = batch * length
   e = cfg.embedding_size
@@ -314,9 +328,12 @@ def _trained_weights(model: interfaces.Model) -> _TrainedWeights:
     from t5xlike.finetuning import lora  # noqa: PLC0415  (0.3 s; loaded with any technique)
     if isinstance(method, lora.LoRA):
       lora_rank, lora_targets = method.rank, method.targets
-  return _TrainedWeights(
-      sparsity=model.sparsity if isinstance(model, spdf.SparseModel) else 0.0,
-      frozen=method is not None, lora_rank=lora_rank, lora_targets=lora_targets)
+  sparsity, sparse_targets = 0.0, None
+  if isinstance(model, spdf.SparseModel):
+    sparsity, sparse_targets = model.sparsity, model.include
+  return _TrainedWeights(sparsity=sparsity, sparse_targets=sparse_targets,
+                         frozen=method is not None, lora_rank=lora_rank,
+                         lora_targets=lora_targets)
 
 
 def model_step_flops(model: interfaces.Model,
@@ -380,34 +397,54 @@ def peak_tflops_per_device(dtype: str = "float32", device: Any = None,
 
 
 class Accounting:
-  """Per-step throughput fields of train.jsonl: `tflops_per_device`, `mfu`.
+  """Per-step fields of train.jsonl: `tflops_per_device`, `mfu`; for an SPDF run also
+  `dense_train_flops` and `sparse_train_flops` (the step's training FLOPs without and
+  with the sparsity, as the paper compares them).
 
   Args:
     step_flops: FLOPs of one global step.
     num_devices: devices the step runs on.
     peak_tflops: peak TFLOP/s of one device.
+    peak_source: where the peak comes from (`peak_tflops_per_device`).
+    dense_step_flops: for an SPDF model, the FLOPs of the same step with dense kernels
+      (`step_flops` being the sparse count); None otherwise.
   """
 
-  def __init__(self, step_flops: StepFlops, num_devices: int, peak_tflops: float):
+  def __init__(self, step_flops: StepFlops, num_devices: int, peak_tflops: float,
+               peak_source: str = "", dense_step_flops: StepFlops | None = None):
     self.step_flops, self.num_devices, self.peak_tflops = step_flops, num_devices, peak_tflops
+    self.peak_source = peak_source
+    self.dense_step_flops = dense_step_flops
 
   def fields(self, step_time_s: float) -> dict[str, float]:
     """`tflops_per_device` (model FLOPs / step time / devices, in TFLOP/s) and
-    `mfu` (that over the peak) for a step of `step_time_s` seconds."""
-    if step_time_s <= 0:
-      return {}
-    achieved = self.step_flops.model / step_time_s / self.num_devices / 1e12
-    return {"tflops_per_device": achieved, "mfu": achieved / self.peak_tflops}
+    `mfu` (that over the peak) for a step of `step_time_s` seconds (none for a
+    time <= 0), and the SPDF counts where there are some."""
+    out: dict[str, float] = {}
+    if self.dense_step_flops is not None:
+      out.update(dense_train_flops=self.dense_step_flops.model,
+                 sparse_train_flops=self.step_flops.model)
+    if step_time_s > 0:
+      achieved = self.step_flops.model / step_time_s / self.num_devices / 1e12
+      out.update(tflops_per_device=achieved, mfu=achieved / self.peak_tflops)
+    return out
+
+  def describe(self) -> str:
+    """One line: FLOPs per global step (model, with remat) and the peak per device."""
+    return (f"FLOPs per step {self.step_flops.model:.4g} (model), "
+            f"{self.step_flops.hardware:.4g} (with remat); peak {self.peak_tflops:.4g} "
+            f"TFLOP/s per device ({self.peak_source or 'given'})")
 
 
 def accounting(model: Any, batch_shapes: Mapping[str, Any], dtype: str = "float32",
                configured_peak_tflops: float | None = None) -> Accounting | None:
-  """The `Accounting` of a training run (None, logged, where the family is unknown)."""
+  """The `Accounting` of a training run (None where the family has no FLOP formula:
+  train.jsonl then has no mfu); `Accounting.describe` says what it counts."""
   step = model_step_flops(model, batch_shapes)
   if step is None:
-    log.info("no FLOP formula for %s: train.jsonl has no mfu", type(model).__name__)
     return None
+  dense = None
+  if isinstance(model, spdf.SparseModel):  # SPDF's runs log the dense count beside theirs.
+    dense = model_step_flops(model.model, batch_shapes)
   peak, source = peak_tflops_per_device(dtype, configured=configured_peak_tflops)
-  log.info("FLOPs per step %.4g (model), %.4g (with remat); peak %.4g TFLOP/s per device "
-           "(%s)", step.model, step.hardware, peak, source)
-  return Accounting(step, jax.device_count(), peak)
+  return Accounting(step, jax.device_count(), peak, source, dense_step_flops=dense)

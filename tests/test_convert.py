@@ -4,11 +4,14 @@ References: random small `transformers` models (PyTorch, CPU, float32) built
 and saved here (no hub); T5X checkpoints written here with TensorStore +
 msgpack in T5X's layout (and with orbax).
 """
+import dataclasses
 import json
 import logging
 import pathlib
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5xlike import convert, infer
@@ -235,6 +238,117 @@ def test_round_trip_ours_hf_ours_is_exact(name, request, tmp_path):
       imported.out_dir / "model.gin").read_text()
 
 
+def test_exported_safetensors_has_the_usual_file_mode(t5_v10, tmp_path, capfd):
+  """model.safetensors gets the mode of any new file (0644 under umask 022), not the
+  0600 of safetensors' temporary file; under umask 027, 0640."""
+  import os
+  import stat
+  out = tmp_path / "exported"
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={t5_v10.out_dir}",
+                  f"--output={out}") == 0
+  mode = stat.S_IMODE((out / hf_weights.SAFETENSORS).stat().st_mode)
+  assert mode == stat.S_IMODE((out / "config.json").stat().st_mode)
+  assert mode == 0o666 & ~_umask()
+  previous = os.umask(0o027)
+  try:
+    written = hf_weights.write_safetensors(tmp_path, {"a": np.zeros(3, np.float32)})
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+def _umask() -> int:
+  import os
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def test_convert_output_directory_is_accepted_as_checkpoint(t5_v10, tmp_path):
+  """--checkpoint=OUT (OUT/model.gin + OUT/checkpoint/): the export holds the tensors of
+  the original Hugging Face model, exactly."""
+  from safetensors.numpy import load_file
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={t5_v10.out_dir}",
+                  f"--output={tmp_path / 'hf'}") == 0
+  exported = load_file(str(tmp_path / "hf" / hf_weights.SAFETENSORS))
+  original = load_file(str(t5_v10.hf_dir / hf_weights.SAFETENSORS))
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+# ---- A training run's checkpoint: the model from MODEL_DIR/config.gin. ----
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  """A one-step run of the quickstart config (tiny lengths): MODEL_DIR/checkpoint_1 and
+  the run's operative MODEL_DIR/config.gin, no model.gin."""
+  from t5xlike import train
+  model_dir = tmp_path_factory.mktemp("quickstart") / "run"
+  assert train.main(["--gin_file=gin_configs/quickstart.gin", f"--gin.MODEL_DIR={model_dir}",
+                     "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]) == 0
+  assert (model_dir / "config.gin").is_file() and not (model_dir / "model.gin").exists()
+  return model_dir
+
+
+def _run_logits(checkpoint: pathlib.Path, batch) -> np.ndarray:
+  """Logits of a quickstart checkpoint with the model of models/t5_1_1/tiny.gin."""
+  import gin
+
+  from t5xlike.cli import gin_config
+  gin_config.configure(["models/t5_1_1/tiny.gin"])
+  model = output_dir.configured_model()
+  gin.clear_config()
+  params = param_trees.unflatten(output_dir.read_params(checkpoint, model.network.config))
+  return np.asarray(model.logits(params, batch))
+
+
+def test_training_run_checkpoint_exports_with_the_model_of_its_config_gin(quickstart_run,
+                                                                         tmp_path, capfd):
+  """convert --from=t5xlike --checkpoint=MODEL_DIR/checkpoint_1 (no --gin_file): the
+  model comes from the run's config.gin; transformers gives the logits t5xlike gives."""
+  out = tmp_path / "hf"
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={quickstart_run / 'checkpoint_1'}",
+                  f"--output={out}") == 0
+  loaded, info, _ = load_hf(transformers.T5ForConditionalGeneration, out, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+  assert (out / "spiece.model").is_file()  # The run's VOCABULARY (the embedded corpus').
+  batch = _t5_batch()
+  np.testing.assert_allclose(_hf_t5_logits(loaded, batch),
+                             _run_logits(quickstart_run / "checkpoint_1", batch),
+                             atol=TOL, rtol=0)
+
+
+def test_config_gin_with_modules_not_importable_here_still_gives_the_model(quickstart_run,
+                                                                           tmp_path, capsys):
+  """A run whose config.gin imports code this process cannot import (a user's objective
+  module): the import and what references it are skipped; MODEL needs neither."""
+  import shutil
+
+  from safetensors.numpy import load_file
+  run = tmp_path / "run"
+  shutil.copytree(quickstart_run, run)
+  text = (run / "config.gin").read_text()
+  assert "train_run.train.objective = @span_corruption.SpanCorruption()" in text
+  embedded_import = "from t5xlike.tasks import embedded\n"
+  text = text.replace(embedded_import,
+                      embedded_import + "from my_private_objectives import spans\n")
+  assert "from my_private_objectives import spans" in text
+  text = text.replace("train_run.train.objective = @span_corruption.SpanCorruption()",
+                      "train_run.train.objective = @spans.Custom()")
+  (run / "config.gin").write_text(text + "\nspans.Custom.rate = 0.5\n")
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={run / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'a'}") == 0
+  # convert logs to stdout.
+  assert ("not importable here, skipped with their bindings: my_private_objectives"
+          in capsys.readouterr().out)
+  assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={quickstart_run / 'checkpoint_1'}",
+                  f"--output={tmp_path / 'b'}") == 0
+  a, b = (load_file(str(tmp_path / d / hf_weights.SAFETENSORS)) for d in "ab")
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 # ---- T5X checkpoints, written here in T5X's layouts. ----
 
 def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
@@ -308,14 +422,89 @@ def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned, gcs):
     np.testing.assert_array_equal(params[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("item, use_ocdbt", [("", True), ("state", False)])
-def test_t5x_orbax_checkpoint_import_is_exact(t5_v10, tmp_path, item, use_ocdbt):
-  """Orbax T5X: the train state dict {'target', 'state'} as a PyTree checkpoint, in the
-  step directory or its `state` item (T5X's CheckpointManager, use_ocdbt=False)."""
-  import orbax.checkpoint as ocp
-  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
-  with ocp.Checkpointer(handler) as checkpointer:
-    checkpointer.save(tmp_path / "checkpoint_7" / item, args=ocp.args.PyTreeSave({
+class _T5XDatasetHandler(ocp.CheckpointHandler):
+  """Stands in for T5X's DatasetCheckpointHandler (the `dataset` item: a tf.data
+  iterator checkpoint named `train_ds-<shard>-of-<shards>`); the importer must skip it."""
+
+  def save(self, directory, args):
+    (directory / "train_ds-000-of-001.index").write_bytes(b"tf.train.Checkpoint stand-in")
+
+  def restore(self, directory, args=None):
+    return None
+
+
+@ocp.args.register_with_handler(_T5XDatasetHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class _T5XDatasetArgs(ocp.args.CheckpointArgs):
+  item: object = None
+
+
+def write_t5x_orbax(model_dir: pathlib.Path, flat: dict, step: int,
+                    save_dtype: str | None = None) -> pathlib.Path:
+  """A step directory as T5X writes it by default (`t5x/train.py`, use_orbax=True;
+  t5x/checkpoints.py OrbaxCheckpointManagerInterface): an orbax CheckpointManager with
+  step prefix `checkpoint` and the items `state` (PyTreeCheckpointHandler, use_ocdbt=True:
+  the train state dict `{'target': params, 'state': {'step', 'param_states'}}`, nested by
+  module name, Adafactor's `v_row`/`v_col`/`v`/`m` per parameter, `target` cast to
+  SaveCheckpointConfig.dtype when given) and `dataset`. Returns checkpoint_<step>/."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(step)
+  params = param_trees.unflatten(flat)
+  param_states = param_trees.unflatten({
+      name: {"v_row": np.zeros((1,), np.float32), "v_col": np.zeros((1,), np.float32),
+             "v": rng.random(value.shape, np.float32), "m": np.zeros((1,), np.float32)}
+      for name, value in flat.items()})
+  state = {"target": params, "state": {"step": np.asarray(step, np.int32),
+                                       "param_states": param_states}}
+  dtype = None if save_dtype is None else jnp.dtype(save_dtype)
+  save_args = {"target": jax.tree.map(lambda _: ocp.SaveArgs(dtype=dtype), params),
+               "state": jax.tree.map(lambda _: ocp.SaveArgs(), state["state"])}
+  options = ocp.CheckpointManagerOptions(step_prefix="checkpoint", cleanup_tmp_directories=True)
+  with ocp.CheckpointManager(model_dir, options=options, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True),
+      "dataset": _T5XDatasetHandler()}) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state, save_args=save_args), dataset=_T5XDatasetArgs()))
+    manager.wait_until_finished()
+  return model_dir / f"checkpoint_{step}"
+
+
+@pytest.fixture(scope="module")
+def t5x_orbax(t5_v11, tmp_path_factory):
+  """T5X's default checkpoint of the T5.1.1 weights, float32 and bfloat16 saves."""
+  root = tmp_path_factory.mktemp("t5x_orbax")
+  return {dtype: write_t5x_orbax(root / str(dtype), t5_v11.flat, 600, dtype)
+          for dtype in (None, "bfloat16")}
+
+
+def test_t5x_orbax_fixture_has_t5x_default_layout(t5x_orbax):
+  step_dir = t5x_orbax[None]
+  assert step_dir.name == "checkpoint_600" and (step_dir / "_CHECKPOINT_METADATA").is_file()
+  assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"state", "dataset"}
+  assert (step_dir / "state" / "manifest.ocdbt").is_file()  # OCDBT
+  assert not (step_dir / "_METADATA").exists()  # No PyTree in the step directory itself.
+
+
+@pytest.mark.parametrize("save_dtype, item", [(None, ""), ("bfloat16", ""), (None, "state")])
+def test_t5x_orbax_default_checkpoint_import_is_exact(t5_v11, t5x_orbax, tmp_path,
+                                                      save_dtype, item):
+  """T5X's default step directory (or its `state` item) imports with the parameters as
+  written (a bfloat16 save: the bfloat16 values); the optimizer state is not read."""
+  import ml_dtypes
+  cfg, params = _t5x_import(t5x_orbax[save_dtype] / item, tmp_path / "ours")
+  assert cfg == t5_v11.model.network.config
+  assert sorted(params) == sorted(t5_v11.flat)
+  for key, value in t5_v11.flat.items():
+    if save_dtype:
+      value = value.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+def test_t5x_orbax_pytree_in_the_step_directory_imports(t5_v10, tmp_path):
+  """A PyTree checkpoint of the train state written into the step directory itself
+  (no CheckpointManager items), per-array (no OCDBT)."""
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+    checkpointer.save(tmp_path / "checkpoint_7", args=ocp.args.PyTreeSave({
         "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}}))
   cfg, params = _t5x_import(tmp_path / "checkpoint_7", tmp_path / "ours",
                             "--mlp_activation=relu")
@@ -404,6 +593,18 @@ def test_cli_hf_and_t5x_to_infer_score_equals_transformers(t5_v11, llama, tmp_pa
                              expected, atol=1e-4, rtol=0)
 
 
+def test_t5x_orbax_default_checkpoint_to_infer_score_equals_transformers(t5_v11, t5x_orbax,
+                                                                        tmp_path):
+  """T5X's default orbax checkpoint, converted, scored by `python -m t5xlike.infer`."""
+  assert _convert("--from=t5x", f"--checkpoint={t5x_orbax[None]}",
+                  f"--output={tmp_path / 'from_orbax'}",
+                  "--relative_attention_max_distance=16") == 0
+  np.testing.assert_allclose(
+      _score_with_infer(tmp_path / "from_orbax", _T5_ROWS, tmp_path,
+                        "{'inputs': 10, 'targets': 8}"),
+      _hf_t5_scores(t5_v11.hf_model, _T5_ROWS), atol=1e-4, rtol=0)
+
+
 # ---- Bad input: one line, exit 2, nothing written. ----
 
 @pytest.mark.parametrize("flags, message", [
@@ -420,6 +621,95 @@ def test_bad_input_is_one_line_exit_2_nothing_written(flags, message, tmp_path, 
   assert _convert(*flags, f"--output={tmp_path / 'out'}") == 2
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+def _t5x_step_without_state(step_dir: pathlib.Path, flat) -> None:
+  """A CheckpointManager step of T5X's with the `dataset` item only."""
+  with ocp.CheckpointManager(step_dir.parent, options=ocp.CheckpointManagerOptions(
+      step_prefix="checkpoint"), item_handlers={"dataset": _T5XDatasetHandler()}) as manager:
+    manager.save(3, args=ocp.args.Composite(dataset=_T5XDatasetArgs()))
+
+
+def _t5x_state_without_target(step_dir: pathlib.Path, flat) -> None:
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True)) as checkpointer:
+    checkpointer.save(step_dir / "state", args=ocp.args.PyTreeSave(
+        {"state": {"step": np.asarray(3)}, "params_ema": {"x": np.ones(2, np.float32)}}))
+
+
+def _t5x_state_damaged(step_dir: pathlib.Path, flat) -> None:
+  write_t5x_orbax(step_dir.parent, flat, 3)
+  for data in (step_dir / "state").rglob("d/*"):
+    data.write_bytes(b"damaged")
+
+
+def _t5x_msgpack_garbage(step_dir: pathlib.Path, flat) -> None:
+  step_dir.mkdir(parents=True)
+  (step_dir / "checkpoint").write_bytes(b"\xc1 not msgpack")
+
+
+def _t5x_msgpack_without_target(step_dir: pathlib.Path, flat) -> None:
+  from flax import serialization
+  step_dir.mkdir(parents=True)
+  (step_dir / "checkpoint").write_bytes(serialization.msgpack_serialize(
+      {"version": 3, "optimizer": {"state": {"step": np.asarray(3)}}}))
+
+
+def _t5x_per_layer_relpos(step_dir: pathlib.Path, flat) -> None:
+  """T5X's scalable_t5 network unscanned: a relative position table in every layer."""
+  flat = dict(flat)
+  table = flat.pop("encoder/relpos_bias/rel_embedding")
+  for i in range(2):
+    flat[f"encoder/layers_{i}/relpos_bias/rel_embedding"] = table
+  write_t5x_msgpack(step_dir, flat, scanned=False)
+
+
+@pytest.mark.parametrize("build, message", [
+    (_t5x_step_without_state, "not a T5X checkpoint step directory: expected T5X's orbax"),
+    (_t5x_state_without_target, "holds no 'target' (T5X's parameters; found: params_ema, "
+                                "state)"),
+    (_t5x_state_damaged, "checkpoint_3/state: unreadable orbax"),
+    (_t5x_msgpack_garbage, "not a T5X msgpack checkpoint"),
+    (_t5x_msgpack_without_target, "has no 'target' (the parameters)"),
+    (_t5x_per_layer_relpos, "encoder/layers_0/relpos_bias/rel_embedding: a relative position "
+                            "table per layer (T5X's scalable_t5 network) is not supported"),
+])
+def test_unreadable_t5x_checkpoint_is_one_line_exit_2_nothing_written(t5_v11, tmp_path, capsys,
+                                                                    build, message):
+  build(tmp_path / "run" / "checkpoint_3", t5_v11.flat)
+  capsys.readouterr()
+  assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'run' / 'checkpoint_3'}",
+                  f"--output={tmp_path / 'out'}") == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_bad_checkpoint_prints_one_line_on_stderr_and_logs_to_stdout(tmp_path):
+  """From the shell: the progress log goes to stdout, stderr holds the error alone."""
+  import subprocess
+  import sys
+  (tmp_path / "checkpoint_3").mkdir()
+  result = subprocess.run(
+      [sys.executable, "-m", "t5xlike.convert", "--from=t5x",
+       f"--checkpoint={tmp_path / 'checkpoint_3'}", f"--output={tmp_path / 'out'}"],
+      capture_output=True, text=True, timeout=300,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f"error: {tmp_path / 'checkpoint_3'} is not a T5X checkpoint step directory: expected "
+      "T5X's orbax step directory (a 'state/' PyTree item holding 'target'), an orbax PyTree "
+      "checkpoint, or a 'checkpoint' msgpack file"], result.stderr
+  assert "reading t5x checkpoint" in result.stdout
+  assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_that_is_a_file_is_refused(tmp_path, capsys):
+  (tmp_path / "checkpoint_3").write_text("")
+  assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_3'}",
+                  f"--output={tmp_path / 'out'}") == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: --checkpoint={tmp_path / 'checkpoint_3'}: not a directory"
   assert not (tmp_path / "out").exists()
 
 

@@ -63,7 +63,9 @@ def make_batch(objective, seed):
 def electra_setup():
   model = electra.ElectraModel(GEN, DISC, discriminator_weight=LAMBDA,
                                sampling_temperature=TEMPERATURE, vocabulary=FakeVocabulary())
-  batch = make_batch(electra.ElectraMasking(), seed=0)
+  # Seed 7: the released masking draws one position twice (mlm_weights 2) and leaves one
+  # drawn position showing its original token.
+  batch = make_batch(electra.ElectraMasking(), seed=7)
   rng = np.random.default_rng(1)
   params = perturb(nn.meta.unbox(model.init(jax.random.key(2), batch)["params"]), rng)
   # Make id 0 and the padding rows the generator's favourites: sampling must still skip them.
@@ -146,7 +148,9 @@ def test_electra_loss_matches_numpy_float64(electra_setup, electra_reference):
   assert float(metrics["generator_loss"]) == pytest.approx(r["generator_loss"], rel=1e-4)
   assert float(metrics["discriminator_loss"]) == pytest.approx(r["discriminator_loss"], rel=1e-4)
   assert float(metrics["accuracy"]) == pytest.approx(r["discriminator_accuracy"], abs=1e-6)
-  assert float(stats["weight_sum"]) == masked.sum()
+  weights = batch["mlm_weights"]
+  assert weights.max() == 2 and np.any(masked & (batch["encoder_input_tokens"] != REAL_VOCAB - 1))
+  assert float(stats["weight_sum"]) == weights.sum() == masked.sum() + 1  # every draw counts
   assert float(stats["nonpadding_tokens"]) == valid.sum() == 31
   assert float(metrics["replaced_fraction"]) == pytest.approx(r["replaced"].sum() / valid.sum())
   assert 0 < r["replaced"].sum() <= masked.sum()
@@ -296,14 +300,58 @@ def test_mlm_masking_exact_layout():
 
 
 def test_electra_masking_exact_layout():
+  """The released rule: 6 draws on 40 tokens, position 37 drawn twice, position 39's draw
+  showing the original token (seed 4)."""
   tokens = np.arange(2, 42, dtype=np.int32)
   objective = electra.ElectraMasking(mask_id=5000)
+  out = objective.transform(tokens, np.random.default_rng(4), vocab_size=8100, eos_id=EOS)
+  np.testing.assert_array_equal(np.flatnonzero(out["mlm_weights"]), [20, 29, 35, 37, 39])
+  np.testing.assert_array_equal(out["mlm_weights"][[20, 29, 35, 37, 39]], [1, 1, 1, 2, 1])
+  expected = tokens.copy()
+  expected[[20, 29, 35, 37]] = 5000
+  np.testing.assert_array_equal(out["inputs"], expected)
+  np.testing.assert_array_equal(out["targets"], tokens)
+  assert objective.name == "electra"
+  assert objective.example_stats(tokens, out) == {"original_tokens": 40, "masked_tokens": 5}
+
+
+def test_electra_paper_rule_masks_distinct_positions_all_with_mask():
+  tokens = np.arange(2, 42, dtype=np.int32)
+  objective = electra.ElectraMasking(rule="paper", mask_id=5000)
   out = objective.transform(tokens, np.random.default_rng(0), vocab_size=8100, eos_id=EOS)
   expected = tokens.copy()
   expected[[2, 4, 11, 23, 24, 27]] = 5000
   np.testing.assert_array_equal(out["inputs"], expected)
-  assert objective.name == "electra"
+  np.testing.assert_array_equal(out["mlm_weights"], expected == 5000)
   assert objective.example_stats(tokens, out) == {"original_tokens": 40, "masked_tokens": 6}
+
+
+@pytest.mark.parametrize("length, draws", [(10, 2), (30, 4), (50, 8), (190, 29), (3, 1)])
+def test_electra_draw_count_rounds_as_the_released_code(length, draws):
+  # tf.round(float32(n) * 0.15), half to even: 1.5 -> 2, 4.5 -> 4, 7.5 -> 8, 28.500002 -> 29
+  # (float64 would give 28), and at least one.
+  out = electra.ElectraMasking().transform(np.arange(2, 2 + length, dtype=np.int32),
+                                           np.random.default_rng(length), vocab_size=8100,
+                                           eos_id=EOS)
+  assert out["mlm_weights"].sum() == draws
+
+
+def test_electra_draws_are_capped_as_max_predictions_per_seq():
+  # configure_pretraining.py: max_predictions_per_seq = int((0.15 + 0.005) * 32) = 4, below
+  # round(0.15 * 32) = 5; it binds only on sequences shorter than 100 tokens.
+  objective = electra.ElectraMasking()
+  tokens = np.arange(2, 34, dtype=np.int32)
+  transform = lambda o, seed: o.transform(tokens, np.random.default_rng(seed), vocab_size=8100,
+                                          eos_id=EOS)
+  assert transform(objective, 0)["mlm_weights"].sum() == 5  # no lengths seen yet: no cap
+  assert objective.raw_length({"inputs": 32}) == 32
+  assert all(transform(objective, seed)["mlm_weights"].sum() == 4 for seed in range(5))
+  objective = electra.ElectraMasking()
+  objective.raw_length({"inputs": 128})  # the cap is 19 there, the draws round(4.8) = 5
+  assert transform(objective, 0)["mlm_weights"].sum() == 5
+  fixed = electra.ElectraMasking(max_predictions=3)
+  fixed.raw_length({"inputs": 128})
+  assert transform(fixed, 0)["mlm_weights"].sum() == 3
 
 
 def _masking_statistics(objective, n_examples=2000, length=128, vocab_size=8100):
@@ -338,7 +386,33 @@ def test_mlm_masking_statistics():
 
 
 def test_electra_masking_statistics():
-  rate, mask, random, kept, _ = _masking_statistics(electra.ElectraMasking(), n_examples=300)
+  """The released rule at n = 128: 19 draws with replacement, each showing [MASK] with
+  probability 0.85. A position is drawn at least once with probability 1 - (1 - 1/n)^19
+  (0.1384) and reads [MASK] with probability 1 - (1 - 0.85/n)^19 (0.1189): 85.9% of the
+  distinct drawn positions."""
+  n, draws, examples = 128, 19, 1000
+  distinct = mask = 0
+  for i in range(examples):
+    tokens = np.random.default_rng([11, i]).integers(2, 8000, size=n).astype(np.int32)
+    out = electra.ElectraMasking().transform(tokens, np.random.default_rng([12, i]),
+                                             vocab_size=8100, eos_id=EOS)
+    drawn = out["mlm_weights"] > 0
+    assert out["mlm_weights"].sum() == draws
+    np.testing.assert_array_equal(out["inputs"][~drawn], tokens[~drawn])
+    shown = out["inputs"][drawn]
+    assert np.all((shown == 8099) | (shown == tokens[drawn]))  # [MASK] or the original
+    distinct += drawn.sum()
+    mask += (shown == 8099).sum()
+  total = examples * n
+  for count, p in ((distinct, 1 - (1 - 1 / n) ** draws), (mask, 1 - (1 - 0.85 / n) ** draws)):
+    # 4 binomial standard deviations over the positions (correlations within a row are
+    # negative: the draws per row are fixed, so this is conservative).
+    assert abs(count / total - p) <= 4 * np.sqrt(p * (1 - p) / total), (count / total, p)
+
+
+def test_electra_paper_rule_statistics():
+  rate, mask, random, kept, _ = _masking_statistics(electra.ElectraMasking(rule="paper"),
+                                                    n_examples=300)
   assert abs(rate - 0.15) <= 0.01
   assert (mask, random, kept) == (1.0, 0.0, 0.0)
 
@@ -357,6 +431,8 @@ def test_masking_edge_cases_and_errors():
     mlm.MaskedLanguageModeling(mask_rate=0.0)
   with pytest.raises(ValueError, match="fraction"):
     mlm.MaskedLanguageModeling(mask_token_fraction=0.9, random_token_fraction=0.2)
+  with pytest.raises(ValueError, match="rule"):
+    electra.ElectraMasking(rule="bert")
 
 
 # -- gin -------------------------------------------------------------------------------------

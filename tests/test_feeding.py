@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
+import t5xlike.tasks.embedded  # noqa: F401  (registers embedded_corpus: the file runs alone too)
 from t5xlike.data import feature_converters, feeding, seqio_tasks
-from t5xlike.objectives import span_corruption
+from t5xlike.objectives import span_corruption, ul2
 
 LENGTHS = {"inputs": 64, "targets": 16}
 
@@ -33,8 +34,28 @@ def test_chunks_are_the_concatenated_token_stream():
   docs = feed.task.get_dataset(sequence_length=None, split="train", shuffle=False,
                                num_epochs=1).as_numpy_iterator()
   stream = np.concatenate([next(docs)["targets"] for _ in range(30)])
-  assert all(len(c) == feed.raw_length == 70 for c in chunks)
+  assert feed.chunk_lengths == (70,) and all(len(c) == 70 for c in chunks)
   np.testing.assert_array_equal(np.concatenate(chunks), stream[:30 * 70])
+
+
+def test_ul2_chunks_are_cut_at_each_denoisers_length():
+  """In-order reading cuts the stream as the shuffled pipeline does: chunk i at the length
+  of the denoiser of slot i mod 7, which then denoises it."""
+  objective = ul2.UL2()
+  lengths = {"inputs": 64, "targets": 64}
+  with feeding.SequentialFeed("embedded_corpus", "train", lengths, 4, objective) as feed:
+    cycle = objective.chunk_lengths(lengths)
+    examples = feed.examples()
+    pairs = [next(examples) for _ in range(21)]
+    examples.close()
+    docs = feed.task.get_dataset(sequence_length=None, split="train", shuffle=False,
+                                 num_epochs=1).as_numpy_iterator()
+    stream = np.concatenate([next(docs)["targets"] for _ in range(30)])
+  assert len(set(cycle)) > 1 and feed.chunk_lengths == cycle
+  assert [len(raw["targets"]) for raw, _ in pairs] == list(cycle) * 3
+  assert [int(f["denoiser"]) for _, f in pairs] == list(objective.cycle) * 3
+  np.testing.assert_array_equal(np.concatenate([raw["targets"] for raw, _ in pairs]),
+                                stream[:3 * sum(cycle)])
 
 
 def test_same_seed_same_batches_and_resume_by_position():

@@ -4,9 +4,9 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks.embedded
-from t5xlike.data import mixing, packing, pipeline
+from t5xlike.data import chunking, mixing, packing, pipeline, sources
 from t5xlike.objectives import span_corruption
+from t5xlike.tasks import embedded
 
 LENGTHS = {"inputs": 32, "targets": 8}
 
@@ -84,7 +84,7 @@ def test_processes_read_disjoint_slices_of_the_global_batch():
 def _register_letter_tasks():
   if "letters_a" in seqio.TaskRegistry.names():
     return
-  vocab = tasks.embedded.vocabulary()
+  vocab = embedded.vocabulary()
   for letter, count in (("a", 60), ("b", 20), ("c", 400)):
     def dataset_fn(split, shuffle_files, seed=None, letter=letter, count=count):
       del split, shuffle_files, seed
@@ -108,7 +108,7 @@ def test_mixture_frequencies_follow_rates(mixture, expected):
   _register_letter_tasks()
   feed = pipeline.Pipeline(mixture, "train", {"inputs": 8, "targets": 8}, 8, None,
                            num_threads=0)
-  vocab = tasks.embedded.vocabulary()
+  vocab = embedded.vocabulary()
   counts = {}
   for batch in take(feed, 50):
     for row in batch["encoder_input_tokens"]:
@@ -130,6 +130,26 @@ def test_packing_efficiency_of_paragraphs_above_90_percent():
   assert packed.metrics()["packing_efficiency"] > 0.9
   unpacked = pipeline.Pipeline(*args, feature_converter="decoder", num_threads=0)
   assert np.mean([packing.packing_efficiency(b) for b in take(unpacked, 10)]) < 0.5
+
+
+@pytest.mark.parametrize("lengths, expected", [
+    (4, [4, 4, 4, 4, 2]),
+    ((4, 2, 5), [4, 2, 5, 4, 2, 1]),  # a cycle: slots 0, 1, 2, 0, 1, 2 (the remainder)
+    ((4, 2, 5, 9), [4, 2, 5, 7]),     # the stream ends inside the first cycle's last slot
+])
+def test_chunks_cut_the_stream_in_a_cycle_of_lengths(lengths, expected):
+  docs = [np.arange(start, stop, dtype=np.int32) for start, stop in
+          ((0, 5), (5, 8), (8, 17), (17, 18))]  # 18 tokens in 4 documents
+  source = sources.InMemorySource([{"targets": d} for d in docs])
+  chunks = chunking.ChunkedSource(source, "targets", lengths)
+  assert len(chunks) == len(expected)
+  got = [chunks[i]["targets"] for i in range(len(chunks))]
+  assert [len(c) for c in got] == expected
+  np.testing.assert_array_equal(np.concatenate(got), np.arange(18))  # each token once
+  cycle = 1 if isinstance(lengths, int) else len(lengths)
+  assert [chunks.slot(i) for i in range(len(chunks))] == [i % cycle for i in range(len(chunks))]
+  with pytest.raises(IndexError):
+    chunks[len(chunks)]
 
 
 def test_threads_do_not_change_the_order():

@@ -89,3 +89,53 @@ def test_targets_length_too_short_is_an_error():
   with pytest.raises(ValueError, match="too short"):
     sc.SpanCorruption().raw_length({"inputs": 512, "targets": 100})
   assert sc.SpanCorruption().raw_length({"inputs": 512, "targets": 114}) == 568
+
+
+def _runs(mask):
+  return int(np.sum(mask & ~np.concatenate([[False], mask[:-1]])))
+
+
+# (length, r, μ) -> (noise tokens, spans) of T5's `random_spans_noise_mask`, worked by hand
+# from its arithmetic: round(float32(L) * r) and round(noise / μ) with round-half-to-even
+# (tf.round). Each row is a length where a floor, a round-half-up or float64 would differ.
+T5_COUNTS = [
+    ((10, 0.15, 3.0), (2, 1)),    # 1.5 -> 2 (floor 1)
+    ((11, 0.5, 8.0), (6, 1)),     # 5.5 -> 6 (floor 5)
+    ((24, 0.5, 8.0), (12, 2)),    # spans 12 / 8 = 1.5 -> 2 (floor 1)
+    ((50, 0.15, 3.0), (8, 3)),    # 7.5 -> 8 (floor 7); 8 / 3 = 2.67 -> 3 (floor 2)
+    ((36, 0.15, 3.0), (5, 2)),    # 5.4 -> 5; 5 / 3 = 1.67 -> 2 (floor 1)
+    ((30, 0.15, 3.0), (4, 1)),    # 4.5 -> 4 (half to even; half up: 5)
+    ((141, 0.5, 8.0), (70, 9)),   # 70.5 -> 70 (half to even); 70 / 8 = 8.75 -> 9 (floor 8)
+    ((190, 0.15, 3.0), (29, 10)),  # float32 28.500002 -> 29 (float64 28.4999... -> 28)
+    ((130, 0.15, 64.0), (20, 1)),  # 19.5 -> 20; one span at least (20 / 64 -> 0)
+]
+
+
+@pytest.mark.parametrize("args, expected", T5_COUNTS, ids=[str(a) for a, _ in T5_COUNTS])
+def test_noise_and_span_counts_round_as_t5(args, expected):
+  length, density, mu = args
+  assert sc.noise_counts(length, density, mu) == expected
+  for seed in range(3):
+    mask = sc.random_spans_noise_mask(length, density, mu, np.random.default_rng(seed))
+    assert (int(mask.sum()), _runs(mask)) == expected
+
+
+@pytest.mark.parametrize("density, mu", [(0.15, 3.0), (0.5, 8.0), (0.15, 64.0)])
+def test_lengths_are_those_the_transform_makes(density, mu):
+  """The length arithmetic counts as the mask does at every length (T5's helper rounds in
+  float64 and would mispredict e.g. 190 tokens at r = 0.15)."""
+  inputs_length = 96
+  raw, targets = sc.span_corruption_lengths(inputs_length, density, mu)
+  objective = sc.SpanCorruption(density, mu)
+  for length in range(2, raw + 1):
+    out = objective.transform(np.arange(3, 3 + length, dtype=np.int32),
+                              np.random.default_rng(length), vocab_size=VOCAB, eos_id=EOS)
+    noise, spans = sc.noise_counts(length, density, mu)
+    assert len(out["inputs"]) == length - noise + spans + 1
+    assert len(out["targets"]) == noise + spans + 1
+  out = objective.transform(np.arange(3, 3 + raw, dtype=np.int32), np.random.default_rng(0),
+                            vocab_size=VOCAB, eos_id=EOS)
+  assert len(out["inputs"]) <= inputs_length and len(out["targets"]) == targets
+  out = objective.transform(np.arange(3, 4 + raw, dtype=np.int32), np.random.default_rng(0),
+                            vocab_size=VOCAB, eos_id=EOS)
+  assert len(out["inputs"]) > inputs_length  # the largest raw length that fits

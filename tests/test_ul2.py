@@ -170,3 +170,117 @@ def test_special_paradigm_tokens_get_ids_after_the_vocabulary():
 def test_too_short_targets_name_the_denoiser():
   with pytest.raises(ValueError, match="X_mu3_r0.5"):
     make(lengths={"inputs": 128, "targets": 32})
+
+
+# -- chunks cut per denoiser -----------------------------------------------------------------
+@pytest.mark.parametrize("rates, cycle", [
+    ((1,) * 7, (0, 1, 2, 3, 4, 5, 6)),
+    ((0.5, 0.3, 0.2), (0, 1, 2, 0, 0, 1, 0, 2, 1, 0)),  # 10 slots: 5, 3, 2, spread out
+    ((1, 0, 1), (0, 2)),                                 # a zero rate gets no slot
+    ((2, 1, 1), (0, 1, 2, 0)),                           # at 1/4, 1/2, 1/2, 3/4
+])
+def test_denoiser_cycle_holds_the_rates(rates, cycle):
+  assert ul2.denoiser_cycle(rates) == cycle
+
+
+def test_denoiser_cycle_rounds_rates_it_cannot_hold():
+  cycle = ul2.denoiser_cycle((np.pi, 1.0))  # irrational: 1,000 slots, largest remainder
+  assert len(cycle) == ul2.MAX_CYCLE and cycle.count(1) == round(1000 / (np.pi + 1))
+  with pytest.raises(ValueError, match="never be used"):
+    ul2.denoiser_cycle((1.0, 1e-4))
+
+
+def test_chunk_lengths_are_each_denoisers_own():
+  objective, _ = make()
+  lengths = {"inputs": 128, "targets": 128}
+  own = objective.denoiser_raw_lengths(lengths)
+  assert objective.chunk_lengths(lengths) == tuple(own[k] for k in objective.cycle)
+  assert objective.raw_length(lengths) == max(own)
+  # Each denoiser's length fits its own inputs with the paradigm tokens (the reference
+  # computes it without them and overflows by the prompt).
+  tokens = np.arange(3, 3 + max(own), dtype=np.int32)
+  for slot, k in enumerate(objective.cycle):
+    for seed in range(5):
+      features = objective.transform_chunk(tokens[:own[k]], slot, np.random.default_rng(seed),
+                                           vocab_size=VOCAB_SIZE, eos_id=EOS)
+      assert int(features["denoiser"]) == k
+      assert len(features["inputs"]) <= 128 and len(features["targets"]) <= 128
+      assert objective.example_stats(tokens[:own[k]], features)["original_tokens"] == own[k]
+  # Standalone, a denoiser drawn from the RNG takes the first tokens of its own length.
+  features = objective.transform(tokens, np.random.default_rng(0), vocab_size=VOCAB_SIZE,
+                                 eos_id=EOS)
+  k = int(features["denoiser"])
+  assert objective.example_stats(tokens, features)["original_tokens"] == own[k]
+
+
+def _original_tokens(objective, features, vocab_size):
+  """The chunk an example was made from: span corruption undone, or prefix + targets."""
+  k = int(features["denoiser"])
+  body = features["inputs"][len(objective._paradigm(k)):][:-1]
+  targets = features["targets"][:-1]
+  if objective.denoisers[k].is_prefix_lm:
+    return body.tolist() + targets.tolist()
+  spans, current = {}, None
+  for t in targets:
+    if t >= vocab_size - 100:
+      current = int(t)
+      spans[current] = []
+    else:
+      spans[current].append(int(t))
+  out = []
+  for t in body:
+    out.extend(spans[int(t)] if t >= vocab_size - 100 else [int(t)])
+  return out
+
+
+@pytest.fixture(scope="module")
+def validation_epoch():
+  """One unshuffled epoch of the embedded corpus's validation split through UL2 at the
+  shipped lengths: (objective, pipeline, [(raw, features)])."""
+  # Imported here: grain, seqio and TensorFlow only for the tests that read the corpus.
+  import t5xlike.tasks.embedded  # noqa: F401  (registers the task)
+  from t5xlike.data import pipeline
+  objective = ul2.UL2()
+  feed = pipeline.Pipeline("embedded_corpus", "validation", {"inputs": 128, "targets": 128}, 1,
+                           objective, num_epochs=1, shuffle=False, num_threads=0)
+  return objective, feed, list(feed.examples())
+
+
+def test_every_corpus_token_reaches_one_example_per_epoch(validation_epoch):
+  objective, feed, examples = validation_epoch
+  chunks = feed.task_examples[0]
+  cycle_lengths = objective.chunk_lengths({"inputs": 128, "targets": 128})
+  stream = np.concatenate([np.asarray(chunks.source[i]["targets"])
+                           for i in range(len(chunks.source))])
+  rebuilt = []
+  for i, (raw, features) in enumerate(examples):
+    assert int(features["denoiser"]) == objective.cycle[i % len(objective.cycle)]
+    if i < len(examples) - 1:  # the last chunk holds the remainder
+      assert len(raw["targets"]) == cycle_lengths[i % len(cycle_lengths)]
+    original = _original_tokens(objective, features, feed.vocab_size)
+    assert original == raw["targets"].tolist()  # the whole chunk, nothing truncated
+    rebuilt.extend(original)
+  assert rebuilt == stream.tolist()
+  counts = np.bincount([int(f["denoiser"]) for _, f in examples], minlength=7)
+  assert counts.max() - counts.min() <= 1  # uniform rates: an equal share of the examples
+
+
+def test_ul2_pipeline_resumes_bitwise():
+  # Imported here: grain, seqio and TensorFlow only for the tests that read the corpus.
+  import t5xlike.tasks.embedded  # noqa: F401  (registers the task)
+  from t5xlike.data import pipeline
+
+  def make_feed():
+    return pipeline.Pipeline("embedded_corpus", "validation", {"inputs": 128, "targets": 128},
+                             4, ul2.UL2(), seed=3, num_threads=0)
+
+  feed = make_feed()
+  for _ in range(3):
+    next(feed)
+  state = feed.get_state()
+  expected = [next(feed) for _ in range(30)]  # into the second epoch (115 examples each)
+  resumed = make_feed()
+  resumed.set_state(state)
+  for batch in expected:
+    again = next(resumed)
+    assert all(batch[k].tobytes() == again[k].tobytes() for k in batch)

@@ -9,6 +9,11 @@ known reason (`errors.RunError`: disk full while saving, a NaN loss; one
 line), 130 a run stopped by SIGINT after its checkpoint (SIGTERM: 0, see
 `t5xlike.training.preemption`), anything else a crash with its traceback.
 `--verbose` or T5XLIKE_TRACEBACK=1 shows the traceback of every error.
+
+Logging: t5xlike's INFO lines on stdout (process 0; `--verbose`: its DEBUG lines too,
+and the runs print what they otherwise only write to a file, such as a training run's
+`plan.txt`), other libraries' WARNING lines; third-party start-up noise is filtered
+(`startup_noise`) before TensorFlow or JAX load.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from t5xlike.cli import distributed, flags, gin_config
+from t5xlike.cli import distributed, flags, gin_config, startup_noise
 from t5xlike.errors import ConfigError, RunError, one_line
 from t5xlike.training import preemption
 
 _RUN_STARTED = False
+_VERBOSE = False
 
 
 def mark_run_started() -> None:
@@ -37,12 +43,18 @@ def run_started() -> bool:
   return _RUN_STARTED
 
 
+def verbose() -> bool:
+  """Whether the entry point was given `--verbose` (print the full plan, DEBUG lines)."""
+  return _VERBOSE
+
+
 def run_entry(description: str, call_root: Callable[[argparse.Namespace], object],
               add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
               argv: Sequence[str] | None = None) -> int:
   """Runs one entry point; `call_root(args)` calls the gin root after configuration."""
-  global _RUN_STARTED
-  _RUN_STARTED = False
+  global _RUN_STARTED, _VERBOSE
+  _RUN_STARTED = _VERBOSE = False
+  startup_noise.quiet()  # (the commands import neither TensorFlow nor JAX before this)
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout)
   logging.getLogger("t5xlike").setLevel(logging.INFO)
@@ -54,6 +66,9 @@ def run_entry(description: str, call_root: Callable[[argparse.Namespace], object
   verbose = "--verbose" in argv or bool(os.environ.get("T5XLIKE_TRACEBACK"))
   try:
     args = flags.parse_args(parser, argv)
+    _VERBOSE = bool(args.verbose)
+    if _VERBOSE:
+      logging.getLogger("t5xlike").setLevel(logging.DEBUG)
     distributed.initialize_distributed(args)
     import jax  # noqa: PLC0415  (after the flags: --help and flag errors stay fast)
     if jax.process_index() != 0:  # Only process 0 reports progress.

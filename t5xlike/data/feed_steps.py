@@ -2,18 +2,26 @@
 `feeding.SequentialFeed` (and `task_examples`, for inference).
 
 `prepare_objective` checks a task against the run's objective (or, without
-one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the raw
-chunk length; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
-the features a task's post-cache EOS preprocessor names.
+one, against TASK_FEATURE_LENGTHS) and gives the vocabulary and the chunk
+lengths; `append_eos` is seqio's `append_eos_after_trim` in NumPy, for
+the features a task's post-cache EOS preprocessor names; `TruncationCount`
+counts the supervised examples that TASK_FEATURE_LENGTHS cuts.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
 
 from t5xlike.objectives import base as objectives_base
+
+log = logging.getLogger(__name__)
+
+#: The batches after which a feed reports how many examples were truncated.
+TRUNCATION_REPORT_AFTER_BATCHES = 4
 
 
 def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
@@ -39,13 +47,14 @@ def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
 
 def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | None,
                       feature_lengths: Mapping[str, int], feature_converter: str):
-  """(vocabulary, raw chunk length or None) of a task read with an objective.
+  """(vocabulary, the cycle of chunk lengths or None) of a task read with an objective.
 
   Checks that the task has the objective's source feature, gives the
-  objective the vocabulary (`setup`) and asks it for its raw length (which
-  validates TASK_FEATURE_LENGTHS). Without an objective (supervised) the
-  lengths must name `inputs` and `targets`, except for the decoder converter
-  (causal LM on `targets`) and encoder classification (`inputs` only). ValueError on bad input.
+  objective the vocabulary (`setup`) and asks it for its chunk lengths
+  (`Objective.chunk_lengths`, which validates TASK_FEATURE_LENGTHS). Without an
+  objective (supervised) the lengths must name `inputs` and `targets`, except for
+  the decoder converter (causal LM on `targets`) and encoder classification
+  (`inputs` only). ValueError on bad input.
   """
   feature = objective.source_feature if objective is not None else None
   if objective is not None and feature not in task.output_features:
@@ -54,10 +63,55 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   vocabulary = task.output_features[feature or next(iter(task.output_features))].vocabulary
   if objective is not None:
     objective.setup(vocabulary)
-    return vocabulary, objective.raw_length(feature_lengths)
+    return vocabulary, objective.chunk_lengths(feature_lengths)
   required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
       feature_converter, ("inputs", "targets"))
   missing = set(required) - set(feature_lengths)
   if missing:
     raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")
   return vocabulary, None
+
+
+def truncated_features(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
+                       feature_lengths: Mapping[str, int]) -> list[str]:
+  """The features of a supervised example (before `append_eos`) longer than their
+  TASK_FEATURE_LENGTHS entry leaves room for (one token less where EOS is appended)."""
+  return [key for key, length in feature_lengths.items() if key in example
+          and len(example[key]) + (1 if key in eos_features else 0) > length]
+
+
+class TruncationCount:
+  """Counts the supervised examples TASK_FEATURE_LENGTHS truncates, and logs the count
+  once, after the first batches (the feeds' read threads add to it: locked)."""
+
+  def __init__(self, what: str):
+    self.what = what  # the task or mixture, for the log line
+    self.examined = 0
+    self.truncated = 0
+    self.per_feature: dict[str, int] = {}
+    self._lock = threading.Lock()
+    self._reported = False
+
+  def add(self, features: Sequence[str]) -> None:
+    """One example, with the features `truncated_features` named."""
+    with self._lock:
+      self.examined += 1
+      if features:
+        self.truncated += 1
+        for key in features:
+          self.per_feature[key] = self.per_feature.get(key, 0) + 1
+
+  def report_once(self) -> None:
+    """Logs (once) how many of the examples read so far are truncated, when any is."""
+    with self._lock:
+      if self._reported or not self.examined:
+        return
+      self._reported = True
+      if not self.truncated:
+        return
+      share = 100.0 * self.truncated / self.examined
+      features = ", ".join(f"{k} {v}" for k, v in sorted(self.per_feature.items()))
+      log.warning("%s: %d of the first %d examples (%.1f%%) are longer than "
+                  "TASK_FEATURE_LENGTHS and are truncated (%s)", self.what, self.truncated,
+                  self.examined, share, features)
+

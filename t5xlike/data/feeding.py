@@ -5,8 +5,9 @@ hold in memory and have no task cache (USE_CACHED_TASKS=False): the task's
 preprocessors run through `seqio` (TensorFlow) in file order, with no
 global shuffle. For an objective that works on plain text (span
 corruption, UL2, LM, ...) the token stream of successive documents is
-concatenated and cut into chunks of the objective's raw length, as T5 does
-(`reduce_concat_tokens` + `split_tokens`). Example `i` of the stream is
+concatenated and cut into chunks of the objective's lengths, as T5 does
+(`reduce_concat_tokens` + `split_tokens`; a cycle of lengths where the
+objective gives one, `Objective.chunk_lengths`). Example `i` of the stream is
 transformed with a NumPy generator seeded by `(seed, i)`, so the position in
 the stream (the number of examples consumed) is the whole iterator state:
 restoring it replays exactly the batches an uninterrupted run would have
@@ -73,13 +74,14 @@ class SequentialFeed:
     self.split = split
     self.feature_lengths = dict(feature_lengths)
     self.batch_size = batch_size
+    self._truncation = feed_steps.TruncationCount(f"{task.name}/{split}")
     self.objective = objective
     self.seed = seed
     self.num_epochs = num_epochs
     self.local_rows = slice(process_index * batch_size // process_count,
                             (process_index + 1) * batch_size // process_count)
     self.convert = feature_converters.get_converter(feature_converter)
-    self.vocabulary, self.raw_length = feed_steps.prepare_objective(
+    self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
     self._position = 0  # Examples consumed (global, across processes).
@@ -139,21 +141,26 @@ class SequentialFeed:
 
   def _raw_examples(self) -> Generator[dict[str, np.ndarray], None, None]:
     """The untransformed example stream (chunks of text, or supervised pairs)."""
-    raw_length = self.raw_length  # Set only with an objective (`prepare_objective`).
-    if raw_length is None or self.objective is None:
+    cycle = self.chunk_lengths  # Set only with an objective (`prepare_objective`).
+    if cycle is None or self.objective is None:
       for doc in self._documents():
+        self._truncation.add(feed_steps.truncated_features(doc, self.eos_features,
+                                                           self.feature_lengths))
         yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
       return
     pending: list[np.ndarray] = []
     size = 0
     source = self.objective.source_feature
+    lengths = itertools.cycle(cycle)  # Chunk i is cut at cycle[i mod len(cycle)].
+    length = next(lengths)
     for doc in self._documents():
       pending.append(np.asarray(doc[source], dtype=np.int32))
       size += len(pending[-1])
-      while size >= raw_length:
+      while size >= length:
         stream = np.concatenate(pending)
-        yield {source: stream[:raw_length]}
-        pending, size = [stream[raw_length:]], len(stream) - raw_length
+        yield {source: stream[:length]}
+        pending, size = [stream[length:]], len(stream) - length
+        length = next(lengths)
     if size:
       yield {source: np.concatenate(pending)}
 
@@ -162,8 +169,9 @@ class SequentialFeed:
       return raw
     # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
     rng = np.random.default_rng([self.seed, 0, 0, index])
-    return self.objective.transform(raw[self.objective.source_feature], rng,
-                                    vocab_size=self.vocab_size, eos_id=self.eos_id)
+    slot = index % len(self.chunk_lengths) if self.chunk_lengths else 0
+    return self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
+                                          vocab_size=self.vocab_size, eos_id=self.eos_id)
 
   def examples(self) -> Generator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
                                   None, None]:
@@ -196,4 +204,6 @@ class SequentialFeed:
     rows = range(self.batch_size)[self.local_rows]
     examples = [self._transform(start + i, raws[i]) for i in rows]
     self._position = start + self.batch_size
+    if self._position == feed_steps.TRUNCATION_REPORT_AFTER_BATCHES * self.batch_size:
+      self._truncation.report_once()
     return self.convert(examples, self.feature_lengths)

@@ -1,7 +1,8 @@
 """The deterministic, resumable data pipeline (grain), one per process.
 
     source (random access: in-memory or task cache) -> chunks of the
-    objective's raw length (`ChunkedSource`) -> global shuffle by a seeded
+    objective's lengths (`ChunkedSource`: one length, or a cycle of them,
+    UL2's denoisers each cut at its own) -> global shuffle by a seeded
     permutation of indices, a fresh one each epoch (`MapDataset.shuffle` +
     `repeat`) -> the objective's transform seeded by (seed, task, epoch,
     example index) -> mixture of tasks by rates (`MapDataset.mix`) -> this
@@ -163,21 +164,22 @@ class Pipeline:
         source.close()
         raise SequentialOnly(f"{task.name}/{split} is read in file order")
       self.sources.append(source)
-    self.vocabulary, self.raw_length = feed_steps.prepare_objective(
+    self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         self.tasks[0], objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
-    # What each task's examples are: its source, or chunks of its token stream (a raw
-    # length comes only with an objective).
-    raw_length = self.raw_length
-    self.task_examples = [
-        source if raw_length is None or objective is None else
-        chunking.ChunkedSource(source, objective.source_feature, raw_length)
+    # What each task's examples are: its source, or chunks of its token stream (chunk
+    # lengths come only with an objective).
+    chunk_lengths = self.chunk_lengths
+    self.task_examples: list[sources.RandomAccessSource | chunking.ChunkedSource] = [
+        source if chunk_lengths is None or objective is None else
+        chunking.ChunkedSource(source, objective.source_feature, chunk_lengths)
         for source in self.sources]
     self.examples_per_task = [len(examples) for examples in self.task_examples]
     self.rates = self._rates()
     self._iterator: grain.DatasetIterator | None = None
     self._state: dict[str, Any] | None = None
     self._batches = 0  # Global batches consumed.
+    self._truncation = feed_steps.TruncationCount(f"{self.task.name}/{split}")
     self._loader_seconds = 0.0
     self._loader_examples = 0
     self._last_efficiency = 0.0
@@ -198,12 +200,16 @@ class Pipeline:
     index, raw = item
     epoch = position // count
     if self.objective is None:
-      features = feed_steps.append_eos(raw, self.sources[t].eos_features, self.feature_lengths,
-                                       self.eos_id)
+      eos_features = self.sources[t].eos_features
+      self._truncation.add(feed_steps.truncated_features(raw, eos_features,
+                                                         self.feature_lengths))
+      features = feed_steps.append_eos(raw, eos_features, self.feature_lengths, self.eos_id)
     else:
       rng = np.random.default_rng([self.seed, t, epoch, index])
-      features = self.objective.transform(raw[self.objective.source_feature], rng,
-                                          vocab_size=self.vocab_size, eos_id=self.eos_id)
+      examples = self.task_examples[t]
+      slot = examples.slot(index) if isinstance(examples, chunking.ChunkedSource) else 0
+      features = self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
+                                                vocab_size=self.vocab_size, eos_id=self.eos_id)
     return (raw, features) if with_raw else features
 
   def _mixed(self, with_raw: bool = False) -> grain.MapDataset:
@@ -308,6 +314,8 @@ class Pipeline:
       self.close()
       raise
     self._batches += 1
+    if self._batches == feed_steps.TRUNCATION_REPORT_AFTER_BATCHES:
+      self._truncation.report_once()
     self._loader_seconds += time.perf_counter() - start
     self._loader_examples += _examples_in(batch)
     self._last_efficiency = packing.packing_efficiency(batch)

@@ -269,7 +269,8 @@ def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, u
        outside tf.data) when the task qualifies and its first examples equal
        TensorFlow's;
     3. a SequentialSource (file order, no global shuffle).
-  The log names the choice and the reason.
+  The log names the choice and the reason (DEBUG for in memory and the cache, INFO for a
+  direct read, WARNING for file order).
 
   Args:
     mixture_or_task_name_or_task: a seqio task or its registered name.
@@ -297,7 +298,8 @@ def open_source(mixture_or_task_name_or_task: seqio.Task | str, split: str, *, u
     except SplitTooLargeError:
       pass
     else:
-      log.info("read %s/%s into memory%s: %d examples (random access, global shuffle; up to %d "
+      # DEBUG (`--verbose`): the usual case, one line per task and split of a mixture.
+      log.debug("read %s/%s into memory%s: %d examples (random access, global shuffle; up to %d "
                "examples are held in memory)", task.name, split,
                "" if direct is None or direct.tensorflow_reads else " through its direct reader",
                len(source), in_memory_max_examples)
@@ -333,7 +335,7 @@ def _open_cached(task: seqio.Task, split: str, cache_dir: str | None) -> CachedS
     log.warning("the cache of %s/%s was written with preprocessors %s, the task now has %s: "
                 "rerun %s if they changed", task.name, split,
                 source.stats["precache_preprocessors"], seqio_tasks.precache_names(task), command)
-  log.info("reading %s/%s from the cache %s: %d examples", task.name, split, directory,
-           len(source))
+  log.debug("reading %s/%s from the cache %s: %d examples", task.name, split, directory,
+            len(source))
   return source
 

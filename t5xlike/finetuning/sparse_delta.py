@@ -16,8 +16,8 @@ On disk (`MODEL_DIR/sparse_delta/`, written by `sparse.SparseFineTuning.export`)
 
 Size on disk: 12 bytes per stored scalar plus ~0.5 KB per parameter (npz
 headers) and the JSON. The stored scalars are exactly the trained subset
-(the sparse phase's mask), including any whose difference is 0.0, so a delta
-of a run with k trained scalars has exactly k entries.
+(the sparse phase's mask: the k chosen scalars and every entry of the dense
+parameters, e.g. the output layer), including any whose difference is 0.0.
 
 Why float64 differences: the difference of two float32 numbers is exact in
 float64 whenever their binary exponents differ by at most 29 (|theta| and
@@ -40,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from t5xlike import checkpoints
 
 FORMAT = "t5xlike.sparse_delta.v1"
 DIRECTORY = "sparse_delta"
@@ -197,11 +199,7 @@ def read_sparse_state(step_dir: str | epath.Path) -> tuple[dict[str, np.ndarray]
   """(theta0, mask, count) of a sparse fine-tuning run's checkpoint step directory,
   read from its optimizer state (`sparse.SparseState`), as host NumPy arrays by path."""
   path = epath.Path(step_dir) / "state"
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  opt_state = tree["opt_state"]
+  opt_state = checkpoints.item_metadata(path)["opt_state"]
   wanted = {field: opt_state[field] for field in ("count", "theta0", "mask")}
   item = jax.tree.map(lambda m: np.zeros(m.shape, np.dtype(m.dtype)), wanted)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)

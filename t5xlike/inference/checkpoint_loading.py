@@ -43,10 +43,15 @@ def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, 
 
 
 def require_checkpoint_path(checkpoint_path: str | None) -> str:
-  """CHECKPOINT_PATH, or a ConfigError when it is not set (checked before anything is read)."""
+  """CHECKPOINT_PATH, or a ConfigError when it is not set or not a step directory (checked
+  before anything else is read)."""
   if not checkpoint_path:
     raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
                              "MODEL_DIR/checkpoint_<N>)")
+  try:
+    checkpoints.validate_step_dir(checkpoint_path)
+  except ValueError as error:
+    raise errors.ConfigError(f"CHECKPOINT_PATH: {errors.one_line(error)}") from None
   return checkpoint_path
 
 

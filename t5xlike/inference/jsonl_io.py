@@ -1,7 +1,8 @@
 """The file formats of `python -m t5xlike.infer`: reading examples, writing results.
 
 Input: a JSONL file (`--input`; or a `.tsv` file of inputs TAB targets
-text), one object per line with `inputs` (text,
+text), one object per line (blank lines are skipped and counted in the
+log) with `inputs` (text,
 encoded with VOCABULARY, EOS appended as the tasks' features do) or
 `input_ids` (ids used exactly as given); for `--mode=score` also `targets`
 (text, EOS appended) or `target_ids` (exactly as given). Output lines repeat
@@ -14,6 +15,7 @@ MIXTURE_OR_TASK_NAME's `split` are read and written to
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,8 @@ from etils import epath
 from t5xlike import errors
 
 MODES = ("predict", "score")
+
+log = logging.getLogger(__name__)
 
 
 def _line_error(path, number: int, message: str) -> errors.ConfigError:
@@ -53,7 +57,9 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
   """(the input rows as read, model examples {'inputs', 'targets'}) of a JSONL
   file, or of a TSV file (`*.tsv`: inputs TAB targets, text, one per line).
 
-  Raises ConfigError naming the file and line for: a missing, empty or
+  Blank lines (whitespace only) are skipped; their count is logged. Line
+  numbers in errors count them. Raises ConfigError naming the file and line
+  for: a missing, empty or
   non-UTF-8 file, a line that is not a JSON object, missing or malformed
   fields, ids outside the model's vocabulary.
   """
@@ -66,9 +72,11 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
     raise errors.ConfigError(f"--input={path}: not UTF-8 text ({error.reason} at byte "
                              f"{error.start})") from None
   rows, examples = [], []
+  blank = 0
   tsv = str(path).endswith(".tsv")
   for number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
+      blank += 1
       continue
     if tsv:  # inputs TAB targets (the targets column is optional)
       row = dict(zip(("inputs", "targets"), line.split("\t", 1)))
@@ -94,6 +102,8 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
     examples.append(example)
   if not examples:
     raise errors.ConfigError(f"--input={path}: the file holds no example")
+  if blank:
+    log.info("%s: %d examples, %d blank lines skipped", path, len(examples), blank)
   return rows, examples
 
 

@@ -11,8 +11,10 @@ is_target=...)`; a metric function returns `{name: value}` (values may be
 seqio `MetricValue`s). Each task adds `loss` (mean negative log-likelihood
 per target token, from the scores) when scored. Writes
 `<output_dir>/metrics/eval.jsonl` rows `{"step", "task", <metric>: value}`
-and `<output_dir>/inference_eval/<task>-<step>.jsonl` (input, target,
-prediction).
+and `<output_dir>/inference_eval/<task>-<step>.jsonl`, one row per example
+in infer's vocabulary of keys (`jsonl_io`): the decoded `inputs` (absent for
+a task without inputs) and `targets`, the `prediction` (when the task has
+prediction metrics) and the `score` (summed log-likelihood of the targets).
 """
 from __future__ import annotations
 
@@ -49,44 +51,81 @@ class InferenceEvaluator:
     max_decode_length: default the 'targets' length.
     use_cached_tasks, task_cache_dir: as in training.
     mixture_or_task_module: imported first (registers the tasks).
+    first_example: the examples of each task before this one are not used (`max_examples`
+      then counts from it): a part of the split another evaluation reports on is skipped.
   """
 
   def __init__(self, mixture_or_task_name: str, feature_lengths: Mapping[str, int],
                batch_size: int = 32, split: str = "validation", max_examples: int | None = None,
                decoding_config: decoding.DecodingConfig | None = None,
                max_decode_length: int | None = None, use_cached_tasks: bool = False,
-               task_cache_dir: str | None = None, mixture_or_task_module: str | None = None):
-    # seqio and TensorFlow: imported when a task evaluation is configured, so that the
-    # rest of inference (and `infer --input`) runs where TensorFlow is not installed.
-    from t5xlike.data import task_examples  # noqa: PLC0415
+               task_cache_dir: str | None = None, mixture_or_task_module: str | None = None,
+               first_example: int = 0):
+    # Nothing is read here: gin builds the evaluator with the run's arguments, also when
+    # the run never evaluates (EVAL_PERIOD=None). `prepare` reads the tasks.
+    self.mixture_or_task_name = mixture_or_task_name
+    self.mixture_or_task_module = mixture_or_task_module
     self.feature_lengths = dict(feature_lengths)
     self.batch_size, self.max_decode_length = batch_size, max_decode_length
+    self.split, self.max_examples = split, max_examples
     self.decoding_config = decoding_config
-    task_examples.import_module(mixture_or_task_module)
-    self.tasks = []
-    for task in task_examples.leaf_tasks(mixture_or_task_name):
+    self.use_cached_tasks, self.task_cache_dir = use_cached_tasks, task_cache_dir
+    self.first_example = first_example
+    self._tasks: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] | None = None
+
+  @property
+  def tasks(self) -> list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(seqio task, its examples, their decoded text rows) of each task with metric functions."""
+    return self.prepare()
+
+  @property
+  def names(self) -> list[str]:
+    """The evaluated tasks' names."""
+    return [task.name for task, _, _ in self.tasks]
+
+  def prepare(self) -> list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Reads the split's examples of every task of the mixture that has metric functions
+    (once; a task without any is skipped, logged once). ValueError naming an unknown
+    task, module or split."""
+    if self._tasks is not None:
+      return self._tasks
+    # seqio and TensorFlow: imported when a task evaluation runs, so that the rest of
+    # inference (and `infer --input`) runs where TensorFlow is not installed.
+    from t5xlike.data import task_examples  # noqa: PLC0415
+    task_examples.import_module(self.mixture_or_task_module)
+    tasks = []
+    for task in task_examples.leaf_tasks(self.mixture_or_task_name):
       if not (task.predict_metric_fns or task.score_metric_fns):
         log.info("evaluation: task %s has no metric functions: skipped", task.name)
         continue
-      examples = task_examples.read_split(task, split, self.feature_lengths,
-                                          use_cached=use_cached_tasks, cache_dir=task_cache_dir,
-                                          max_examples=max_examples)
-      self.tasks.append((task, examples, [task_examples.text_row(task, ex) for ex in examples]))
-    if not self.tasks:
-      raise ValueError(f"{mixture_or_task_name} has no task with metric functions to evaluate")
-    self.names = [task.name for task, _, _ in self.tasks]
+      first = self.first_example
+      examples = task_examples.read_split(
+          task, self.split, self.feature_lengths, use_cached=self.use_cached_tasks,
+          cache_dir=self.task_cache_dir,
+          max_examples=None if self.max_examples is None else first + self.max_examples)
+      if first and len(examples) <= first:
+        raise ValueError(f"{task.name}/{self.split} has no example after the first {first}")
+      examples = examples[first:]
+      tasks.append((task, examples, [task_examples.text_row(task, ex) for ex in examples]))
+    if not tasks:
+      log.info("evaluation: no task of %s has metric functions: nothing to add to the "
+               "loss and accuracy", self.mixture_or_task_name)
+    self._tasks = tasks
+    return tasks
 
   def evaluate(self, model: Any, params: Any, step: int,
                output_dir: str | epath.Path | None = None) -> dict[str, dict[str, Any]]:
     """{task: {metric: value}}; writes the inference outputs under `output_dir`."""
+    if not self.tasks:
+      return {}
     eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
     predictor = Predictor(model, params, self.feature_lengths, self.batch_size,
-                                    self.decoding_config, self.max_decode_length, eos_id)
+                          self.decoding_config, self.max_decode_length, eos_id)
     results = {}
     for task, examples, rows in self.tasks:
       vocabulary = task.output_features["targets"].vocabulary
       texts = scores = None
-      outputs = [{"input": row.get("inputs"), "target": row["targets"]} for row in rows]
+      outputs: list[dict[str, Any]] = [dict(row) for row in rows]  # inputs, targets
       speed = {}
       if task.predict_metric_fns:
         texts = [vocabulary.decode(p.ids) for p in predictor.predict(examples)]

@@ -13,6 +13,7 @@ state-dict names (`encoder.block.0.layer.0.SelfAttention.q.weight`).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Iterator, Mapping
 
@@ -115,11 +116,21 @@ def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _new_file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the umask (0o644 under umask 022)."""
+  umask = os.umask(0o022)  # The umask is read only by setting it: put it back at once.
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def write_safetensors(directory: str | pathlib.Path, tensors: Iterator[tuple[str, np.ndarray]]
                       | Mapping[str, np.ndarray]) -> pathlib.Path:
-  """Writes `directory/model.safetensors` (contiguous copies, `{"format": "pt"}`)."""
+  """Writes `directory/model.safetensors` (contiguous copies, `{"format": "pt"}`) with
+  the usual mode of a new file (umask respected)."""
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
   path = pathlib.Path(directory) / SAFETENSORS
   save_file({name: np.ascontiguousarray(value) for name, value in items}, str(path),
             metadata={"format": "pt"})
+  # safetensors writes a private temporary file (mode 0600) and renames it over `path`.
+  path.chmod(_new_file_mode())
   return path

@@ -10,7 +10,10 @@ Written (docs/architecture.md, "Contracts users rely on"):
                          vocabulary of the model's size (ids only, EOS 1);
 so `--gin_file=OUT/model.gin --gin_file=gin_configs/runs/infer.gin
 --gin.CHECKPOINT_PATH=OUT/checkpoint` loads it.
-Read: a step directory plus the model gin that built it (MODEL).
+Read: a step directory plus a gin file that binds its MODEL (`locate`): OUT
+itself (OUT/checkpoint, OUT/model.gin), a step directory with model.gin
+beside it, or a training run's MODEL_DIR/checkpoint_<N> with the run's
+operative MODEL_DIR/config.gin beside it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from t5xlike.models import decoder, t5
 
 CHECKPOINT = "checkpoint"
 MODEL_GIN = "model.gin"
+#: The operative config a training run writes in MODEL_DIR (`runs/train_run.py`).
+RUN_CONFIG_GIN = "config.gin"
 T5_EXTRA_IDS = 100
 
 
@@ -119,13 +124,31 @@ def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np
   return output
 
 
+def locate(checkpoint: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """(the step directory, the gin file beside it that binds MODEL, or None) of
+  `--checkpoint`: a convert output OUT (OUT/checkpoint, OUT/model.gin), a step
+  directory with `model.gin` beside it, or one with a training run's `config.gin`
+  beside it (MODEL_DIR/checkpoint_<N>: the operative config holds MODEL's bindings)."""
+  checkpoint = pathlib.Path(checkpoint)
+  if (checkpoint / CHECKPOINT).is_dir() and (checkpoint / MODEL_GIN).is_file():
+    return checkpoint / CHECKPOINT, checkpoint / MODEL_GIN
+  parent = checkpoint.resolve().parent
+  beside = next((parent / name for name in (MODEL_GIN, RUN_CONFIG_GIN)
+                 if (parent / name).is_file()), None)
+  return checkpoint, beside
+
+
 def configured_model() -> Any:
-  """The MODEL of the loaded gin files (e.g. OUT/model.gin, or a run's model gin)."""
+  """The MODEL of the loaded gin files (OUT/model.gin, a model gin, or a run's
+  operative config.gin)."""
   try:
     macro = gin.query_parameter("%MODEL")
   except ValueError:
     raise ValueError("the gin files bind no MODEL") from None
-  return macro.scoped_configurable_fn()
+  # Built in the scope gin gives a macro's value (`%MODEL` is evaluated in scope MODEL):
+  # an operative config binds `MODEL/encoder_decoder.EncoderDecoderModel.network = ...`.
+  with gin.config_scope("MODEL"):
+    return macro.scoped_configurable_fn()
 
 
 def read_params(checkpoint: str | pathlib.Path, network_config: Any) -> dict[str, np.ndarray]:

@@ -5,6 +5,12 @@ of a text-to-text model. It runs in NumPy inside the data pipeline, with a
 `numpy.random.Generator` seeded by (seed, example index), so a resumed run
 replays exactly the same examples. Objectives are selected by gin; the
 trainer never branches on them.
+
+Chunks: the feeds concatenate the task's text and cut it into chunks of the
+lengths `chunk_lengths` gives, a cycle repeated over the stream (one length
+for most objectives; UL2 gives each denoiser its own), and transform chunk
+i with `transform_chunk(tokens, i mod len(cycle), ...)`, so that every
+token of the corpus is in exactly one example per epoch.
 """
 from __future__ import annotations
 
@@ -26,6 +32,24 @@ class Objective(abc.ABC):
 
     Raises ValueError when `feature_lengths` cannot hold the objective's output.
     """
+
+  def chunk_lengths(self, feature_lengths: Mapping[str, int]) -> tuple[int, ...] | None:
+    """One cycle of chunk lengths, or None to use whole examples.
+
+    The feeds cut the concatenated token stream into chunks of lengths
+    cycle[0], cycle[1], ..., cycle[-1], cycle[0], ... and transform chunk i
+    with `transform_chunk(tokens, slot=i mod len(cycle))`. Default:
+    `(raw_length,)`. Raises ValueError as `raw_length` does.
+    """
+    raw = self.raw_length(feature_lengths)
+    return None if raw is None else (raw,)
+
+  def transform_chunk(self, tokens: np.ndarray, slot: int, rng: np.random.Generator, *,
+                      vocab_size: int, eos_id: int) -> dict[str, np.ndarray]:
+    """`transform` of a chunk cut at position `slot` of the `chunk_lengths` cycle (0 for
+    whole examples). The default ignores the slot."""
+    del slot
+    return self.transform(tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
 
   def setup(self, vocabulary) -> None:
     """Called once with the task's (seqio) vocabulary before the first transform.

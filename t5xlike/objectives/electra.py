@@ -27,9 +27,18 @@ Appendix A Table 6): hidden size, FFN size and heads scaled by 1/4 (Small),
 embeddings keep the discriminator's width (ELECTRA-Small: 128, projected to
 each network's hidden size by `embedding_projection`).
 
-Masking here follows the paper's formula: every chosen position becomes
-[MASK] (`ElectraMasking`, BERT's masking with mask_token_fraction = 1).
-(The released TF code instead keeps 15% of the chosen tokens unchanged.)
+Masking follows the released code by default (google-research/electra,
+`pretrain/pretrain_helpers.py`, `mask`; `ElectraMasking`, rule 'released'):
+round(0.15·n) positions are drawn uniformly *with replacement*, and each
+draw shows [MASK] with probability 0.85, so about 86% of the distinct
+chosen positions read [MASK] and the rest keep their original token (the
+generator predicts the original token at all of them, every draw counting
+once in its loss). The paper's formula (§2, x^masked = REPLACE(x, m,
+[MASK]): round(0.15·n) distinct positions, all [MASK]) is rule 'paper'. The
+two differ in what the generator sees and in the replaced fraction: at
+n = 128, 19 draws hit 17.7 distinct positions on average (13.8% of the
+tokens, against 14.8% for the paper's rule), 11.9% of the tokens reading
+[MASK].
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from typing import Any, cast
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5xlike import interfaces, losses
 from t5xlike.models import encoder
@@ -48,22 +58,115 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+#: `ElectraMasking` rules: the released code's (default) and the paper's formula.
+MASKING_RULES = ("released", "paper")
+
+
+def released_masking(tokens: np.ndarray, rng: np.random.Generator, *, mask_rate: float,
+                     mask_token_fraction: float, max_predictions: int | None,
+                     mask_id: int) -> dict[str, np.ndarray]:
+  """ELECTRA's released masking (google-research/electra, `pretrain_helpers.mask`) of one
+  sequence without padding or special tokens (every position a candidate).
+
+  As the released code: the number of draws is round(float32(n) * mask_rate)
+  (`tf.round`, half to even) clamped to [1, max_predictions]; the positions
+  are drawn uniformly with replacement (`tf.random.categorical` over the
+  candidates); each draw independently shows [MASK] with probability
+  `mask_token_fraction` (`tf.random.uniform < 0.85`), and a position drawn
+  several times reads [MASK] if any of its draws does (`scatter_update`
+  applies one update per position). The generator is scored on every draw
+  (`masked_lm_weights`), so a position's `mlm_weights` is its number of draws.
+
+  Args:
+    tokens: int [n], the original tokens.
+    rng: draws, in this order, the positions and one uniform number per draw.
+    mask_rate: the fraction of n drawn (0.15).
+    mask_token_fraction: per draw, the probability of showing [MASK] (0.85).
+    max_predictions: the released code's `max_predictions_per_seq` (None: no cap).
+    mask_id: the [MASK] id.
+
+  Returns:
+    {'inputs': int32 [n], 'targets': int32 [n] (= tokens), 'mlm_weights':
+    float32 [n] (draws per position; they sum to the number of draws)}.
+  """
+  tokens = np.asarray(tokens, dtype=np.int32)
+  n = len(tokens)
+  inputs = tokens.copy()
+  weights = np.zeros(n, dtype=np.float32)
+  if n:
+    num = max(1, int(np.rint(np.float32(n) * np.float32(mask_rate))))
+    if max_predictions is not None:
+      num = max(1, min(num, max_predictions))
+    positions = rng.integers(0, n, size=num)
+    shows_mask = rng.random(num) < mask_token_fraction
+    inputs[positions[shows_mask]] = mask_id
+    weights = np.bincount(positions, minlength=n).astype(np.float32)
+  return {"inputs": inputs, "targets": tokens, "mlm_weights": weights}
+
+
 class ElectraMasking(mlm.MaskedLanguageModeling):
-  """ELECTRA's input masking: BERT's selection, every chosen token -> [MASK] (§2).
+  """ELECTRA's input masking.
+
+  Rule 'released' (default), google-research/electra's `pretrain_helpers.mask`
+  (see `released_masking`): round(mask_rate·n) draws with replacement, each
+  showing [MASK] with probability 0.85 (else the original token);
+  `mlm_weights` counts the draws of each position. Rule 'paper', §2's
+  x^masked = REPLACE(x, m, [MASK]): round(mask_rate·n) distinct positions,
+  all [MASK] (BERT's selection with mask_token_fraction = 1).
+
+  One detail of the released code is not reproduced: for a position drawn
+  twice it writes the floor of the mean of the generator's two sampled ids
+  into the discriminator's input (`scatter_update` divides the summed ids
+  by the count), an artefact; `ElectraModel` samples one token per position.
 
   Args:
     mask_rate: fraction of tokens masked (ELECTRA: 0.15 for Small and Base,
       0.25 for Large, Appendix A Table 6).
+    rule: 'released' or 'paper' (see above).
+    mask_token_fraction: rule 'released': the probability that a draw shows
+      [MASK] (0.85 in the released code).
+    max_predictions: rule 'released': the cap on the draws per sequence (the
+      released `max_predictions_per_seq`); None: int((mask_rate + 0.005) x
+      TASK_FEATURE_LENGTHS['inputs']) as its `configure_pretraining.py` sets
+      it, once `raw_length` has seen the lengths (no cap before: a
+      standalone `transform`). It binds only below 100 tokens.
     mask_id, num_reserved_ids: as in `mlm.MaskedLanguageModeling` ([MASK] is
       `vocab_size - 1`, `<extra_id_0>`, by default).
   """
 
   name = "electra"
 
-  def __init__(self, mask_rate: float = 0.15, mask_id: int | None = None,
-               num_reserved_ids: int = 100):
-    super().__init__(mask_rate=mask_rate, mask_token_fraction=1.0, random_token_fraction=0.0,
-                     mask_id=mask_id, num_reserved_ids=num_reserved_ids)
+  def __init__(self, mask_rate: float = 0.15, rule: str = "released",
+               mask_token_fraction: float = 0.85, max_predictions: int | None = None,
+               mask_id: int | None = None, num_reserved_ids: int = 100):
+    if rule not in MASKING_RULES:
+      raise ValueError(f"ElectraMasking rule must be one of {MASKING_RULES}, got {rule!r}")
+    if max_predictions is not None and max_predictions < 1:
+      raise ValueError(f"max_predictions must be >= 1, got {max_predictions}")
+    super().__init__(mask_rate=mask_rate,
+                     mask_token_fraction=mask_token_fraction if rule == "released" else 1.0,
+                     random_token_fraction=0.0, mask_id=mask_id,
+                     num_reserved_ids=num_reserved_ids)
+    self.rule = rule
+    self.max_predictions = max_predictions
+    self._max_predictions = max_predictions
+
+  def raw_length(self, feature_lengths: Mapping[str, int]) -> int:
+    length = super().raw_length(feature_lengths)
+    if self.max_predictions is None:
+      # configure_pretraining.py: max_predictions_per_seq = int((mask_prob + 0.005) * L).
+      self._max_predictions = max(1, int((self.mask_rate + 0.005) * length))
+    return length
+
+  def transform(self, tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
+                eos_id: int) -> dict[str, np.ndarray]:
+    """tokens: int [n] -> {'inputs' int32 [n], 'targets' int32 [n], 'mlm_weights' float32 [n]}."""
+    if self.rule == "paper":
+      return super().transform(tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
+    return released_masking(tokens, rng, mask_rate=self.mask_rate,
+                            mask_token_fraction=self.mask_token_fraction,
+                            max_predictions=self._max_predictions,
+                            mask_id=self.mask_token_id(vocab_size))
 
 
 class ElectraNetwork(nn.Module):
@@ -141,9 +244,10 @@ class ElectraModel:
 
   Batches come from the `encoder` feature converter (`ElectraMasking`):
   `encoder_input_tokens` (x^masked), `encoder_target_tokens` (x),
-  `mlm_weights` (1 on m), optional `encoder_segment_ids` / `encoder_positions`.
+  `mlm_weights` (> 0 on m: the draws of each masked position, 1 with the
+  paper's rule), optional `encoder_segment_ids` / `encoder_positions`.
 
-  Loss and statistics. With M = Σ mlm_weights (masked tokens), N the
+  Loss and statistics. With M = Σ mlm_weights (masked draws), N the
   non-padding tokens, gen_sum the summed generator cross entropy over the
   masked positions and disc_sum the summed sigmoid cross entropy over the N
   positions, the paper's loss over a batch is
@@ -282,8 +386,8 @@ class ElectraModel:
   def metrics(self, sums: Mapping[str, Array]) -> dict[str, Array]:
     """Reported metrics from `loss_fn` statistics summed over batches.
 
-    `loss` (loss_sum / masked tokens), `generator_loss` and
-    `generator_accuracy` (per masked token), `discriminator_loss`,
+    `loss` (loss_sum / masked draws), `generator_loss` and
+    `generator_accuracy` (per masked draw), `discriminator_loss`,
     `discriminator_accuracy` and `replaced_fraction` (per non-padding
     token), `accuracy` (= discriminator_accuracy) and `z_loss` (0).
     """

@@ -14,6 +14,10 @@ its sentinel. Sentinels count down from the top of the vocabulary
 The layout of spans follows T5's `random_spans_noise_mask`: the sequence
 alternates non-noise / noise spans, starts with non-noise, ends with noise,
 and span lengths are random partitions of the noise and non-noise counts.
+The counts are T5's too, computed as its TensorFlow code does, in float32
+with round-half-to-even (`noise_counts`): float64 would round differently
+where L·r lands on a half (L = 190, r = 0.15: 28.5 in float32, 28.4999... in
+float64), one noise token and one span fewer than T5.
 """
 from __future__ import annotations
 
@@ -22,6 +26,21 @@ from collections.abc import Mapping
 import numpy as np
 
 from t5xlike.objectives import base
+
+
+def noise_counts(length: int, noise_density: float,
+                 mean_noise_span_length: float) -> tuple[int, int]:
+  """(noise tokens, noise spans) of a sequence of `length` tokens, as T5's
+  `random_spans_noise_mask` counts them (t5/data/preprocessors.py):
+  round(float32(length) * r), clamped to [1, length - 1], and
+  round(float32(noise) / μ), at least 1; `tf.round` rounds half to even, as
+  `np.rint` does. `length` below 2 counts as 2 (T5's degeneracy guard).
+  """
+  length = max(int(length), 2)
+  num_noise = int(np.rint(np.float32(length) * np.float32(noise_density)))
+  num_noise = min(max(num_noise, 1), length - 1)
+  num_spans = int(np.rint(np.float32(num_noise) / np.float32(mean_noise_span_length)))
+  return num_noise, max(num_spans, 1)
 
 
 def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
@@ -33,13 +52,12 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
   (568, 114) and 128 -> (141, 29) with the defaults.
   """
   def lengths(tokens_length):
-    # As `random_spans_noise_mask` counts them: at least one noise token and
-    # one span (T5's helper omits the latter, which lets a μ much longer than
-    # the noise overflow the inputs by one sentinel).
-    num_noise = min(max(int(round(tokens_length * noise_density)), 1), tokens_length - 1)
-    num_nonnoise = tokens_length - num_noise
-    num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
-    return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
+    # Counted exactly as the mask counts them (`noise_counts`): at least one
+    # span (T5's helper omits that, which lets a μ much longer than the noise
+    # overflow the inputs by one sentinel) and float32 rounding (T5's helper
+    # rounds in float64: where the two differ, T5's targets can outgrow the helper's length).
+    num_noise, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
   if inputs_length < 3:
     raise ValueError(f"inputs length {inputs_length} is too short for span corruption")
@@ -68,9 +86,7 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
   """Boolean mask [length]: True where the token is noise (T5's algorithm)."""
   orig_length = length
   length = max(length, 2)
-  num_noise = int(round(length * noise_density))
-  num_noise = min(max(num_noise, 1), length - 1)
-  num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+  num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
   num_nonnoise = length - num_noise
   noise_lengths = _random_segmentation(num_noise, num_spans, rng)
   nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, rng)

@@ -1,10 +1,8 @@
 """UL2's mixture of denoisers (Tay et al. 2022, "UL2: Unifying Language
 Learning Paradigms"), in NumPy.
 
-Each example is turned into inputs/targets by one denoiser of a table,
-drawn with the table's mixing rates from the example's own seeded RNG (so a
-seed fixes the whole mixture, and a resumed run replays it). The denoisers
-(§3.1.2, "Mixture of Denoisers"):
+Each example is turned into inputs/targets by one denoiser of a table. The
+denoisers (§3.1.2, "Mixture of Denoisers"):
 
 - R-denoisers, regular span corruption as in T5: (μ=3, r=0.15), (μ=8, r=0.15);
 - X-denoisers, extreme: long spans and/or high corruption: (μ=3, r=0.5),
@@ -20,20 +18,40 @@ each denoiser's paradigm token is prepended to its inputs, `[NLU]` for R,
 The reference implementation samples the denoisers uniformly (`rates=None`),
 which is the default here; every rate is configurable.
 
-Lengths, as the reference implementation (Appendix 9.2) computes them: each
-span denoiser takes the longest chunk whose corrupted inputs (paradigm
-tokens included) fit `TASK_FEATURE_LENGTHS['inputs']` (T5's
-`random_spans_helper`), and its targets must fit `targets`; the S-denoiser
-takes `inputs - 1` tokens (T5's `prefix_lm`). The data pipeline cuts chunks
-of the longest of these lengths and each denoiser uses the first tokens of
-its chunk (its own length), so every example is independent of the others.
+Lengths. As in the reference implementation (Appendix 9.2), each span
+denoiser takes the longest chunk whose corrupted inputs fit
+`TASK_FEATURE_LENGTHS['inputs']` (T5's `random_spans_helper`) and its
+targets must fit `targets`; the S-denoiser takes `inputs - 1` tokens (T5's
+`prefix_lm`). Unlike the reference, the paradigm tokens count: the
+reference computes the lengths for the bare inputs and prepends the prompt
+afterwards, so its inputs overflow `inputs` by the prompt's length (and are
+truncated by the feature converter); here each denoiser's budget is
+`inputs` minus its prompt, so nothing is cut.
+
+Chunks, as the reference does it (`ul2_objective` shards the concatenated
+stream and `split_tokens` each shard at its own denoiser's length): the
+feeds cut the token stream into chunks of each denoiser's own length, in a
+fixed cycle (`chunk_lengths`, `denoiser_cycle`) where denoiser k holds a
+share of the slots equal to its rate, and `transform_chunk` denoises chunk
+i with the denoiser of its slot. Every corpus token is in exactly one
+example per epoch, the share of examples per denoiser is its rate (exactly,
+over each cycle), and chunk i's denoiser depends on i alone, so the
+pipeline stays a deterministic, resumable function of (seed, position) (the
+global shuffle mixes the denoisers). The reference's shards are equal
+shares of the tokens sampled at the rates; ours give each denoiser rate x
+length of the tokens, so that the shares of one epoch end together.
+`transform` alone (outside the feeds) draws the denoiser from the
+example's RNG by the rates and uses the first tokens of its length.
 
 A note on μ large compared with the chunk: with μ=64, r=0.15 and a chunk of
 ~150 tokens there are round(22 / 64) = 0 -> 1 span per example, so the
 measured mean span length is the whole noise count (~22), not 64: T5's
 algorithm (and UL2's) never makes fewer than one span or spans longer than
 the noise. `expected_mean_span_length` gives the value the algorithm can
-achieve for a chunk length.
+achieve for a chunk length. With a single span the mask is one run of
+non-noise then one of noise, so X(μ=64, r=0.15) at the usual lengths
+predicts the last 15% of its chunk (a suffix), as the reference does
+(T5's mask with `random_roll=False`).
 """
 from __future__ import annotations
 
@@ -55,7 +73,7 @@ class Denoiser:
   Attributes:
     name: its name in logs and `inspect_data` rows.
     paradigm: the paradigm token prepended to the inputs ('' for none).
-    rate: mixing rate (normalised over the table).
+    rate: mixing rate, the share of the examples (normalised over the table).
     mean_noise_span_length: μ of a span-corruption denoiser; None for the
       S-denoiser (prefix LM).
     noise_density: r, the corrupted fraction (for prefix LM: the expected
@@ -90,9 +108,41 @@ DEFAULT_DENOISERS: tuple[Denoiser, ...] = (
 def expected_mean_span_length(length: int, noise_density: float,
                               mean_noise_span_length: float) -> float:
   """The mean span length T5's `random_spans_noise_mask` produces on `length` tokens:
-  noise tokens / max(1, round(noise tokens / μ))."""
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-  return num_noise / max(int(round(num_noise / mean_noise_span_length)), 1)
+  noise tokens / spans, counted as the mask counts them (`span_corruption.noise_counts`)."""
+  num_noise, num_spans = span_corruption.noise_counts(length, noise_density,
+                                                      mean_noise_span_length)
+  return num_noise / num_spans
+
+
+#: The most chunk slots of one cycle of `denoiser_cycle` (rates are approximated to 1/1000).
+MAX_CYCLE = 1000
+
+
+def denoiser_cycle(rates: Sequence[float]) -> tuple[int, ...]:
+  """The denoiser of each chunk slot of one cycle (the feeds repeat it over the stream).
+
+  Denoiser k gets n_k = rate_k x M of the M slots, M the smallest cycle that
+  holds the normalised rates exactly (7 slots for 7 equal rates, 10 for
+  0.5 / 0.3 / 0.2), or M = `MAX_CYCLE` with the counts rounded by largest
+  remainder. A denoiser's slots are spread evenly: slot j of denoiser k sits
+  at (j + 1/2) / n_k of the cycle (ties in table order). Raises ValueError
+  for a positive rate below 1/2 of 1/`MAX_CYCLE` of the total (no slot).
+  """
+  p = np.asarray(rates, dtype=np.float64)
+  p = p / p.sum()
+  for size in range(1, MAX_CYCLE + 1):
+    counts = np.rint(p * size)
+    if np.abs(p * size - counts).max() < 1e-6:
+      break
+  else:
+    counts = np.floor(p * MAX_CYCLE)
+    rest = int(MAX_CYCLE - counts.sum())
+    counts[np.argsort(-(p * MAX_CYCLE - counts), kind="stable")[:rest]] += 1
+  if np.any((p > 0) & (counts == 0)):
+    raise ValueError(f"denoiser rates {p.tolist()} include one below 1/{2 * MAX_CYCLE} of the "
+                     "total: it would never be used")
+  slots = sorted(((j + 0.5) / n, k) for k, n in enumerate(counts.astype(int)) for j in range(n))
+  return tuple(k for _, k in slots)
 
 
 def _as_denoiser(row: Denoiser | Mapping[str, Any]) -> Denoiser:
@@ -130,6 +180,8 @@ class UL2(base.Objective):
     if (rates < 0).any() or rates.sum() <= 0:
       raise ValueError(f"denoiser rates must be >= 0 with a positive sum, got {rates.tolist()}")
     self.rates = rates / rates.sum()
+    #: The denoiser of each chunk slot (`denoiser_cycle`).
+    self.cycle = denoiser_cycle(self.rates)
     self.paradigm_tokens = paradigm_tokens
     # `d.is_prefix_lm`, written as the test on μ so that the type checker knows μ is a
     # float in the span-corruption branch.
@@ -189,17 +241,35 @@ class UL2(base.Objective):
     return out
 
   def raw_length(self, feature_lengths: Mapping[str, int]) -> int:
+    """The longest denoiser's chunk length (the feeds cut each denoiser's chunks at its
+    own length: `chunk_lengths`)."""
     self._raw_lengths = self.denoiser_raw_lengths(feature_lengths)
     return max(self._raw_lengths)
 
+  def chunk_lengths(self, feature_lengths: Mapping[str, int]) -> tuple[int, ...]:
+    """One cycle of chunks: slot s has the length of its denoiser `cycle[s]`."""
+    self.raw_length(feature_lengths)
+    return tuple(self._denoiser_raw_length(k) for k in self.cycle)
+
   # -- per example ------------------------------------------------------------
   def choose(self, rng: np.random.Generator) -> int:
-    """The denoiser index of an example (its first draw from the example's RNG)."""
+    """The denoiser index of a standalone example (its first draw from the example's RNG)."""
     return int(rng.choice(len(self.denoisers), p=self.rates))
+
+  def transform_chunk(self, tokens: np.ndarray, slot: int, rng: np.random.Generator, *,
+                      vocab_size: int, eos_id: int) -> dict[str, np.ndarray]:
+    """A chunk the feeds cut at slot `slot` of the cycle: its denoiser `cycle[slot]`
+    denoises all of it."""
+    return self._denoise(self.cycle[slot], tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
 
   def transform(self, tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
                 eos_id: int) -> dict[str, np.ndarray]:
-    k = self.choose(rng)
+    """A standalone example: the denoiser is drawn from `rng` by the rates and uses the
+    first tokens of its own length."""
+    return self._denoise(self.choose(rng), tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
+
+  def _denoise(self, k: int, tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
+               eos_id: int) -> dict[str, np.ndarray]:
     tokens = np.asarray(tokens, dtype=np.int32)[:self._denoiser_raw_length(k)]
     features = self._objectives[k].transform(tokens, rng, vocab_size=vocab_size, eos_id=eos_id)
     features["inputs"] = np.concatenate([self._paradigm(k), features["inputs"]]).astype(np.int32)

@@ -26,8 +26,10 @@ def validate(args: argparse.Namespace) -> None:
   """Checks the flags and paths before anything is read or written (ConfigError)."""
   if args.source == args.target:
     raise errors.ConfigError(f"--from and --to are both {args.source}")
-  if not pathlib.Path(args.checkpoint).is_dir():
-    raise errors.ConfigError(f"--checkpoint={args.checkpoint}: no such directory")
+  checkpoint = pathlib.Path(args.checkpoint)
+  if not checkpoint.is_dir():
+    raise errors.ConfigError(f"--checkpoint={args.checkpoint}: "
+                             f"{'not a directory' if checkpoint.exists() else 'no such directory'}")
   output = pathlib.Path(args.output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise errors.ConfigError(f"--output={args.output} exists and is not empty")
@@ -68,17 +70,24 @@ def load_source(args) -> tuple[Any, dict, Any]:
       vocabulary = output_dir.Vocabulary(
           args.vocabulary, output_dir.t5_extra_ids(args.vocabulary, network_config.vocab_size))
   else:
-    gin_files = list(args.gin_file)
+    checkpoint, beside = output_dir.locate(args.checkpoint)
+    gin_files = list(args.gin_file) or ([str(beside)] if beside else [])
     if not gin_files:
-      beside = pathlib.Path(args.checkpoint).resolve().parent / output_dir.MODEL_GIN
-      if not beside.is_file():
-        raise errors.ConfigError(f"--from=t5xlike needs the model gin: --gin_file=... "
-                                 f"(no {beside})")
-      gin_files = [str(beside)]
-    gin_config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths)
+      raise errors.ConfigError(
+          f"--from=t5xlike needs the model gin: --gin_file=..., or {output_dir.MODEL_GIN} "
+          f"(a convert output) or {output_dir.RUN_CONFIG_GIN} (a training run) beside "
+          f"--checkpoint={args.checkpoint}")
+    # A run's operative config binds the whole run: its modules that this process cannot
+    # import (the run's own task or objective code) are skipped; MODEL needs none of them.
+    operative = not args.gin_file and beside is not None and (
+        beside.name == output_dir.RUN_CONFIG_GIN)
+    if operative:
+      log.info("the model of %s", beside)
+    gin_config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths,
+                         skip_unknown=operative)
     model = output_dir.configured_model()
     network_config = model.network.config
-    flat = output_dir.read_params(args.checkpoint, network_config)
+    flat = output_dir.read_params(checkpoint, network_config)
     flat = dict(_logged(flat.items(), dtypes))
     vocabulary = output_dir.sentencepiece_file(model.vocabulary)
     if args.vocabulary:

@@ -83,14 +83,18 @@ def plan_evaluation(*, model: interfaces.DecodingModel, checkpoint_path: str | N
   if not data.mixture_or_task_name:
     raise errors.ConfigError("MIXTURE_OR_TASK_NAME is not set")
   partitioner = partitioning.partitioner()
+  evaluator = InferenceEvaluator(
+      data.mixture_or_task_name, data.task_feature_lengths, data.batch_size,
+      split=data.split, max_examples=max_examples, decoding_config=decoding_config,
+      max_decode_length=max_decode_length, use_cached_tasks=data.use_cached_tasks,
+      task_cache_dir=data.task_cache_dir, mixture_or_task_module=data.mixture_or_task_module)
   try:
-    evaluator = InferenceEvaluator(
-        data.mixture_or_task_name, data.task_feature_lengths, data.batch_size,
-        split=data.split, max_examples=max_examples, decoding_config=decoding_config,
-        max_decode_length=max_decode_length, use_cached_tasks=data.use_cached_tasks,
-        task_cache_dir=data.task_cache_dir, mixture_or_task_module=data.mixture_or_task_module)
+    evaluator.prepare()
   except ValueError as error:
-    raise errors.ConfigError(errors.one_line(error)) from None
+    raise errors.ConfigError(f"MIXTURE_OR_TASK_NAME: {errors.one_line(error)}") from None
+  if not evaluator.tasks:
+    raise errors.ConfigError(f"MIXTURE_OR_TASK_NAME={data.mixture_or_task_name!r}: no task of "
+                             f"it has metric functions: nothing to evaluate")
   model, params, step = checkpoint_loading.load_model_checkpoint(
       model, checkpoint_path, data.task_feature_lengths, partitioner)
   return EvalPlan(evaluator=evaluator, model=model, params=params, step=step,

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from t5xlike import checkpoints, errors, interfaces, partitioning
-from t5xlike.data import batch_shapes, pipeline, seqio_tasks, task_examples
+from t5xlike.data import batch_shapes, feed_steps, pipeline, task_examples
 from t5xlike.objectives.base import Objective
 from t5xlike.runs import run_config
 from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
@@ -108,7 +108,10 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   `partitioning`) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
-  import_task_module(data.mixture_or_task_module)
+  # Checks that read no data come first: a typo is reported in a second, not after the
+  # pipeline has loaded its examples.
+  _check_task_and_lengths(data, objective, model.feature_converter)
+  _check_starting_point(model_dir, train_steps, checkpointing)
   partitioner = partitioning_config.partitioner()
   errors.require_int("num_microbatches", optimizer.num_microbatches)
   if data.batch_size % (partitioner.data_parallel_size * optimizer.num_microbatches):
@@ -120,12 +123,7 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                                 partitioner, num_microbatches=optimizer.num_microbatches,
                                 finetuning=finetuning, skip_nonfinite=nan_policy.skip_in_step,
                                 fault_hooks=fault_hooks)
-  # The train step compiles in threads while the pipeline starts (shapes from the lengths);
-  # a mistyped task name is reported first, without waiting for a compilation.
-  task_name = data.mixture_or_task_name
-  if not task_name:
-    raise errors.ConfigError("MIXTURE_OR_TASK_NAME is not set")
-  validated(lambda: seqio_tasks.get_task(task_name), "training data")
+  # The train step compiles in threads while the pipeline starts (shapes from the lengths).
   _start_compile(trainer, model.feature_converter, data, init=not (
       checkpointing.initial_checkpoint_path or checkpoints.step_dirs(model_dir)))
   try:
@@ -157,19 +155,20 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
     make_eval_feed = lambda: pipeline.make_feed(
         name, evaluation.split, data.task_feature_lengths, data.batch_size, objective,
         seed=random_seed, num_epochs=1, shuffle=False, **feed_args)
-  initial = checkpointing.initial_checkpoint_path
-  if initial:
-    validated(lambda: checkpoints.validate_step_dir(initial), "INITIAL_CHECKPOINT_PATH")
-  elif checkpointing.require_initial_checkpoint:
-    raise errors.ConfigError(
-        "this config starts from a checkpoint: pass "
-        "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
+    with validated(make_eval_feed, "evaluation data") as eval_feed:  # A full batch at least.
+      validated(lambda: _first_batch(eval_feed),
+                f"evaluation data (or set EVAL_PERIOD=None; the {evaluation.split!r} split)")
+    if evaluation.inference_evaluator is not None:  # Read now: its tasks are checked too.
+      validated(evaluation.inference_evaluator.prepare,
+                f"the evaluation's tasks ({evaluation.inference_evaluator.mixture_or_task_name!r}"
+                f"; set EVAL_MIXTURE_OR_TASK_NAME in runs/finetune.gin)")
   example_batch = validated(lambda: _first_batch(train_feed), "training data")
   # The fine-tuning technique meets the parameter tree here (bad groups...).
   state_plan = validated(lambda: trainer.state_plan(example_batch),
                          f"finetuning={finetuning!r}" if finetuning else "model")
-  if initial:
-    _check_initial_checkpoint(initial, state_plan.abstract_state.params)
+  if checkpointing.initial_checkpoint_path:
+    _check_initial_checkpoint(checkpointing.initial_checkpoint_path,
+                              state_plan.abstract_state.params)
   _check_resumable(model_dir, state_plan.abstract_state.params)
   return TrainPlan(model=model, model_dir=model_dir, train_steps=train_steps,
                    random_seed=random_seed, data=data, evaluation=evaluation,
@@ -177,6 +176,44 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
                    partitioner=partitioner, trainer=trainer, loop=loop, train_feed=train_feed,
                    make_eval_feed=make_eval_feed, example_batch=example_batch,
                    state_plan=state_plan)
+
+
+def _check_task_and_lengths(data: run_config.DataConfig, objective: Objective | None,
+                            converter: str) -> None:
+  """MIXTURE_OR_TASK_MODULE imports, MIXTURE_OR_TASK_NAME is registered, and each of its
+  tasks fits TASK_FEATURE_LENGTHS under the objective (no example is read)."""
+  import_task_module(data.mixture_or_task_module)
+  name = data.mixture_or_task_name
+  if not name:
+    raise errors.ConfigError("MIXTURE_OR_TASK_NAME is not set")
+  tasks = validated(lambda: task_examples.leaf_tasks(name), "MIXTURE_OR_TASK_NAME")
+  for task in tasks:
+    try:
+      feed_steps.prepare_objective(task, objective, data.task_feature_lengths, converter)
+    except ValueError as error:
+      raise errors.ConfigError(f"task {task.name!r}: {errors.one_line(error)}") from None
+
+
+def _check_starting_point(model_dir: str, train_steps: int,
+                          checkpointing: run_config.CheckpointConfig) -> None:
+  """INITIAL_CHECKPOINT_PATH is a step directory (or required and missing), and a new run
+  from it has steps to train: TRAIN_STEPS is the total, counted from its step."""
+  initial = checkpointing.initial_checkpoint_path
+  if not initial:
+    if checkpointing.require_initial_checkpoint:
+      raise errors.ConfigError(
+          "this config starts from a checkpoint: pass "
+          "--gin.INITIAL_CHECKPOINT_PATH=<MODEL_DIR of the run>/checkpoint_<N>")
+    return
+  validated(lambda: checkpoints.validate_step_dir(initial), "INITIAL_CHECKPOINT_PATH")
+  if checkpoints.step_dirs(model_dir):
+    return  # A resume: MODEL_DIR's own newest checkpoint counts, not INITIAL_CHECKPOINT_PATH.
+  start = int(validated(lambda: checkpoints.restore_step(initial), "INITIAL_CHECKPOINT_PATH"))
+  if train_steps <= start:
+    raise errors.ConfigError(
+        f"TRAIN_STEPS={train_steps} is the total step count, and INITIAL_CHECKPOINT_PATH is "
+        f"at step {start}: nothing to train (for {train_steps} more steps pass "
+        f"--gin.TRAIN_STEPS={start + train_steps})")
 
 
 def _checked_model_dir(model_dir: str) -> str:

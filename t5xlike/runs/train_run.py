@@ -21,13 +21,12 @@ from etils import epath
 from t5xlike import checkpoints, flops, interfaces, metrics
 from t5xlike.cli import entry
 from t5xlike.data import feature_converters
-from t5xlike.finetuning import selection
 from t5xlike.objectives.base import Objective
-from t5xlike.runs import initial_state, run_config
+from t5xlike.runs import initial_state, run_config, startup_report
 from t5xlike.runs.train_plan import TrainPlan, plan_training
 from t5xlike.training import loop, nan_policy as nan_policy_lib, preemption
 from t5xlike.training.fault_hooks import FaultHooks
-from t5xlike.training.train_state import TrainState, parameter_summary
+from t5xlike.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,15 @@ def execute(plan: TrainPlan) -> TrainState:
     plan.train_feed.close()
     raise
   start = int(jax.device_get(state.step))
-  _log_startup(plan, state, start)
+  summary = startup_report.log_summary(plan, start)
+  flop_accounting = _flop_accounting(plan)  # (on CPU, a measured matmul: after the summary)
+  startup_report.write_plan(plan, start, summary, flop_accounting, verbose=entry.verbose())
   if start >= plan.train_steps:
     log.info("already at step %d >= TRAIN_STEPS=%d: nothing to train", start, plan.train_steps)
     plan.train_feed.close()
     checkpointer.close()
     return state
-  state = _train(plan, state, start, checkpointer, model_dir)
+  state = _train(plan, state, start, checkpointer, model_dir, flop_accounting)
   log.info("done: step %d, checkpoint %s", plan.train_steps,
            checkpoints.step_dir(model_dir, plan.train_steps))
   _write_exports(plan, state.params, model_dir)
@@ -111,18 +112,23 @@ def execute(plan: TrainPlan) -> TrainState:
 
 
 def _train(plan: TrainPlan, state: TrainState, start: int,
-           checkpointer: checkpoints.Checkpointer,
-           model_dir: epath.Path) -> TrainState:
+           checkpointer: checkpoints.Checkpointer, model_dir: epath.Path,
+           flop_accounting: flops.Accounting | None) -> TrainState:
   """The training loop from `start` to TRAIN_STEPS, rolled back to the last checkpoint
-  when the NaN policy asks; closes the feed, the writer and the checkpointer."""
+  when the NaN policy asks; closes the feed, the writer and the checkpointer.
+
+  Args:
+    plan: the validated run.
+    state: the state to train from.
+    start: its step.
+    checkpointer: MODEL_DIR's checkpoints.
+    model_dir: MODEL_DIR.
+    flop_accounting: the mfu fields of train.jsonl (None: no FLOP formula).
+  """
   writer = metrics.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   writer.rewind(start)  # Rows of steps after the restored checkpoint are re-run.
-  batch = plan.example_batch
-  tokens_per_batch = feature_converters.tokens_per_batch(batch) * jax.process_count()
-  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
-                                           v.dtype) for k, v in batch.items()}
-  flop_accounting = flops.accounting(plan.model, global_shapes,
-                                     dtype=_activation_dtype(plan.model))
+  tokens_per_batch = (feature_converters.tokens_per_batch(plan.example_batch)
+                      * jax.process_count())
   watch = nan_policy_lib.NonFiniteWatch(plan.nan_policy, writer.write_train)
   run_eval = (lambda step, params: _evaluate(plan, step, params, model_dir)
               ) if plan.make_eval_feed else None
@@ -174,27 +180,15 @@ def _write_exports(plan: TrainPlan, params: Any, model_dir: epath.Path) -> None:
       log.info("finetuning export: %s", where)
 
 
+def _flop_accounting(plan: TrainPlan) -> flops.Accounting | None:
+  """FLOPs per global step of the model and the peak per device (CPU: measured)."""
+  batch = plan.example_batch
+  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
+                                           v.dtype) for k, v in batch.items()}
+  return flops.accounting(plan.model, global_shapes, dtype=_activation_dtype(plan.model))
+
+
 def _activation_dtype(model: interfaces.Model) -> str:
   """The network's activation dtype name ('float32' for a model of several networks)."""
   config = flops.network_config(model)
   return "float32" if config is None else str(config.dtype)
-
-
-def _log_startup(plan: TrainPlan, state: TrainState, start: int) -> None:
-  """Devices, parameter counts, the fine-tuning technique, the partitioning plan, the task."""
-  feed, boxed_params = plan.train_feed, plan.state_plan.boxed_params
-  log.info("devices: %d x %s (%d process(es)); %s", jax.device_count(),
-           jax.devices()[0].device_kind, jax.process_count(), plan.partitioner.describe())
-  for module, count in parameter_summary(state.params):
-    log.info("  params %-32s %12s", module, f"{count:,}")
-  if plan.finetuning is not None:
-    for line in plan.finetuning.describe(boxed_params):
-      log.info("finetuning: %s", line)
-  trainable, total = selection.count(boxed_params, plan.state_plan.trainable)
-  log.info("trainable parameters: %s of %s (%.1f%%)", f"{trainable:,}", f"{total:,}",
-           100.0 * trainable / max(total, 1))
-  log.info("partitioning plan (parameter, logical axes, mesh axes, global -> per-device shape):")
-  for line in plan.partitioner.plan(boxed_params, plan.abstract_state):
-    log.info("  %s", line)
-  log.info("task %s: feature lengths %s, global batch %d; steps %d -> %d",
-           feed.task.name, feed.feature_lengths, feed.batch_size, start, plan.train_steps)
