@@ -19,17 +19,25 @@ Prints a table (per-chip bytes of parameters, optimizer state, batch,
 temporaries and outputs against the chip's HBM; model and compiler FLOPs;
 the cost model's estimated step time with the tokens/s/chip and MFU it
 implies; collectives per step; compile time) and one JSON line (`--json`:
-the line alone); `--dump_hlo=FILE` also writes the optimised HLO text. The
-step time is the compiler cost model's estimate (TPU) or a roofline (GPU),
-never a measurement. Exit codes: 0 reported (also when
-the step does not fit: the report says so), 2 bad input (unknown topology,
-a mesh that does not match the chips, compiler not installed), 1 the
-compiler refused the step.
+the line alone on stdout, the progress log on stderr); `--dump_hlo=FILE`
+also writes the optimised HLO text. The step time is the compiler cost
+model's estimate (TPU) or a roofline (GPU), never a measurement. Exit codes:
+0 reported (also when the step does not fit: the report says so), 2 bad
+input (unknown topology, a mesh that does not match the chips, compiler not
+installed), 1 the compiler refused the step.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+
+def _log_to_stderr() -> None:
+  """Moves the log handlers that write to stdout (`cli.entry`'s) to stderr."""
+  for handler in logging.getLogger().handlers:
+    if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+      handler.setStream(sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from t5xlike.runs import compile_run  # noqa: PLC0415  (JAX, the model: after the flags)
     if not args.topology:
       raise errors.ConfigError("--topology is required (e.g. v4-256, v5p:4x4x4, h100-8)")
+    if args.json:  # stdout holds the JSON line alone; progress goes to stderr
+      _log_to_stderr()
     report = compile_run.compile_step(args.topology, args.num_slices, args.dump_hlo)
     compile_run.print_report(report, as_json=args.json)
 
