@@ -1,6 +1,10 @@
-"""t5xlike.aot.targets (accelerator names -> slices) and t5xlike.aot.hlo_stats (collectives
-and kernels per step in optimised HLO text): pure Python, no compiler; and
-scripts/gpu_mfu.py's refusal of a machine without an H100 / H200."""
+"""t5xlike.aot.targets (accelerator names -> slices), t5xlike.aot.hlo_stats (collectives
+and kernels per step in optimised HLO text) and the figures of t5xlike.aot.step_report that
+need no compiled step: no compiler; scripts/gpu_mfu.py's refusal of a machine without an
+H100 / H200 and scripts/scale_table.py's table."""
+import dataclasses
+import importlib.util
+import json
 import math
 import pathlib
 import subprocess
@@ -8,7 +12,8 @@ import sys
 
 import pytest
 
-from t5xlike.aot import hlo_stats, targets
+from t5xlike.aot import hlo_stats, step_report, targets
+from t5xlike.aot.targets import GIB
 
 
 @pytest.mark.parametrize("name,chip,shape", [
@@ -174,3 +179,82 @@ def test_gpu_mfu_script_refuses_a_machine_without_an_h100_in_one_line():
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and "needs an NVIDIA H100 or H200" in lines[0]
   assert result.stdout == ""
+
+
+def _figures(**changes):
+  figures = step_report.StepFigures(
+      model_name="tiny", mesh={"data": 4}, dcn_mesh={}, rules="data_parallel",
+      batch_shapes={"decoder_target_tokens": (8, 128)}, tokens_per_step=1024,
+      num_microbatches=1, attention_impl="einsum", params_bytes=3 * GIB,
+      opt_state_bytes=GIB, batch_bytes=4096, model_flops=1e15, hardware_flops=1.25e15)
+  return dataclasses.replace(figures, **changes)
+
+
+def test_a_step_refused_for_memory_reports_the_compilers_temporaries():
+  """libtpu's RESOURCE_EXHAUSTED names the temporaries it needed; the report adds them to the
+  analytic arguments, says the step does not fit and gives no estimate."""
+  message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+             "memory space hbm. Used 140.03G of 15.75G hbm. Exceeded hbm capacity by "
+             "124.28G. Total hbm usage >= 140.28G: reserved 256.00M program 136.03G "
+             "arguments 4.00G. Output size 4.00G; shares 4.00G with arguments. Program hbm "
+             "requirement 136.03G: HLO temporaries (136.03G)")
+  target = targets.parse_target("v5e:2x2")
+  report = step_report.StepReport.refused_for_memory(
+      message, target, _figures(), device_kind="TPU v5 lite", compile_seconds=1.0,
+      compile_cpu_seconds=1.0)
+  temp = int(136.03 * GIB)
+  assert report.memory["temp"] == temp
+  assert report.memory["total"] == 4 * GIB + 4096 + temp
+  assert report.memory["headroom"] == 16 * GIB - report.memory["total"]
+  assert not report.fits and report.step_seconds is None and report.mfu is None
+  row = json.loads(report.json_line())
+  assert row["out_of_memory"] is True and row["estimated_mfu"] is None
+  table = report.table()
+  assert "DOES NOT FIT" in table and "refused" in table.splitlines()[0]
+
+
+def test_mfu_and_tokens_per_second_follow_from_the_estimated_step():
+  """MFU = model FLOPs / (step seconds x chips x peak): the remat FLOPs do not count."""
+  target = targets.parse_target("v5p-8")   # 4 chips of 459 TFLOP/s
+  report = dataclasses.replace(
+      step_report.StepReport.refused_for_memory(
+          "RESOURCE_EXHAUSTED", target, _figures(), device_kind="TPU v5",
+          compile_seconds=0.0, compile_cpu_seconds=0.0),
+      out_of_memory=False, step_seconds=2.0)
+  assert report.mfu == pytest.approx(1e15 / (2.0 * 4 * 459e12))
+  assert report.tokens_per_second_per_chip == pytest.approx(1024 / 2.0 / 4)
+
+
+def _scale_table_script():
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "scale_table.py"
+  spec = importlib.util.spec_from_file_location("scale_table", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["scale_table"] = module   # its dataclass looks its module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_scale_table_marks_estimates_faster_than_the_cost_models_best_matmul(tmp_path):
+  script = _scale_table_script()
+  row = script.Row("tiny", "models/decoder/1b.gin", "v5p-8", 8, "{'targets': 128}",
+                   "{'fsdp': 4}", "fsdp")
+  fix = dataclasses.replace(row, remat="none", fixes="remat")
+
+  def report(step_s, compute_s):
+    return {"platform": "tpu", "bytes_per_chip": {"params": GIB, "opt_state": GIB,
+                                                  "total": 3 * GIB, "hbm": 95 * GIB},
+            "fits": True, "estimated_mfu": 0.5, "estimated_step_s": step_s,
+            "roofline_s": {"compute_s": compute_s, "hbm_s": 0.1, "collectives_s": 0.0},
+            "mosaic_kernels": 6, "attention_fallbacks": [], "collective_bytes_per_step": GIB,
+            "compile_s": 10.0, "compile_cpu_s": 5.0}
+
+  out = tmp_path / "table.md"
+  # 1.0 s of FLOPs at peak: 1.1 s is faster than 86% of peak allows, 1.2 s is not.
+  script.write_table([(row, report(1.1, 1.0)), (fix, report(1.2, 1.0)),
+                      (row, {"error": "timed out after 60 s"})], out)
+  lines = [line for line in out.read_text().splitlines() if line.startswith("| tiny")]
+  assert len(lines) == 3
+  assert "| 50.0% (too high: see below) |" in lines[0] and "| 1.00 (compute) |" in lines[0]
+  assert "(remat: fits the row above)" in lines[1] and "too high" not in lines[1]
+  assert "error: timed out after 60 s" in lines[2]
+  assert "## Reading the estimates" in out.read_text()

@@ -27,15 +27,19 @@ On TPUs the estimate is therefore scaled by `loop_expansion`, the ratio of
 libtpu's own per-kernel cycle estimates (`estimated_cycles` in the backend
 config of every kernel) summed with and without the trip counts
 (`hlo_stats`); the compiler's FLOPs and bytes are given as counted (loop
-bodies once) with that ratio. GPU: XLA's GPU compiler exposes no cost
-model, so the estimate is a roofline of ours: the largest of compute (the
-analytic FLOPs with rematerialisation at the chip's peak), HBM traffic
-(bytes accessed, scaled by the analytic over the counted FLOPs for the
-loops, at HBM bandwidth; without the fused cuDNN kernels' own traffic) and
-collectives (their bytes at NVLink bandwidth), i.e. perfect overlap. The
-same three terms are reported for TPUs (collectives at ICI bandwidth), to
-say where the time goes. Tokens per second per chip and MFU follow from the
-estimate and the analytic model FLOPs (`t5xlike.flops`).
+bodies once) with that ratio. The ratio holds where `optimal_seconds` follows
+the cycles (T5.1.1-XL cut to 4+4 layers on v5p-8: 1.4% from the unrolled
+program's figure); where libtpu overlaps much of the work outside the loops
+it under-scales them and the estimate comes out too fast (T5.1.1-XL and the
+8B decoder on v5p-128: docs/scale_table.md, "Reading the estimates").
+GPU: XLA's GPU compiler exposes no cost model, so the estimate is a roofline
+of ours: the largest of compute (the analytic FLOPs with rematerialisation at
+the chip's peak), HBM traffic (bytes accessed, scaled by the analytic over the
+counted FLOPs for the loops, at HBM bandwidth; without the fused cuDNN
+kernels' own traffic) and collectives (their bytes at NVLink bandwidth), i.e.
+perfect overlap. The same three terms are reported for TPUs (collectives at
+ICI bandwidth), to say where the time goes. Tokens per second per chip and MFU
+follow from the estimate and the analytic model FLOPs (`t5xlike.flops`).
 """
 from __future__ import annotations
 
