@@ -17,7 +17,8 @@ reads the same batch in the same step, and the loss per target token is
   Distillation of Large Language Models", §2.1), summed over the vocabulary
   at every scored target position;
 - L_rel (`SelfAttentionRelations`), MiniLM's deep self-attention
-  distillation (Wang et al. 2020, "MiniLM", §3.1, Eqs. 4-6): the last
+  distillation (Wang et al. 2020, "MiniLM", §3.1 attention distributions,
+  §3.2 value relations): the last
   layer's self-attention distributions and value relations of a stack
   (`encoder`: encoder-only and encoder-decoder models), KL(teacher ||
   student) averaged over relation heads and query positions,

@@ -12,16 +12,18 @@ The reference (`posttrain.frozen`): a frozen copy of the starting checkpoint
 in the same parameter tree (`reference/...`; INITIAL_CHECKPOINT_PATH, or
 `reference_checkpoint_path`), or, with `reference=None` and a loss that needs
 one, its log-likelihoods precomputed into the task
-(`reference_chosen_logp` / `reference_rejected_logp`, written once by
-`posttrain.reference_logps`), so that the run holds one model. Encoder-
+(`reference_chosen_logp` / `reference_rejected_logp`: a task that carries
+them; no command writes them yet), so that the run holds one model. Encoder-
 decoder (T5) and decoder-only (Llama-style, prefix-LM rows) policies alike:
 the model only calls the policy's `logits`.
 
 Statistics (summed over pairs, so gradient accumulation and evaluation add
 them up): the loss, chosen / rejected rewards (the loss's implicit rewards),
-their margin, the preference accuracy (`accuracy`: chosen reward > rejected reward),
-`logp_accuracy` (the policy's own log-likelihood, normalised as the loss's,
-prefers the chosen completion: meaningful at step 0 too), the completions'
+their margin, the preference accuracy (`accuracy`: chosen reward > rejected reward,
+a tie counting 1/2, so the starting policy, equal to its reference, scores 0.5
+where TRL's strict count reports 0), `logp_accuracy` (the policy's own
+log-likelihood, normalised as the loss's, prefers the chosen completion:
+the policy as a ranker, meaningful at step 0 too), the completions'
 log-likelihoods, and `kl_to_reference`: the mean over completion tokens of
 KL(pi(.|x, y<t) || pi_ref(.|x, y<t)), exact over the vocabulary at each
 token of the data (an in-model reference only).
@@ -70,6 +72,12 @@ def pair_sums(values: Array, weights: Array, segment_ids: Array | None) -> tuple
   sums = jax.ops.segment_sum((values * mask).reshape(-1), ids, num_segments=count)
   tokens = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=count)
   return sums, tokens
+
+
+def _wins(margin: Array) -> Array:
+  """1 where the chosen completion wins (margin > 0), 1/2 on a tie, 0 otherwise: a policy
+  equal to its reference (every reward 0) scores chance, 0.5, not 0."""
+  return (margin > 0).astype(jnp.float32) + 0.5 * (margin == 0).astype(jnp.float32)
 
 
 class PreferenceModel(frozen.PairedModel):
@@ -128,7 +136,7 @@ class PreferenceModel(frozen.PairedModel):
     if name not in batch:
       raise ValueError(f"{type(self.loss).__name__} needs a reference: bind "
                        f"PreferenceModel.reference (a frozen copy of the starting model) or "
-                       f"use a task with precomputed {name!r} (posttrain.reference_logps)")
+                       f"use a task with precomputed {name!r}")
     values = jnp.asarray(batch[name], jnp.float32)
     rows = values.shape[0]
     return jnp.zeros((rows, like.shape[0] // rows), jnp.float32).at[:, 1].set(values).reshape(-1)
@@ -171,8 +179,8 @@ class PreferenceModel(frozen.PairedModel):
         "weight_sum": jnp.sum(present),
         "chosen_reward_sum": jnp.sum(chosen_reward * present),
         "rejected_reward_sum": jnp.sum(rejected_reward * present),
-        "preference_correct": jnp.sum((chosen_reward > rejected_reward) * present),
-        "logp_correct": jnp.sum((policy_margin > 0) * present),
+        "preference_correct": jnp.sum(_wins(chosen_reward - rejected_reward) * present),
+        "logp_correct": jnp.sum(_wins(policy_margin) * present),
         "chosen_logp_sum": jnp.sum(chosen["logp"] * present),
         "rejected_logp_sum": jnp.sum(rejected["logp"] * present),
     }

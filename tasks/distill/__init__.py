@@ -24,7 +24,7 @@ Kim & Rush 2016, mixed with the gold labels). Splits: `train` and
 Use it from gin: the function registers the tasks and returns the mixture's
 name (`gin_configs/posttrain/step_by_step.gin`):
 
-    MIXTURE_OR_TASK_MODULE = 'tasks.distill'
+    MIXTURE_OR_TASK_MODULE = 't5xlike.tasks.distill'
     MIXTURE_OR_TASK_NAME = @distill.step_by_step()
     distill.step_by_step.teacher_outputs = '/tmp/teacher/mt_count_words-1400.jsonl'
 """
@@ -38,7 +38,7 @@ import zlib
 import seqio
 import tensorflow as tf
 
-from tasks import embedded, multitask
+from t5xlike.tasks import embedded, multitask
 
 SPLITS = ("train", "validation")
 LABEL_PREFIX, RATIONALE_PREFIX = "[label] ", "[rationale] "

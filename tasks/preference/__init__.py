@@ -18,9 +18,10 @@ Tasks (train / validation examples):
 
 `pref_continue` registers its reward for on-policy sampling
 (`posttrain.rewards.bigram_f1` against the chosen completion). Lengths on
-the embedded vocabulary: inputs <= 48 tokens, completions <= 16 (before EOS):
-TASK_FEATURE_LENGTHS = {'inputs': 64, 'chosen': 24, 'rejected': 24} (SFT:
-{'inputs': 64, 'targets': 24}) never truncates.
+the embedded vocabulary (before EOS): inputs <= 35 tokens in train, <= 18 in
+validation; completions <= 17 and <= 12. The gins' TASK_FEATURE_LENGTHS
+{'inputs': 24, 'chosen': 16, 'rejected': 16} (SFT: {'inputs': 24, 'targets':
+16}) keep every validation pair whole and trim the end of a few training ones.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import tensorflow as tf
 
 from t5xlike import text_metrics
 from t5xlike.posttrain import rewards
-from tasks import embedded, multitask
+from t5xlike.tasks import embedded, multitask
 
 SPLITS = ("train", "validation")
 SIZES = {"train": 7_000, "validation": 300}
