@@ -165,3 +165,17 @@ def test_decoder_only_sft_then_dpo(tmp_path):
   start, final = saved_params(sft_dir / "checkpoint_2"), saved_params(tmp_path / "dpo" /
                                                                       "checkpoint_3")
   assert all(final[f"reference/{k}"].tobytes() == v.tobytes() for k, v in start.items())
+
+
+def test_a_teacher_of_another_vocabulary_fails_in_one_line_and_writes_nothing(sft, tmp_path,
+                                                                            capsys):
+  model_dir = tmp_path / "student"
+  assert train.main([MODEL, "--gin_file=gin_configs/posttrain/distill.gin", *SMALL,
+                     "--gin.teacher/t5.T5Config.vocab_size=16384",
+                     f"--gin.TEACHER_CHECKPOINT_PATH={sft['tiny']}",
+                     f"--gin.MODEL_DIR={model_dir}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("error: the teacher model has another vocabulary than the trained model: "
+                     "8100 tokens in 16384 embeddings vs 8100 in 8192 (both must read the same "
+                     "token ids)"), err[-1]
+  assert not model_dir.exists()

@@ -21,12 +21,12 @@ label: with `prefixes=False` the mixture is sequence-level distillation,
 Kim & Rush 2016, mixed with the gold labels). Splits: `train` and
 `validation` are a 95 / 5 split of the file's rows by a hash of their inputs.
 
-Use it from gin: the function registers the tasks and returns the mixture's
-name (`gin_configs/posttrain/step_by_step.gin`):
+Use it from a task module of your own (named in MIXTURE_OR_TASK_MODULE):
 
-    MIXTURE_OR_TASK_MODULE = 't5xlike.tasks.distill'
-    MIXTURE_OR_TASK_NAME = @distill.step_by_step()
-    distill.step_by_step.teacher_outputs = '/tmp/teacher/mt_count_words-1400.jsonl'
+    from t5xlike.tasks import distill
+    distill.step_by_step('/tmp/teacher/mt_count_words-1400.jsonl', name='sbs_count')
+
+then `--gin.MIXTURE_OR_TASK_NAME="'sbs_count'"`.
 """
 from __future__ import annotations
 
