@@ -1,6 +1,6 @@
 """Runs the reliability fault matrix against the quickstart config; prints a table.
 
-  python scripts/fault_drill.py            # every case (~10 min on 2 CPU cores)
+  python scripts/fault_drill.py            # every case (~16 min on 2 CPU cores)
   python scripts/fault_drill.py --fast     # the CI subset (~2 min)
   python scripts/fault_drill.py --markdown # the table as docs/reliability.md shows it
 
