@@ -103,6 +103,8 @@ def test_a_teacher_of_another_vocabulary_is_a_config_error():
   model = distillation.DistillationModel(model_of(STUDENT), other)
   with pytest.raises(errors.ConfigError, match="teacher model has another vocabulary"):
     frozen.check_model(model)
+  with pytest.raises(ValueError, match="relations must be a SelfAttentionRelations"):
+    distillation.DistillationModel(model_of(STUDENT), model_of(TEACHER), relations="@x()")
 
 
 def test_relation_log_probs_match_numpy():

@@ -191,6 +191,9 @@ class DistillationModel(frozen.PairedModel):
                        f"and {temperature}")
     if divergence not in DIVERGENCES:
       raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if relations is not None and not isinstance(relations, SelfAttentionRelations):
+      raise ValueError(f"relations must be a SelfAttentionRelations or None, got {relations!r} "
+                       f"(posttrain/minilm.gin binds it)")
     super().__init__(cast(interfaces.Model, student), cast(interfaces.Model, teacher),
                      "teacher", teacher_checkpoint_path)
     self.student, self.teacher = student, teacher
