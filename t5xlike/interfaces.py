@@ -9,6 +9,8 @@ Plug-ins implement these; nothing in the package probes them with `getattr` /
   `objectives.electra.ElectraModel`) and the wrappers (`objectives.spdf.SparseModel`,
   `finetuning.peft.wrap_model`).
 * `DecodingModel`: a `Model` that also scores and generates (the token models).
+* `EmbeddingModel`: a `DecodingModel` that also pools its final hidden states into
+  one vector per example (the T5 and decoder-only models; data selection's diversity).
 * `ExportingModel`: a `Model` that writes more than its checkpoints when a run
   ends (ELECTRA's discriminator); `isinstance(model, ExportingModel)` says which.
 * `FineTuningTechnique`: what `train_run.train(finetuning=...)` and the trainer call
@@ -109,6 +111,15 @@ class DecodingModel(Model, Protocol):
       eos_id: the token that ends a row (kept; 0 after it).
       rng: the key of method 'sample' (greedy and beam search draw nothing: None).
     """
+    ...
+
+
+class EmbeddingModel(DecodingModel, Protocol):
+  """A decoding model with one vector per example (`python -m t5xlike.select_data`)."""
+
+  def pooled_states(self, params: Any, batch: Batch) -> jax.Array:
+    """float32 [batch, embed]: the final hidden states averaged over each row's tokens
+    (NotImplementedError where the model has none)."""
     ...
 
 
