@@ -2,7 +2,10 @@
 the rule's top k, the written task trains by name; the selection rules against reference
 computations; pooled states against an unpadded NumPy mean; errors are one line."""
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,6 +17,7 @@ from t5xlike.data import selected_task, sources, subset_selection, task_examples
 from t5xlike.models import base, decoder, encoder_decoder, t5
 from tests import decoder_numpy_reference, selection_tasks, t5_numpy_reference
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"
 POOL = ["--gin.MIXTURE_OR_TASK_NAME='sel_pool'",
@@ -198,6 +202,30 @@ def test_a_rerun_writes_the_same_scores_and_examples(checkpoint, selections, tmp
                  "--score=kmeans", "--gin.select_data_run.select_data.num_clusters=4") == 0
   assert (tmp_path / "by_kmeans" / "scores.jsonl").read_text() == (
       out / "by_kmeans" / "scores.jsonl").read_text()
+
+
+def test_sharded_selection_equals_unsharded(checkpoint, selections, tmp_path):
+  """8 CPU devices, parameters over fsdp=4 x tensor=2: the same losses, pooled-state
+  distances and k-center choice as the 1-device run."""
+  _, made = selections
+  command = [sys.executable, "-m", "t5xlike.select_data", MODEL,
+             "--gin_file=gin_configs/runs/select_data.gin", f"--gin.CHECKPOINT_PATH={checkpoint}",
+             LENGTHS, *POOL, "--gin.BATCH_SIZE=8", "--gin.MESH_SHAPE={'fsdp': 4, 'tensor': 2}",
+             f"--output_dir={tmp_path}", "--name=by_kcenter", "--num_examples=25",
+             "--score=kcenter"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  sharded, unsharded = rows(tmp_path / "by_kcenter" / "scores.jsonl"), made["by_kcenter"]
+  np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in unsharded],
+                             rtol=1e-5)
+  finite = lambda values: [v if v is not None else 0.0 for v in values]
+  np.testing.assert_allclose(finite(r["kcenter_distance"] for r in sharded),
+                             finite(r["kcenter_distance"] for r in unsharded), rtol=1e-4,
+                             atol=1e-6)
+  assert [r["rank"] for r in sharded] == [r["rank"] for r in unsharded]
 
 
 @pytest.mark.parametrize("flags,message", [

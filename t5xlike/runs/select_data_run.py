@@ -256,14 +256,10 @@ def _check_pooled_states(model: interfaces.EmbeddingModel, params: Any,
                              ) from None
 
 
-def _choose(plan: SelectionPlan, losses: example_scores.TargetLosses,
-            fields: dict[str, np.ndarray]) -> subset_selection.Choice:
-  """The rule of `plan.score` over the pool (fields: the scores computed so far; the
-  rule's pooled states or IFD are added to them)."""
-  highest = plan.order == "highest"
-  examples = plan.examples
-  if plan.score == "loss":
-    return subset_selection.top_k(losses.loss, plan.k, highest)
+def _second_pass(plan: SelectionPlan, losses: example_scores.TargetLosses
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """(IFD fields, pooled states) that the rule needs beyond the loss: a second pass of
+  the model over the pool for 'ifd' (without the inputs) and the diversity rules."""
   if plan.score == "ifd":
     # What an empty input becomes: [EOS] where the task appends EOS to its inputs.
     alone: list[dict[str, np.ndarray]] = []
@@ -271,16 +267,30 @@ def _choose(plan: SelectionPlan, losses: example_scores.TargetLosses,
       eos = task.task.output_features["inputs"].vocabulary.eos_id
       alone += example_scores.without_inputs(
           task.model_examples, eos if "inputs" in task.eos_features else None)
-    fields["loss_alone"] = example_scores.target_losses(plan.predictor, alone).loss
-    fields["ifd"] = example_scores.instruction_following_difficulty(losses.loss,
-                                                                    fields["loss_alone"])
-    return subset_selection.top_k_ifd(fields["ifd"], plan.k, highest)
+    loss_alone = example_scores.target_losses(plan.predictor, alone).loss
+    return {"loss_alone": loss_alone, "ifd": example_scores.instruction_following_difficulty(
+        losses.loss, loss_alone)}, None
   if plan.score in POOLED:
-    states = example_scores.pooled(plan.predictor, examples)
-    if plan.score == "kcenter":
-      return subset_selection.k_center_greedy(states, plan.k)
+    return {}, example_scores.pooled(plan.predictor, plan.examples)
+  return {}, None
+
+
+def _choose(plan: SelectionPlan, losses: example_scores.TargetLosses,
+            fields: Mapping[str, np.ndarray], states: np.ndarray | None
+            ) -> subset_selection.Choice:
+  """The rule of `plan.score` over the pool."""
+  highest = plan.order == "highest"
+  if plan.score == "loss":
+    return subset_selection.top_k(losses.loss, plan.k, highest)
+  if plan.score == "ifd":
+    return subset_selection.top_k_ifd(fields["ifd"], plan.k, highest)
+  if plan.score == "kcenter":
+    assert states is not None  # _second_pass
+    return subset_selection.k_center_greedy(states, plan.k)
+  if plan.score == "kmeans":
+    assert states is not None  # _second_pass
     return subset_selection.k_means_quota(states, plan.k, plan.num_clusters, plan.seed)
-  return subset_selection.uniform_random(len(examples), plan.k, plan.seed)
+  return subset_selection.uniform_random(len(losses.loss), plan.k, plan.seed)
 
 
 def _json_value(value: Any) -> Any:
@@ -315,19 +325,30 @@ def _score_rows(plan: SelectionPlan, losses: example_scores.TargetLosses,
 def execute(plan: SelectionPlan) -> dict[str, Any]:
   """Scores the pool, chooses, writes the selection; returns its manifest."""
   entry.mark_run_started()
-  start = time.perf_counter()
   examples = plan.examples
+  log.info("choosing %d of %d examples of %s/%s by %s with the checkpoint of step %d -> "
+           "%s/%s", plan.k, len(examples), plan.manifest["source"], plan.split, plan.score,
+           plan.step, plan.output_dir, plan.name)
+  seconds = {}
+  start = time.perf_counter()
   losses = example_scores.target_losses(plan.predictor, examples)
-  scored = time.perf_counter()
+  seconds["loss"] = time.perf_counter() - start
   log.info("scored %d examples (%d target tokens) in %.1f s", len(examples),
-           int(losses.tokens.sum()), scored - start)
-  fields: dict[str, np.ndarray] = {}
-  choice = _choose(plan, losses, fields)
+           int(losses.tokens.sum()), seconds["loss"])
+  start = time.perf_counter()
+  fields, states = _second_pass(plan, losses)
+  if fields or states is not None:
+    seconds["ifd" if fields else "pooled_states"] = time.perf_counter() - start
+    log.info("%s of %d examples in %.1f s", "losses without inputs" if fields else
+             "pooled states", len(examples), time.perf_counter() - start)
+  start = time.perf_counter()
+  choice = _choose(plan, losses, fields, states)
   choice.fields = {**fields, **choice.fields}
-  chosen = time.perf_counter()
+  seconds["choose"] = time.perf_counter() - start
   if len(choice.indices) < plan.k:
     log.warning("%s: only %d examples qualify, fewer than k=%d", plan.score,
                 len(choice.indices), plan.k)
+  start = time.perf_counter()
   rows = _score_rows(plan, losses, choice)
   root = epath.Path(plan.output_dir)
   jsonl_io.write_jsonl(root / plan.name / selected_task.SCORES, rows)
@@ -342,12 +363,11 @@ def execute(plan: SelectionPlan) -> dict[str, Any]:
                                        **task.copies},
         examples=len(task.examples), eos_features=task.eos_features))
   manifest = dict(plan.manifest, num_selected=len(choice.indices),
-                  seconds={"score": round(scored - start, 3),
-                           "choose": round(chosen - scored, 3)})
+                  seconds={key: round(value, 3) for key, value in seconds.items()})
   record = selected_task.write(plan.name, root, written, split=plan.split, mixture=plan.mixture,
                                manifest=manifest)
-  seconds = time.perf_counter() - start
-  log.info("%s: %d of %d examples chosen by %s (%s first) in %.1f s -> %s (%s)", plan.name,
-           len(choice.indices), len(rows), plan.score, plan.order, seconds, root,
+  log.info("%s: %d of %d examples chosen by %s (%s first), written in %.1f s: %s", plan.name,
+           len(choice.indices), len(rows), plan.score, plan.order,
+           time.perf_counter() - start,
            ", ".join(f"{t['name']} {t['selected']}" for t in record["tasks"]))
   return record
