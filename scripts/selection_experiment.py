@@ -144,7 +144,8 @@ def main() -> int:
     scorer = str(model_dir / f"checkpoint_{total}")
     print(json.dumps({"scorer": scorer, "seconds": seconds}), flush=True)
   code, _ = call([sys.executable, "-m", "t5xlike.cache_tasks", "--tasks=multitask_offline",
-                  "--splits=validation", "--module=t5xlike.tasks.multitask", f"--output_dir={cache}"],
+                  "--splits=validation", "--module=t5xlike.tasks.multitask",
+                  f"--output_dir={cache}"],
                  work / "cache_tasks.log")
   if code:
     print(f"cache_tasks failed: see {work / 'cache_tasks.log'}", file=sys.stderr)

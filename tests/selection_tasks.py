@@ -15,7 +15,7 @@ import functools
 import seqio
 import tensorflow as tf
 
-from tasks import embedded, multitask, prompts
+from t5xlike.tasks import embedded, multitask, prompts
 
 SIZES = {"sel_count": ("mt_count_words", 40), "sel_first": ("mt_first_word", 24)}
 VALIDATION = 6

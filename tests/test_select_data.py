@@ -236,6 +236,10 @@ def test_sharded_selection_equals_unsharded(checkpoint, selections, tmp_path):
     (["--num_examples=5", "--name=sel_count"], "already a registered task"),
     (["--num_examples=5", "--name=bad/name"], "letters, digits"),
     (["--num_examples=5", "--order=middle"], "--order must be one of"),
+    (["--num_examples=5", "--gin.MIXTURE_OR_TASK_NAME='no_such_task'"],
+     "unknown task or mixture 'no_such_task'"),
+    (["--num_examples=5", "--score=ifd", "--gin.MIXTURE_OR_TASK_NAME='embedded_corpus'"],
+     "every task needs an 'inputs' feature"),
 ])
 def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys, flags, message):
   out = tmp_path / "out"
@@ -243,6 +247,18 @@ def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys, fla
   assert _select(checkpoint, out, *argv, *[f for f in flags if not f.startswith("--name")]) == 2
   error = capsys.readouterr().err.strip().splitlines()
   assert len(error) == 1 and message in error[0], error
+  assert not out.exists()
+
+
+def test_checkpoint_of_another_architecture_is_one_line(checkpoint, tmp_path, capsys):
+  """A T5 checkpoint read as the decoder-only model: exit 2, one line, nothing written."""
+  out = tmp_path / "out"
+  assert select_data.main(["--gin_file=gin_configs/models/decoder/tiny.gin",
+                           "--gin_file=gin_configs/runs/select_data.gin",
+                           f"--gin.CHECKPOINT_PATH={checkpoint}", LENGTHS, *POOL,
+                           f"--output_dir={out}", "--name=fresh", "--num_examples=5"]) == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and "does not fit the model" in error[0], error
   assert not out.exists()
 
 
