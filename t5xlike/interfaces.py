@@ -11,6 +11,8 @@ Plug-ins implement these; nothing in the package probes them with `getattr` /
 * `DecodingModel`: a `Model` that also scores and generates (the token models).
 * `TokenLogitsModel`: a `Model` whose logits over the vocabulary at target
   positions others read (the token models: preference tuning, distillation).
+* `EmbeddingModel`: a `DecodingModel` that also pools its final hidden states into
+  one vector per example (the T5 and decoder-only models; data selection's diversity).
 * `ExportingModel`: a `Model` that writes more than its checkpoints when a run
   ends (ELECTRA's discriminator); `isinstance(model, ExportingModel)` says which.
 * `HoldsFrozenModel`: a `Model` whose parameter tree also holds a frozen second
@@ -134,6 +136,14 @@ class TokenLogitsModel(Model, Protocol):
 
   def logits(self, params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
     """float32 logits [batch, length, vocab_size] (dropout on when a rng is given)."""
+
+
+class EmbeddingModel(DecodingModel, Protocol):
+  """A decoding model with one vector per example (`python -m t5xlike.select_data`)."""
+
+  def pooled_states(self, params: Any, batch: Batch) -> jax.Array:
+    """float32 [batch, embed]: the final hidden states averaged over each row's tokens
+    (NotImplementedError where the model has none)."""
     ...
 
 

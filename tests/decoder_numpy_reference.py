@@ -66,8 +66,10 @@ def mlp(p, x):
 
 
 def forward(params, heads, kv_heads, input_tokens, target_tokens, segment_ids=None,
-            positions=None, causal_attention=None, wavelength=10000.0, eps=1e-6):
-  """float64 logits [b, l, vocab] with `params` (nested dicts, unscanned layout).
+            positions=None, causal_attention=None, wavelength=10000.0, eps=1e-6,
+            states_only=False):
+  """float64 logits [b, l, vocab] with `params` (nested dicts, unscanned layout); with
+  `states_only` the last layer's states [b, l, embed] (after the final norm).
 
   Tied embeddings when `decoder/logits_dense` is absent (logits = x @ E^T)."""
   params = _to64(params)
@@ -87,6 +89,8 @@ def forward(params, heads, kv_heads, input_tokens, target_tokens, segment_ids=No
     x = x + mlp(lp["mlp"], rms_norm(x, lp["pre_mlp_layer_norm"]["scale"], eps))
     i += 1
   x = rms_norm(x, d["decoder_norm"]["scale"], eps)
+  if states_only:
+    return x
   if "logits_dense" in d:
     return x @ d["logits_dense"]["kernel"]
   return x @ emb.T

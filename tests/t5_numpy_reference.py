@@ -64,8 +64,9 @@ def relpos(table, lq, lk, bidirectional):
   return table[:, buckets][None]  # [1, heads, q, k]
 
 
-def forward(params, heads, enc_tokens, dec_inputs, dec_targets):
-  """float64 logits [b, ld, vocab] of T5.1.1 with `params` (nested dicts of arrays)."""
+def forward(params, heads, enc_tokens, dec_inputs, dec_targets, encoded_only=False):
+  """float64 logits [b, ld, vocab] of T5.1.1 with `params` (nested dicts of arrays);
+  with `encoded_only` the encoder's output [b, le, embed] (after its final norm)."""
   params = _to64(params)
   emb = params["token_embedder"]["embedding"]
   enc_valid = enc_tokens > 0
@@ -81,6 +82,8 @@ def forward(params, heads, enc_tokens, dec_inputs, dec_targets):
     x = x + mlp(lp["mlp"], rms_norm(x, lp["pre_mlp_layer_norm"]["scale"]))
     i += 1
   encoded = rms_norm(x, e["encoder_norm"]["scale"])
+  if encoded_only:
+    return encoded
 
   d = params["decoder"]
   ld = dec_inputs.shape[1]

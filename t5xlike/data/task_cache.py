@@ -346,20 +346,48 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
   task = seqio_tasks.resolve_task(task)
   eos_features = seqio_tasks.check_postcache_preprocessors(task)
   _, features = task_datasets.deterministic_dataset(task, split)  # Validates before writing.
-  final = epath.Path(output_dir) / task.name / split
+  # A generator: nothing is read before `write_examples` has made its directory.
+  stream = task_datasets.iterate_examples(task, split)
+  try:
+    return write_examples(task.name, split, stream, output_dir, features=features,
+                          eos_features=eos_features,
+                          precache_preprocessors=seqio_tasks.precache_names(task),
+                          num_shards=num_shards, progress=progress)
+  finally:
+    stream.close()
+
+
+def write_examples(task_name: str, split: str, examples: Iterable[dict[str, np.ndarray]],
+                   output_dir: str | epath.PathLike, *, features: Mapping[str, bool],
+                   eos_features: Sequence[str], precache_preprocessors: Sequence[str],
+                   num_shards: int | None = None, progress: bool = True) -> dict[str, Any]:
+  """Writes examples as the cache `output_dir/<task_name>/<split>` (atomically, replacing
+  an older one); returns its stats. `write_cache` with the examples given.
+
+  Args:
+    task_name: the task the cache belongs to (its directory and stats' `task`).
+    split: the split (its directory).
+    examples: the examples in the `sources` format, in order.
+    output_dir: the cache directory (USE_CACHED_TASKS reads it).
+    features: {feature: is a token feature} of the examples.
+    eos_features: the features that get EOS after trimming (stats' `eos_features`).
+    precache_preprocessors: the names of the preprocessors the examples went through
+      (stats' `precache_preprocessors`; readers compare them with the task's).
+    num_shards: ArrayRecord shards (contiguous ranges); None: one per `SHARD_BYTES`.
+    progress: log a line every `PROGRESS_EVERY` examples.
+  """
+  if num_shards is not None and num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  final = epath.Path(output_dir) / task_name / split
   final.parent.mkdir(parents=True, exist_ok=True)
   remove_stale(final.parent)
   cache_id = uuid.uuid4().hex[:12]
   temp = final.parent / _private_name(split, "incomplete", cache_id)
   temp.mkdir()
   start = time.time()
-  label = f"{task.name}/{split}"
+  label = f"{task_name}/{split}"
   try:
-    stream = task_datasets.iterate_examples(task, split)
-    try:
-      writer, lengths, info = _write_examples(temp, stream, features, label, progress)
-    finally:
-      stream.close()
+    writer, lengths, info = _write_examples(temp, examples, features, label, progress)
     total = sum(writer.counts)
     if num_shards is None:
       shards = [shard_name(i, len(writer.parts)) for i in range(len(writer.parts))]
@@ -372,9 +400,9 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
         np.save(f, np.asarray(values, np.int64))
       info[key].update(tokens=int(sum(values)), max_length=max(values, default=0))
     stats = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "task": task.name, "split": split,
-        "num_examples": total, "features": info, "eos_features": eos_features,
-        "precache_preprocessors": seqio_tasks.precache_names(task),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "task": task_name, "split": split,
+        "num_examples": total, "features": info, "eos_features": list(eos_features),
+        "precache_preprocessors": list(precache_preprocessors),
         "precache_seed": task_datasets.PRECACHE_SEED, "seqio_version": seqio.__version__,
         "shards": shards, "seconds": round(time.time() - start, 3), "id": cache_id,
     }

@@ -17,7 +17,7 @@ import numpy as np
 import seqio
 
 from t5xlike import errors
-from t5xlike.data import feed_steps, pipeline, seqio_tasks, sources
+from t5xlike.data import feed_steps, pipeline, selected_task, seqio_tasks, sources
 
 
 def import_module(module: str | None, flag: str = "MIXTURE_OR_TASK_MODULE") -> None:
@@ -49,8 +49,14 @@ def shipped_task_module(module: str) -> str | None:
     return None
 
 
-def leaf_tasks(name: str) -> list[seqio.Task]:
-  """The task, or the tasks of a mixture, in the mixture's order."""
+def leaf_tasks(name: str, cache_dir: str | None = None) -> list[seqio.Task]:
+  """The task, or the tasks of a mixture, in the mixture's order.
+
+  A selection that `python -m t5xlike.select_data` wrote into `cache_dir`
+  (TASK_CACHE_DIR) under `name` is registered first (`selected_task.register`).
+  """
+  if cache_dir:
+    selected_task.register(name, cache_dir)
   return pipeline.resolve_tasks(seqio_tasks.get_task(name))
 
 
@@ -72,6 +78,18 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
     One dict per example in the `sources` format (token features int32 [length]);
     ValueError for an empty split.
   """
+  examples, eos_features = read_source_split(task, split, use_cached=use_cached,
+                                             cache_dir=cache_dir, max_examples=max_examples)
+  eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
+  return [feed_steps.append_eos(ex, eos_features, feature_lengths, eos_id) for ex in examples]
+
+
+def read_source_split(task: seqio.Task, split: str, *, use_cached: bool, cache_dir: str | None,
+                      max_examples: int | None = None
+                      ) -> tuple[list[dict[str, np.ndarray]], tuple[str, ...]]:
+  """(the first `max_examples` examples of a task split as its source serves them, before
+  EOS; the features that get EOS after trimming): `read_split` without the EOS step.
+  ValueError for an empty split."""
   source = sources.open_source(task, split, use_cached=use_cached, cache_dir=cache_dir)
   if isinstance(source, sources.SequentialSource):
     with source:
@@ -81,9 +99,7 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
     examples = [source[i] for i in range(count)]
   if not examples:
     raise ValueError(f"{task.name}/{split} holds no example")
-  eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
-  return [feed_steps.append_eos(ex, source.eos_features, feature_lengths, eos_id)
-          for ex in examples]
+  return examples, tuple(source.eos_features)
 
 
 def text_row(task: seqio.Task, example: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -113,7 +129,7 @@ def read_tasks(name: str, split: str, feature_lengths: Mapping[str, int], *,
   """
   import_module(module)
   jobs = []
-  for task in leaf_tasks(name):
+  for task in leaf_tasks(name, cache_dir):
     examples = read_split(task, split, feature_lengths, use_cached=use_cached,
                           cache_dir=cache_dir, max_examples=max_examples)
     jobs.append((task.name, [text_row(task, ex) for ex in examples], examples))

@@ -87,6 +87,7 @@ class Predictor:
         eos_id=eos_id))
     self._compiled_predict: Any = None  # compiled at the first predict() call
     self._score = jax.jit(model.score_batch)
+    self._pool: Any = None  # jit of model.pooled_states, made at the first pooled_states() call
     self.last_stats: dict[str, float] = {}
 
   def _batches(self, examples: Sequence[Example],
@@ -148,3 +149,16 @@ class Predictor:
     self.last_stats = {"examples": len(examples), "seconds": seconds,
                        "scored_tokens": sum(len(s.token_scores) for s in out)}
     return out
+
+  def pooled_states(self, examples: Sequence[Example]) -> np.ndarray:
+    """float32 [len(examples), embed]: each example's `model.pooled_states` (its
+    final hidden states averaged over its tokens), batched as `score`."""
+    self._warn_truncated(examples, ["inputs", "targets"])
+    if self._pool is None:
+      self._pool = jax.jit(self.model.pooled_states)
+    rows: list[np.ndarray] = []
+    start = time.perf_counter()
+    for batch, real in self._batches(examples, drop_targets=False):
+      rows.append(np.asarray(jax.device_get(self._pool(self.params, batch)))[:real])
+    self.last_stats = {"examples": len(examples), "seconds": time.perf_counter() - start}
+    return np.concatenate(rows).astype(np.float32, copy=False)

@@ -94,7 +94,7 @@ class InferenceEvaluator:
     from t5xlike.data import task_examples  # noqa: PLC0415
     task_examples.import_module(self.mixture_or_task_module)
     tasks = []
-    for task in task_examples.leaf_tasks(self.mixture_or_task_name):
+    for task in task_examples.leaf_tasks(self.mixture_or_task_name, self.task_cache_dir):
       if not (task.predict_metric_fns or task.score_metric_fns):
         log.info("evaluation: task %s has no metric functions: skipped", task.name)
         continue

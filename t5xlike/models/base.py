@@ -22,6 +22,14 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+def mean_over_tokens(states: Array, real: Array) -> Array:
+  """float32 [b, embed]: the mean of `states` [b, l, embed] over the positions where
+  `real` [b, l] is true (zeros for a row without any)."""
+  weights = jnp.asarray(real, jnp.float32)
+  total = jnp.einsum("ble,bl->be", states.astype(jnp.float32), weights)
+  return total / jnp.maximum(weights.sum(axis=1), 1.0)[:, None]
+
+
 def check_vocabulary(vocabulary: Any, table_rows: int) -> None:
   """Raises ValueError when the vocabulary has more ids than the embedding table rows."""
   vocab_size = getattr(vocabulary, "vocab_size", None)
@@ -127,6 +135,12 @@ class TokenModel:
   def metrics(self, sums: Mapping[str, Array]) -> dict[str, Array]:
     """Reported metrics (`loss`, `z_loss`, `accuracy`) from summed `loss_fn` statistics."""
     return losses.token_metrics(sums)
+
+  def pooled_states(self, params: Any, batch: Batch) -> Array:
+    """float32 [b, embed]: one vector per row of an unpacked batch, the mean of the
+    network's final hidden states over the row's tokens (data selection's diversity
+    embeddings). Models that have one override it."""
+    raise NotImplementedError(f"{type(self).__name__} has no pooled states")
 
   def score_batch(self, params: Any, batch: Batch) -> Array:
     """Log-likelihood (natural log) of each target token, float32 [b, length];

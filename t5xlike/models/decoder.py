@@ -295,6 +295,30 @@ class DecoderOnlyModel(base.TokenModel):
         decoder_causal_attention=batch.get("decoder_causal_attention"),
         deterministic=dropout_rng is None, rngs=rngs))
 
+  def pooled_states(self, params: Any, batch: Batch) -> Array:
+    """float32 [b, embed]: the last layer's states (after `decoder_norm`) averaged
+    over the row's tokens (`decoder_target_tokens > 0`: a prefix LM's inputs and
+    its targets).
+
+    Runs `logits` with `decoder_norm`'s output captured (tied or untied output
+    layer alike); the logits are not returned, so XLA drops them.
+    """
+    captured: list[Array] = []
+
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      module = context.module
+      if (isinstance(module, layers.RMSNorm) and module.name == "decoder_norm"
+          and context.method_name == "__call__"):
+        captured.append(out)
+      return out
+
+    with nn.intercept_methods(intercept):
+      self.logits(params, batch)
+    if len(captured) != 1:  # A network without one `decoder_norm` (not this model's).
+      raise ValueError(f"expected one decoder_norm, found {len(captured)}")
+    return base.mean_over_tokens(captured[0], jnp.asarray(batch["decoder_target_tokens"]) > 0)
+
   def init_cache(self, batch_size: int, max_length: int) -> Any:
     """An empty KV cache (the `cache` collection) for `max_length` tokens per row.
 

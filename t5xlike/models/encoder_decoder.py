@@ -52,6 +52,13 @@ class EncoderDecoderModel(base.TokenModel):
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         deterministic=dropout_rng is None, rngs=rngs))
 
+  def pooled_states(self, params: Any, batch: Batch) -> Array:
+    """float32 [b, embed]: the encoder's output (after its final norm) averaged over
+    the row's input tokens (`encoder_input_tokens > 0`); the decoder is not run."""
+    tokens = jnp.asarray(batch["encoder_input_tokens"])
+    encoded = cast(Array, self.network.apply({"params": params}, tokens, method="encode"))
+    return base.mean_over_tokens(encoded, tokens > 0)
+
   # -- decoding protocol of `t5xlike.inference.decoding` (see base.TokenModel.predict_batch) --
   def decoding_start(self, params: Any, batch: Batch, max_length: int) -> tuple[Any, Array]:
     """Encodes `encoder_input_tokens` once, feeds the decoder its BOS (id 0)

@@ -198,7 +198,8 @@ def _check_task_and_lengths(data: run_config.DataConfig, objective: Objective | 
   name = data.mixture_or_task_name
   if not name:
     raise errors.ConfigError("MIXTURE_OR_TASK_NAME is not set")
-  tasks = validated(lambda: task_examples.leaf_tasks(name), "MIXTURE_OR_TASK_NAME")
+  tasks = validated(lambda: task_examples.leaf_tasks(name, data.task_cache_dir),
+                    "MIXTURE_OR_TASK_NAME")
   for task in tasks:
     try:
       feed_steps.prepare_objective(task, objective, data.task_feature_lengths, converter)
