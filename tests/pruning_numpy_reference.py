@@ -1,5 +1,6 @@
-"""NumPy float64 forward passes that record what Minitron's importance reads, and the
-importance computed from the records (the reference of tests/test_pruning.py).
+"""NumPy float64 forward passes that record what Minitron's importance reads, the
+importance computed from the records, and the slice of the original each pruned
+parameter must be (the references of tests/test_pruning.py and test_prune_command.py).
 
 The forward passes follow tests/t5_numpy_reference.py and
 tests/decoder_numpy_reference.py (their helpers are reused), with each
@@ -10,6 +11,8 @@ aggregated as the mean over a row's real tokens, then the L2 norm over rows;
 a layer's Block Importance is 1 - the mean cosine of its input and output
 tokens.
 """
+import re
+
 import numpy as np
 
 from tests import decoder_numpy_reference as dec, t5_numpy_reference as t5
@@ -163,3 +166,52 @@ def scores(record, valid):
     cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
     out["layers"][path] = 1.0 - cos[stack(path)].mean()
   return out
+
+
+def _head_columns(heads, head_dim):
+  return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def original_name(name, kept):
+  """The original parameter of a pruned one: kept layer j of a stack is its kept[j]."""
+  match = re.match(r"^([^/]+)/layers_(\d+)/(.*)$", name)
+  if match is None:
+    return name
+  return f"{match[1]}/layers_{kept['layers'][match[1]][int(match[2])]}/{match[3]}"
+
+
+def expected_slice(name, original, kept, head_dim):
+  """The slice of `original` (the parameter `name`, unscanned, original naming) a pruned
+  parameter must equal, written out per parameter kind; `kept` as prune.json's "kept"
+  ({'embedding': [...], 'heads' / 'kv_heads' / 'mlp': {module: [...]}, 'relpos': {stack:
+  [...]}})."""
+  emb = np.asarray(kept["embedding"])
+  module = name.rsplit("/", 2)[0]
+  heads = lambda table: _head_columns(kept[table][module], head_dim)
+  if name.endswith("/query/kernel"):
+    return original[np.ix_(emb, heads("heads"))]
+  if name.endswith(("/key/kernel", "/value/kernel")):
+    return original[np.ix_(emb, heads("kv_heads"))]
+  if name.endswith("/out/kernel"):
+    return original[np.ix_(heads("heads"), emb)]
+  if re.search(r"/mlp/wi(_\d)?/kernel$", name):
+    return original[np.ix_(emb, np.asarray(kept["mlp"][module]))]
+  if name.endswith("/mlp/wo/kernel"):
+    return original[np.ix_(np.asarray(kept["mlp"][module]), emb)]
+  if name.endswith("/scale"):
+    return original[emb]
+  if name == "token_embedder/embedding":
+    return original[:, emb]
+  if name.endswith("logits_dense/kernel"):
+    return original[emb, :]
+  if name.endswith("relpos_bias/rel_embedding"):
+    return original[np.asarray(kept["relpos"][name.split("/")[0]]), :]
+  raise AssertionError(f"no expectation for {name}")
+
+
+def assert_slices(original, pruned, kept, head_dim):
+  """Every pruned parameter (unscanned flat dicts) equals its expected slice."""
+  for name, value in pruned.items():
+    source = original_name(name, kept)
+    np.testing.assert_array_equal(value, expected_slice(source, original[source], kept,
+                                                        head_dim), err_msg=name)

@@ -208,52 +208,11 @@ def test_scanned_and_unscanned_networks_score_alike(decoder_family):
 
 # ---- Selection and slicing. ----
 
-def _head_columns(heads, head_dim):
-  return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
-
-
-def _original_name(name, selection):
-  match = re.match(r"^([^/]+)/layers_(\d+)/(.*)$", name)
-  if match is None:
-    return name
-  return f"{match[1]}/layers_{selection.layers[match[1]][int(match[2])]}/{match[3]}"
-
-
-def _expected_slice(name, original, selection, head_dim):
-  """The original's slice a pruned parameter must equal, written out per parameter kind."""
-  emb = selection.embedding
-  module = name.rsplit("/", 2)[0]
-  heads = lambda m: _head_columns(selection.heads[m], head_dim)
-  if name.endswith("/query/kernel"):
-    return original[np.ix_(emb, heads(module))]
-  if name.endswith(("/key/kernel", "/value/kernel")):
-    return original[np.ix_(emb, _head_columns(selection.kv_heads[module], head_dim))]
-  if name.endswith("/out/kernel"):
-    return original[np.ix_(heads(module), emb)]
-  if re.search(r"/mlp/wi(_\d)?/kernel$", name):
-    return original[np.ix_(emb, selection.mlp[module])]
-  if name.endswith("/mlp/wo/kernel"):
-    return original[np.ix_(selection.mlp[module], emb)]
-  if name.endswith("/scale"):
-    return original[emb]
-  if name == "token_embedder/embedding":
-    return original[:, emb]
-  if name.endswith("logits_dense/kernel"):
-    return original[emb, :]
-  if name.endswith("relpos_bias/rel_embedding"):
-    return original[selection.relpos[name.split("/")[0]], :]
-  raise AssertionError(name)
-
-
 def _check_slices(family, targets):
   selection = pruning.select(family.config, targets, family.scores)
   config, flat = pruning.prune(family.config, family.flat, selection)
   assert {k: v.shape for k, v in flat.items()} == network_shapes.param_shapes(config)
-  for name, value in flat.items():
-    original = family.flat[_original_name(name, selection)]
-    np.testing.assert_array_equal(
-        value, _expected_slice(_original_name(name, selection), original, selection,
-                               family.config.head_dim), err_msg=name)
+  ref.assert_slices(family.flat, flat, selection.describe(), family.config.head_dim)
   return selection, config, flat
 
 
@@ -320,7 +279,8 @@ def _zeroed(family, selection):
       continue
     module = name.rsplit("/", 2)[0]
     if name.endswith("/out/kernel"):
-      value[np.setdiff1d(np.arange(value.shape[0]), _head_columns(selection.heads[module], hd))] = 0
+      kept = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in selection.heads[module]])
+      value[np.setdiff1d(np.arange(value.shape[0]), kept)] = 0.0
     elif name.endswith("/mlp/wo/kernel"):
       value[np.setdiff1d(np.arange(value.shape[0]), selection.mlp[module])] = 0.0
   return flat
