@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import tasks.embedded  # noqa: F401  (registers the task)
+import t5xlike.tasks.embedded  # noqa: F401  (registers the task)
 from t5xlike.data import feature_converters, pipeline
 from t5xlike.objectives import span_corruption, ul2
 

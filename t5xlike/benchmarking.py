@@ -117,7 +117,7 @@ def pipeline_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int],
   for T5, causal LM for the decoder (imports TensorFlow/seqio/grain)."""
   # TensorFlow, seqio and grain only here: synthetic benchmarks run where they are absent.
   from t5xlike.data import pipeline, task_examples  # noqa: PLC0415
-  task_examples.import_module("tasks.embedded")
+  task_examples.import_module("t5xlike.tasks.embedded")
   objective = span_corruption.SpanCorruption() if bench.family == "t5" else lm.CausalLM()
   converter = "encoder_decoder" if bench.family == "t5" else "decoder"
   return pipeline.make_feed("embedded_corpus", "train", lengths, batch, objective, seed=seed,

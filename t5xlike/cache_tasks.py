@@ -1,7 +1,7 @@
 """Writes task caches: seqio task splits after their deterministic preprocessors.
 
     python -m t5xlike.cache_tasks --tasks=T1,T2 --output_dir=DIR
-        [--splits=train,validation] [--module=tasks.embedded ...] [--num_shards=N]
+        [--splits=train,validation] [--module=t5xlike.tasks.embedded ...] [--num_shards=N]
 
 A mixture name stands for its tasks; without `--splits` every split of each
 task is cached. `--module` (repeatable, also spelled `--module_import` as in
@@ -15,7 +15,6 @@ line per task split: examples, tokens per token feature, seconds.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
@@ -49,13 +48,10 @@ def main(argv: list[str] | None = None) -> int:
       raise errors.ConfigError("--tasks and --output_dir are required")
     if args.num_shards is not None and args.num_shards < 1:
       raise errors.ConfigError(f"--num_shards must be >= 1, got {args.num_shards}")
+    from t5xlike.data import task_examples  # noqa: PLC0415  (seqio + TensorFlow: after the flags)
+    from t5xlike.runs import cache_tasks_run  # noqa: PLC0415  (the same)
     for module in _names(args.module):
-      try:
-        importlib.import_module(module)
-      except ImportError as error:
-        raise errors.ConfigError(f"--module={module} cannot be imported: "
-                                 f"{errors.one_line(error)}") from None
-    from t5xlike.runs import cache_tasks_run  # noqa: PLC0415  (seqio + TensorFlow: after the flags)
+      task_examples.import_module(module, flag="--module")
     pairs = cache_tasks_run.plan(_names(args.tasks), _names(args.splits))
   except (errors.ConfigError, ValueError, argparse.ArgumentError) as error:
     print(f"error: {errors.one_line(error)}", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 TEXTS = {"train": [], "validation": ["A short document.", "Another short document."]}
 

@@ -17,7 +17,7 @@ import pathlib
 import seqio
 import tensorflow as tf
 
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import tasks.embedded  # noqa: F401  (registers the embedded tasks)
+import t5xlike.tasks.embedded  # noqa: F401  (registers the embedded tasks)
 from t5xlike.data import batch_shapes, pipeline
 from t5xlike.objectives import lm, mlm, span_corruption
 

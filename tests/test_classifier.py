@@ -20,7 +20,7 @@ from t5xlike import checkpoints, library_compat, train
 from t5xlike.cli import gin_config
 from t5xlike.data import feature_converters, sources
 from t5xlike.models import classifier, encoder
-from tasks import classification
+from t5xlike.tasks import classification
 from tests import encoder_numpy_reference as ref
 from tests.t5_numpy_reference import gelu
 from tests.test_gin_configs import REQUIRED_MACROS

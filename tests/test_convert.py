@@ -331,8 +331,10 @@ def test_config_gin_with_modules_not_importable_here_still_gives_the_model(quick
   shutil.copytree(quickstart_run, run)
   text = (run / "config.gin").read_text()
   assert "train_run.train.objective = @span_corruption.SpanCorruption()" in text
-  text = text.replace("from tasks import embedded\n",
-                      "from tasks import embedded\nfrom my_private_objectives import spans\n")
+  embedded_import = "from t5xlike.tasks import embedded\n"
+  text = text.replace(embedded_import,
+                      embedded_import + "from my_private_objectives import spans\n")
+  assert "from my_private_objectives import spans" in text
   text = text.replace("train_run.train.objective = @span_corruption.SpanCorruption()",
                       "train_run.train.objective = @spans.Custom()")
   (run / "config.gin").write_text(text + "\nspans.Custom.rate = 0.5\n")

@@ -11,10 +11,10 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import tasks.embedded
 from t5xlike import cache_tasks, train
 from t5xlike.data import direct_sources, pipeline, preprocessor_replay, sources, task_datasets
 from t5xlike.objectives import span_corruption
+from t5xlike.tasks import embedded
 from tests import user_tasks
 
 # Python sentencepiece and tf_text's op segment this tie differently ('___').
@@ -77,7 +77,7 @@ def write_lines(directory: pathlib.Path) -> str:
 
 
 def features(inputs_required=True):
-  return {k: seqio.Feature(tasks.embedded.vocabulary(), add_eos=True, dtype=tf.int32,
+  return {k: seqio.Feature(embedded.vocabulary(), add_eos=True, dtype=tf.int32,
                            required=k == "targets" or inputs_required)
           for k in ("inputs", "targets")}
 
@@ -160,7 +160,7 @@ def test_interleave_order_is_tf_data_interleave():
 
 
 def test_tokens_are_those_of_seqio_tensorflow_op():
-  vocabulary = tasks.embedded.vocabulary()
+  vocabulary = embedded.vocabulary()
   expected = vocabulary.encode_tf(tf.constant(TIE)).numpy().tolist()
   assert vocabulary.encode(TIE) != expected  # Why the replay runs tf_text's op, not sentencepiece.
   encode = preprocessor_replay._encoder(vocabulary)
@@ -201,7 +201,7 @@ def test_text_lines_direct_source_equals_seqio_tensorflow(registered, caplog):
   order = np.random.default_rng(2).permutation(len(direct))
   assert_same_examples(direct.__getitems__(order), [memory[i] for i in order])
   np.testing.assert_array_equal(direct.token_lengths("targets"), memory.token_lengths("targets"))
-  eos = tasks.embedded.vocabulary().eos_id
+  eos = embedded.vocabulary().eos_id
   assert all(e["targets"][-1] == eos for e in everything(direct))  # tokenize_and_append_eos.
   tsv = open_direct("direct_tsv", "train", caplog)  # parse_tsv = tests/user_tasks.py's parser.
   assert_same_examples(everything(tsv), everything(sources.load_in_memory("user_text_lines",

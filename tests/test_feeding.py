@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import tasks.embedded  # noqa: F401  (registers embedded_corpus: the file runs alone too)
+import t5xlike.tasks.embedded  # noqa: F401  (registers embedded_corpus: the file runs alone too)
 from t5xlike.data import feature_converters, feeding, seqio_tasks
 from t5xlike.objectives import span_corruption, ul2
 

@@ -1,8 +1,12 @@
 """Parameter selection and the techniques built on it (t5xlike/finetuning): masks of
 scanned and unscanned models agree; frozen parameters stay bit-identical and get no
-optimizer state; LLRD's per-layer update = decay^(D - d) x the plain one; re-init
-touches exactly the top layers, once; HFT freezes exactly half of the groups, by seed;
-the four gin files fine-tune a tiny checkpoint from the command line."""
+optimizer state; LLRD's per-layer update = decay^(D - d) x the plain one, with the
+learning rates of ELECTRA's `_get_layer_lrs` (ported); re-init touches exactly the top
+layers, once; HFT freezes half of the parameters, by seed; the four gin files fine-tune
+a tiny checkpoint from the command line."""
+import collections
+import dataclasses
+import itertools
 import json
 
 import flax.linen as nn
@@ -17,7 +21,7 @@ from flax import traverse_util
 from t5xlike import checkpoints, optim, partitioning, train
 from t5xlike.cli import gin_config
 from t5xlike.finetuning import base, freezing, hft, llrd, reinit, selection, updates
-from t5xlike.models import encoder_decoder, t5
+from t5xlike.models import encoder, encoder_decoder, t5
 from t5xlike.training import trainer as trainer_lib
 from tests import test_t5_model
 
@@ -90,18 +94,67 @@ def test_masks_of_scanned_and_unscanned_models_agree(boxed):
   assert selection.count(boxed[True], mask)[0] == emb + 2 * mlp + attention
 
 
-def test_depths_serial_and_parallel(boxed):
+def test_depths_per_stack_and_serial(boxed):
   layer = lambda path: int(path.split("layers_")[1][0])
+  # Default: each stack from its own top, the head two above the top layers (ELECTRA).
   expected = lambda path: (0 if path.startswith("token_embedder") or "relpos" in path
-                           else 1 + layer(path) if path.startswith("encoder/layers")
-                           else 3 + layer(path) if path.startswith("decoder/layers")
-                           else 5)
+                           else 1 + layer(path) if "/layers_" in path else 4)
+  serial = lambda path: (0 if path.startswith("token_embedder") or "relpos" in path
+                         else 1 + layer(path) if path.startswith("encoder/layers")
+                         else 3 + layer(path) if path.startswith("decoder/layers") else 6)
   for scan in (False, True):
     depth, top = selection.depths(boxed[scan])
-    assert top == 5
+    assert top == 4
     assert per_layer(boxed[scan], depth) == {p: expected(p) for p in per_layer(boxed[scan], depth)}
-    depth, top = selection.depths(boxed[scan], serial=False)
-    assert top == 3 and per_layer(boxed[scan], depth)["decoder/layers_1/mlp/wo/kernel"] == 2
+    depth, top = selection.depths(boxed[scan], serial=True)
+    assert top == 6
+    assert per_layer(boxed[scan], depth) == {p: serial(p) for p in per_layer(boxed[scan], depth)}
+    depth, top = selection.depths(boxed[scan], head_offset=1)
+    assert top == 3 and per_layer(boxed[scan], depth)["decoder/logits_dense/kernel"] == 3
+
+
+def test_depths_of_unequal_stacks_count_from_each_top():
+  """3 encoder layers, 1 decoder layer: both top layers at depth 3, the head at 5."""
+  cfg = dataclasses.replace(CONFIG, num_encoder_layers=3, num_decoder_layers=1)
+  params = jax.eval_shape(encoder_decoder.EncoderDecoderModel(t5.Transformer(cfg)).init,
+                          jax.random.key(0), batch())["params"]
+  depth, top = selection.depths(params)
+  depth = per_layer(params, depth)
+  assert top == 5
+  assert [depth[f"encoder/layers_{i}/mlp/wo/kernel"] for i in range(3)] == [1, 2, 3]
+  assert depth["decoder/layers_0/mlp/wo/kernel"] == 3
+  assert depth["token_embedder/embedding"] == 0 and depth["decoder/logits_dense/kernel"] == 5
+
+
+def electra_layer_lrs(learning_rate, layer_decay, n_layers):
+  """A port of google-research/electra `model/optimization.py` `_get_layer_lrs`."""
+  key_to_depths = collections.OrderedDict({"/embeddings/": 0, "/embeddings_project/": 0,
+                                           "task_specific/": n_layers + 2})
+  for layer in range(n_layers):
+    key_to_depths["encoder/layer_" + str(layer) + "/"] = layer + 1
+  return {key: learning_rate * (layer_decay ** (n_layers + 2 - depth))
+          for key, depth in key_to_depths.items()}
+
+
+def test_llrd_learning_rates_of_an_encoder_are_electras():
+  """ELECTRA's own setting: an encoder with an embedding projection and a task head;
+  each parameter's factor equals the port's rate for its variable scope (embeddings
+  and projection '/embeddings/', layers 'encoder/layer_i/', head and final norm
+  'task_specific/')."""
+  cfg = encoder.EncoderConfig(vocab_size=128, emb_dim=32, num_heads=4, num_layers=3,
+                              head_dim=8, mlp_dim=64, max_length=16, embedding_dim=24)
+  network = encoder.EncoderNetwork(cfg, head="classifier", num_classes=3)
+  params = jax.eval_shape(network.init, jax.random.key(0),
+                          np.ones((2, 8), np.int32))["params"]
+  reference = electra_layer_lrs(1.0, 0.8, 3)
+  scope = lambda path: ("/embeddings/" if path.startswith("embedder/")
+                        else "/embeddings_project/" if "embedding_projection" in path
+                        else "encoder/layer_" + path.split("layers_")[1].split("/")[0] + "/"
+                        if "/layers_" in path else "task_specific/")
+  got = per_layer(params, llrd.LayerwiseDecay(decay=0.8).update_scales(params))
+  assert {scope(p) for p in got} == set(reference)
+  for path, factor in got.items():
+    assert factor == pytest.approx(reference[scope(path)], rel=1e-6), path
 
 
 # -- optimizer state and bit-identical freezing ----------------------------------
@@ -174,8 +227,8 @@ def test_llrd_update_of_each_layer_is_decay_to_the_depth_from_top(boxed, scan):
   values, grads = random_like(params, 1), random_like(params, 2)
   technique = llrd.LayerwiseDecay(decay=0.7)
   depth = {"token_embedder": 0, "relpos_bias": 0, "encoder/layers_0": 1, "encoder/layers_1": 2,
-           "decoder/layers_0": 3, "decoder/layers_1": 4}
-  factor = lambda path: 0.7 ** (5 - next((d for k, d in depth.items() if k in path), 5))
+           "decoder/layers_0": 1, "decoder/layers_1": 2}
+  factor = lambda path: 0.7 ** (4 - next((d for k, d in depth.items() if k in path), 4))
   sgd = optim.per_layer(optax.sgd(0.1), stacked_counts(params))
   adafactor = optim.per_layer(optim.adafactor(0.01), stacked_counts(params))
 
@@ -226,33 +279,70 @@ def test_reinit_changes_exactly_the_top_layers_and_head(boxed, scan):
 
 
 # -- Half Fine-Tuning ----------------------------------------------------------------
-def test_hft_freezes_exactly_half_of_the_groups_reproducibly(boxed):
-  technique = hft.HalfFineTuning(seed=0)
-  groups = technique.groups(boxed[False])
-  assert len(groups) == 12  # 2 x {attention, mlp} + 2 x {self, cross, mlp} + embeddings, head
-  assert {"embeddings", "head", "encoder/layers_0/attention", "decoder/layers_1/mlp",
-          "decoder/layers_0/encoder_decoder_attention"} <= set(groups)
-  # The groups partition the parameters (pre-norms with their sub-module).
-  members = [{p for p, m in per_layer(boxed[False], selection.select(boxed[False], [g])).items()
-              if m} for g in groups.values()]
-  assert sum(map(len, members)) == len(set().union(*members)) == 52
-  sizes = hft.group_sizes(boxed[False], technique)
-  assert sizes["encoder/layers_0/attention"] == 4 * 32 * 32 + 32
-  frozen = technique.frozen_groups(boxed[False])
-  assert len(frozen) == 6 and frozen == hft.HalfFineTuning(seed=0).frozen_groups(boxed[True])
-  assert frozen != hft.HalfFineTuning(seed=1).frozen_groups(boxed[False])
-  assert frozen != hft.HalfFineTuning(seed=0, stage=1).frozen_groups(boxed[False])
-  assert per_layer(boxed[False], technique.frozen(boxed[False])) == per_layer(
-      boxed[True], technique.frozen(boxed[True]))
-  matrix = hft.HalfFineTuning(seed=0, granularity="matrix")
-  assert len(matrix.frozen_groups(boxed[False])) == len(matrix.groups(boxed[False])) // 2
+def test_hft_freezes_half_of_the_parameters_reproducibly(boxed):
+  total = selection.count(boxed[False])[1]
+  for granularity in ("matrix", "module"):
+    technique = hft.HalfFineTuning(seed=0, granularity=granularity)
+    groups = technique.groups(boxed[False])
+    # The groups partition the parameters (a module group: the pre-norm with its module).
+    members = [{p for p, m in per_layer(boxed[False], selection.select(boxed[False], [g])).items()
+                if m} for g in groups.values()]
+    assert sum(map(len, members)) == len(set().union(*members)) == 52
+    smallest = min(technique.group_sizes(boxed[False]).values())
+    shares = set()
+    for seed, stage in itertools.product(range(6), range(2)):
+      draw = hft.HalfFineTuning(seed=seed, stage=stage, granularity=granularity)
+      frozen = selection.count(boxed[False], draw.frozen(boxed[False]))[0]
+      assert abs(2 * frozen - total) <= smallest, (granularity, seed, stage, frozen, total)
+      shares.add(tuple(draw.frozen_groups(boxed[False])))
+      # Scanned and unscanned: the same groups, the same parameters.
+      assert draw.frozen_groups(boxed[True]) == draw.frozen_groups(boxed[False])
+      assert per_layer(boxed[False], draw.frozen(boxed[False])) == per_layer(
+          boxed[True], draw.frozen(boxed[True]))
+    assert len(shares) >= 6  # seeds and stages draw different halves
+  matrix = hft.HalfFineTuning(seed=0)
+  sizes = matrix.group_sizes(boxed[False])
+  assert len(sizes) == 52  # every per-layer tensor its own group, norms and biases too
+  assert sizes["encoder/layers_0/attention/query"] == 32 * 32
+  assert sizes["token_embedder"] == sizes["decoder/logits_dense"] == 128 * 32
+  assert matrix.frozen_groups(boxed[False]) == hft.HalfFineTuning(seed=0).frozen_groups(
+      boxed[False])
+
+
+def test_hft_half_of_the_groups_is_the_earlier_rule(boxed):
+  """half_of='groups' with 'module' groups: the first n // 2 of a permutation of the
+  sorted group names by default_rng([seed, stage]), whatever their sizes."""
+  technique = hft.HalfFineTuning(seed=3, stage=1, granularity="module", half_of="groups")
+  names = sorted(technique.groups(boxed[False]))
+  assert len(names) == 12 and {"embeddings", "head", "encoder/layers_0/attention",
+                               "decoder/layers_0/encoder_decoder_attention"} <= set(names)
+  order = np.random.default_rng([3, 1]).permutation(12)
+  assert technique.frozen_groups(boxed[False]) == sorted(names[i] for i in order[:6])
+  assert hft.group_sizes(boxed[False], technique)["encoder/layers_0/attention"] == (
+      4 * 32 * 32 + 32)
+
+
+def test_nearest_half_is_within_twice_the_best_gap():
+  """Against brute force on random group sizes: |2 frozen - total| is at most the
+  smallest group's size or twice the best achievable (the search band doubles)."""
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    sizes = {f"g{i}": int(s) for i, s in enumerate(rng.choice([1, 3, 8, 64, 500, 4096],
+                                                               size=rng.integers(2, 11)))}
+    total = sum(sizes.values())
+    best = min(abs(2 * sum(sizes[n] for n in subset) - total)
+               for r in range(len(sizes) + 1) for subset in itertools.combinations(sizes, r))
+    chosen = hft.nearest_half(sizes, np.random.default_rng(trial))
+    gap = abs(2 * sum(sizes[n] for n in chosen) - total)
+    assert len(set(chosen)) == len(chosen) and set(chosen) <= set(sizes)
+    assert gap <= max(min(sizes.values()), 2 * best), (sizes, chosen, best)
 
 
 def test_combine_multiplies_scales(boxed):
   combined = base.Combine([freezing.FreezeLower(1), llrd.LayerwiseDecay(0.5)])
   scales = per_layer(boxed[True], combined.update_scales(boxed[True]))
   assert scales["encoder/layers_0/mlp/wo/kernel"] == 0 and scales["token_embedder/embedding"] == 0
-  assert scales["encoder/layers_1/mlp/wo/kernel"] == pytest.approx(0.5 ** 3)
+  assert scales["encoder/layers_1/mlp/wo/kernel"] == pytest.approx(0.5 ** 2)
   assert scales["decoder/logits_dense/kernel"] == 1
 
 

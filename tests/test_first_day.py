@@ -149,3 +149,14 @@ def test_truncated_supervised_examples_are_counted_once(caplog):
       for _ in range(feed_steps.TRUNCATION_REPORT_AFTER_BATCHES + 1):
         next(feed)
   assert "TASK_FEATURE_LENGTHS" not in caplog.text
+
+
+def test_a_validation_split_smaller_than_a_batch_is_reported_before_training(pretrained,
+                                                                            tmp_path, capsys):
+  # first_day_qa's validation split holds 6 examples: no batch of 8 for evaluation.
+  assert train.main([*FINETUNE, "--gin.MIXTURE_OR_TASK_NAME=first_day_qa",
+                     f"--gin.INITIAL_CHECKPOINT_PATH={pretrained}", "--gin.BATCH_SIZE=8",
+                     f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TRAIN_STEPS=3"]) == 2
+  line = _error(capsys)
+  assert "evaluation data" in line and "BATCH_SIZE=8" in line and "EVAL_PERIOD=None" in line
+  assert not (tmp_path / "run").exists()

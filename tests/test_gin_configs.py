@@ -6,6 +6,7 @@ import pytest
 
 from t5xlike import library_compat
 from t5xlike.cli import gin_config
+from t5xlike.errors import ConfigError
 from t5xlike.models import t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
@@ -44,6 +45,22 @@ def test_model_sizes(size):
           cfg.head_dim, cfg.mlp_dim) == (emb, heads, depth, depth, head_dim, mlp)
   assert cfg.mlp_activations == ("gelu", "linear") and not cfg.logits_via_embedding
   assert cfg.vocab_size == 8192  # 8,000 pieces + 100 extra ids, padded to 128
+
+
+def test_shipped_gin_files_are_found_from_any_directory(tmp_path, monkeypatch):
+  """The README's spelling (gin_configs/...) and the bare name, from a directory outside the
+  repository; a gin_configs/ of the current directory comes first."""
+  monkeypatch.chdir(tmp_path)
+  paths = gin_config.search_paths([])
+  assert gin_config.GIN_CONFIGS_DIR == GIN_DIR  # A source checkout: its top-level directory.
+  for name in ("gin_configs/quickstart.gin", "quickstart.gin"):
+    assert gin_config.find_gin_file(name, paths) == GIN_DIR / "quickstart.gin"
+  with pytest.raises(ConfigError, match="'gin_configs/no_such.gin' not found"):
+    gin_config.find_gin_file("gin_configs/no_such.gin", paths)
+  (tmp_path / "gin_configs").mkdir()
+  (tmp_path / "gin_configs" / "quickstart.gin").write_text("# mine\n")
+  assert gin_config.find_gin_file("gin_configs/quickstart.gin", paths) == (
+      tmp_path / "gin_configs" / "quickstart.gin")
 
 
 REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "MIXTURE_OR_TASK_NAME",

@@ -10,7 +10,7 @@ import pytest
 from t5xlike import errors, eval as eval_entry, infer, train
 from t5xlike.data import task_examples
 from t5xlike.inference import jsonl_io, task_evaluator
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 24}"
@@ -43,7 +43,8 @@ def test_finetune_continues_the_step_count_and_evaluates_every_task(runs):
   evals = rows(finetune / "metrics" / "eval.jsonl")
   tasks = {r["task"] for r in evals}
   assert "multitask_offline" in tasks  # the teacher-forced loss/accuracy of the mixture
-  assert {"mt_last_word", "mt_reverse_words", "mt_continue"} <= tasks  # metric functions
+  assert {"mt_first_word", "mt_reverse_words", "mt_continue"} <= tasks  # metric functions
+  assert "mt_last_word" not in tasks  # held out of multitask_offline: evaluation follows training
   by_task = {r["task"]: r for r in evals if r["step"] == 4}
   assert {"loss", "accuracy"} <= set(by_task["multitask_offline"])
   assert "sequence_accuracy" in by_task["mt_reverse_words"]
@@ -73,7 +74,7 @@ def test_eval_writes_one_row_per_task_and_inference_outputs(runs, tmp_path):
 
 def test_task_metrics_follow_the_seqio_contract():
   """Known predictions -> known metric values (postprocess on targets and predictions)."""
-  task_examples.import_module("tasks.multitask")
+  task_examples.import_module("t5xlike.tasks.multitask")
   task = task_examples.leaf_tasks("mt_count_words")[0]
   examples = task_examples.read_split(task, "validation", {"inputs": 64, "targets": 32},
                                       use_cached=False, cache_dir=None, max_examples=8)
@@ -169,10 +170,11 @@ def test_eval_and_infer_refuse_missing_checkpoint(tmp_path, capsys):
   assert not (tmp_path / "x").exists()
   assert _infer(tmp_path / "nope" / "checkpoint_3", "predict", tmp_path / "a.jsonl",
                 tmp_path / "b.jsonl") == 2
-  assert "a.jsonl: no such file" in capsys.readouterr().err
+  assert "nope/checkpoint_3 does not exist" in capsys.readouterr().err
+  assert not (tmp_path / "b.jsonl").exists()
 
 
-def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path):
+def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path, capsys):
   _, finetune = runs
   assert infer.main([MODEL, "--gin_file=gin_configs/runs/infer.gin",
                      f"--gin.CHECKPOINT_PATH={finetune}/checkpoint_4",
@@ -188,6 +190,11 @@ def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path):
   assert _infer(finetune / "checkpoint_4", "predict", source, out) == 0
   assert [r["inputs"] for r in rows(out)] == ["Give the first word: a b c",
                                               "Give the first word: d e"]
+  # A missing input file is named, once the checkpoint exists.
+  assert _infer(finetune / "checkpoint_4", "predict", tmp_path / "a.jsonl",
+                tmp_path / "b.jsonl") == 2
+  assert "a.jsonl: no such file" in capsys.readouterr().err
+  assert not (tmp_path / "b.jsonl").exists()
 
 
 def test_decoder_only_model_predicts_and_scores_from_the_command_line(tmp_path):

@@ -1,12 +1,16 @@
-"""Merging (finetuning/merging.py) and `python -m t5xlike.merge` (finetuning/merge_run.py)."""
+"""Merging (finetuning/merging.py) and `python -m t5xlike.merge` (runs/merge_run.py):
+soups and task arithmetic against NumPy float64; Model Breadcrumbs against ports of the
+official code (per row) and of mergekit (per tensor); the greedy soup's strict
+acceptance and its held-out examples."""
 import json
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from t5xlike import checkpoints, merge
+from t5xlike import checkpoints, errors, merge
 from t5xlike.finetuning import merging
+from t5xlike.inference import task_evaluator
 from t5xlike.runs import merge_run
 from tests import test_finetuning_selection as tfs
 
@@ -65,55 +69,102 @@ def test_uniform_soup_and_task_arithmetic_match_numpy(ckpts, tmp_path):
     assert soup.tobytes() == ((a[k].astype(np.float64) + b[k]) / 2).astype(np.float32).tobytes()
 
 
+def official_middle_keep(tensor, top_k_keep, top_k_remove):
+  """A NumPy port of rezazzr/breadcrumbs `src/task_vectors.py` `TaskVectorMiddleKeep`
+  (remove_first=True): along the last axis drop the int(n * top_k_remove) largest |tau|
+  (`mask_remove_top`), then keep the int(n * top_k_keep) largest of the rest
+  (`mask_keep_top`); `torch.topk` is `argsort` of -|tau| here (no ties in the tests)."""
+  n = tensor.shape[-1]
+  keep = np.ones(tensor.shape)
+  np.put_along_axis(keep, np.argsort(-np.abs(tensor), axis=-1)[..., :int(n * top_k_remove)],
+                    0.0, axis=-1)
+  removed = keep * tensor
+  kept = np.zeros(tensor.shape)
+  np.put_along_axis(kept, np.argsort(-np.abs(removed), axis=-1)[..., :int(n * top_k_keep)],
+                    1.0, axis=-1)
+  return kept * keep > 0
+
+
+def mergekit_magnitude_outliers(tensor, density, gamma):
+  """mergekit's `magnitude_outliers` mask (per tensor): drop int(gamma * n) largest, keep
+  int(density * n), the smallest rest dropped."""
+  n = tensor.size
+  target, n_top = int(density * n), int(gamma * n)
+  n_bot = n - target - n_top
+  order = np.argsort(np.abs(tensor).reshape(-1), kind="stable")
+  keep = np.zeros(n, bool)
+  keep[order[n_bot:n - n_top]] = True
+  return keep.reshape(tensor.shape)
+
+
+@pytest.mark.parametrize("shape,keep,remove", [((6, 7), 0.5, 0.15), ((3, 4, 10), 0.3, 0.1),
+                                               ((9,), 0.4, 0.2)])
+def test_breadcrumbs_rows_follow_the_official_code(shape, keep, remove):
+  """Per row (last axis) with floored counts: beta = the official top_k_remove, gamma =
+  1 - top_k_keep - top_k_remove. (Rows of 7 at beta 0.15, gamma 0.35: the official code
+  keeps int(3.5) = 3, rounding half to even would keep 4.)"""
+  tau = np.random.default_rng(sum(shape)).standard_normal(shape)
+  got = merging.breadcrumbs_mask(tau, beta=remove, gamma=1.0 - keep - remove)
+  assert (got == official_middle_keep(tau, keep, remove)).all()
+  # A scanned leaf's rows are the rows of its layers: the same mask stacked or not.
+  if len(shape) == 3:
+    assert (got == np.stack([merging.breadcrumbs_mask(t, remove, 1.0 - keep - remove)
+                             for t in tau])).all()
+
+
 @pytest.mark.parametrize("layered", [False, True])
-def test_breadcrumbs_masks_exactly_the_requested_counts(layered):
+def test_breadcrumbs_per_tensor_follows_mergekit(layered):
   rng = np.random.default_rng(0)
   tau = rng.standard_normal((3, 40)).astype(np.float32)
-  tau[1, :10] = 0.5  # ties
   beta, gamma = 0.1, 0.45
-  keep = merging.breadcrumbs_mask(tau, beta, gamma, layered=layered)
-  layers = [(tau[i], keep[i]) for i in range(3)] if layered else [(tau.ravel(), keep.ravel())]
-  for values, kept in layers:
-    n = values.size
-    assert (~kept).sum() == round(beta * n) + round(gamma * n)
-    magnitude = np.abs(values)
-    order = np.argsort(magnitude, kind="stable")  # reference ranking, ties by index
-    bottom, top = order[:round(gamma * n)], order[n - round(beta * n):]
-    assert not kept[bottom].any() and not kept[top].any()
-    assert kept.sum() == n - len(bottom) - len(top)
-    assert magnitude[kept].max() <= magnitude[top].min()
-    assert magnitude[kept].min() >= magnitude[bottom].max()
+  keep = merging.breadcrumbs_mask(tau, beta, gamma, granularity="tensor", layered=layered)
+  units = [(tau[i], keep[i]) for i in range(3)] if layered else [(tau, keep)]
+  for values, kept in units:
+    assert (kept == mergekit_magnitude_outliers(values, 1.0 - beta - gamma, beta)).all()
+    assert (~kept).sum() == int(beta * values.size) + (
+        values.size - int(beta * values.size) - int((1 - beta - gamma) * values.size + 1e-9))
 
 
 def test_breadcrumbs_ties_are_deterministic_by_index():
   keep = merging.breadcrumbs_mask(np.full(10, 2.0), beta=0.2, gamma=0.3)
   assert keep.tolist() == [False] * 3 + [True] * 5 + [False] * 2
+  tied = np.array([[1.0, 0.5, 0.5, 0.5, 2.0]])  # ties within a row: lower index lower
+  assert merging.breadcrumbs_mask(tied, beta=0.2, gamma=0.4).tolist() == [
+      [True, False, False, True, False]]
 
 
-def test_breadcrumbs_cli_matches_numpy_per_layer(ckpts, tmp_path):
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_breadcrumbs_cli_matches_numpy(ckpts, tmp_path, granularity):
+  """The command (per row by default; per tensor, and per layer of a scanned leaf,
+  through the gin binding `merge_run.merge.breadcrumbs_granularity`)."""
   base, a, b = (ckpts[n][1] for n in ("base", "a", "b"))
-  assert run("--method=breadcrumbs", f"--base={ckpts['base'][0]}",
-             f"--checkpoints={ckpts['a'][0]},{ckpts['b'][0]}", "--beta=0.1", "--gamma=0.5",
-             "--lam=0.8", f"--output={tmp_path}") == 0
+  flags = ["--method=breadcrumbs", f"--base={ckpts['base'][0]}",
+           f"--checkpoints={ckpts['a'][0]},{ckpts['b'][0]}", "--beta=0.1", "--gamma=0.5",
+           "--lam=0.8", f"--output={tmp_path}"]
+  if granularity == "row":
+    assert run(*flags) == 0
+  else:
+    merge_run.merge(method="breadcrumbs", checkpoint_paths=[str(ckpts[n][0]) for n in "ab"],
+                    output=str(tmp_path), base=str(ckpts["base"][0]), beta=0.1, gamma=0.5,
+                    lam=0.8, breadcrumbs_granularity="tensor")
   out = tfs.load(tmp_path / "checkpoint_12")
+  assert json.loads((tmp_path / "merge.json").read_text())["granularity"] == granularity
   for k in base:
     b64 = base[k].astype(np.float64)
     total = np.zeros_like(b64)
     for theta in (a[k], b[k]):
       tau = theta - b64
-      # Per layer along the scanned axis, per tensor otherwise.
-      rows = tau.reshape(tau.shape[0], -1) if "/layers/" in k else tau.reshape(1, -1)
-      masked = np.zeros_like(rows)
-      for i, row in enumerate(rows):
-        order = np.argsort(np.abs(row), kind="stable")
-        n = row.size
-        kept = order[round(0.5 * n):n - round(0.1 * n)]
-        masked[i, kept] = row[kept]
-      total += masked.reshape(tau.shape)
+      if granularity == "row":
+        kept = official_middle_keep(tau, 0.4, 0.1)
+      elif "/layers/" in k:  # a scanned leaf: per layer
+        kept = np.stack([mergekit_magnitude_outliers(t, 0.4, 0.1) for t in tau])
+      else:
+        kept = mergekit_magnitude_outliers(tau, 0.4, 0.1)
+      total += np.where(kept, tau, 0.0)
     assert out[k].tobytes() == (b64 + 0.8 * total).astype(np.float32).tobytes(), k
 
 
-def test_greedy_soup_ranks_then_adds_while_not_worse():
+def test_greedy_soup_ranks_then_adds_while_strictly_better():
   """Ingredients are numbers; a soup's score is -(mean - 1)^2 (higher is better)."""
   value = {"w": 3.0, "x": 1.5, "y": 0.8, "z": -4.0}
   score = lambda members: -(np.mean([value[m] for m in members]) - 1.0) ** 2
@@ -126,6 +177,19 @@ def test_greedy_soup_ranks_then_adds_while_not_worse():
   lower, _ = merging.greedy_soup(list(value), lambda n: -score([n]), lambda m: -score(m),
                                  higher_is_better=False)
   assert lower == members
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_greedy_soup_skips_an_ingredient_that_ties(higher_is_better):
+  """The reference adds only on `held_out_val_accuracy > best_val_acc_so_far`: a soup
+  that scores exactly as well does not take the ingredient."""
+  sign = 1.0 if higher_is_better else -1.0
+  alone = {"a": 0.9, "b": 0.8, "c": 0.7}
+  soups = {("a", "b"): 0.9, ("a", "c"): 0.95}  # b ties the best so far, c improves
+  members, log = merging.greedy_soup(list(alone), lambda n: sign * alone[n],
+                                     lambda m: sign * soups[tuple(m)], higher_is_better)
+  assert members == ["a", "c"]
+  assert [row["added"] for row in log] == [True, False, True]
 
 
 def test_greedy_cli_uses_the_evaluator(ckpts, tmp_path):
@@ -209,6 +273,27 @@ def test_greedy_soup_from_the_command_line_with_the_eval_machinery(tmp_path):
   assert alone == sorted(alone)  # lower loss first
   best = alone[0]
   for row in report["decisions"][1:]:
-    assert row["added"] == (row["soup_with"] <= best)
+    assert row["added"] == (row["soup_with"] < best)
     best = row["soup_with"] if row["added"] else best
   assert (out / "checkpoint_2" / "state").exists()
+
+
+def test_held_out_metric_selects_on_examples_after_first_example():
+  """The greedy soup's held-out part: examples [first_example, first_example + n) of each
+  task's split, i.e. not the first ones that `runs/eval.gin` reports on."""
+  lengths = {"inputs": 16, "targets": 8}
+  task = dict(mixture_or_task_name="mt_first_word", mixture_or_task_module="t5xlike.tasks.multitask")
+  whole = task_evaluator.InferenceEvaluator(feature_lengths=lengths, max_examples=None, **task)
+  (_, examples, rows), = whole.tasks
+  assert len(examples) == 300
+  held_out = merge_run.HeldOutMetric(None, task_feature_lengths=lengths, first_example=256,
+                                     max_examples=None, **task)
+  (_, got, got_rows), = held_out.evaluator.tasks
+  assert got_rows == rows[256:] and len(got) == 44
+  assert all(all(np.array_equal(g[k], e[k]) for k in e) for g, e in zip(got, examples[256:]))
+  few = merge_run.HeldOutMetric(None, task_feature_lengths=lengths, first_example=10,
+                                max_examples=5, **task)
+  assert few.evaluator.tasks[0][2] == rows[10:15]
+  with pytest.raises(errors.ConfigError, match="no example after the first 300"):
+    merge_run.HeldOutMetric(None, task_feature_lengths=lengths, first_example=300,
+                            max_examples=None, **task)

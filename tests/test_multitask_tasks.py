@@ -1,4 +1,4 @@
-"""The offline multitask mixture (tasks.multitask), prompts, mixtures and text metrics."""
+"""The offline multitask mixture (t5xlike.tasks.multitask), prompts, mixtures and text metrics."""
 import collections
 import subprocess
 import sys
@@ -10,11 +10,11 @@ import seqio
 import tensorflow as tf
 from rouge_score import rouge_scorer
 
-import tasks.multitask as mt
+import t5xlike.tasks.multitask as mt
 from t5xlike import text_metrics
 from t5xlike.data import pipeline, sources
-from tasks import embedded, mixtures, prompts
-from tasks.prompts import Template
+from t5xlike.tasks import embedded, mixtures, prompts
+from t5xlike.tasks.prompts import Template
 
 LENGTHS = {"inputs": 64, "targets": 32}
 MAX_INPUTS, MAX_TARGETS = 48, 24  # Before EOS, as the module docstring states.

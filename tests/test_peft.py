@@ -1,10 +1,13 @@
 """Parameter-efficient fine-tuning (t5xlike/finetuning/{peft,lora,adapters,prompt_tuning,
-peft_checkpoint}.py): zero-B LoRA and zero-init adapters give exactly the base logits
-(T5 scanned and unscanned, decoder-only); merged LoRA equals unmerged; a soft prompt
-equal to some tokens' embeddings equals the base model on those tokens prepended;
-training moves only the PEFT parameters (the rest bit-identical); the PEFT checkpoint
-holds only those and loading it (with its base) reproduces the trained logits; the
-three gin files fine-tune from the command line (slow)."""
+peft_checkpoint}.py): zero-B LoRA and identity-init adapters give exactly the base
+logits (T5 scanned and unscanned, decoder-only); merged LoRA equals unmerged; LoRA's
+defaults are peft's; adapters follow adapter-bert (after the dropout, near-identity
+init, layer norms trained; float64 references); a soft prompt equal to some tokens'
+embeddings equals the base model on those tokens prepended, class-label init as the
+reference's `from_embedded_list`; training moves only the trained parameters (the rest
+bit-identical); the PEFT checkpoint holds only those and loading it (with its base, old
+records included) reproduces the trained logits; the three gin files fine-tune from the
+command line (slow)."""
 import json
 import re
 
@@ -16,9 +19,9 @@ import pytest
 from flax import traverse_util
 
 from t5xlike import checkpoints, errors, optim, partitioning, train
-from t5xlike.finetuning import adapters, lora, peft, prompt_tuning
+from t5xlike.finetuning import adapters, lora, peft, peft_registry, prompt_tuning, selection
 from t5xlike.inference import checkpoint_loading
-from t5xlike.models import decoder, encoder_decoder, t5
+from t5xlike.models import decoder, encoder_decoder, layers, t5
 from t5xlike.training import trainer as trainer_lib
 from tests import test_decoder_model, test_t5_model
 
@@ -154,10 +157,22 @@ def test_lora_dropout_acts_in_training_only(bases):
   assert not np.allclose(train_logits, eval_logits, atol=1e-4)
 
 
+def test_lora_defaults_are_peft_lora_config():
+  """HF peft `LoraConfig` (src/peft/tuners/lora/config.py): r = 8, lora_alpha = 8,
+  lora_dropout = 0.0; its T5 targets ["q", "v"] (utils/constants.py) are our query and
+  value; so the update scale alpha / r is 1."""
+  method = lora.LoRA()
+  assert (method.rank, method.alpha, method.dropout, method.scale) == (8, 8.0, 0.0, 1.0)
+  assert [m for m in ("attention/query", "attention/key", "attention/value", "attention/out",
+                      "encoder_decoder_attention/query", "mlp/wo")
+          if re.search(method.targets, m)] == ["attention/query", "attention/value",
+                                               "encoder_decoder_attention/query"]
+
+
 # -- adapters ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["t5", "decoder"])
-def test_zero_init_adapters_give_exactly_the_base_logits(bases, kind):
-  method = adapters.Adapters(size=8)
+def test_identity_init_adapters_give_exactly_the_base_logits(bases, kind):
+  method = adapters.Adapters(size=8, init="identity")
   wrapped, _, params, new = peft_params(method, kind, bases)
   _, _, batch, base_logits = bases[kind]
   modules = {p.rsplit("/", 1)[0] for p in new}
@@ -175,10 +190,10 @@ def test_zero_init_adapters_give_exactly_the_base_logits(bases, kind):
 
 def test_adapters_match_a_numpy_reference_on_the_mlp_output():
   """h + relu(h W_down + b_down) W_up + b_up on an MlpBlock, float64 reference."""
-  from t5xlike.models import layers
   block = layers.MlpBlock(intermediate_dim=12, name="mlp")
   x = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
-  wrapped = peft.InterceptedNetwork(block, adapters.Adapters(size=4, targets="").interceptor)
+  method = adapters.Adapters(size=4, targets="", activation="relu", placement="before_dropout")
+  wrapped = peft.InterceptedNetwork(block, method.interceptor)
   params = randomised(nn.meta.unbox(wrapped.init(jax.random.key(0), x)["params"]),
                       r"adapter_(up|down_bias|up_bias)$")
   out = np.asarray(wrapped.apply({"params": params}, x))
@@ -188,6 +203,97 @@ def test_adapters_match_a_numpy_reference_on_the_mlp_output():
   want = h + np.maximum(h @ p["adapter_down"] + p["adapter_down_bias"], 0) @ p["adapter_up"] \
       + p["adapter_up_bias"]
   np.testing.assert_allclose(out, want, atol=1e-5)
+  # Houlsby's placement needs the block's output to go into a dropout: none here.
+  after = peft.InterceptedNetwork(block, adapters.Adapters(size=4, targets="").interceptor)
+  with pytest.raises(ValueError, match="does not go into a dropout"):
+    after.init(jax.random.key(0), x)
+
+
+class ResidualBlock(nn.Module):
+  """x + dropout(mlp(x)), T5's sub-layer with its residual dropout (rate 0.5)."""
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    h = layers.MlpBlock(intermediate_dim=12, name="mlp")(x)
+    return x + layers.residual_dropout(0.5)(h, deterministic=deterministic)
+
+
+def gelu64(x):
+  """adapter-bert `modeling.gelu` (the tanh approximation), float64."""
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("placement", ["after_dropout", "before_dropout"])
+def test_adapter_placement_against_numpy(placement):
+  """adapter-bert's `transformer_model`: dropout, then the adapter, then the residual:
+  x + adapter(dropout(h)); 'before_dropout': x + dropout(adapter(h)); adapter(z) =
+  z + gelu(z W_down + b_down) W_up + b_up (float64 reference). The dropout mask is the
+  base block's (same rng, same module path): dropout(h) = its output - x."""
+  block = ResidualBlock()
+  x = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
+  wrapped = peft.InterceptedNetwork(block, adapters.Adapters(size=4, targets="mlp$",
+                                                             placement=placement).interceptor)
+  params = randomised(nn.meta.unbox(wrapped.init(jax.random.key(0), x, True)["params"]),
+                      r"adapter_(up|down_bias|up_bias)$")
+  rngs = {"dropout": jax.random.key(5)}
+  out = np.asarray(wrapped.apply({"params": params}, x, False, rngs=rngs), np.float64)
+  base = {"mlp": {k: v for k, v in params["mlp"].items() if not k.startswith("adapter")}}
+  dropped = np.asarray(block.apply({"params": base}, x, False, rngs=rngs), np.float64) - x
+  h = np.asarray(block.apply({"params": base}, x, True), np.float64) - x
+  kept = np.abs(dropped) > 0  # T5's dropout: whole (row, feature) columns, scaled by 2
+  assert 0 < kept.mean() < 1
+  p = {k: np.asarray(v, np.float64) for k, v in params["mlp"].items() if k.startswith("adapter")}
+  adapter = lambda z: z + gelu64(z @ p["adapter_down"] + p["adapter_down_bias"]) \
+      @ p["adapter_up"] + p["adapter_up_bias"]
+  want = x + (adapter(dropped) if placement == "after_dropout"
+              else np.where(kept, 2.0 * adapter(h), 0.0))
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_adapter_defaults_are_houlsbys(bases):
+  """adapter-bert `feedforward_adapter(hidden_size=64, init_scale=1e-3)`: both
+  projections truncated normal with stddev 1e-3 (cut at 2 stddev), zero biases, GELU;
+  `optimization.py` trains the 'adapters' and 'layer_norm' collections: the norms
+  train, nothing else of the base."""
+  method = adapters.Adapters()
+  assert (method.size, method.activation, method.placement, method.init, method.init_scale) == (
+      64, "gelu", "after_dropout", "near_identity", 1e-3)
+  wrapped, boxed, params, new = peft_params(method, "t5", bases)
+  values = flat(nn.meta.unbox(boxed))
+  for name in ("adapter_down", "adapter_up"):
+    w = np.concatenate([np.ravel(v) for k, v in values.items() if k.endswith(name)])
+    assert np.abs(w).max() <= 2e-3 and 0.7e-3 < w.std() < 1e-3  # truncation shrinks it
+  assert not any(np.any(v) for k, v in values.items() if k.endswith("_bias"))
+  trained = {p for p, m in flat(method.trainable(boxed)).items() if np.asarray(m).any()}
+  assert trained == {p for p in values if re.search(method.param_pattern, p)
+                     or re.search(selection.NORM_PATTERN, p)}
+  assert "encoder/layers_0/pre_attention_layer_norm/scale" in trained
+  assert "decoder/logits_dense/kernel" not in trained
+  only = adapters.Adapters(also_train=())  # the option: the adapters alone
+  assert {p for p, m in flat(only.trainable(boxed)).items() if np.asarray(m).any()} == {
+      p for p in values if re.search(method.param_pattern, p)}
+  # Near the identity: the logits move, a little.
+  _, _, batch, base_logits = bases["t5"]
+  logits = logits_of(wrapped, params, batch)
+  assert 0 < np.abs(logits - base_logits).max() < 1e-3
+
+
+def test_old_adapter_records_load_with_their_placement_and_init():
+  """A `peft.json` method record written before `placement` / `init` existed (the
+  adapter before the dropout, W_up = 0) loads as that; a new record round-trips."""
+  old = {"method": "Adapters", "size": 32, "activation": "relu", "targets": "(attention|mlp)$",
+         "also_train": []}
+  method = peft_registry.method_from_json(old)
+  assert method == adapters.Adapters(size=32, activation="relu", also_train=(),
+                                     placement="before_dropout", init="identity")
+  new = adapters.Adapters()
+  assert peft_registry.method_from_json(json.loads(json.dumps(new.to_json()))) == new
+  prompt = {"method": "PromptTuning", "length": 20, "init": "vocab", "seed": 0,
+            "vocab_low": 3, "vocab_high": 5000, "also_train": []}
+  assert peft_registry.method_from_json(prompt) == prompt_tuning.PromptTuning(length=20)
+  assert peft_registry.method_from_json({"method": "LoRA", "rank": 8, "alpha": 16.0,
+                                         "dropout": 0.0, "targets": lora.DEFAULT_TARGETS,
+                                         "also_train": []}).scale == 2.0
 
 
 # -- prompt tuning -------------------------------------------------------------------
@@ -237,6 +343,36 @@ def test_prompt_initialised_from_vocabulary_rows_equals_those_rows(bases):
   table = np.asarray(params["token_embedder"]["embedding"])
   assert np.asarray(out["encoder"]["prompt"]).tobytes() == table[ids].tobytes()
   assert prompt_tuning.PromptTuning(length=4, init="uniform").initialize(params, None) is params
+  assert prompt_tuning.PromptTuning().length == 100  # the reference's released prompts
+
+
+class FakeVocabulary:
+  """`encode` as seqio's: pieces of a text, no EOS."""
+  pieces = {"positive": [17, 40], "negative": [23], "neutral": [41, 42, 43]}
+
+  def encode(self, text):
+    return self.pieces[text]
+
+
+def test_class_label_init_is_the_references_from_embedded_list(bases):
+  """prompt-tuning `prompts.from_embedded_list(initializer=from_sample_of_embeddings)`:
+  the sampled rows, then row i = the mean embedding of class label i's pieces."""
+  _, _, params, _ = peft_params(prompt_tuning.PromptTuning(length=5), "t5", bases)
+  ids = prompt_tuning.label_token_ids(["positive", "negative", "neutral"], FakeVocabulary())
+  assert ids == ((17, 40), (23,), (41, 42, 43))
+  method = prompt_tuning.PromptTuning(length=5, init="class_labels", class_label_ids=ids, seed=2)
+  table = np.asarray(params["token_embedder"]["embedding"], np.float64)
+  want = table[method.token_ids(table.shape[0])]
+  for row, label in enumerate(ids):
+    want[row] = table[list(label)].mean(axis=0)
+  got = np.asarray(method.initialize(params, None)["encoder"]["prompt"])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(got[3:], table[method.token_ids(table.shape[0])][3:])
+  assert peft_registry.method_from_json(json.loads(json.dumps(method.to_json()))) == method
+  with pytest.raises(ValueError, match="class_label_ids"):
+    prompt_tuning.PromptTuning(init="class_labels")
+  with pytest.raises(ValueError, match="3 class label"):
+    prompt_tuning.PromptTuning(length=2, init="class_labels", class_label_ids=ids)
 
 
 def test_decoder_only_prompt_tuning_refuses_cached_decoding():
@@ -293,10 +429,12 @@ def test_training_moves_only_the_peft_parameters(trained, name):
   method, _, before, after, _ = trained[name]
   before, after = flat(before), flat(after)
   moved = {p for p in before if np.asarray(before[p]).tobytes() != np.asarray(after[p]).tobytes()}
-  own = {p for p in before if re.search(method.param_pattern, p)}
-  # (B / W_up is 0 at the start, so A / W_down get no gradient at step 1; after 3
-  # steps every PEFT parameter has moved.)
+  own = {p for p in before if any(re.search(g, p) for g in method.trained_groups())}
+  # (B is 0 at the start, so A gets no gradient at step 1; after 3 steps every trained
+  # parameter has moved.)
   assert moved == own and own
+  if name == "adapters":  # Houlsby: the layer norms train too
+    assert {p for p in own if "norm" in p} == {p for p in before if "norm/scale" in p}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -305,7 +443,7 @@ def test_peft_export_holds_only_the_trained_params_and_reloads_exactly(trained, 
   model, _, batch, _ = bases[kind]
   peft_dir = written[0]
   assert peft_dir.name == "checkpoint_10" and peft_dir.parent.name == "peft"
-  own = {p for p in flat(after) if re.search(method.param_pattern, p)}
+  own = {p for p in flat(after) if any(re.search(g, p) for g in method.trained_groups())}
   assert set(checkpoints.own_param_shapes(peft_dir)) == own
   assert set(checkpoints.saved_param_shapes(peft_dir)) == set(flat(after))
   info = json.loads((peft_dir / "peft.json").read_text())
@@ -361,12 +499,15 @@ def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
                      LENGTHS, TASK]) == 0
   peft_dir = model_dir / "peft" / "checkpoint_4"
   own = checkpoints.own_param_shapes(peft_dir)
-  pattern = {"lora": "/lora_[ab]$", "adapters": "/adapter_", "prompt_tuning": "/prompt$"}
+  pattern = {"lora": "/lora_[ab]$", "adapters": "/adapter_|norm/scale$",
+             "prompt_tuning": "/prompt$"}
   assert own and all(re.search(pattern[technique], p) for p in own)
   full = selection_tests.load(model_dir / "checkpoint_4")
-  assert all(full[p].tobytes() == start[p].tobytes() for p in start)  # base frozen
+  trained_norms = technique == "adapters"  # Houlsby trains the layer norms
+  assert all(full[p].tobytes() == start[p].tobytes() for p in start  # base frozen
+             if not (trained_norms and "norm/scale" in p))
   if technique == "prompt_tuning":  # started from the checkpoint's embedding rows
-    assert full["encoder/prompt"].shape == (20, 64)
+    assert full["encoder/prompt"].shape == (100, 64)
   if technique == "lora":
     assert set(selection_tests.load(model_dir / "merged" / "checkpoint_4")) == set(start)
     # INITIAL_CHECKPOINT_PATH = the PEFT checkpoint: base + LoRA restored (lr 0 keeps them).

@@ -4,9 +4,9 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks.embedded
 from t5xlike.data import chunking, mixing, packing, pipeline, sources
 from t5xlike.objectives import span_corruption
+from t5xlike.tasks import embedded
 
 LENGTHS = {"inputs": 32, "targets": 8}
 
@@ -84,7 +84,7 @@ def test_processes_read_disjoint_slices_of_the_global_batch():
 def _register_letter_tasks():
   if "letters_a" in seqio.TaskRegistry.names():
     return
-  vocab = tasks.embedded.vocabulary()
+  vocab = embedded.vocabulary()
   for letter, count in (("a", 60), ("b", 20), ("c", 400)):
     def dataset_fn(split, shuffle_files, seed=None, letter=letter, count=count):
       del split, shuffle_files, seed
@@ -108,7 +108,7 @@ def test_mixture_frequencies_follow_rates(mixture, expected):
   _register_letter_tasks()
   feed = pipeline.Pipeline(mixture, "train", {"inputs": 8, "targets": 8}, 8, None,
                            num_threads=0)
-  vocab = tasks.embedded.vocabulary()
+  vocab = embedded.vocabulary()
   counts = {}
   for batch in take(feed, 50):
     for row in batch["encoder_input_tokens"]:

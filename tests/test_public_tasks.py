@@ -1,14 +1,14 @@
-"""Public TFDS tasks (tasks.public), read offline under tfds.testing.mock_data."""
+"""Public TFDS tasks (t5xlike.tasks.public), read offline under tfds.testing.mock_data."""
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import tasks.public as public
+import t5xlike.tasks.public as public
 from t5xlike import text_metrics
 from t5xlike.data import sources
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 NUM_EXAMPLES = 6
 # What each task's inputs and targets are, written out here from T5's GLUE format.

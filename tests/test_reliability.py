@@ -275,7 +275,7 @@ def test_checkpoint_of_another_architecture_names_the_parameter(baseline, tmp_pa
       "--gin.MIXTURE_OR_TASK_NAME='fault_empty_train'"),
      ("'fault_empty_train' split 'train' holds no example",)),
     (("--gin.t5.T5Config.vocab_size=1000",), ("1000 embeddings",)),
-    (("--gin.NAN_POLICY='sometimes'",), ("nan_policy",)),
+    (("--gin.NAN_POLICY='sometimes'",), ("NAN_POLICY='sometimes'", "'stop', 'skip'")),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, overrides, culprits):
   code, line = _bad(tmp_path, capsys, *overrides)

@@ -12,16 +12,16 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-import tasks.embedded
 from t5xlike import cache_tasks
 from t5xlike.data import seqio_tasks, sources, task_cache
+from t5xlike.tasks import embedded
 from tests import user_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def encode(text: str) -> np.ndarray:
-  return np.asarray(tasks.embedded.vocabulary().encode(text), np.int32)
+  return np.asarray(embedded.vocabulary().encode(text), np.int32)
 
 
 def assert_same_examples(a, b):
@@ -169,7 +169,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
       "test_tfds_unprepared",
       source=seqio.TfdsDataSource(tfds_name=user_tasks.TFDS_NAME, tfds_data_dir=str(tmp_path)),
       preprocessors=[seqio.preprocessors.tokenize],
-      output_features={"text": seqio.Feature(tasks.embedded.vocabulary())})
+      output_features={"text": seqio.Feature(embedded.vocabulary())})
   try:
     with pytest.raises(ValueError) as error:
       sources.open_source("test_tfds_unprepared", "train", use_cached=False, cache_dir=None)
@@ -201,6 +201,9 @@ def test_postcache_preprocessors_refused_except_eos():
     (["--tasks=user_random_postcache"], "remove random_token_drop from task"),
     (["--tasks=user_text_lines", "--splits=validation"], "has no split 'validation'"),
     (["--tasks=user_text_lines", "--num_shards=x"], "error: argument --num_shards"),
+    (["--tasks=embedded_corpus", "--module=tasks.embedded"],
+     "error: --module='tasks.embedded' cannot be imported: the shipped task modules are "
+     "t5xlike.tasks.*: use 't5xlike.tasks.embedded'"),
 ])
 def test_cache_tasks_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
   assert cache_tasks.main(argv + [f"--output_dir={tmp_path / 'out'}"]) == 2

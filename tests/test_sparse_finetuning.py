@@ -1,16 +1,24 @@
-"""Sparse fine-tuning (finetuning/sparse.py) and sparse deltas (finetuning/sparse_delta.py)."""
+"""Sparse fine-tuning (finetuning/sparse.py) and sparse deltas (finetuning/sparse_delta.py):
+the reference's (composable-sft) parameter roles, reset, global top-k, learning-rate
+restart and per-entry statistics; deltas exact in float64."""
 import json
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from t5xlike import checkpoints, infer, merge, optim, partitioning
-from t5xlike.finetuning import freezing, sparse, sparse_delta
+from t5xlike.finetuning import freezing, selection, sparse, sparse_delta, updates
 from t5xlike.training import trainer as trainer_lib
 from tests import test_finetuning_selection as tfs
 
 K_DENSE, K_TRAIN = 2, 37
+#: The reference's roles on the test T5: the head trains whole, the norms never.
+HEAD = "decoder/logits_dense/kernel"
+NORM = re.compile(selection.NORM_PATTERN)
 
 
 def make_trainer(scan, technique):
@@ -46,41 +54,48 @@ def runs():
 @pytest.mark.parametrize("scan", [False, True])
 def test_reset_then_only_the_chosen_k_change_the_rest_bit_identical(runs, scan):
   trainer, theta0, history, _, final = runs[scan]
-  # Step 1 is dense: every candidate moved, nothing else.
+  # Step 1 is dense: every parameter but the norms moved (the reference's maskable
+  # base-model parameters, embeddings and relative position biases included, and the
+  # head; `--freeze_layer_norm`).
   moved = {p for p in theta0 if history[0][p].tobytes() != theta0[p].tobytes()}
-  matrices = {p for p in theta0 if p.endswith("/kernel") and ("attention/" in p or "mlp/" in p)}
-  assert moved == matrices
+  assert moved == {p for p in theta0 if not NORM.search(p)}
+  assert {"token_embedder/embedding", "encoder/relpos_bias/rel_embedding", HEAD} <= moved
   # Step K resets every parameter to theta0 bit for bit.
   assert all(history[K_DENSE - 1][p].tobytes() == theta0[p].tobytes() for p in theta0)
-  # Afterwards exactly the masked scalars may differ; the mask holds exactly k.
+  # Afterwards exactly the masked scalars may differ; the mask holds exactly k
+  # candidates plus the whole head, which trains densely in both phases.
   mask = sparse_delta.flatten(final.opt_state.mask)
-  assert sum(int(m.sum()) for m in mask.values()) == K_TRAIN
+  assert mask[HEAD].all()
+  assert sum(int(m.sum()) for p, m in mask.items() if p != HEAD) == K_TRAIN
   changed = 0
   for path, value in history[-1].items():
     allowed = mask.get(path, np.zeros(value.shape, bool))
     differs = value.view(np.uint32) != theta0[path].view(np.uint32)
     assert not (differs & ~allowed).any(), path
-    changed += int(differs.sum())
+    changed += int(differs.sum()) if path != HEAD else 0
   assert 0 < changed <= K_TRAIN
+  assert (history[-1][HEAD] != theta0[HEAD]).all()  # AdamW moved every head entry
   assert int(final.opt_state.count) == 4
 
 
 def test_the_chosen_subset_is_the_top_k_change_of_the_dense_phase(runs):
-  """Reference: the same K dense steps with the non-candidates frozen (Freeze), then
-  NumPy's top-k of |theta_K - theta0| over the candidates (ties: lower flat index)."""
+  """Reference: the same K dense steps with the norms frozen (Freeze), then NumPy's
+  top-k of |theta_K - theta0| over the candidates, i.e. all but the head (ties: lower
+  flat index): the reference's one threshold over every maskable parameter."""
   trainer, theta0, _, _, final = runs[False]
-  dense = make_trainer(False, freezing.Freeze(train_only=[sparse.MATRICES]))
+  dense = make_trainer(False, freezing.Freeze(groups=[selection.NORM_PATTERN]))
   state = dense.init_state(0, tfs.batch())
   for _ in range(K_DENSE):
     state, _ = dense.train_step(state, tfs.batch())
   theta_k = flat_host(state.params)
-  paths = [p for p in sparse_delta.flatten(final.opt_state.mask)]  # tree order
+  paths = [p for p in sparse_delta.flatten(final.opt_state.mask) if p != HEAD]  # tree order
   change = np.concatenate([np.abs(theta_k[p].astype(np.float64) - theta0[p]).ravel()
                            for p in paths])
   order = np.lexsort((np.arange(change.size), -change))[:K_TRAIN]
   expected = np.zeros(change.size, bool)
   expected[order] = True
   got = np.concatenate([sparse_delta.flatten(final.opt_state.mask)[p].ravel() for p in paths])
+  assert len(paths) == len([p for p in theta0 if not NORM.search(p)]) - 1
   assert got.sum() == K_TRAIN
   assert (got == expected).all()
 
@@ -102,6 +117,97 @@ def test_top_k_masks_ties_go_to_the_lower_index():
   masks = sparse.top_k_masks([a, b], 3)
   assert np.asarray(masks[0]).tolist() == [[False, True], [True, False]]
   assert np.asarray(masks[1]).tolist() == [True, False]
+
+
+def test_candidates_as_configured(runs):
+  """groups=(MATRICES,) with include_embeddings: the attention / MLP matrices and the
+  embeddings are candidates; the head still trains whole, the norms never."""
+  trainer = runs[False][0]
+  params = trainer.state_plan(tfs.batch()).boxed_params
+  technique = sparse.SparseFineTuning(num_trainable=5, groups=(sparse.MATRICES,),
+                                      include_embeddings=True)
+  candidates = tfs.per_layer(params, technique.candidates_mask(params))
+  dense = tfs.per_layer(params, technique.dense_mask(params))
+  assert {p for p, m in candidates.items() if m} == {
+      p for p in candidates if re.search(sparse.MATRICES, p) or "embed" in p or "relpos" in p}
+  assert {p for p, m in dense.items() if m} == {HEAD}
+  no_head = sparse.SparseFineTuning(num_trainable=5, dense_groups=())
+  assert tfs.per_layer(params, no_head.candidates_mask(params))[HEAD]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_per_entry_statistics_flatten_the_candidates_for_the_optimizer(runs, scan):
+  """With Adafactor factoring matrices of 16+ entries: per_entry_statistics keeps one
+  second moment per candidate entry ([n], or [L, n] scanned); False keeps the factored
+  row and column moments. The head (dense, not a candidate) is factored either way."""
+  params = runs[scan][0].state_plan(tfs.batch()).boxed_params
+  adafactor = optim.per_layer(optim.adafactor(0.01, min_dim_size_to_factor=16),
+                              tfs.stacked_counts(params))
+  shapes = {}
+  for flag in (True, False):
+    technique = sparse.SparseFineTuning(num_trainable=5, per_entry_statistics=flag)
+    state = jax.eval_shape(technique.wrap_optimizer(adafactor, params).init,
+                           jax.tree.map(lambda x: x.value, params,
+                                        is_leaf=lambda x: hasattr(x, "names")))
+    shapes[flag] = {tuple(leaf.shape) for leaf in jax.tree.leaves(state.inner)}
+  wo = (2, 48 * 32) if scan else (48 * 32,)  # an MLP `wo` kernel [48, 32], flattened
+  assert wo in shapes[True] and wo not in shapes[False]
+  factored = {(2, 48), (2, 32)} if scan else {(48,), (32,)}
+  assert factored <= shapes[False]
+  assert {(128,), (32,)} <= shapes[True] & shapes[False]  # the head's row / column moments
+
+
+def first_sparse_update(inner, density, shape=(128, 256)):
+  """(the update of entry (0, 0), the mean |update| of the chosen entries) at the first
+  sparse step; k = density * size. The dense step's gradient is nonzero on k scattered
+  entries only ((0, 0) and the first k - 1 of a fixed permutation), so exactly those
+  moved and are chosen; the sparse step's gradient g is the same random array at every
+  density (masked to the chosen entries)."""
+  k = int(density * np.prod(shape))
+  g = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  order = np.random.default_rng(2).permutation(np.arange(1, g.size))
+  chosen = np.zeros(g.size, bool)
+  chosen[np.concatenate([[0], order[:k - 1]])] = True
+  first = np.where(chosen.reshape(shape), g, 0.0)
+  params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)}
+  tx = sparse.sparse_phases(inner, {"w": np.ones((), bool)}, 1, k)
+  state = tx.init(params)
+  step, state = tx.update({"w": jnp.asarray(first)}, state, params)
+  params = sparse.apply_sparse_updates(params, step, state, 1)
+  step, state = tx.update({"w": jnp.asarray(g)}, state, params)
+  mask = np.asarray(state.mask["w"])
+  assert (mask.reshape(-1) == chosen).all()
+  return float(step["w"][0, 0]), float(np.abs(np.asarray(step["w"])[mask]).mean())
+
+
+def test_an_entrys_update_does_not_depend_on_the_density():
+  """Adafactor (T5X defaults) factors a 128 x 256 matrix; with per-entry statistics a
+  chosen entry's first sparse update is the same whether 1% or all of the entries
+  train, as with the reference's Adam; factored statistics inflate the chosen entries'
+  updates about 1/sqrt(density)."""
+  adafactor = updates.scaled(optim.adafactor(0.01), {"w": np.ones((), np.float32)})
+  per_entry = sparse.per_entry(adafactor, {"w": (128 * 256,)})
+  got = np.array([first_sparse_update(per_entry, d) for d in (0.01, 0.05, 0.5, 1.0)])
+  np.testing.assert_allclose(got, np.broadcast_to(got[-1], got.shape), rtol=1e-6)
+  adam = np.array([first_sparse_update(optax.adam(0.01), d) for d in (0.01, 1.0)])
+  np.testing.assert_allclose(adam[0], adam[1], rtol=1e-6)
+  factored = [first_sparse_update(adafactor, d)[1] for d in (0.05, 1.0)]
+  assert factored[0] > 3.0 * factored[1]
+
+
+def test_the_sparse_phase_restarts_the_learning_rate_schedule():
+  """SGD at lr(count) = 0.1 (count + 1) on a constant gradient: updates -0.1, -0.2 in
+  the dense phase, then the fresh inner state starts the schedule again (-0.1, -0.2),
+  as the reference builds a new optimizer and scheduler per phase."""
+  params = {"w": jnp.zeros((4,), jnp.float32)}
+  tx = sparse.sparse_phases(optax.sgd(lambda count: 0.1 * (count + 1)),
+                            {"w": np.ones((), bool)}, 2, 4)
+  state, seen = tx.init(params), []
+  for _ in range(4):
+    step, state = tx.update({"w": jnp.ones((4,))}, state, params)
+    params = sparse.apply_sparse_updates(params, step, state, 2)
+    seen.append(float(step["w"][0]))
+  np.testing.assert_allclose(seen, [-0.1, -0.2, -0.1, -0.2], rtol=1e-6)
 
 
 # -- sparse deltas ---------------------------------------------------------------
@@ -173,12 +279,15 @@ def test_sparse_ft_gin_exports_a_delta_that_merge_adds_and_infer_loads(tmp_path)
                       "--gin.SPARSE_NUM_TRAINABLE=50", "--gin.SPARSE_FRACTION=None") == 0
   run = base_dir / "sft"
   delta = sparse_delta.load(run / "sparse_delta")
-  assert delta.num_entries == 50 and delta.step == 4
+  head = start[HEAD].size  # the output layer: trained whole, stored whole
+  assert delta.num_entries == 50 + head and delta.step == 4
+  assert len(delta.entries[HEAD][0]) == head
   assert delta.base_checkpoint == str(step_dir)
   tuned = tfs.load(run / "checkpoint_4")
   rebuilt = sparse_delta.apply(start, delta)
-  changed = sum(int((tuned[p] != start[p]).sum()) for p in start)
+  changed = sum(int((tuned[p] != start[p]).sum()) for p in start if p != HEAD)
   assert 0 < changed <= 50
+  assert all(tuned[p].tobytes() == start[p].tobytes() for p in start if NORM.search(p))
   assert all(rebuilt[p].tobytes() == tuned[p].tobytes() for p in start)
   # merge: base + delta -> a normal checkpoint that infer --mode=score loads.
   out = tmp_path / "merged"

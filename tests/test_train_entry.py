@@ -113,6 +113,9 @@ def test_loss_falls_over_30_steps(tmp_path):
     ("--gin.INITIAL_CHECKPOINT_PATH='/no/such/checkpoint_3'", "INITIAL_CHECKPOINT_PATH"),
     ("--gin.TRAIN_STEPS=0", "TRAIN_STEPS"),
     ("--gin.MIXTURE_OR_TASK_MODULE='no_such_module'", "no_such_module"),
+    # The old name, from the source checkout's root: the new one, without a second
+    # registration of every task.
+    ("--gin.MIXTURE_OR_TASK_MODULE='tasks.embedded'", "use 't5xlike.tasks.embedded'"),
     ("--gin.DROPOUT_RATE=2.0", "dropout_rate"),  # raised while gin builds the model
     ("--gin.BATCH_SIZE='8'", "BATCH_SIZE"),
 ])

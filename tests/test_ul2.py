@@ -238,7 +238,7 @@ def validation_epoch():
   """One unshuffled epoch of the embedded corpus's validation split through UL2 at the
   shipped lengths: (objective, pipeline, [(raw, features)])."""
   # Imported here: grain, seqio and TensorFlow only for the tests that read the corpus.
-  import tasks.embedded  # noqa: F401  (registers the task)
+  import t5xlike.tasks.embedded  # noqa: F401  (registers the task)
   from t5xlike.data import pipeline
   objective = ul2.UL2()
   feed = pipeline.Pipeline("embedded_corpus", "validation", {"inputs": 128, "targets": 128}, 1,
@@ -267,7 +267,7 @@ def test_every_corpus_token_reaches_one_example_per_epoch(validation_epoch):
 
 def test_ul2_pipeline_resumes_bitwise():
   # Imported here: grain, seqio and TensorFlow only for the tests that read the corpus.
-  import tasks.embedded  # noqa: F401  (registers the task)
+  import t5xlike.tasks.embedded  # noqa: F401  (registers the task)
   from t5xlike.data import pipeline
 
   def make_feed():

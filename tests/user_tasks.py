@@ -21,7 +21,7 @@ import pathlib
 import seqio
 import tensorflow as tf
 
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 TSV_PATH = pathlib.Path(__file__).resolve().parent / "data" / "user_qa.tsv"
 TFDS_NAME = "imdb_reviews/plain_text:1.0.0"

@@ -1,7 +1,10 @@
 """Loading gin files and `--gin.NAME=VALUE` overrides, with one-line errors.
 
-Gin files are found relative to the current directory, the search paths and
-the repository's `gin_configs/`. Checks that gin itself does not make: every
+Gin files are found relative to the search paths, the current directory and the
+shipped `gin_configs/` (`GIN_CONFIGS_DIR`: the repository's top-level directory in a
+source checkout or an editable install, `t5xlike/gin_configs/` in an installed wheel), so
+`--gin_file=gin_configs/quickstart.gin` and `--gin_file=quickstart.gin` work from any
+directory. Checks that gin itself does not make: every
 gin file exists before any is parsed, and `--gin.NAME=VALUE` for a macro
 (`NAME` without a dot) is refused unless a loaded gin file defines that
 macro, so a typo such as `--gin.TRAIN_STEP=10` cannot silently do nothing. A
@@ -25,7 +28,11 @@ from t5xlike.cli import macro_checks
 from t5xlike.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
-REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
+# A wheel ships the gin files inside the package (setup.py); a source checkout, and the
+# editable install that runs from it, keeps them at the repository's top.
+GIN_CONFIGS_DIR = (_PACKAGE_DIR / "gin_configs" if (_PACKAGE_DIR / "gin_configs").is_dir()
+                   else _PACKAGE_DIR.parent / "gin_configs")
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMPORT = re.compile(r"^(?:from\s+(?P<package>[\w.]+)\s+)?import\s+(?P<name>[\w.]+)"
                      r"(?:\s+as\s+(?P<alias>\w+))?\s*(?:#.*)?$")
@@ -79,22 +86,26 @@ def quiet_gin_search_logs() -> None:
 
 def search_paths(extra: Sequence[str]) -> list[pathlib.Path]:
   """`--gin_search_paths` (comma-separated items), then the current directory and
-  the repository's gin_configs/."""
+  the shipped gin_configs/."""
   paths = [pathlib.Path(p) for item in extra for p in item.split(",") if p]
-  return paths + [pathlib.Path.cwd(), REPO_GIN_DIR]
+  return paths + [pathlib.Path.cwd(), GIN_CONFIGS_DIR]
 
 
 def find_gin_file(name: str, paths: Sequence[pathlib.Path]) -> pathlib.Path:
-  """The file `name` (absolute, or relative to a search path or its gin_configs/)."""
+  """The file `name`: absolute, or relative to a search path or its gin_configs/; a name
+  starting `gin_configs/` (the README's spelling) is also found in the shipped directory."""
   candidate = pathlib.Path(name)
   if candidate.is_absolute():
     if candidate.is_file():
       return candidate
   else:
-    for base in paths:
-      for path in (base / candidate, base / "gin_configs" / candidate):
-        if path.is_file():
-          return path
+    options = [path for base in paths
+               for path in (base / candidate, base / "gin_configs" / candidate)]
+    if candidate.parts[:1] == ("gin_configs",):
+      options.append(GIN_CONFIGS_DIR.joinpath(*candidate.parts[1:]))
+    for path in options:
+      if path.is_file():
+        return path
   raise ConfigError(f"gin file {name!r} not found (searched: "
                     f"{', '.join(str(p) for p in paths)})")
 
@@ -135,7 +146,7 @@ def configure(gin_files: Sequence[str], overrides: Sequence[tuple[str, str]] = (
   for path in paths:
     if path.is_dir():
       gin.add_config_file_search_path(str(path))
-  gin.add_config_file_search_path(str(REPO_GIN_DIR))
+  gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
   for path in files:
     try:
       if skip_unknown:

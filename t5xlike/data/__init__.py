@@ -1,6 +1,6 @@
 """Data: seqio tasks turned into NumPy batches for the trainer.
 
-This package (and `tasks/`) is where TensorFlow and seqio are imported; the
+This package (and `t5xlike.tasks`) is where TensorFlow and seqio are imported; the
 core of t5xlike never imports them.
 """
 import os

@@ -8,6 +8,7 @@ examples are exactly what the model was trained on (without an objective).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -19,14 +20,33 @@ from t5xlike import errors
 from t5xlike.data import feed_steps, pipeline, seqio_tasks, sources
 
 
-def import_module(module: str | None) -> None:
-  """Imports MIXTURE_OR_TASK_MODULE (it registers the tasks); ValueError in one line."""
+def import_module(module: str | None, flag: str = "MIXTURE_OR_TASK_MODULE") -> None:
+  """Imports a module that registers tasks (`flag` names where it was given, for the
+  message); ValueError in one line. A shipped task module under its old name
+  (`tasks.multitask`) is answered with its name now (`t5xlike.tasks.multitask`)."""
   if module:
     try:
       importlib.import_module(module)
     except ImportError as error:
-      raise ValueError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: "
-                       f"{errors.one_line(error)}") from None
+      renamed = shipped_task_module(module) if error.name == "tasks" else None
+      reason = (f"the shipped task modules are t5xlike.tasks.*: use {renamed!r}" if renamed
+                else errors.one_line(error))
+      raise ValueError(f"{flag}={module!r} cannot be imported: {reason}") from None
+
+
+def shipped_task_module(module: str) -> str | None:
+  """`t5xlike.tasks.<x>` for `tasks.<x>` when t5xlike ships that module, else None.
+
+  The repository's top-level `tasks/` is installed as `t5xlike.tasks` (setup.py).
+  """
+  top, _, rest = module.partition(".")
+  if top != "tasks":
+    return None
+  renamed = f"t5xlike.tasks.{rest}" if rest else "t5xlike.tasks"
+  try:
+    return renamed if importlib.util.find_spec(renamed) is not None else None
+  except ImportError:  # A parent of `renamed` is not a package.
+    return None
 
 
 def leaf_tasks(name: str) -> list[seqio.Task]:

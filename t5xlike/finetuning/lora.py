@@ -14,6 +14,12 @@ model exactly. Both sit beside the frozen kernel
 leading `layers` axis). Dropout (rate `dropout`) acts on the LoRA branch's
 input only, in training.
 
+Defaults are HF peft's (`LoraConfig`: r = 8, lora_alpha = 8, lora_dropout = 0.0,
+`src/peft/tuners/lora/config.py`; T5's default targets there are q and v, as here),
+so that a rank / alpha / learning rate tuned with peft transfers: the scale
+alpha / rank is 1. (Hu et al.'s microsoft/LoRA `loralib.Linear` has no usable
+default: r = 0, i.e. no LoRA, and lora_alpha = 1.)
+
 `merge(params)` folds the update into the kernels, `W + (alpha / rank) A B`
 (float32), and drops `lora_a` / `lora_b`: the base architecture's
 parameters, for the plain model gin (`MODEL_DIR/merged/checkpoint_<N>`).
@@ -44,14 +50,14 @@ class LoRA(peft.PeftMethod):
   """LoRA on the dense layers matching `targets` (see module docstring).
 
   Attributes:
-    rank: r, the inner size of A B.
-    alpha: the update is scaled by alpha / rank.
+    rank: r, the inner size of A B (peft's default 8).
+    alpha: the update is scaled by alpha / rank (peft's default 8: scale 1).
     dropout: dropout rate on the LoRA input (training only).
     targets: regex searched in module paths ('.../attention/query').
     also_train: further parameter groups trained (`selection.GroupSpec`s).
   """
   rank: int = 8
-  alpha: float = 16.0
+  alpha: float = 8.0
   dropout: float = 0.0
   targets: str = DEFAULT_TARGETS
   also_train: Sequence[selection.GroupSpec] = ()

@@ -114,6 +114,9 @@ class PeftMethod(base.FineTuning):
 
   #: Regex selecting the technique's own parameters.
   param_pattern: ClassVar[str] = ""
+  #: {field: value} a PEFT checkpoint record lacking the field was written with (a field
+  #: added later, whose default differs from the earlier behaviour; `peft_registry`).
+  record_defaults: ClassVar[dict[str, Any]] = {}
   #: Further parameter groups trained (`selection.GroupSpec`s): a field of every subclass.
   also_train: Sequence[selection.GroupSpec]
 

@@ -6,8 +6,12 @@ decorator `@peft_registry.register` (above `@dataclasses.dataclass`):
 `prompt_tuning.PromptTuning` as 'PromptTuning'. A method's record is
 `{"method": name, field: value, ...}` (its dataclass fields, tuples as
 lists; `method_to_json`), and `method_from_json` rebuilds the method from
-it. `peft_checkpoint` reads and writes records through this module and
-imports no method.
+it. A field added to a method after records were written takes, when a
+record lacks it, the value of the class's `record_defaults` (the behaviour
+those records were trained with) before the dataclass default: e.g.
+`Adapters` records without `placement` load as 'before_dropout'.
+`peft_checkpoint` reads and writes records through this module and imports
+no method.
 
 The methods are registered when `t5xlike.finetuning` is imported, which
 Python does before any of its modules (`peft_checkpoint` included): the
@@ -30,6 +34,8 @@ class Method(interfaces.FineTuningTechnique, Protocol):
 
   #: Regex over parameter paths selecting the technique's own parameters.
   param_pattern: ClassVar[str]
+  #: {field: value} for records written before the field existed (`method_from_json`).
+  record_defaults: ClassVar[dict[str, Any]]
 
   def wrap(self, model: Any) -> Any:
     """`model` carrying the technique's parameters (`peft.wrap_model`)."""
@@ -79,7 +85,8 @@ def method_to_json(method: Method) -> dict[str, Any]:
 
 
 def method_from_json(spec: dict[str, Any]) -> Method:
-  """The method a PEFT checkpoint's `method` record describes (`method_to_json`'s inverse)."""
+  """The method a PEFT checkpoint's `method` record describes (`method_to_json`'s inverse;
+  fields the record lacks take the class's `record_defaults`, then its defaults)."""
   spec = dict(spec)
-  name = spec.pop("method", None)
-  return method_class(name)(**spec)
+  cls = method_class(spec.pop("method", None))
+  return cls(**{**cls.record_defaults, **spec})

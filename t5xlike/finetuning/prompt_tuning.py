@@ -26,13 +26,27 @@ the prompt slots are dropped, so logits, targets and loss weights keep
 their layout and the loss never counts a prompt slot. Cached decoding of a
 decoder-only model with a prompt is not supported (ValueError).
 
-Initialisation: `init='vocab'` (the paper's best): when the run starts from
-INITIAL_CHECKPOINT_PATH, `initialize` sets the prompt to the checkpoint's
-embedding rows of `length` distinct token ids drawn by
-`np.random.default_rng(seed)` from `[vocab_low, vocab_high)` (SentencePiece
-ids run roughly from frequent to rare; the paper samples the 5,000 most
-common tokens); `init='uniform'`: U(-0.5, 0.5) (the paper's random init,
-also the starting value before `initialize`).
+Length and initialisation: the defaults follow the reference's released prompts
+(google-research/prompt-tuning `prompt_tuning/pretrained_prompts/
+t5_1_1_lm100k_base/README.md`: length 100, "Class Label Init"; its
+`configs/models/t5_1_1_prompt.gin` also sets PROMPT_LENGTH = 100). The paper's
+ablation (Lester et al. 2021, Section 3.2 and Figure 3(b)) finds class-label
+initialisation best, with the gaps between initialisations closing at XXL size.
+When the run starts from INITIAL_CHECKPOINT_PATH, `initialize` sets the prompt
+from the checkpoint's embedding table:
+- `init='class_labels'` (the reference's `prompts.from_embedded_list` over
+  `prompts.from_sample_of_embeddings`): row i < m is the mean embedding of the
+  token ids of class label i (`class_label_ids`, e.g. from
+  `label_token_ids(['positive', 'negative'], vocabulary)`: the verbalizers'
+  pieces, no EOS), the other rows as 'vocab';
+- `init='vocab'` (the default when a task has no fixed label set, e.g. the
+  multitask mixture): the embedding rows of `length` distinct token ids drawn
+  by `np.random.default_rng(seed)` from `[vocab_low, vocab_high)` (the
+  reference samples `population_size` = 5,000 rows from id 0; SentencePiece ids
+  run roughly from frequent to rare; ids 0-2, padding, EOS and UNK, are left
+  out here);
+- `init='uniform'`: U(-0.5, 0.5) (the paper's random init, also the starting
+  value before `initialize`).
 """
 from __future__ import annotations
 
@@ -50,6 +64,7 @@ from t5xlike.models import decoder, layers, t5
 
 PARAM = "prompt"
 EMBEDDING = ("token_embedder", "embedding")
+INITS = ("vocab", "class_labels", "uniform")
 
 
 def uniform_init(key, shape, dtype=jnp.float32):
@@ -101,26 +116,38 @@ class PromptTuning(peft.PeftMethod):
   """`length` soft prompt vectors before the encoder / decoder-only input.
 
   Attributes:
-    length: n, the number of prompt vectors.
-    init: 'vocab' (embedding rows of random token ids, see module doc) or 'uniform'.
-    seed: seeds the token ids of `init='vocab'`.
+    length: n, the number of prompt vectors (the reference's 100).
+    init: 'vocab' (embedding rows of random token ids), 'class_labels' (the class
+      labels' mean embeddings first, then as 'vocab') or 'uniform' (module doc).
+    seed: seeds the token ids of 'vocab' and 'class_labels'.
     vocab_low, vocab_high: the ids are drawn from [vocab_low, vocab_high)
       (vocab_high clipped to the embedding's rows).
     also_train: further parameter groups trained (`selection.GroupSpec`s).
+    class_label_ids: per class label its token ids (`label_token_ids`), for
+      `init='class_labels'`; at most `length` labels.
   """
-  length: int = 20
+  length: int = 100
   init: str = "vocab"
   seed: int = 0
   vocab_low: int = 3
   vocab_high: int = 5000
   also_train: Sequence[selection.GroupSpec] = ()
+  class_label_ids: Sequence[Sequence[int]] = ()
 
   param_pattern = rf"^(encoder|decoder)/{PARAM}$"
 
   def __post_init__(self):
     peft.check_positive(self, "length")
-    if self.init not in ("vocab", "uniform"):
-      raise ValueError(f"PromptTuning.init must be 'vocab' or 'uniform', got {self.init!r}")
+    if self.init not in INITS:
+      raise ValueError(f"PromptTuning.init must be one of {INITS}, got {self.init!r}")
+    labels = tuple(tuple(int(i) for i in ids) for ids in self.class_label_ids)
+    object.__setattr__(self, "class_label_ids", labels)  # Gin binds lists.
+    if self.init == "class_labels" and not labels:
+      raise ValueError("PromptTuning(init='class_labels') needs class_label_ids "
+                       "(PROMPT_CLASS_LABELS)")
+    if len(labels) > self.length or any(not ids for ids in labels):
+      raise ValueError(f"PromptTuning: {len(labels)} class label(s) for {self.length} prompt "
+                       f"vectors, each with at least one token id (got {labels})")
     if not 0 <= self.vocab_low < self.vocab_high:
       raise ValueError(f"PromptTuning needs 0 <= vocab_low < vocab_high, got "
                        f"{self.vocab_low}, {self.vocab_high}")
@@ -201,22 +228,46 @@ class PromptTuning(peft.PeftMethod):
     return np.random.default_rng(self.seed).choice(choices, self.length,
                                                    replace=self.length > choices.size)
 
+  def initial_prompt(self, table: jax.Array) -> jax.Array:
+    """[length, embed] from an embedding table [vocab, embed] (`init` 'vocab' or
+    'class_labels'): sampled rows, then the class labels' mean embeddings in rows
+    0..m-1 (float32 means)."""
+    prompt = jnp.take(table, jnp.asarray(self.token_ids(table.shape[0])), axis=0)
+    if self.init == "class_labels":
+      means = [jnp.mean(jnp.take(table, jnp.asarray(ids), axis=0).astype(jnp.float32), axis=0)
+               for ids in self.class_label_ids]
+      prompt = prompt.at[:len(means)].set(jnp.stack(means).astype(prompt.dtype))
+    return prompt
+
   def initialize(self, params: Any, fresh):
     del fresh
-    if self.init != "vocab":
+    if self.init == "uniform":
       return params
-    table = params[EMBEDDING[0]][EMBEDDING[1]]
-    rows = jnp.asarray(self.token_ids(table.shape[0]))
+    prompt = self.initial_prompt(params[EMBEDDING[0]][EMBEDDING[1]])
     out = dict(params)
     for stack in ("encoder", "decoder"):
       if isinstance(params.get(stack), dict) and PARAM in params[stack]:
         old = params[stack][PARAM]
-        out[stack] = {**params[stack], PARAM: jnp.take(table, rows, axis=0).astype(old.dtype)}
+        out[stack] = {**params[stack], PARAM: prompt.astype(old.dtype)}
     return out
 
   def describe(self, params):
     lines = super().describe(params)
-    if self.init == "vocab":
+    if self.init == "class_labels":
+      lines.append(f"  prompt rows 0..{len(self.class_label_ids) - 1} initialised from the "
+                   f"class labels' mean embeddings, token ids {list(self.class_label_ids)}")
+    if self.init != "uniform":
       lines.append(f"  prompt initialised from the embeddings of token ids drawn with seed "
                    f"{self.seed} from [{self.vocab_low}, {self.vocab_high})")
     return lines
+
+
+def label_token_ids(labels: Sequence[str], vocabulary: Any) -> tuple[tuple[int, ...], ...]:
+  """Each class label's token ids (`vocabulary.encode`, no EOS): `class_label_ids` for
+  `init='class_labels'`. Gin: `class_label_ids = @prompt_tuning.label_token_ids()`
+  with `labels = %PROMPT_CLASS_LABELS`, `vocabulary = %VOCABULARY`."""
+  out = tuple(tuple(int(i) for i in vocabulary.encode(label)) for label in labels)
+  empty = [label for label, ids in zip(labels, out) if not ids]
+  if empty:
+    raise ValueError(f"class label {empty[0]!r} encodes to no token")
+  return out

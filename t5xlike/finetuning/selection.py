@@ -213,28 +213,42 @@ def stacks(params: Any) -> dict[str, int]:
 #: ELECTRA's embedding projection.
 EMBEDDING_PATTERN = r"embed|relpos"
 
+#: Normalisation parameters (T5's RMSNorm scales `pre_*_layer_norm`, `encoder_norm`,
+#: `decoder_norm`; the MLM head's `layer_norm`).
+NORM_PATTERN = r"norm/(scale|bias)$"
 
-def depths(params: Any, *, serial: bool = True,
+
+def depths(params: Any, *, serial: bool = False,
            stack_order: Sequence[str] = ("encoder", "decoder"),
-           embedding_pattern: str = EMBEDDING_PATTERN) -> tuple[Any, int]:
+           embedding_pattern: str = EMBEDDING_PATTERN, head_offset: int = 2
+           ) -> tuple[Any, int]:
   """Each parameter's depth for layer-wise learning rates: (tree, top depth D).
 
-  Depth 0: parameters outside the stacks matching `embedding_pattern`.
-  Layers: `serial` (default) stacks the stacks, in `stack_order` then in
-  order of appearance: an encoder-decoder's encoder layers are depths
-  1..Le and its decoder layers Le+1..Le+Ld (the decoder reads the encoder's
-  output, so it sits above it). With `serial=False` every stack counts from
-  1 in parallel (layer i of any stack at depth i+1). D = the deepest layer
-  + 1: every other parameter outside the stacks (final norms, output layer,
-  task heads) sits at D. Depth arrays are int, shape () or [L] as masks.
+  Depth 0: parameters outside the stacks matching `embedding_pattern`. Layers:
+  - `serial=False` (default): every stack is counted from its own top, the stacks
+    side by side: with L = the deepest stack's layer count, layer i of a stack of
+    L_s layers is at depth i + 1 + (L - L_s), so every stack's top layer is at L
+    (an encoder-decoder's encoder and decoder each decay from their top).
+  - `serial=True`: the stacks one above the other, in `stack_order` then in order
+    of appearance: an encoder-decoder's encoder layers at 1..Le and its decoder
+    layers at Le+1..Le+Ld (the decoder reads the encoder's output), L = Le + Ld.
+  D = L + `head_offset`: every other parameter outside the stacks (final norms,
+  output layer, task heads) sits at D. The default offset 2 is ELECTRA's
+  (google-research/electra `model/optimization.py`, `_get_layer_lrs`: embeddings at
+  0, layer i at i + 1, `task_specific/` at n_layers + 2, so the top layer trains at
+  decay^2, not decay); 1 puts the head right above the top layer. Depth arrays
+  are int, shape () or [L_s] as masks.
   """
+  if head_offset < 1:
+    raise ValueError(f"head_offset must be >= 1, got {head_offset}")
   found = stacks(params)
   ordered = [s for s in stack_order if s in found] + [s for s in found if s not in stack_order]
+  deepest = max(found.values(), default=0)
   offset, start = 0, {}
   for stack in ordered:
-    start[stack] = offset + 1 if serial else 1
+    start[stack] = offset + 1 if serial else 1 + deepest - found[stack]
     offset += found[stack] if serial else 0
-  top = (offset if serial else max(found.values(), default=0)) + 1
+  top = (offset if serial else deepest) + head_offset
 
   def depth(leaf: Leaf) -> np.ndarray:
     if leaf.stack is None:

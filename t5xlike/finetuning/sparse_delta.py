@@ -16,8 +16,8 @@ On disk (`MODEL_DIR/sparse_delta/`, written by `sparse.SparseFineTuning.export`)
 
 Size on disk: 12 bytes per stored scalar plus ~0.5 KB per parameter (npz
 headers) and the JSON. The stored scalars are exactly the trained subset
-(the sparse phase's mask), including any whose difference is 0.0, so a delta
-of a run with k trained scalars has exactly k entries.
+(the sparse phase's mask: the k chosen scalars and every entry of the dense
+parameters, e.g. the output layer), including any whose difference is 0.0.
 
 Why float64 differences: the difference of two float32 numbers is exact in
 float64 whenever their binary exponents differ by at most 29 (|theta| and

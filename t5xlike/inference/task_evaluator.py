@@ -51,13 +51,16 @@ class InferenceEvaluator:
     max_decode_length: default the 'targets' length.
     use_cached_tasks, task_cache_dir: as in training.
     mixture_or_task_module: imported first (registers the tasks).
+    first_example: the examples of each task before this one are not used (`max_examples`
+      then counts from it): a part of the split another evaluation reports on is skipped.
   """
 
   def __init__(self, mixture_or_task_name: str, feature_lengths: Mapping[str, int],
                batch_size: int = 32, split: str = "validation", max_examples: int | None = None,
                decoding_config: decoding.DecodingConfig | None = None,
                max_decode_length: int | None = None, use_cached_tasks: bool = False,
-               task_cache_dir: str | None = None, mixture_or_task_module: str | None = None):
+               task_cache_dir: str | None = None, mixture_or_task_module: str | None = None,
+               first_example: int = 0):
     # Nothing is read here: gin builds the evaluator with the run's arguments, also when
     # the run never evaluates (EVAL_PERIOD=None). `prepare` reads the tasks.
     self.mixture_or_task_name = mixture_or_task_name
@@ -67,6 +70,7 @@ class InferenceEvaluator:
     self.split, self.max_examples = split, max_examples
     self.decoding_config = decoding_config
     self.use_cached_tasks, self.task_cache_dir = use_cached_tasks, task_cache_dir
+    self.first_example = first_example
     self._tasks: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] | None = None
 
   @property
@@ -94,10 +98,14 @@ class InferenceEvaluator:
       if not (task.predict_metric_fns or task.score_metric_fns):
         log.info("evaluation: task %s has no metric functions: skipped", task.name)
         continue
-      examples = task_examples.read_split(task, self.split, self.feature_lengths,
-                                          use_cached=self.use_cached_tasks,
-                                          cache_dir=self.task_cache_dir,
-                                          max_examples=self.max_examples)
+      first = self.first_example
+      examples = task_examples.read_split(
+          task, self.split, self.feature_lengths, use_cached=self.use_cached_tasks,
+          cache_dir=self.task_cache_dir,
+          max_examples=None if self.max_examples is None else first + self.max_examples)
+      if first and len(examples) <= first:
+        raise ValueError(f"{task.name}/{self.split} has no example after the first {first}")
+      examples = examples[first:]
       tasks.append((task, examples, [task_examples.text_row(task, ex) for ex in examples]))
     if not tasks:
       log.info("evaluation: no task of %s has metric functions: nothing to add to the "

@@ -16,7 +16,8 @@ Methods (math in `merging`): 'uniform' (mean of CHECKPOINTS), 'greedy'
 (greedy soup ranked and accepted by `evaluator`, a `HeldOutMetric`:
 `gin_configs/runs/greedy_soup.gin`), 'task_arithmetic' (BASE + sum_i
 lambda_i (theta_i - BASE)), 'breadcrumbs' (BASE + lam * sum_i of the task
-vectors masked per layer: top `beta` and bottom `gamma` by |tau| dropped),
+vectors masked per row, or per tensor with `breadcrumbs_granularity='tensor'`:
+top `beta` and bottom `gamma` by |tau| dropped),
 'add_deltas' (BASE + the composed sparse DELTAS, `sparse_delta`).
 """
 from __future__ import annotations
@@ -121,6 +122,7 @@ class MergePlan:
     shapes: {parameter path: shape} of the architecture.
     lambdas: task arithmetic's scale per checkpoint.
     lam, beta, gamma: Model Breadcrumbs' scale and dropped top / bottom fractions.
+    granularity: Model Breadcrumbs' unit of ranking, 'row' or 'tensor'.
     step: the step of the output.
     evaluator: the greedy soup's held-out score, or None.
   """
@@ -135,6 +137,7 @@ class MergePlan:
   lam: float
   beta: float
   gamma: float
+  granularity: str
   step: int
   evaluator: HeldOutScore | None
 
@@ -143,7 +146,8 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
           base: str | None = None, deltas: Sequence[str] = (),
           lambdas: Sequence[float] | None = None, lam: float = 1.0, beta: float = 0.01,
           gamma: float = 0.85, step: int | None = None,
-          evaluator: HeldOutScore | None = None) -> epath.Path:
+          evaluator: HeldOutScore | None = None,
+          breadcrumbs_granularity: str = "row") -> epath.Path:
   """Merges checkpoints (see the module docstring); returns the step directory written.
 
   Args:
@@ -158,24 +162,29 @@ def merge(*, method: str, checkpoint_paths: Sequence[str] = (), output: str | No
       bottom fractions of |tau| dropped per layer.
     step: the output's step (default: the inputs' largest).
     evaluator: the greedy soup's held-out score (`runs/greedy_soup.gin`).
+    breadcrumbs_granularity: 'row' (along the last axis, the official code) or 'tensor'
+      (mergekit's); gin: `--gin.merge_run.merge.breadcrumbs_granularity="'tensor'"`.
   """
   return execute(plan_merge(method=method, checkpoint_paths=checkpoint_paths, output=output,
                             base=base, deltas=deltas, lambdas=lambdas, lam=lam, beta=beta,
-                            gamma=gamma, step=step, evaluator=evaluator))
+                            gamma=gamma, step=step, evaluator=evaluator,
+                            granularity=breadcrumbs_granularity))
 
 
 def plan_merge(*, method: str, checkpoint_paths: Sequence[str], output: str | None,
                base: str | None, deltas: Sequence[str], lambdas: Sequence[float] | None,
                lam: float, beta: float, gamma: float, step: int | None,
-               evaluator: HeldOutScore | None) -> MergePlan:
+               evaluator: HeldOutScore | None, granularity: str = "row") -> MergePlan:
   """Checks every input (arguments as `merge`'s); ConfigError naming the culprit, nothing
   written."""
   paths = [c for c in checkpoint_paths if c]
   output = _check_method(method, paths, output, base, deltas, evaluator)
   if method == "breadcrumbs":
+    if granularity not in merging.GRANULARITIES:
+      raise errors.ConfigError(f"breadcrumbs_granularity={granularity!r}: expected one of "
+                               f"{', '.join(merging.GRANULARITIES)}")
     try:
       merging.layer_counts(100, beta, gamma)
-      merging.breadcrumbs_mask(np.zeros(1), beta, gamma)
     except ValueError as error:
       raise errors.ConfigError(f"--beta/--gamma: {error}") from None
   reference = base if base and method in NEEDS_BASE else paths[0]
@@ -192,7 +201,7 @@ def plan_merge(*, method: str, checkpoint_paths: Sequence[str], output: str | No
   return MergePlan(method=method, checkpoint_paths=paths, output=output, base=base,
                    deltas=list(deltas), composed=composed, shapes=shapes,
                    lambdas=_floats("--lambdas", lambdas, len(paths), 1.0), lam=lam, beta=beta,
-                   gamma=gamma, step=step, evaluator=evaluator)
+                   gamma=gamma, granularity=granularity, step=step, evaluator=evaluator)
 
 
 def _check_method(method: str, paths: list[str], output: str | None, base: str | None,
@@ -276,12 +285,14 @@ def _merged_params(plan: MergePlan, report: dict[str, Any]) -> dict[str, np.ndar
     if plan.method == "task_arithmetic":
       return merging.task_arithmetic(read(plan.base), thetas, plan.lambdas)
     layered = "layers" in name.split("/")[:-1]  # scanned stack: axis 0 = layers
-    return merging.breadcrumbs(read(plan.base), thetas, plan.beta, plan.gamma, plan.lam, layered)
+    return merging.breadcrumbs(read(plan.base), thetas, plan.beta, plan.gamma, plan.lam,
+                               plan.granularity, layered)
   breadcrumbs = plan.method == "breadcrumbs"
   report.update(lambdas=plan.lambdas if plan.method == "task_arithmetic" else None,
                 beta=plan.beta if breadcrumbs else None,
                 gamma=plan.gamma if breadcrumbs else None,
-                lam=plan.lam if breadcrumbs else None)
+                lam=plan.lam if breadcrumbs else None,
+                granularity=plan.granularity if breadcrumbs else None)
   return _merge_streaming(names, plan.shapes, one)
 
 
@@ -304,10 +315,31 @@ def _merge_streaming(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]
 class HeldOutMetric:
   """A merged model's held-out score for the greedy soup, with the eval machinery.
 
-  `task_evaluator.InferenceEvaluator` on `split` of MIXTURE_OR_TASK_NAME's tasks
-  (`max_examples` each); the score is `metric` averaged over the tasks
-  ('loss': mean target negative log-likelihood per token, lower is better;
-  a metric function's name such as 'accuracy': higher is better).
+  `task_evaluator.InferenceEvaluator` on examples [first_example, first_example +
+  max_examples) of `split` of each task of MIXTURE_OR_TASK_NAME; the score is
+  `metric` averaged over the tasks ('loss': mean target negative log-likelihood per
+  token, lower is better; a metric function's name such as 'accuracy': higher is
+  better). The reference (mlfoundations/model-soups `main.py`) selects on
+  `ImageNet2p`, 2% of ImageNet's training images held out from fine-tuning, and
+  reports on the validation set: the examples that select the soup must not be the
+  ones its result is reported on. `runs/greedy_soup.gin` therefore selects on the
+  validation examples after the first 256, which `runs/eval.gin` (and
+  `runs/finetune.gin`'s 128) never read.
+
+  Args:
+    model: the model (MODEL of the model gin).
+    mixture_or_task_name: whose tasks score the soups.
+    task_feature_lengths: TASK_FEATURE_LENGTHS.
+    batch_size: examples per compiled call.
+    mixture_or_task_module: imported first (registers the tasks).
+    split: the split read ('validation', or any split the tasks have).
+    first_example: examples of each task before this one are not used.
+    max_examples: at most this many examples per task from `first_example` (None: the
+      rest of the split).
+    metric: the task metric averaged over the tasks.
+    higher_is_better: the metric's direction.
+    decoding_config: how predictions are decoded (default greedy).
+    mesh_shape: recorded only (the evaluation runs on the default devices).
   """
 
   def __init__(self, model: Any, mixture_or_task_name: str,
@@ -315,14 +347,15 @@ class HeldOutMetric:
                mixture_or_task_module: str | None = None, split: str = "validation",
                max_examples: int | None = 64, metric: str = "loss",
                higher_is_better: bool = False, decoding_config: Any = None,
-               mesh_shape: Mapping[str, int] | None = None):
+               mesh_shape: Mapping[str, int] | None = None, first_example: int = 0):
     self.model, self.metric, self.higher_is_better = model, metric, higher_is_better
     self.feature_lengths, self.mesh_shape = dict(task_feature_lengths), mesh_shape
+    first = errors.require_int("HeldOutMetric.first_example", first_example, 0)
     try:
       self.evaluator = task_evaluator.InferenceEvaluator(
           mixture_or_task_name, task_feature_lengths, batch_size, split=split,
           max_examples=max_examples, decoding_config=decoding_config,
-          mixture_or_task_module=mixture_or_task_module)
+          mixture_or_task_module=mixture_or_task_module, first_example=first)
       self.evaluator.prepare()  # read here: a bad task is reported before any merging
     except ValueError as error:
       raise errors.ConfigError(f"greedy soup metric: {errors.one_line(error)}") from None

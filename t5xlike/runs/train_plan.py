@@ -155,6 +155,9 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
     make_eval_feed = lambda: pipeline.make_feed(
         name, evaluation.split, data.task_feature_lengths, data.batch_size, objective,
         seed=random_seed, num_epochs=1, shuffle=False, **feed_args)
+    with validated(make_eval_feed, "evaluation data") as eval_feed:  # A full batch at least.
+      validated(lambda: _first_batch(eval_feed),
+                f"evaluation data (or set EVAL_PERIOD=None; the {evaluation.split!r} split)")
     if evaluation.inference_evaluator is not None:  # Read now: its tasks are checked too.
       validated(evaluation.inference_evaluator.prepare,
                 f"the evaluation's tasks ({evaluation.inference_evaluator.mixture_or_task_name!r}"

@@ -8,7 +8,7 @@ feature converter reads:
           `t5xlike.data.sources` as a non-token numeric feature).
 
 Registered seqio tasks:
-  cls_word_order  OFFLINE, from the embedded corpus (`tasks.embedded`): is a
+  cls_word_order  OFFLINE, from the embedded corpus (`t5xlike.tasks.embedded`): is a
                   sentence in its original word order (label 0) or were its
                   words shuffled (label 1)? Sentences of 6-24 words and at
                   most 63 tokens, lower-cased, final punctuation removed (so
@@ -34,7 +34,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tasks import embedded
+from t5xlike.tasks import embedded
 
 SPLITS = ("train", "validation")
 #: Sentences per split of cls_word_order.

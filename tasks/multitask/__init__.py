@@ -4,7 +4,7 @@ Instruction-tuning in miniature (T0 / FLAN style: several prompt templates per
 task, a held-out task for zero-shot evaluation), small enough for the tiny
 quickstart model to partly learn in a few hundred steps, with no download.
 
-Source text: the embedded corpus (`tasks.embedded`), lower-cased and cut into
+Source text: the embedded corpus (`t5xlike.tasks.embedded`), lower-cased and cut into
 *runs*: maximal sequences of plain words (1-12 letters a-z; a trailing comma
 or semicolon is dropped) within a sentence; a run ends at `.`, `!`, `?`, `:`
 and at any other token (code, numbers, symbols). Each task cuts the runs
@@ -36,13 +36,13 @@ Tasks (train / validation examples; metric; fields -> templates):
       3-8 words: "What is the last word of this phrase? {phrase}" | "Give
       the last word: {phrase}" | "{phrase} -- the last word is:"  ->  "{word}"
 
-The template of an example is chosen by `tasks.prompts.apply_templates`
+The template of an example is chosen by `t5xlike.tasks.prompts.apply_templates`
 (seeded hash of its fields: the same in every epoch and after a restart).
 Lengths on the embedded vocabulary: inputs <= 48 tokens, targets <= 24
 (before EOS), so TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 32} never
 truncates. Predictions and targets are `str.strip`ped (`postprocess_fn`).
 
-Mixtures (rates: examples-proportional, `tasks.mixtures.add_mixture`):
+Mixtures (rates: examples-proportional, `t5xlike.tasks.mixtures.add_mixture`):
   multitask_offline          the five tasks other than mt_last_word, each
                              task's count capped at 6,000: rates
                              6,000 : 5,000 : 4,000 : 6,000 : 6,000
@@ -63,8 +63,8 @@ import seqio
 import tensorflow as tf
 
 from t5xlike import text_metrics
-from tasks import embedded, mixtures, prompts
-from tasks.prompts import Template
+from t5xlike.tasks import embedded, mixtures, prompts
+from t5xlike.tasks.prompts import Template
 
 SPLITS = ("train", "validation")
 MAXIMUM = 6_000  # The mixtures' cap on each task's example count.

@@ -26,7 +26,7 @@ compares class ids; xsum's strips whitespace. Evaluate on `validation`
 (`validation_matched` and `validation_mismatched` for MNLI); test labels are
 hidden.
 
-The vocabulary is the embedded SentencePiece model (`tasks.embedded`): T5's
+The vocabulary is the embedded SentencePiece model (`t5xlike.tasks.embedded`): T5's
 is not available offline; bind another `seqio.Feature` vocabulary for real
 runs. The data must be prepared in the TFDS data directory
 (`tfds build glue/sst2` etc.): t5xlike refuses to download while reading.
@@ -41,8 +41,8 @@ import seqio
 import tensorflow as tf
 
 from t5xlike import text_metrics
-from tasks import embedded, prompts
-from tasks.prompts import Template
+from t5xlike.tasks import embedded, prompts
+from t5xlike.tasks.prompts import Template
 
 UNKNOWN_LABEL = "<unk>"
 
