@@ -1,6 +1,7 @@
-"""`python -m t5xlike.prune`: a training run's checkpoint pruned into OUT/checkpoint +
-OUT/model.gin whose weights are the original's slices at the chosen indices, which train,
-infer and evaluation load; bad input is one line, exit 2, nothing written."""
+"""`python -m t5xlike.prune`: a checkpoint (a step directory as a training run leaves it,
+random weights: no training compile) pruned into OUT/checkpoint + OUT/model.gin whose
+weights are the original's slices at the chosen indices, which train and infer load (T5 and
+a scanned decoder-only model); bad input is one line, exit 2, nothing written."""
 import dataclasses
 import json
 import math
@@ -13,37 +14,12 @@ import pytest
 from t5xlike import checkpoints, infer, partitioning, prune, train
 from t5xlike.cli import gin_config
 from t5xlike.inference import checkpoint_loading
-from t5xlike.interop import output_dir
+from t5xlike.interop import network_shapes, output_dir, param_trees
 from tests import pruning_numpy_reference as ref
 
 T5_LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"
 DECODER_LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'targets': 32}"
 SMALL = ["--gin.BATCH_SIZE=4", "--gin.CALIBRATION_BATCHES=2", "--gin.HELD_OUT_BATCHES=1"]
-
-
-def _train(model_dir, gin_file, lengths, *extra):
-  assert train.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR={model_dir}",
-                     "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4", "--gin.EVAL_PERIOD=None",
-                     lengths, *extra]) == 0
-  return model_dir / "checkpoint_2"
-
-
-@pytest.fixture(scope="module")
-def t5_checkpoint(tmp_path_factory):
-  """Two steps of the quickstart (T5.1.1-tiny, span corruption), tiny lengths."""
-  return _train(tmp_path_factory.mktemp("t5") / "run", "gin_configs/quickstart.gin", T5_LENGTHS)
-
-
-@pytest.fixture(scope="module")
-def decoder_checkpoint(tmp_path_factory):
-  """Two steps of the decoder-only tiny model (causal LM, GQA 4 query / 2 kv heads), its
-  layers scanned."""
-  return _train(tmp_path_factory.mktemp("decoder") / "run", "gin_configs/objectives/causal_lm.gin",
-                DECODER_LENGTHS, "--gin.DecoderConfig.scan_layers=True")
-
-
-def _prune(*flags) -> int:
-  return prune.main([str(flag) for flag in flags])
 
 
 def _model_of(gin_file):
@@ -54,11 +30,42 @@ def _model_of(gin_file):
     gin.clear_config()
 
 
+def _write_checkpoint(root, config, seed):
+  """A step directory `root/checkpoint_2` of random parameters for `config` (scanned
+  configs: stacked layers), as a training run would leave; (path, unscanned params)."""
+  rng = np.random.default_rng(seed)
+  unscanned = network_shapes.param_shapes(dataclasses.replace(config, scan_layers=False))
+  flat = {name: (1.0 + 0.2 * rng.standard_normal(shape) if name.endswith("/scale")
+                 else rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+          for name, shape in unscanned.items()}
+  tree = param_trees.unflatten(param_trees.stack(flat) if config.scan_layers else flat)
+  return checkpoints.save_params(root, 2, tree), flat
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory):
+  """T5.1.1-tiny (the quickstart's model) at step 2, random weights: (path, params)."""
+  config = _model_of("gin_configs/models/t5_1_1/tiny.gin").network.config
+  return _write_checkpoint(tmp_path_factory.mktemp("t5"), config, 0)
+
+
+@pytest.fixture(scope="module")
+def decoder_checkpoint(tmp_path_factory):
+  """The decoder-only tiny model (GQA: 4 query / 2 kv heads), its layers scanned."""
+  config = dataclasses.replace(
+      _model_of("gin_configs/models/decoder/tiny.gin").network.config, scan_layers=True)
+  return _write_checkpoint(tmp_path_factory.mktemp("decoder"), config, 1)
+
+
+def _prune(*flags) -> int:
+  return prune.main([str(flag) for flag in flags])
+
+
 @pytest.fixture(scope="module")
 def t5_pruned(t5_checkpoint, tmp_path_factory):
   out = tmp_path_factory.mktemp("t5_pruned") / "out"
   assert _prune("--gin_file=gin_configs/quickstart.gin", T5_LENGTHS, *SMALL,
-                f"--gin.CHECKPOINT_PATH={t5_checkpoint}", f"--output={out}", "--heads=2",
+                f"--gin.CHECKPOINT_PATH={t5_checkpoint[0]}", f"--output={out}", "--heads=2",
                 "--mlp_dim=50%", "--emb_dim=48", "--num_decoder_layers=1") == 0
   return out
 
@@ -89,7 +96,7 @@ def test_t5_prune_writes_the_originals_slices_at_the_chosen_indices(t5_checkpoin
   assert (config.emb_dim, config.num_heads, config.mlp_dim, config.num_decoder_layers) == (
       48, 2, 128, 1)
   assert "Written by `python -m t5xlike.prune`" in (t5_pruned / "model.gin").read_text()
-  original = output_dir.read_params(t5_checkpoint, source)
+  original = t5_checkpoint[1]
   pruned = output_dir.read_params(t5_pruned / "checkpoint", config)
   ref.assert_slices(original, pruned, report["kept"], source.head_dim)
 
@@ -121,7 +128,7 @@ def test_scanned_decoder_prunes_by_loss_and_loads(decoder_checkpoint, tmp_path):
   out = tmp_path / "out"
   assert _prune("--gin_file=gin_configs/objectives/causal_lm.gin", DECODER_LENGTHS, *SMALL,
                 "--gin.DecoderConfig.scan_layers=True",
-                f"--gin.CHECKPOINT_PATH={decoder_checkpoint}", f"--output={out}",
+                f"--gin.CHECKPOINT_PATH={decoder_checkpoint[0]}", f"--output={out}",
                 "--num_layers=1", "--kv_heads=1", "--layer_importance=loss") == 0
   report = json.loads((out / "prune.json").read_text())
   assert report["layer_importance"] == "loss"
@@ -133,14 +140,19 @@ def test_scanned_decoder_prunes_by_loss_and_loads(decoder_checkpoint, tmp_path):
       1, 2, 1)
   assert {name.split("/")[1] for name in checkpoints.saved_param_shapes(out / "checkpoint")
           if name.startswith("decoder/layers")} == {"layers"}
-  source = dataclasses.replace(_model_of("gin_configs/models/decoder/tiny.gin").network.config,
-                               scan_layers=True)
-  original = output_dir.read_params(decoder_checkpoint, source)  # unstacked
+  source = _model_of("gin_configs/models/decoder/tiny.gin").network.config
+  original = decoder_checkpoint[1]  # unstacked
   ref.assert_slices(original, output_dir.read_params(out / "checkpoint", config),
                     report["kept"], source.head_dim)
   params, step = checkpoint_loading.load_checkpoint(model, str(out / "checkpoint"),
                                                     {"targets": 32}, partitioning.Partitioner())
   assert step == 0 and "layers" in params["decoder"]
+  model_dir = tmp_path / "retrain"
+  assert train.main(["--gin_file=gin_configs/objectives/causal_lm.gin",
+                     f"--gin_file={out / 'model.gin'}", f"--gin.MODEL_DIR={model_dir}",
+                     "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=4", "--gin.EVAL_PERIOD=None",
+                     DECODER_LENGTHS, f"--gin.INITIAL_CHECKPOINT_PATH={out / 'checkpoint'}"]) == 0
+  assert (model_dir / "checkpoint_1").is_dir()
 
 
 @pytest.mark.parametrize("gin_file, flags, message", [
@@ -158,7 +170,7 @@ def test_scanned_decoder_prunes_by_loss_and_loads(decoder_checkpoint, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(t5_checkpoint, tmp_path, capsys, gin_file,
                                                   flags, message):
   out = tmp_path / "out"
-  rc = _prune(f"--gin_file={gin_file}", *SMALL, f"--gin.CHECKPOINT_PATH={t5_checkpoint}",
+  rc = _prune(f"--gin_file={gin_file}", *SMALL, f"--gin.CHECKPOINT_PATH={t5_checkpoint[0]}",
               f"--output={out}", *flags)
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and message in err[0], err
@@ -169,7 +181,7 @@ def test_an_output_that_is_not_empty_is_refused(t5_checkpoint, tmp_path, capsys)
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "keep.txt").write_text("x")
   assert _prune("--gin_file=gin_configs/quickstart.gin", *SMALL,
-                f"--gin.CHECKPOINT_PATH={t5_checkpoint}", f"--output={tmp_path / 'out'}",
+                f"--gin.CHECKPOINT_PATH={t5_checkpoint[0]}", f"--output={tmp_path / 'out'}",
                 "--heads=2") == 2
   assert "exists and is not empty" in capsys.readouterr().err
   assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
