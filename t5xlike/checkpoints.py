@@ -218,6 +218,16 @@ def restore_state_from_path(path: str | epath.Path, abstract_state: Any) -> Any:
     return checkpointer.restore(path / "state", abstract_state)
 
 
+def restore_data_state_from_path(path: str | epath.Path) -> dict[str, Any]:
+  """The data position saved beside a step directory's train state (its `data` item:
+  the feed's JSON state, e.g. {'iterator': {'next_index': 400}, ...})."""
+  path = validate_step_dir(path)
+  if not (path / "data").exists():
+    raise ValueError(f"{path} holds no data position (no 'data' inside)")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return dict(checkpointer.restore(path / "data") or {})
+
+
 def saved_leaf_shapes(path: str | epath.Path, subtree: str,
                       item: str = "state") -> list[tuple[tuple[int, ...], str]]:
   """(shape, dtype) of the leaves of one subtree (e.g. 'opt_state') of a saved item,

@@ -8,12 +8,14 @@ return an `optax.GradientTransformation`; run gins bind them un-called
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from t5xlike import errors
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -64,6 +66,152 @@ def linear(peak_learning_rate: float = 1e-3, warmup_steps: int = 0, decay_steps:
   """Linear warmup to the peak, then linear decay to `end_learning_rate` over `decay_steps`."""
   decay = optax.linear_schedule(peak_learning_rate, end_learning_rate, max(decay_steps, 1))
   return _with_warmup(peak_learning_rate, warmup_steps, decay)
+
+
+DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
+
+
+def _decay_factor(shape: str, fraction: jnp.ndarray, end_factor: float) -> jnp.ndarray:
+  """f(x) for x = fraction of the decay phase done, in [0, 1]: 1 at 0, `end_factor` at 1.
+
+  exponential: r^x (MiniCPM's f(s - T) = 0.5^((s - T) / T_half) with the half-life
+  T_half = D ln 2 / ln(1 / r), D the decay steps, r = end_factor); linear: 1 - (1 - r) x;
+  cosine: r + (1 - r)(1 + cos(pi x)) / 2; 1-sqrt: 1 - (1 - r) sqrt(x) (Hagele et al.
+  2024's cooldown).
+  """
+  x = jnp.clip(fraction, 0.0, 1.0)
+  if shape == "exponential":
+    return jnp.power(jnp.float32(end_factor), x)
+  if shape == "linear":
+    return 1.0 - (1.0 - end_factor) * x
+  if shape == "cosine":
+    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + jnp.cos(jnp.pi * x))
+  return 1.0 - (1.0 - end_factor) * jnp.sqrt(x)
+
+
+def _decay_start(name: str, warmup_steps: int, decay_steps: int, train_steps: int | None,
+                 decay_shape: str, end_factor: float) -> int | None:
+  """T = train_steps - decay_steps, the last stable step (None: no decay); ConfigError
+  naming the binding when the phases cannot be laid out in TRAIN_STEPS."""
+  if decay_shape not in DECAY_SHAPES:
+    raise errors.ConfigError(f"optim.{name}.decay_shape={decay_shape!r}: expected one of "
+                             f"{', '.join(map(repr, DECAY_SHAPES))}")
+  if warmup_steps < 0 or decay_steps < 0:
+    raise errors.ConfigError(f"optim.{name}: warmup_steps={warmup_steps} and decay_steps="
+                             f"{decay_steps} must be >= 0")
+  if not 0.0 <= end_factor <= 1.0 or (decay_shape == "exponential" and end_factor <= 0.0):
+    raise errors.ConfigError(f"optim.{name}.end_factor={end_factor}: expected a fraction of "
+                             f"the rate in {'(0' if decay_shape == 'exponential' else '[0'}, 1] "
+                             f"for decay_shape={decay_shape!r}")
+  if decay_steps and train_steps is None:
+    raise errors.ConfigError(f"optim.{name}.decay_steps={decay_steps} needs train_steps "
+                             f"(bind optim.{name}.train_steps = %TRAIN_STEPS)")
+  if train_steps is not None and warmup_steps + decay_steps > train_steps:
+    raise errors.ConfigError(
+        f"optim.{name}: warmup ({warmup_steps} steps) and decay ({decay_steps} steps) do not fit "
+        f"TRAIN_STEPS={train_steps}: raise TRAIN_STEPS to at least {warmup_steps + decay_steps} "
+        f"or shorten the phases")
+  return None if not decay_steps or train_steps is None else train_steps - decay_steps
+
+
+def warmup_stable_decay(peak_learning_rate: float = 1e-2, warmup_steps: int = 0,
+                        decay_steps: int = 0, train_steps: int | None = None,
+                        decay_shape: str = "exponential", end_factor: float = 0.1) -> Schedule:
+  """MiniCPM's warmup-stable-decay (Hu et al. 2024, section 4.2), with step s = count + 1:
+
+      s / W * eta                    s <= W             (warmup)
+      eta                            W < s <= T         (stable)
+      f((s - T) / D) * eta           T < s              (decay; f from `decay_shape`)
+
+  T = train_steps - D: the decay takes the last D = `decay_steps` steps of the run.
+  With decay_steps=0 the run stays stable to its end, and a decay is branched off
+  any of its checkpoints by a new run from it (INITIAL_CHECKPOINT_PATH, the same
+  optimizer: its state and step continue) with TRAIN_STEPS = that step + D and
+  decay_steps = D (`gin_configs/schedules/wsd_decay.gin`).
+
+  Args:
+    peak_learning_rate: eta.
+    warmup_steps: W (0: no warmup).
+    decay_steps: D (0: no decay).
+    train_steps: TRAIN_STEPS (needed when D > 0).
+    decay_shape: 'exponential' (MiniCPM's), 'linear', 'cosine' or '1-sqrt'.
+    end_factor: f(1): the rate at the end of the decay as a fraction of eta.
+
+  Raises:
+    ConfigError: phases that do not fit TRAIN_STEPS, an unknown shape, a bad end_factor.
+  """
+  decay_start = _decay_start("warmup_stable_decay", warmup_steps, decay_steps, train_steps,
+                             decay_shape, end_factor)
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32) + 1.0
+    lr = jnp.full((), peak_learning_rate, jnp.float32)
+    if warmup_steps:
+      lr = lr * jnp.minimum(1.0, step / warmup_steps)
+    if decay_start is not None:
+      decayed = _decay_factor(decay_shape, (step - decay_start) / decay_steps, end_factor)
+      lr = jnp.where(step > decay_start, peak_learning_rate * decayed, lr)
+    return lr
+  return schedule
+
+
+def power(batch_size: int, tokens_per_example: int | Mapping[str, int], a: float = 4.6,
+          b: float = -0.51, max_learning_rate: float = 0.02, warmup_steps: int = 0,
+          decay_steps: int = 0, train_steps: int | None = None, decay_shape: str = "exponential",
+          end_factor: float = 0.1) -> Schedule:
+  """The Power scheduler (Shen et al. 2024, section 4): the rate a power law of tokens seen.
+
+      eta_power(n) = min(eta_max, beta * a * n^b),   n = s * beta * tokens_per_example
+
+  with beta the batch size (sequences), s = count + 1 the step, and
+
+      s / W * eta_power(n(W))              s <= W            (warmup)
+      eta_power(n(s))                      W < s <= T
+      f((s - T) / D) * eta_power(n(T))     T < s             (decay; T = train_steps - D)
+
+  a = 4.6, b = -0.51 and eta_max = 0.02 are the paper's values (fitted with muP on its
+  data); the rate does not depend on the planned number of tokens until the decay.
+
+  Args:
+    batch_size: beta, examples per global batch (BATCH_SIZE).
+    tokens_per_example: tokens in one example row, or TASK_FEATURE_LENGTHS (its sum).
+    a, b: the power law's coefficient and exponent.
+    max_learning_rate: eta_max.
+    warmup_steps: W (0: no warmup).
+    decay_steps: D (0: no decay).
+    train_steps: TRAIN_STEPS (needed when D > 0).
+    decay_shape: 'exponential', 'linear', 'cosine' or '1-sqrt'.
+    end_factor: f(1): the rate at the end of the decay as a fraction of eta_power(n(T)).
+
+  Raises:
+    ConfigError: phases that do not fit TRAIN_STEPS, a non-positive batch or row size.
+  """
+  decay_start = _decay_start("power", warmup_steps, decay_steps, train_steps, decay_shape,
+                             end_factor)
+  if isinstance(tokens_per_example, Mapping):
+    tokens_per_example = sum(tokens_per_example.values())
+  if batch_size <= 0 or tokens_per_example <= 0:
+    raise errors.ConfigError(f"optim.power: batch_size={batch_size} and tokens_per_example="
+                             f"{tokens_per_example} must be positive")
+  tokens_per_step = float(batch_size) * float(tokens_per_example)
+
+  def law(step):
+    return jnp.minimum(max_learning_rate, batch_size * a * jnp.power(step * tokens_per_step, b))
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32) + 1.0
+    if decay_start is not None:
+      step_for_law = jnp.minimum(step, decay_start)
+    else:
+      step_for_law = step
+    lr = law(jnp.maximum(step_for_law, warmup_steps) if warmup_steps else step_for_law)
+    if warmup_steps:
+      lr = lr * jnp.minimum(1.0, step / warmup_steps)
+    if decay_start is not None:
+      decayed = _decay_factor(decay_shape, (step - decay_start) / decay_steps, end_factor)
+      lr = jnp.where(step > decay_start, lr * decayed, lr)
+    return lr
+  return schedule
 
 
 # -- optimizers ----------------------------------------------------------------

@@ -30,8 +30,13 @@ def _needs_model(name):
 
 @pytest.mark.parametrize("name", ALL_GIN)
 def test_gin_file_parses(name):
-  # A run gin needs a model gin to bind MODEL; everything else runs alone.
-  gin_config.configure(["models/t5_1_1/tiny.gin", name] if _needs_model(name) else [name])
+  # A run gin needs a model gin to bind MODEL; a schedule composes after a run (the
+  # quickstart); everything else runs alone.
+  if name.startswith("schedules/"):
+    files = ["quickstart.gin", name]
+  else:
+    files = ["models/t5_1_1/tiny.gin", name] if _needs_model(name) else [name]
+  gin_config.configure(files)
   gin.clear_config()
 
 

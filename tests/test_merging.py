@@ -282,7 +282,8 @@ def test_held_out_metric_selects_on_examples_after_first_example():
   """The greedy soup's held-out part: examples [first_example, first_example + n) of each
   task's split, i.e. not the first ones that `runs/eval.gin` reports on."""
   lengths = {"inputs": 16, "targets": 8}
-  task = dict(mixture_or_task_name="mt_first_word", mixture_or_task_module="t5xlike.tasks.multitask")
+  task = dict(mixture_or_task_name="mt_first_word",
+              mixture_or_task_module="t5xlike.tasks.multitask")
   whole = task_evaluator.InferenceEvaluator(feature_lengths=lengths, max_examples=None, **task)
   (_, examples, rows), = whole.tasks
   assert len(examples) == 300

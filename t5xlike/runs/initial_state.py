@@ -43,6 +43,13 @@ def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> T
     if plan.checkpointing.fresh_optimizer_state and not fresh:
       state = trainer.state_from_params(state.params, state.step, plan.random_seed,
                                         plan.example_batch)
+    if plan.checkpointing.continue_data_position:
+      try:
+        plan.train_feed.set_state(checkpoints.restore_data_state_from_path(initial))
+      except (ValueError, KeyError) as error:
+        raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH: continue_data_position: "
+                                 f"{errors.one_line(error)}") from None
+      origin += "; the data goes on from its position"
   log.info("%s", origin)
   return state
 

@@ -102,6 +102,9 @@ class CheckpointConfig:
       that only make sense from a checkpoint: fine-tuning, SPDF's dense phase).
     fresh_optimizer_state: start from INITIAL_CHECKPOINT_PATH's parameters and step
       with a new optimizer state (fine-tuning).
+    continue_data_position: a new run from INITIAL_CHECKPOINT_PATH also goes on from its
+      data position (a branch of the same run on the same task, e.g. a WSD decay:
+      `schedules/wsd_decay.gin`) instead of reading the task from its start.
     restore_strict: RESTORE_STRICT: a corrupt newest checkpoint is an error instead
       of a fall-back to the previous one.
   """
@@ -111,6 +114,7 @@ class CheckpointConfig:
   initial_checkpoint_path: str | None = None
   require_initial_checkpoint: bool = False
   fresh_optimizer_state: bool = False
+  continue_data_position: bool = False
   restore_strict: bool = False
 
 
