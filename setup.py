@@ -24,5 +24,6 @@ setuptools.setup(
     + GIN_PACKAGES,
     package_dir={"t5xlike.tasks": "tasks", "t5xlike.gin_configs": "gin_configs"},
     package_data={"t5xlike.tasks.embedded": ["*.gz", "*.model", "LICENSE"],
+                  "t5xlike.aot": ["gpu_targets/*.txtpb"],
                   **{name: ["*.gin"] for name in GIN_PACKAGES}},
 )

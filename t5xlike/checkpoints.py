@@ -228,12 +228,27 @@ def restore_data_state_from_path(path: str | epath.Path) -> dict[str, Any]:
     return dict(checkpointer.restore(path / "data") or {})
 
 
-def saved_leaf_shapes(path: str | epath.Path, subtree: str,
-                      item: str = "state") -> list[tuple[tuple[int, ...], str]]:
-  """(shape, dtype) of the leaves of one subtree (e.g. 'opt_state') of a saved item,
-  in JAX's flattening order, read from orbax metadata (no array is loaded)."""
-  tree = item_metadata(validate_step_dir(path) / item).get(subtree, {})
-  return [(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
+LeafShapes = dict[str, tuple[tuple[int, ...], str]]
+
+
+def leaf_shapes(tree: Any) -> LeafShapes:
+  """{path: (shape, dtype)} of a tree's leaves, the path spelled by key names only
+  ('1/v_row/encoder/...'): the same for a live optimizer state (tuples, namedtuples) and
+  its orbax metadata (lists, dicts), whose flattening orders differ (orbax stores a
+  namedtuple as a dict with sorted keys)."""
+  def name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_leaf_shapes(path: str | epath.Path, subtree: str, item: str = "state") -> LeafShapes:
+  """`leaf_shapes` of one subtree (e.g. 'opt_state') of a saved item, read from orbax
+  metadata (no array is loaded)."""
+  return leaf_shapes(item_metadata(validate_step_dir(path) / item).get(subtree, {}))
 
 
 def item_metadata(directory: str | epath.Path) -> dict[str, Any]:

@@ -127,3 +127,26 @@ def jit_cache_size(jitted: Any) -> int:
   Missing public API: `jax.jit` wrappers expose the count only as `_cache_size()`.
   """
   return int(jitted._cache_size())  # noqa: SLF001
+
+
+# -- XLA: cost analysis of GPU executables ------------------------------------------
+def hlo_cost_analysis_on_cpu(compiled: Any) -> dict[str, float] | None:
+  """XLA's HLO cost analysis ('flops', 'bytes accessed', per device) of the optimised
+  module of a compiled step, computed by the CPU client; None when it cannot be made.
+
+  Missing public API: `jax.stages.Compiled.cost_analysis()` is unimplemented for the
+  CUDA plugin's (compile-only) executables, and XLA's cost analysis of a given HLO
+  module is reachable only as `jax._src.lib.xla_client._xla.hlo_module_cost_analysis`.
+  The CPU client counts what XLA's HLO cost analysis counts on any backend (dots,
+  elementwise work, bytes of every instruction's operands and result); custom calls
+  (cuBLAS, cuDNN) count nothing.
+  """
+  import jax  # noqa: PLC0415  (this module is imported before JAX is configured)
+  from jax._src.lib import xla_client  # noqa: PLC0415  (private: only here)
+  try:
+    module = compiled.runtime_executable().hlo_modules()[0]
+    client = jax.devices("cpu")[0].client
+    analysis = xla_client._xla.hlo_module_cost_analysis(client, module)  # noqa: SLF001
+  except Exception:  # noqa: BLE001  (private API: any failure means no figure)
+    return None
+  return {key: float(value) for key, value in analysis.items()}

@@ -87,22 +87,29 @@ def make_mesh(mesh_shape: Mapping[str, int] | None,
               dcn_mesh_shape: Mapping[str, int] | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor); `tensor` varies fastest (kept within a host).
 
-  `dcn_mesh_shape` (multi-slice TPU, untested here): the per-axis number of
-  slices connected by the data-center network; `mesh_shape` is then the
-  shape inside one slice, and the mesh is their product (a hybrid mesh from
-  `mesh_utils.create_hybrid_device_mesh`).
+  `dcn_mesh_shape`: the per-axis number of slices connected by the
+  data-center network (multi-slice TPU; GPU hosts); `mesh_shape` is then the
+  shape inside one slice (host), and the mesh is their product (a hybrid mesh
+  from `mesh_utils.create_hybrid_device_mesh`). The granules are the
+  devices' TPU slices, or their processes (GPU hosts) when they all share one
+  slice index. Checked on compile-only multi-slice TPU and multi-host GPU
+  devices (`t5xlike.aot.targets`), not on real ones.
   """
   devices = list(devices if devices is not None else jax.devices())
   if dcn_mesh_shape:
     dcn = resolve_mesh_shape(dcn_mesh_shape, math.prod(v for v in dcn_mesh_shape.values()
                                                        if v > 0))
     num_slices = math.prod(dcn.values())
-    if not hasattr(devices[0], "slice_index") or len(devices) % num_slices:
-      raise ValueError(f"DCN_MESH_SHAPE={dict(dcn_mesh_shape)} needs {num_slices} slices of "
-                       f"TPU devices with a slice_index; these devices have none")
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    by_process = len(slices) == 1
+    granules = {d.process_index for d in devices} if by_process else slices
+    if len(granules) != num_slices or len(devices) % num_slices:
+      raise ValueError(f"DCN_MESH_SHAPE={dict(dcn_mesh_shape)} needs {num_slices} slices "
+                       f"(hosts) of devices; these devices form {len(granules)}")
     ici = resolve_mesh_shape(mesh_shape, len(devices) // num_slices)
     device_array = mesh_utils.create_hybrid_device_mesh(
-        tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices)
+        tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices,
+        process_is_granule=by_process)
     return Mesh(device_array, MESH_AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
   sizes = resolve_mesh_shape(mesh_shape, len(devices))
@@ -243,4 +250,5 @@ class Partitioner:
 
   def describe(self) -> str:
     axes = ", ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
-    return f"mesh ({axes}) over {self.mesh.devices.size} {jax.devices()[0].platform} device(s)"
+    platform = self.mesh.devices.flat[0].platform
+    return f"mesh ({axes}) over {self.mesh.devices.size} {platform} device(s)"

@@ -103,9 +103,11 @@ TINY = ["--gin_file=gin_configs/quickstart.gin", "--gin_file=gin_configs/schedul
         "--gin.WSD_PEAK_LEARNING_RATE=0.05"]
 
 
-def test_decay_branched_off_a_stable_checkpoint_continues_its_state_and_data(tmp_path):
+def test_decay_branched_off_a_stable_checkpoint_continues_its_state_and_data(tmp_path, caplog):
   """A stable run to step 6 (checkpoints 4 and 6) and a decay branched off its step 4:
-  step 5 sees the same state and batch in both (bitwise-equal loss), then the rates part."""
+  step 5 sees the same state and batch in both (bitwise-equal loss), the optimizer state
+  goes on (Adafactor's factored moments: step 5's update of the stable run is repeated
+  exactly when the rate is), then the rates part."""
   stable, branch = tmp_path / "stable", tmp_path / "decay"
   assert train.main([*TINY, f"--gin.MODEL_DIR={stable}", "--gin.TRAIN_STEPS=6",
                      "--gin.CHECKPOINT_PERIOD=4"]) == 0
@@ -113,6 +115,8 @@ def test_decay_branched_off_a_stable_checkpoint_continues_its_state_and_data(tmp
                      f"--gin.MODEL_DIR={branch}", "--gin.TRAIN_STEPS=6",
                      "--gin.WSD_DECAY_STEPS=2",
                      f"--gin.INITIAL_CHECKPOINT_PATH={stable}/checkpoint_4"]) == 0
+  assert any("its parameters and optimizer state" in m and "data goes on" in m
+             for m in caplog.messages), caplog.messages
   a, b = _rows(stable), _rows(branch)
   assert sorted(b) == [5, 6]
   assert b[5]["loss"] == a[5]["loss"]  # parameters, optimizer state and data position go on
@@ -120,6 +124,12 @@ def test_decay_branched_off_a_stable_checkpoint_continues_its_state_and_data(tmp
   assert [b[s]["learning_rate"] for s in (5, 6)] == pytest.approx(
       [0.05 * 0.1 ** 0.5, 0.05 * 0.1])
   assert b[6]["loss"] != a[6]["loss"]  # the decayed step-5 update differs
+  # A branch with no decay is the stable run itself, to the bit: nothing was reset.
+  same = tmp_path / "same"
+  assert train.main([*TINY, "--gin_file=gin_configs/schedules/wsd_decay.gin",
+                     f"--gin.MODEL_DIR={same}", "--gin.TRAIN_STEPS=6", "--gin.WSD_DECAY_STEPS=0",
+                     f"--gin.INITIAL_CHECKPOINT_PATH={stable}/checkpoint_4"]) == 0
+  assert [_rows(same)[s]["loss"] for s in (5, 6)] == [a[5]["loss"], a[6]["loss"]]
 
 
 def test_a_decay_that_does_not_fit_train_steps_is_one_line_exit_2(tmp_path, capsys):

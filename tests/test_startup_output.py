@@ -56,6 +56,38 @@ def _clean_env():
   return {**env, "PYTHONPATH": str(REPO)}
 
 
+def test_accelerators_are_seen_as_jax_looks_for_them(tmp_path):
+  pci = tmp_path / "pci"
+  for device, vendor in (("0000:00:04.0", "0x8086"), ("0000:00:05.0", "0x1af4")):
+    (pci / device).mkdir(parents=True)
+    (pci / device / "vendor").write_text(vendor + "\n")
+  no_files = [str(tmp_path / "nvidia0")]
+  assert not startup_noise.accelerator_visible(no_files, str(pci))
+  (tmp_path / "nvidia0").touch()   # an NVIDIA driver's device file
+  assert startup_noise.accelerator_visible(no_files, str(pci))
+  (pci / "0000:00:06.0").mkdir()
+  (pci / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")   # a TPU chip (Google's vendor id)
+  assert startup_noise.accelerator_visible([], str(pci))
+
+
+@pytest.mark.parametrize("user,plugins,visible,expected", [
+    (None, True, False, "cpu"),     # the extras on a CPU host: JAX would fail loudly, then CPU
+    (None, True, True, None),       # a GPU or TPU: JAX decides
+    (None, False, False, None),     # no plugin: JAX prints nothing anyway
+    ("tpu", True, False, "tpu"),    # the user's choice stays
+])
+def test_jax_is_kept_to_the_cpu_only_where_its_plugins_would_fail(monkeypatch, user, plugins,
+                                                                   visible, expected):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  if user:
+    monkeypatch.setenv("JAX_PLATFORMS", user)
+  monkeypatch.setattr(startup_noise, "accelerator_plugins_installed", lambda: plugins)
+  monkeypatch.setattr(startup_noise, "accelerator_visible", lambda: visible)
+  monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))   # quiet() may add a finder
+  startup_noise.quiet()
+  assert os.environ.get("JAX_PLATFORMS") == expected
+
+
 def test_tensorflow_loads_quietly_and_off_gpus():
   code = ("from t5xlike.cli import startup_noise\n"
           "startup_noise.quiet()\n"

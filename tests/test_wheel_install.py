@@ -1,7 +1,8 @@
-"""A non-editable install works from anywhere (setup.py): the wheel holds `t5xlike/`, the
-repository's `tasks/` as `t5xlike/tasks/` and `gin_configs/` as `t5xlike/gin_configs/`, and
-no other top-level name; installed into a fresh virtual environment, the quickstart trains,
-evaluates and infers from a directory outside the repository.
+"""A non-editable install works from anywhere (setup.py): the wheel holds `t5xlike/` (with the
+GPU target configs of `t5xlike/aot/gpu_targets/`), the repository's `tasks/` as
+`t5xlike/tasks/` and `gin_configs/` as `t5xlike/gin_configs/`, and no other top-level name;
+installed into a fresh virtual environment, the quickstart trains, evaluates and infers from
+a directory outside the repository.
 
 How the fresh environment gets the dependencies: installing them from the registry would
 download ~2 GB (TensorFlow, JAX and the rest) on every run, so the wheel is installed with
@@ -60,8 +61,11 @@ def test_wheel_holds_the_package_its_tasks_and_gin_files_and_nothing_else(wheel)
     names = archive.namelist()
     (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
     assert archive.read(top_level).decode().split() == ["t5xlike"]
-  expected = ({path.relative_to(REPO).as_posix() for path in (REPO / "t5xlike").rglob("*.py")}
-              | _shipped("tasks", "t5xlike/tasks") | _shipped("gin_configs", "t5xlike/gin_configs"))
+  package = {path.relative_to(REPO).as_posix() for path in (REPO / "t5xlike").rglob("*")
+             if path.suffix == ".py" or path.parent.name == "gpu_targets"}
+  expected = (package | _shipped("tasks", "t5xlike/tasks")
+              | _shipped("gin_configs", "t5xlike/gin_configs"))
+  assert "t5xlike/aot/gpu_targets/h100.txtpb" in expected   # the compile targets' devices
   assert "t5xlike/tasks/embedded/spm.model" in expected
   assert "t5xlike/gin_configs/quickstart.gin" in expected
   assert sorted(n for n in names if ".dist-info/" not in n) == sorted(expected)

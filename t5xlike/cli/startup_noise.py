@@ -17,7 +17,12 @@ What a CPU-only machine printed before the first step, and what is done about it
   take memory JAX needs); the scan runs under the same capture and drops that line.
 - JAX prints nothing: it skips its CUDA plugin when no NVIDIA GPU is visible
   (`jax._src.xla_bridge.backends`), so JAX_PLATFORMS is left to the user (setting it
-  would turn GPUs and TPUs off).
+  would turn GPUs and TPUs off). With the `tpu` or `gpu` extra installed (the compilers of
+  `python -m t5xlike.compile`; `.ci/run` installs both) on a machine with neither a TPU
+  chip nor an NVIDIA GPU, JAX would print 15 lines (the CUDA plugin's failed cuInit with
+  its traceback, libtpu's warnings about a TPU it cannot find) before falling back to the
+  CPU: there, and only there, JAX_PLATFORMS=cpu is set (unless the user set it), which
+  changes nothing but the noise (`accelerator_visible`).
 
 TF_CPP_MIN_LOG_LEVEL=0 set by the user filters nothing.
 """
@@ -28,6 +33,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -46,14 +52,46 @@ _SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 drops the letters before its i
 _NO_CUDA_DRIVER = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit: ")
 
 
+#: Device files of an NVIDIA GPU (JAX's list: driver, Docker / Kubernetes, WSL2) and the PCI
+#: vendor id of Google's TPU chips, as JAX looks for them (`jax/_src/hardware_utils.py`).
+_NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
 def quiet() -> None:
-  """Sets TF_CPP_MIN_LOG_LEVEL (unless set) and arranges for TensorFlow's first import to
-  be filtered (`_TensorFlowImport`); does nothing for what is already imported."""
+  """Sets TF_CPP_MIN_LOG_LEVEL (unless set), JAX_PLATFORMS=cpu where JAX's accelerator
+  plugins would only fail loudly (unless set; see the module docstring) and arranges for
+  TensorFlow's first import to be filtered (`_TensorFlowImport`); does nothing for what is
+  already imported."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
+  if "JAX_PLATFORMS" not in os.environ and accelerator_plugins_installed() and not (
+      accelerator_visible()):
+    os.environ["JAX_PLATFORMS"] = "cpu"
   if "tensorflow" in sys.modules or any(isinstance(finder, _TensorFlowImport)
                                         for finder in sys.meta_path):
     return
   sys.meta_path.insert(0, _TensorFlowImport())
+
+
+def accelerator_plugins_installed() -> bool:
+  """Whether libtpu or JAX's CUDA plugin is installed (found without importing JAX)."""
+  return any(importlib.util.find_spec(name) is not None
+             for name in ("libtpu", "jax_cuda12_plugin"))
+
+
+def accelerator_visible(device_files: Sequence[str] = _NVIDIA_DEVICE_FILES,
+                        pci_devices: str = "/sys/bus/pci/devices") -> bool:
+  """Whether this machine shows an NVIDIA GPU (one of `device_files`) or a TPU chip (a PCI
+  device of Google's vendor id under `pci_devices`), as JAX decides whether to try them."""
+  if any(os.path.exists(path) for path in device_files):
+    return True
+  for vendor in pathlib.Path(pci_devices).glob("*/vendor"):
+    try:
+      if vendor.read_text().strip() == _GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return False
 
 
 def is_noise(line: str, min_log_level: int) -> bool:

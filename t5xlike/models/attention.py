@@ -15,7 +15,8 @@
             below): blocks of 128 queries x 128 keys, online softmax, no
             [b, heads, q, k] probabilities kept for the backward pass;
   'auto'    cuDNN on GPUs when the activations are bfloat16/float16, Pallas
-            on single-device TPUs (float32/bfloat16), else einsum.
+            on TPUs (float32/bfloat16) for the shapes it serves (quietly
+            einsum for the others), else einsum.
 When the requested kernel cannot serve a call (platform, dtype, attention
 dropout, KV-cache decoding, a shape the kernel refuses) the log says so in
 one line, naming the reason and the fallback (once per distinct message),
@@ -45,12 +46,21 @@ mode is active when the attention is traced, i.e. inside
 (the tests check it against einsum this way). Otherwise it falls back.
 Interpret mode's callbacks are effects, which `jax.checkpoint` refuses: with
 a remat policy other than 'none' it fails there (a TPU has no such effects).
-Verified only in interpret mode on a CPU, on one device. On a multi-device
-mesh in context (a Mosaic kernel cannot be partitioned automatically) it
-runs under `jax.shard_map` over the batch and heads axes: untested, since
+Its values are checked in interpret mode on a CPU, on one device. On a
+multi-device mesh in context (a Mosaic kernel cannot be partitioned
+automatically) it runs under `jax.shard_map` over the batch and heads axes;
 interpret mode under `shard_map` hangs on the CPU (so there it falls back),
-and so 'auto' picks Pallas only when the mesh has one device; ask for
-'pallas' to use it on a TPU pod slice.
+but the real kernel compiles through Mosaic for TPU slices that are not
+here: `python -m t5xlike.compile` and `tests/test_compile_tpu.py` compile it
+for multi-chip v4 / v5e / v5p / v6e meshes (causal, packed segments, GQA,
+the T5 relative-position bias as `ab`, whose gradient the kernel returns).
+
+The platform is the target's: that of the mesh in context
+(`target_platform`), so a step compiled for a TPU slice from a CPU host
+takes the TPU routes. Block sizes stay 128 on every generation: libtpu's
+cost model prices a Mosaic kernel by the kernel's own `CostEstimate`, which
+does not depend on the blocks, so it cannot choose them (tune them on the
+hardware).
 """
 from __future__ import annotations
 
@@ -99,13 +109,13 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
     decode: a KV-cache decoding call.
   """
   check_name(requested)
-  platform = jax.default_backend()
+  platform = target_platform()
   if requested == "auto":
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not (
         dropout or decode):
       return "cudnn"
     if platform == "tpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and not (
-        dropout or decode) and mesh_size() == 1:
+        dropout or decode):
       return "pallas"
     return "einsum"
   if requested == "einsum":
@@ -156,6 +166,15 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
     return None
 
 
+def target_platform() -> str:
+  """The platform the traced computation is for: that of the mesh in context
+  (`jax.set_mesh`, `Partitioner.activate`), whose devices may be compile-only TPU or
+  GPU devices of a machine that is not here (`t5xlike.aot`); else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else str(device.platform)
+
+
 def mesh_size() -> int:
   """Devices of the mesh in context (`jax.set_mesh`, `Partitioner.activate`); 1 if none."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -163,25 +182,26 @@ def mesh_size() -> int:
 
 
 def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
-           dtype: jnp.dtype, *, causal: bool = False,
-           segment_ids: Array | None = None) -> Array | None:
+           dtype: jnp.dtype, *, causal: bool = False, segment_ids: Array | None = None,
+           requested: str = "pallas") -> Array | None:
   """The Pallas TPU flash-attention kernel with scale 1 (see the module docstring).
 
   query [b, q, heads, d], key/value [b, k, kv_heads, d]; mask bool and bias
   broadcastable to [b, heads, q, k] (either may be None); `causal` and
   `segment_ids` (int [b, q], self-attention, 0 on padding) mask in the
-  kernel itself. Returns [b, q, heads, d] in `dtype`, or None (logged) when
-  the kernel cannot serve the shapes.
+  kernel itself. Returns [b, q, heads, d] in `dtype`, or None when the kernel
+  cannot serve the shapes (logged when `requested` is 'pallas'; 'auto' falls
+  back quietly).
   """
   from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: PLC0415  (TPU only, 80 ms)
   batch, q_len, heads, head_dim = query.shape
   k_len, kv_heads = key.shape[1], key.shape[2]
+  refuse = lambda reason: None if requested == "auto" else _fallback("pallas", reason)
   if q_len % PALLAS_BLOCK or k_len % PALLAS_BLOCK:
-    _fallback("pallas", f"query/key lengths {q_len}/{k_len} are not multiples of "
-              f"{PALLAS_BLOCK}")
+    refuse(f"query/key lengths {q_len}/{k_len} are not multiples of {PALLAS_BLOCK}")
     return None
   if head_dim > 128 and head_dim % 128:
-    _fallback("pallas", f"head_dim {head_dim} > 128 is not a multiple of 128")
+    refuse(f"head_dim {head_dim} > 128 is not a multiple of 128")
     return None
   if heads % kv_heads:
     raise ValueError(f"{heads} query heads do not share {kv_heads} key/value heads")

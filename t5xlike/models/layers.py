@@ -391,9 +391,11 @@ class MultiHeadAttention(nn.Module):
     impl = attention.resolve(self.attention_impl, self.dtype, dropout, decode=self.decode)
     if impl == "pallas" and structure is not None:
       out = attention.pallas(query, key, value, None, bias, self.dtype, causal=structure.causal,
-                             segment_ids=structure.kernel_segments())
+                             segment_ids=structure.kernel_segments(),
+                             requested=self.attention_impl)
     elif impl == "pallas":
-      out = attention.pallas(query, key, value, mask, bias, self.dtype)
+      out = attention.pallas(query, key, value, mask, bias, self.dtype,
+                             requested=self.attention_impl)
     else:
       out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
                                                           self.dtype)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from t5xlike.models import attention
+
 Array = jax.Array
 
 
@@ -103,4 +105,4 @@ class StructuredMask:
 def wants_structured_mask(attention_impl: str) -> bool:
   """Whether a model should pass `StructuredMask`: the Pallas kernel may serve."""
   return attention_impl == "pallas" or (attention_impl == "auto"
-                                        and jax.default_backend() == "tpu")
+                                        and attention.target_platform() == "tpu")

@@ -98,8 +98,7 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
   if plan.checkpointing.fresh_optimizer_state:
     why = "fresh_optimizer_state=True"
   else:
-    expected = [(tuple(leaf.shape), str(leaf.dtype))
-                for leaf in jax.tree.leaves(abstract_state.opt_state)]
+    expected = checkpoints.leaf_shapes(abstract_state.opt_state)
     if checkpoints.saved_leaf_shapes(path, "opt_state") == expected:
       state = checkpoints.restore_state_from_path(path, abstract_state)
       return state, f"{origin} at step {_step(state)}: its parameters and optimizer state", False

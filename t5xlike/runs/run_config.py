@@ -14,7 +14,7 @@ The objects hold values only; the checks that need the rest of the run
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optax
@@ -134,8 +134,10 @@ class PartitioningConfig:
   dcn_mesh_shape: Mapping[str, int] | None = None
   logical_axis_rules: partitioning.LogicalRules | str = "data_fsdp_tensor"
 
-  def partitioner(self) -> partitioning.Partitioner:
-    """The mesh over this process's devices; ConfigError naming the bad value."""
+  def partitioner(self, devices: Sequence[Any] | None = None,
+                  dcn_mesh_shape: Mapping[str, int] | None = None) -> partitioning.Partitioner:
+    """The mesh over `devices` (default: every process's devices); ConfigError naming the
+    bad value. `dcn_mesh_shape` replaces DCN_MESH_SHAPE when given."""
     rules = self.logical_axis_rules
     if isinstance(rules, str):
       try:
@@ -143,6 +145,7 @@ class PartitioningConfig:
       except (ValueError, KeyError) as error:
         raise errors.ConfigError(f"logical_axis_rules: {errors.one_line(error)}") from None
     try:
-      return partitioning.Partitioner(self.mesh_shape, rules, dcn_mesh_shape=self.dcn_mesh_shape)
+      return partitioning.Partitioner(self.mesh_shape, rules, devices=devices,
+                                      dcn_mesh_shape=dcn_mesh_shape or self.dcn_mesh_shape)
     except (ValueError, TypeError, KeyError) as error:
       raise errors.ConfigError(f"MESH_SHAPE: {errors.one_line(error)}") from None
