@@ -1,6 +1,6 @@
 """Runs the reliability fault matrix against the quickstart config; prints a table.
 
-  python scripts/fault_drill.py            # every case (~10 min on 2 CPU cores)
+  python scripts/fault_drill.py            # every case (~16 min on 2 CPU cores)
   python scripts/fault_drill.py --fast     # the CI subset (~2 min)
   python scripts/fault_drill.py --markdown # the table as docs/reliability.md shows it
 
@@ -261,6 +261,56 @@ def _kill_9(drill: Drill) -> tuple[str, bool]:
           f"{'bitwise equal' if same_params else 'DIFFER'}"), ok
 
 
+#: On-policy DPO from the baseline's checkpoint_12 (posttrain/dpo_on_policy.gin): 12 steps,
+#: rejected completions sampled every 2 steps, so checkpoints (every 3) fall inside rounds.
+PREFERENCE = ["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+              "--gin_file=gin_configs/posttrain/dpo_on_policy.gin", "--gin.BATCH_SIZE=4",
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'chosen': 8, 'rejected': 8}",
+              "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=3",
+              f"--gin.TRAIN_STEPS={2 * STEPS}", "--gin.CheckpointConfig.async_save=False",
+              "--gin.on_policy.OnPolicySampling.every_steps=2", "--gin.LEARNING_RATE=0.001"]
+
+
+def _kill_9_preference(drill: Drill) -> tuple[str, bool]:
+  start = [f"--gin.INITIAL_CHECKPOINT_PATH={drill.baseline / f'checkpoint_{STEPS}'}"]
+  args = lambda model_dir: drill.command("t5xlike.train", PREFERENCE + start + [
+      f"--gin.MODEL_DIR={model_dir}"])
+  straight = drill.fresh("preference_baseline")
+  result = subprocess.run(args(straight), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+  if result.returncode != 0:
+    return f"uninterrupted run: exit {result.returncode}: {last_line(result)[:160]}", False
+  model_dir = drill.fresh("preference_kill9")
+  kill_after = sorted(random.Random(12).sample(range(2, STEPS), 2))
+  restored = []
+  for rows_seen in kill_after:
+    process = subprocess.Popen(args(model_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(rows(model_dir)) < rows_seen:
+      time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    restored.append(max(steps_saved(model_dir), default=0))
+  result = subprocess.run(args(model_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+  keys = ("loss", "accuracy", "on_policy_rejected_reward")
+  baseline = {r["step"]: [r.get(k) for k in keys] for r in rows(straight)}
+  got = rows(model_dir)
+  same_rows = [r["step"] for r in got] == list(range(STEPS + 1, 2 * STEPS + 1)) and all(
+      [r.get(k) for k in keys] == baseline[r["step"]] for r in got)
+  a, b = (saved_params(d / f"checkpoint_{2 * STEPS}") for d in (straight, model_dir))
+  same_params = a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+  reference = saved_params(drill.baseline / f"checkpoint_{STEPS}")
+  frozen = all(b[f"reference/{k}"].tobytes() == v.tobytes() for k, v in reference.items())
+  ok = result.returncode == 0 and same_rows and same_params and frozen
+  return (f"killed after {kill_after} rows, resumed from {restored}: rows "
+          f"{STEPS + 1}..{2 * STEPS} once each {'and' if same_rows else 'NOT'} bitwise equal "
+          f"(loss, accuracy, sampled rewards), final params "
+          f"{'bitwise equal' if same_params else 'DIFFER'}, reference "
+          f"{'= checkpoint_12' if frozen else 'CHANGED'}"), ok
+
+
 def _half_written(drill: Drill) -> tuple[str, bool]:
   model_dir = drill.copy_of_baseline("half_written", up_to=6)
   shutil.copytree(model_dir / "checkpoint_6",
@@ -382,6 +432,9 @@ CASES = [
          _signal_case(signal.SIGINT, 130)),
     Case("kill -9 twice (seeded), restart", "rows once each, losses + params bitwise equal",
          _kill_9),
+    Case("kill -9 on-policy DPO (seeded), restart",
+         "rows once each, losses + samples + params bitwise equal, reference frozen",
+         _kill_9_preference),
     Case("half-written checkpoint dir", "ignored, resumes from the last complete one",
          _half_written),
     Case("truncated newest checkpoint", "warns 'step 9 is corrupt', falls back to 6",

@@ -9,8 +9,14 @@ Plug-ins implement these; nothing in the package probes them with `getattr` /
   `objectives.electra.ElectraModel`) and the wrappers (`objectives.spdf.SparseModel`,
   `finetuning.peft.wrap_model`).
 * `DecodingModel`: a `Model` that also scores and generates (the token models).
+* `TokenLogitsModel`: a `Model` whose logits over the vocabulary at target
+  positions others read (the token models: preference tuning, distillation).
 * `ExportingModel`: a `Model` that writes more than its checkpoints when a run
   ends (ELECTRA's discriminator); `isinstance(model, ExportingModel)` says which.
+* `HoldsFrozenModel`: a `Model` whose parameter tree also holds a frozen second
+  model (a DPO reference, a distillation teacher: `posttrain.frozen`).
+* `PolicySampledFeed`: a `DataFeed` that samples from the policy being trained
+  (on-policy preference tuning: `posttrain.on_policy`).
 * `FineTuningTechnique`: what `train_run.train(finetuning=...)` and the trainer call
   (`finetuning.base.FineTuning` is the base class with every default).
 * `Objective`: the pretraining data transforms (`objectives.base.Objective`, an ABC).
@@ -112,12 +118,61 @@ class DecodingModel(Model, Protocol):
     ...
 
 
+class TokenLogitsModel(Model, Protocol):
+  """A model with per-position logits over its vocabulary (`models.base.TokenModel`).
+
+  Attributes:
+    target_feature: the batch feature with the target ids, int [batch, length].
+    weight_feature: the batch feature that is > 0 on scored positions, [batch, length].
+  """
+
+  @property
+  def target_feature(self) -> str: ...
+
+  @property
+  def weight_feature(self) -> str: ...
+
+  def logits(self, params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """float32 logits [batch, length, vocab_size] (dropout on when a rng is given)."""
+    ...
+
+
 @runtime_checkable
 class ExportingModel(Protocol):
   """A model with parameters to write beside the run's checkpoints when training ends."""
 
   def exports(self, params: Any) -> Mapping[str, Any]:
     """{name: parameter tree}, written to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>`."""
+    ...
+
+
+@runtime_checkable
+class HoldsFrozenModel(Protocol):
+  """A model whose parameters hold a second, frozen model under one top-level name.
+
+  The trained model's parameters keep their plain paths at the top of the tree
+  (so eval / infer / convert read a run's checkpoints with the plain model's gin);
+  the frozen model's sit under `frozen_name` (e.g. `reference/...`). The run keeps
+  them bit-identical and without optimizer state, fills them once when it starts
+  (not on a resume) from `frozen_checkpoint_path` or, when that is None,
+  INITIAL_CHECKPOINT_PATH (a copy of the starting model), and validates that
+  checkpoint before anything is written (`posttrain.frozen`).
+  """
+
+  @property
+  def frozen_name(self) -> str:
+    """The top-level key of the frozen model's parameters."""
+    ...
+
+  @property
+  def frozen(self) -> Model | None:
+    """The frozen model (None: this configuration holds none, e.g. DPO on precomputed
+    reference log-probabilities)."""
+    ...
+
+  @property
+  def frozen_checkpoint_path(self) -> str | None:
+    """Where its parameters come from (None: INITIAL_CHECKPOINT_PATH)."""
     ...
 
 
@@ -182,3 +237,16 @@ class DataFeed(Protocol):
     ...
 
   def close(self) -> None: ...
+
+
+@runtime_checkable
+class PolicySampledFeed(DataFeed, Protocol):
+  """A feed whose batches hold samples of the policy being trained (on-policy data).
+
+  The training loop calls `observe_policy(step, params)` before reading the batch
+  of step `step + 1`, with the parameters after `step` updates (valid during the
+  call only: the next train step donates them). What the feed samples goes into
+  its `get_state()`, so a resume reads exactly the batches an uninterrupted run reads.
+  """
+
+  def observe_policy(self, step: int, params: Any) -> None: ...

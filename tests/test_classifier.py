@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import seqio
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
@@ -215,15 +216,27 @@ def test_word_order_task_flows_through_the_sources():
 
 
 def test_sst2_task_offline_with_mock_data():
+  """The task's examples are TFDS's rows (read directly under the same mock): `sentence`
+  tokenized (EOS added at batching), `label` as int32; the batch pads / truncates them."""
   with tfds.testing.mock_data(num_examples=4):
     source = sources.load_in_memory("glue_sst2_cls", "validation")
+    raw = list(tfds.as_numpy(tfds.load(classification.SST2_TFDS_NAME, split="validation",
+                                       shuffle_files=False)))
   assert len(source) == 4 and source.eos_features == ("inputs",)
   for i in range(4):
     assert source[i]["label"].shape == () and source[i]["label"].dtype == np.int32
-    assert int(source[i]["label"]) in (0, 1) and source[i]["inputs"].dtype == np.int32
-  batch = feature_converters.encoder_classification_batch(
-      [dict(source[i]) for i in range(4)], {"inputs": 16})
-  assert batch["classification_labels"].shape == (4,)
+    assert source[i]["inputs"].dtype == np.int32
+  vocabulary = seqio.get_mixture_or_task("glue_sst2_cls").output_features["inputs"].vocabulary
+  expected = sorted((tuple(vocabulary.encode(r["sentence"].decode())), int(r["label"]))
+                    for r in raw)
+  got = [(tuple(int(t) for t in source[i]["inputs"]), int(source[i]["label"])) for i in range(4)]
+  assert sorted(got) == expected and all(len(tokens) > 0 for tokens, _ in got)
+  examples = [{**source[i], "inputs": np.append(source[i]["inputs"], 1)} for i in range(4)]
+  batch = feature_converters.encoder_classification_batch(examples, {"inputs": 16})
+  np.testing.assert_array_equal(batch["classification_labels"], [label for _, label in got])
+  for row, (tokens, _) in zip(batch["encoder_input_tokens"], got):
+    kept = list(tokens + (1,))[:16]
+    assert row.tolist() == kept + [0] * (16 - len(kept))
 
 
 # -- from the command line ----------------------------------------------------

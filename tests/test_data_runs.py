@@ -46,12 +46,20 @@ def test_missing_cache_is_a_one_line_error(tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+def data_position(model_dir, step):
+  return json.loads((pathlib.Path(model_dir) / f"checkpoint_{step}" / "data" / "metadata")
+                    .read_text())["batches"]
+
+
 def test_user_mixture_and_packing_train(tmp_path):
-  args = QA + ["--gin.MIXTURE_OR_TASK_NAME='user_mixture'", "--gin.TRAIN_STEPS=2",
+  args = QA + ["--gin.MIXTURE_OR_TASK_NAME='user_mixture'", "--gin.TRAIN_STEPS=6",
                "--gin.DataConfig.pack=True", f"--gin.MODEL_DIR={tmp_path}"]
   assert train.main(args) == 0
   rows = [json.loads(l) for l in (tmp_path / "metrics" / "train.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2] and rows[-1]["packing_efficiency"] > 0.3
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(0.3 < r["packing_efficiency"] <= 1 for r in rows)
+  assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]  # it learns
+  assert data_position(tmp_path, 6) == 6
 
 
 def test_tfds_task_trains_offline(tmp_path):
@@ -60,9 +68,12 @@ def test_tfds_task_trains_offline(tmp_path):
                        "--gin.MIXTURE_OR_TASK_MODULE=tests.user_tasks",
                        "--gin.MIXTURE_OR_TASK_NAME='user_tfds_imdb'", "--gin.BATCH_SIZE=2",
                        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 5}",
-                       "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=None",
+                       "--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=None", "--gin.LOG_PERIOD=1",
                        f"--gin.MODEL_DIR={tmp_path}"]) == 0
-  assert [s for s, _ in losses(tmp_path)][-1] == 2
+  got = losses(tmp_path)
+  assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+  assert got[-1][1] < got[0][1], got  # it learns the mock reviews' tokens
+  assert data_position(tmp_path, 6) == 6
 
 
 KILL_ARGS = ["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",

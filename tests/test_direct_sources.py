@@ -189,7 +189,7 @@ def test_tfds_direct_source_equals_seqio_tensorflow(registered, caplog, split):
     assert direct.token_lengths(feature).dtype == np.int64
   with pytest.raises(KeyError, match="not a token feature"):
     direct.token_lengths("label")
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="read-only"):
     direct[0]["targets"][0] = 1  # Read-only, like the other sources.
 
 
@@ -273,10 +273,14 @@ def test_training_runs_on_direct_sources(registered, tmp_path, monkeypatch, capl
     assert train.main(["--gin_file=gin_configs/quickstart.gin",
                        "--gin.MIXTURE_OR_TASK_NAME='direct_mixture'", "--gin.BATCH_SIZE=4",
                        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
-                       "--gin.TRAIN_STEPS=2", "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=None",
+                       "--gin.TRAIN_STEPS=6", "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=None",
                        f"--gin.MODEL_DIR={tmp_path}"]) == 0
   assert "reading direct_tfds/train directly" in caplog.text
   assert "reading direct_lines/train directly" in caplog.text
   rows = [json.loads(line) for line in (tmp_path / "metrics" / "train.jsonl").read_text()
           .splitlines()]
-  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]  # it learns
+  data = json.loads((tmp_path / "checkpoint_6" / "data" / "metadata").read_text())
+  assert data["batches"] == 6

@@ -1,5 +1,6 @@
 """Every shipped gin file parses; model gins carry the published T5.1.1 sizes."""
 import pathlib
+import re
 
 import gin
 import pytest
@@ -24,8 +25,12 @@ def test_there_are_gin_files():
 
 
 def _needs_model(name):
-  """Run gins, and the fine-tuning techniques that include one, compose with a model gin."""
-  return name.startswith("runs/") or "include 'runs/" in (GIN_DIR / name).read_text()
+  """Run gins, and the gins that include one (directly or through another include), compose
+  with a model gin."""
+  if name.startswith("runs/"):
+    return True
+  included = re.findall(r"^include '([^']+)'", (GIN_DIR / name).read_text(), re.MULTILINE)
+  return any(_needs_model(other) for other in included if (GIN_DIR / other).is_file())
 
 
 @pytest.mark.parametrize("name", ALL_GIN)

@@ -213,10 +213,19 @@ def test_decoder_only_model_predicts_and_scores_from_the_command_line(tmp_path):
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}", f"--input={source}",
           f"--output={out}"]
   assert infer.main(args + ["--mode=predict", "--max_decode_length=4"]) == 0
-  assert all(1 <= len(r["prediction_ids"]) <= 4 for r in rows(out))
-  source.write_text('{"inputs": "a", "targets": "b c"}\n{"input_ids": [9], "target_ids": [7]}\n')
+  predicted = rows(out)
+  vocabulary = embedded.vocabulary()
+  assert [r.get("inputs", r.get("input_ids")) for r in predicted] == [
+      "the exact cause", [20, 21, 22, 23, 24, 25], "a"]  # the input rows, in order
+  assert all(1 <= len(r["prediction_ids"]) <= 4 for r in predicted)
+  assert all(r["prediction"] == vocabulary.decode(r["prediction_ids"]) for r in predicted)
+  # The same example as text and as ids (text gets EOS appended) scores the same.
+  a, b_c = (list(vocabulary.encode(t)) + [1] for t in ("a", "b c"))
+  source.write_text('{"inputs": "a", "targets": "b c"}\n{"input_ids": [9], "target_ids": [7]}\n'
+                    + json.dumps({"input_ids": a, "target_ids": b_c}) + "\n")
   assert infer.main(args + ["--mode=score"]) == 0
   scored = rows(out)
-  assert [len(r["token_scores"]) for r in scored] == [
-      len(embedded.vocabulary().encode("b c")) + 1, 1]
-  assert all(r["score"] < 0 for r in scored)
+  assert [len(r["token_scores"]) for r in scored] == [len(b_c), 1, len(b_c)]
+  assert all(r["score"] < 0 and all(t < 0 for t in r["token_scores"]) for r in scored)
+  assert all(r["score"] == pytest.approx(sum(r["token_scores"]), rel=1e-9) for r in scored)
+  assert scored[0]["token_scores"] == pytest.approx(scored[2]["token_scores"], abs=1e-6)

@@ -7,7 +7,7 @@ embeddings equals the base model on those tokens prepended, class-label init as 
 reference's `from_embedded_list`; training moves only the trained parameters (the rest
 bit-identical); the PEFT checkpoint holds only those and loading it (with its base, old
 records included) reproduces the trained logits; the three gin files fine-tune from the
-command line (slow)."""
+command line (one step each; a PEFT checkpoint as INITIAL_CHECKPOINT_PATH: slow)."""
 import json
 import re
 
@@ -479,47 +479,92 @@ def test_peft_export_holds_only_the_trained_params_and_reloads_exactly(trained, 
     assert len(written) == 1
 
 
-# -- the gin files, from the command line (slow) ---------------------------------------
+# -- the gin files, from the command line -----------------------------------------------
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}"
 TASK = "--gin.MIXTURE_OR_TASK_NAME='mt_first_word'"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("technique", ["lora", "adapters", "prompt_tuning"])
-def test_gin_file_fine_tunes_from_the_command_line(tmp_path, technique):
-  from tests import test_finetuning_selection as selection_tests
-  step_dir = checkpoints.save_params(tmp_path / "pretrain", 2, selection_tests.tiny_params())
-  start = selection_tests.load(step_dir)
-  model_dir = tmp_path / technique
-  assert train.main(["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+def gin_finetune(technique, initial, model_dir, steps, *extra):
+  return train.main(["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
                      f"--gin_file=gin_configs/finetune/{technique}.gin",
-                     f"--gin.INITIAL_CHECKPOINT_PATH={step_dir}", f"--gin.MODEL_DIR={model_dir}",
-                     "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                     f"--gin.INITIAL_CHECKPOINT_PATH={initial}", f"--gin.MODEL_DIR={model_dir}",
+                     f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
                      "--gin.LOG_PERIOD=1", "--gin.EvalConfig.inference_evaluator=None",
-                     LENGTHS, TASK]) == 0
-  peft_dir = model_dir / "peft" / "checkpoint_4"
+                     LENGTHS, TASK, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+  """A step-2 checkpoint of T5.1.1 tiny (models/t5_1_1/tiny.gin) and its parameters."""
+  from tests import test_finetuning_selection as selection_tests
+  step_dir = checkpoints.save_params(tmp_path_factory.mktemp("peft_gin") / "pretrain", 2,
+                                     selection_tests.tiny_params())
+  return step_dir, selection_tests.load(step_dir)
+
+
+@pytest.mark.parametrize("technique", ["lora", "adapters", "prompt_tuning"])
+def test_gin_file_fine_tunes_from_the_command_line(tiny_pretrained, tmp_path, technique):
+  """One step of each PEFT gin file (from a step-2 checkpoint): the parameters that moved
+  are exactly the exported ones, the base is bit-identical, the export holds the run's
+  values; LoRA's merged checkpoint is W + (alpha / r) A B of the exported A and B."""
+  from tests import test_finetuning_selection as selection_tests
+  step_dir, start = tiny_pretrained
+  model_dir = tmp_path / technique
+  assert gin_finetune(technique, step_dir, model_dir, 3) == 0
+  assert [r["step"] for r in map(json.loads, (model_dir / "metrics" / "train.jsonl")
+                                 .read_text().splitlines())] == [3]
+  peft_dir = model_dir / "peft" / "checkpoint_3"
   own = checkpoints.own_param_shapes(peft_dir)
   pattern = {"lora": "/lora_[ab]$", "adapters": "/adapter_|norm/scale$",
              "prompt_tuning": "/prompt$"}
   assert own and all(re.search(pattern[technique], p) for p in own)
-  full = selection_tests.load(model_dir / "checkpoint_4")
-  trained_norms = technique == "adapters"  # Houlsby trains the layer norms
-  assert all(full[p].tobytes() == start[p].tobytes() for p in start  # base frozen
-             if not (trained_norms and "norm/scale" in p))
-  if technique == "prompt_tuning":  # started from the checkpoint's embedding rows
+  full = selection_tests.load(model_dir / "checkpoint_3")
+  # Exported: what the run added and the base parameters it moved; the rest of the base
+  # is frozen bit for bit (Houlsby's adapters train the layer norms).
+  added = set(full) - set(start)
+  moved = {p for p in start if full[p].tobytes() != start[p].tobytes()}
+  assert added | moved == set(own)
+  assert moved == ({p for p in own if p.endswith("norm/scale")} if technique == "adapters"
+                   else set())
+  if technique == "lora":  # B starts at 0 and has moved
+    assert all(np.any(full[p] != 0) for p in own if p.endswith("lora_b"))
+  abstract = traverse_util.unflatten_dict({tuple(k.split("/")): jax.ShapeDtypeStruct(
+      v, jnp.float32) for k, v in own.items()})
+  exported, _ = checkpoints.restore_params_from_path(peft_dir, abstract,
+                                                     jax.ShapeDtypeStruct((), jnp.int32))
+  assert all(np.asarray(v).tobytes() == full[p].tobytes() for p, v in flat(exported).items())
+  info = json.loads((peft_dir / "peft.json").read_text())
+  assert info["base_checkpoint"] == str(step_dir)
+  if technique == "prompt_tuning":  # the reference's 100 prompt tokens
     assert full["encoder/prompt"].shape == (100, 64)
   if technique == "lora":
-    assert set(selection_tests.load(model_dir / "merged" / "checkpoint_4")) == set(start)
-    # INITIAL_CHECKPOINT_PATH = the PEFT checkpoint: base + LoRA restored (lr 0 keeps them).
-    again = tmp_path / "again"
-    assert train.main(["--gin_file=gin_configs/models/t5_1_1/tiny.gin",
-                       "--gin_file=gin_configs/finetune/lora.gin",
-                       f"--gin.INITIAL_CHECKPOINT_PATH={peft_dir}", f"--gin.MODEL_DIR={again}",
-                       "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
-                       "--gin.LEARNING_RATE=0.0", "--gin.EvalConfig.inference_evaluator=None",
-                       LENGTHS, TASK]) == 0
-    resumed = selection_tests.load(again / "checkpoint_5")
-    assert resumed.keys() == full.keys()
-    assert all(resumed[p].tobytes() == full[p].tobytes() for p in full)
-    info = json.loads((again / "peft" / "checkpoint_5" / "peft.json").read_text())
-    assert info["base_checkpoint"] == str(peft_dir)
+    merged = selection_tests.load(model_dir / "merged" / "checkpoint_3")
+    assert set(merged) == set(start)
+    kernels = {p[:-len("lora_a")] + "kernel" for p in own if p.endswith("lora_a")}
+    assert kernels and all("attention/query/" in k or "attention/value/" in k for k in kernels)
+    for path, value in merged.items():
+      if path in kernels:
+        prefix = path[:-len("kernel")]
+        expected = start[path] + 1.0 * (full[prefix + "lora_a"] @ full[prefix + "lora_b"])
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-7)
+        assert value.tobytes() != start[path].tobytes(), path
+      else:
+        assert value.tobytes() == start[path].tobytes(), path
+
+
+@pytest.mark.slow
+def test_lora_peft_checkpoint_as_initial_checkpoint_restores_base_and_lora(tiny_pretrained,
+                                                                         tmp_path):
+  """INITIAL_CHECKPOINT_PATH = a PEFT checkpoint: base + LoRA restored (lr 0 keeps them)."""
+  from tests import test_finetuning_selection as selection_tests
+  step_dir, _ = tiny_pretrained
+  assert gin_finetune("lora", step_dir, tmp_path / "lora", 4) == 0
+  peft_dir = tmp_path / "lora" / "peft" / "checkpoint_4"
+  full = selection_tests.load(tmp_path / "lora" / "checkpoint_4")
+  again = tmp_path / "again"
+  assert gin_finetune("lora", peft_dir, again, 5, "--gin.LEARNING_RATE=0.0") == 0
+  resumed = selection_tests.load(again / "checkpoint_5")
+  assert resumed.keys() == full.keys()
+  assert all(resumed[p].tobytes() == full[p].tobytes() for p in full)
+  info = json.loads((again / "peft" / "checkpoint_5" / "peft.json").read_text())
+  assert info["base_checkpoint"] == str(peft_dir)

@@ -3,16 +3,20 @@ bad input.
 
 Default tests run `python -m t5xlike.train` in-process on the quickstart config
 shrunk to batch 4 and lengths 32/8 (one compilation per run; one baseline run
-per module). `slow` tests run every case of `scripts/fault_drill.py` in
-subprocesses, including kill -9 at seeded random steps.
+per module); fast variants of the drill's subprocess cases (a real kill -9 then a
+bitwise-equal resume, NaN skip with rollback, SIGTERM to one of two gloo
+processes) on the same 6-step run. `slow` tests run every case of
+`scripts/fault_drill.py` in subprocesses, including kill -9 at seeded random steps.
 """
 import errno
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -297,6 +301,100 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
   assert run(tmp_path / "x", "--gin.BATCH_SIZE=0", "--verbose") == 2
   err = capsys.readouterr().err
   assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: BATCH_SIZE")
+
+
+# -- fast variants of the slow drill cases (kill -9, rollback, two processes) -------------
+def _env(**extra):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
+
+
+def _wait_for_rows(model_dir, count, processes, timeout=600):
+  """Until metrics/train.jsonl holds `count` rows (or a process ended, or the timeout);
+  whether it does."""
+  deadline = time.time() + timeout
+  while (time.time() < deadline and len(drill.rows(model_dir)) < count
+         and all(p.poll() is None for p in processes)):
+    time.sleep(0.02)
+  return len(drill.rows(model_dir)) >= count
+
+
+def test_kill_9_then_the_same_command_resumes_bitwise(baseline, tmp_path):
+  """A real SIGKILL of `python -m t5xlike.train` once step 4 is logged, then the run again:
+  the rows of steps 1-6 once each with the uninterrupted run's losses, and its final
+  parameters, bit for bit. (The drill kills twice at seeded steps: `-m slow`.)"""
+  model_dir = tmp_path / "killed"
+  # TRAIN_STEPS does not enter the rsqrt schedule: the killed process is still training
+  # when the signal arrives however fast it runs.
+  process = subprocess.Popen(
+      [sys.executable, "-m", "t5xlike.train", *SMALL, f"--gin.MODEL_DIR={model_dir}",
+       "--gin.TRAIN_STEPS=100000"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  training = _wait_for_rows(model_dir, 4, [process])
+  process.kill()
+  _, err = process.communicate()
+  assert training and process.returncode == -signal.SIGKILL, err[-3000:]
+  restored = max(drill.steps_saved(model_dir))
+  assert restored in (3, 6)  # (6 only when the save of step 6 outran the kill)
+  assert run(model_dir) == 0
+  assert losses(model_dir) == losses(baseline)  # JSON floats round-trip exactly
+  a, b = (drill.saved_params(d / "checkpoint_6") for d in (baseline, model_dir))
+  assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_nan_rollback_restores_the_checkpoint_and_rewinds_the_rows(baseline, tmp_path, caplog):
+  """NaN at steps 4 and 5 with NAN_POLICY=skip, NAN_ROLLBACK_AFTER=2: back to checkpoint_3
+  (the bad rows rewound), steps 4-6 trained again on the batches after the bad ones."""
+  with caplog.at_level("WARNING"):
+    assert run(tmp_path, *FAULTS, "--gin.FAULT_NAN_AT_STEPS=[4, 5]", "--gin.NAN_POLICY=skip",
+               "--gin.NAN_ROLLBACK_AFTER=2") == 0
+  assert f"rolling back to {tmp_path / 'checkpoint_3'} (the data continues after step 5)" in (
+      caplog.text)
+  got = losses(tmp_path)
+  assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]  # once each: the NaN rows were rewound
+  assert all(isinstance(loss, float) and np.isfinite(loss) for _, loss in got)
+  assert got[:3] == losses(baseline)[:3]
+  a, b = (drill.saved_params(d / "checkpoint_3") for d in (baseline, tmp_path))
+  assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+  # Steps 4-6 trained from checkpoint_3 on batches 6-8 (the two bad batches are not re-read).
+  data = json.loads((tmp_path / "checkpoint_6" / "data" / "metadata").read_text())
+  assert data["batches"] == 8
+  assert all(loss != losses(baseline)[step - 1][1] for step, loss in got[3:])
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_fast(tmp_path):
+  """Two processes (jax.distributed on 127.0.0.1, gloo CPU collectives, one device each):
+  only process 1 is signalled; both stop after the same step, which is the one
+  checkpoint they save together. (Two devices per process: `-m slow`.)"""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  args = SMALL + [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=100000",
+                  "--gin.CHECKPOINT_PERIOD=100000", "--gin.LOG_PERIOD=1",
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen([sys.executable, "-m", "t5xlike.train", *args, f"--process_id={i}"],
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    # (A signal before the loop starts has its default effect: wait for step 2.)
+    assert _wait_for_rows(tmp_path, 2, procs), [p.poll() for p in procs]
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+  train_rows = drill.rows(tmp_path)
+  last = train_rows[-1]["step"]
+  assert [r["step"] for r in train_rows] == list(range(1, last + 1)) and last >= 2
+  assert drill.steps_saved(tmp_path) == [last]
+  assert json.loads((tmp_path / f"checkpoint_{last}" / "data" / "metadata").read_text())[
+      "batches"] == last
+  assert "SIGTERM received" in outputs[1] and "SIGTERM received" not in outputs[0]
+  for out in outputs:  # process 0 learns of the signal from the collective check
+    assert re.search(rf"stopped by SIGTERM after step {last}\b", out), out[-3000:]
 
 
 # -- the drill (subprocesses) ----------------------------------------------------------

@@ -47,7 +47,7 @@ def test_user_tasks_read_after_deterministic_preprocessors():
   assert_same_examples([qa[i] for i in range(len(qa))], expected)  # Strings dropped, no EOS.
   np.testing.assert_array_equal(qa.token_lengths("targets"), [len(e["targets"]) for e in expected])
   assert qa.token_lengths("targets").dtype == np.int64
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="read-only"):
     qa[0]["targets"][0] = 5  # Read-only: the source's examples cannot be edited in place.
   lines = sources.load_in_memory("user_text_lines", "train")
   rows = [line.split("\t") for line in user_tasks.TSV_PATH.read_text().splitlines()]

@@ -106,6 +106,8 @@ MACROS: dict[str, Check] = {
     "NAN_POLICY": _one_of("stop", "skip"),
     "NAN_ROLLBACK_AFTER": _int(1, optional=True),
     "RESTORE_STRICT": _bool,
+    "REFERENCE_CHECKPOINT_PATH": _string(optional=True),
+    "TEACHER_CHECKPOINT_PATH": _string(optional=True),
 }
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from t5xlike.data import feature_converters, packing
+from t5xlike.data import feature_converters, packing, pairwise
 
 #: feature name -> its shape and dtype in a batch (what `Trainer.start_compile` takes).
 Shapes = dict[str, jax.ShapeDtypeStruct]
@@ -26,6 +26,8 @@ Shapes = dict[str, jax.ShapeDtypeStruct]
 def _placeholder_example(converter: str, feature_lengths: Mapping[str, int]) -> dict:
   """One example of the fields the converter reads (a single token each)."""
   token = np.ones([1], np.int32)
+  if pairwise.is_pairwise(converter):
+    return {name: token for name in pairwise.TOKEN_FEATURES}
   if converter == "encoder_decoder":
     return {"inputs": token, "targets": token}
   if converter == "decoder":

@@ -18,6 +18,9 @@ per model family (a model names its converter in `model.feature_converter`):
   `inputs` -> `encoder_input_tokens` [b, inputs], the scalar integer `label`
   -> `classification_labels` [b]. Needs TASK_FEATURE_LENGTHS['inputs'] only.
   Never packed: one sequence per row (`UNPACKED_CONVERTERS`).
+- `pairwise_encoder_decoder`, `pairwise_decoder` (preference tuning): a
+  prompt and two completions -> the rows of `encoder_decoder` / `decoder`
+  for each completion, prefixed `chosen_` / `rejected_` (`data.pairwise`).
 
 Without packing each example fills one row, 0-padded or truncated; the
 decoder input is the target shifted right with 0 as BOS.
@@ -28,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+
+from t5xlike.data import pairwise
 
 Example = Mapping[str, np.ndarray]
 Batch = dict[str, np.ndarray]
@@ -169,6 +174,8 @@ CONVERTERS: dict[str, Callable[[Sequence[Example], Mapping[str, int]], Batch]] =
     "decoder": decoder_batch,
     "encoder": encoder_batch,
     "encoder_classification": encoder_classification_batch,
+    "pairwise_encoder_decoder": pairwise.converter_of(encoder_decoder_batch),
+    "pairwise_decoder": pairwise.converter_of(decoder_batch),
 }
 
 #: Converters with one example per row that the packed pipeline must refuse.
@@ -183,7 +190,9 @@ def get_converter(name: str) -> Callable[[Sequence[Example], Mapping[str, int]],
 
 
 #: The features whose positions count as the tokens a batch feeds the model.
-TOKEN_FEATURES = ("encoder_input_tokens", "decoder_target_tokens")
+TOKEN_FEATURES = ("encoder_input_tokens", "decoder_target_tokens") + tuple(
+    f"{side}_{name}" for side in pairwise.SIDES
+    for name in ("encoder_input_tokens", "decoder_target_tokens"))
 
 
 def tokens_per_batch(batch: Mapping[str, np.ndarray]) -> int:

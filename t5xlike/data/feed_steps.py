@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import seqio
 
+from t5xlike.data import pairwise
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   objective the vocabulary (`setup`) and asks it for its chunk lengths
   (`Objective.chunk_lengths`, which validates TASK_FEATURE_LENGTHS). Without an
   objective (supervised) the lengths must name `inputs` and `targets`, except for
-  the decoder converter (causal LM on `targets`) and encoder classification
-  (`inputs` only). ValueError on bad input.
+  the decoder converter (causal LM on `targets`), encoder classification
+  (`inputs` only) and the pairwise converters (`inputs`, `chosen`, `rejected`,
+  which the task must have). ValueError on bad input.
   """
   feature = objective.source_feature if objective is not None else None
   if objective is not None and feature not in task.output_features:
@@ -64,8 +66,11 @@ def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | N
   if objective is not None:
     objective.setup(vocabulary)
     return vocabulary, objective.chunk_lengths(feature_lengths)
+  if pairwise.is_pairwise(feature_converter):
+    pairwise.check_features(list(task.output_features), f"task {task.name!r}")
   required = {"decoder": (), "encoder_classification": ("inputs",)}.get(
-      feature_converter, ("inputs", "targets"))
+      feature_converter, pairwise.TOKEN_FEATURES if pairwise.is_pairwise(feature_converter)
+      else ("inputs", "targets"))
   missing = set(required) - set(feature_lengths)
   if missing:
     raise ValueError(f"TASK_FEATURE_LENGTHS lacks {sorted(missing)}")

@@ -57,6 +57,11 @@ encoder (MLM, ELECTRA) packs {inputs, targets, mlm_weights: L_in each} into
   encoder_input_tokens, encoder_target_tokens, mlm_weights,
   encoder_segment_ids, encoder_positions.
 
+pairwise_encoder_decoder / pairwise_decoder (preference pairs) pack each
+  side's sequences of the base converter under `chosen_` / `rejected_`
+  prefixes (`data.pairwise`); the packer places all of an example's
+  features together, so both sides of pair k are segment k of the same row.
+
 Tokens, ids and positions are int32; weights float32. Segment ids need not
 be consecutive (grain gives an empty example an id of its own); only their
 equality is used.
@@ -67,7 +72,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from t5xlike.data import feature_converters
+from t5xlike.data import feature_converters, pairwise
 
 Example = Mapping[str, np.ndarray]
 Batch = dict[str, np.ndarray]
@@ -104,6 +109,9 @@ def pack_lengths(converter: str, feature_lengths: Mapping[str, int]) -> dict[str
     raise ValueError(f"the {converter} feature converter keeps one sequence per row and does "
                      f"not pack: set DataConfig.pack=False")
   _check_converter(converter)
+  if pairwise.is_pairwise(converter):
+    side = pack_lengths(pairwise.base_converter(converter), pairwise.side_lengths(feature_lengths))
+    return {f"{s}_{k}": v for s in pairwise.SIDES for k, v in side.items()}
   if converter == "encoder_decoder":
     _require(feature_lengths, ("inputs", "targets"), converter)
     return {"inputs": int(feature_lengths["inputs"]), "targets": int(feature_lengths["targets"])}
@@ -141,6 +149,13 @@ def prepare_for_packing(converter: str, example: Example,
     targets to L_t, then concatenated).
   """
   lengths = pack_lengths(converter, feature_lengths)
+  if pairwise.is_pairwise(converter):
+    if any(name in example for name in pairwise.REFERENCE_FEATURES.values()):
+      raise ValueError("pairwise examples with precomputed reference log-probabilities are "
+                       "per example: set DataConfig.pack=False")
+    base, side_lengths = pairwise.base_converter(converter), pairwise.side_lengths(feature_lengths)
+    return {f"{side}_{k}": v for side in pairwise.SIDES for k, v in prepare_for_packing(
+        base, pairwise.side_example(example, side), side_lengths).items()}
   if converter == "encoder_decoder":
     return {k: _sequence(example, k, lengths[k]) for k in ("inputs", "targets")}
   if converter == "encoder":
@@ -235,6 +250,14 @@ def packed_batch(converter: str,
       encoder_segment_ids, encoder_positions [b, L_in].
     int32 tokens, ids and positions; float32 weights.
   """
+  if pairwise.is_pairwise(converter):
+    base, side_lengths = pairwise.base_converter(converter), pairwise.side_lengths(feature_lengths)
+    out: Batch = {}
+    for side in pairwise.SIDES:
+      side_rows = (pairwise.side_features(rows, side) if isinstance(rows, Mapping)
+                   else [pairwise.side_features(row, side) for row in rows])
+      out.update(pairwise.prefixed(side, packed_batch(base, side_rows, side_lengths)))
+    return out
   lengths = pack_lengths(converter, feature_lengths)
   f = _stack(rows, lengths, converter)
   i32 = lambda k: f[k].astype(np.int32)
@@ -261,9 +284,12 @@ def packed_batch(converter: str,
   return batch
 
 
-#: (token feature, its segment ids): the positions a batch feeds the model.
-_TOKEN_SEGMENTS = (("encoder_input_tokens", "encoder_segment_ids"),
-                   ("decoder_target_tokens", "decoder_segment_ids"))
+#: (token feature, its segment ids): the positions a batch feeds the model (a pairwise
+#: batch: those of both sides).
+_TOKEN_SEGMENTS = tuple((f"{prefix}{tokens}", f"{prefix}{segments}")
+                        for prefix in ("", *(f"{side}_" for side in pairwise.SIDES))
+                        for tokens, segments in (("encoder_input_tokens", "encoder_segment_ids"),
+                                                 ("decoder_target_tokens", "decoder_segment_ids")))
 
 
 def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:

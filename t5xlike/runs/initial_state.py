@@ -6,8 +6,9 @@ position); else INITIAL_CHECKPOINT_PATH (parameters and step, the optimizer
 state when it belongs to the same optimizer and `fresh_optimizer_state` is
 not set; the data from the start); else RANDOM_SEED. A fine-tuning
 technique's `initialize` and a fresh optimizer state apply only when a run
-starts from INITIAL_CHECKPOINT_PATH, never on a resume. Where the state came
-from is logged in one line.
+starts from INITIAL_CHECKPOINT_PATH, never on a resume; a frozen second model
+(`posttrain.frozen`) is restored from its checkpoint whenever a run starts,
+never on a resume. Where the state came from is logged in one line.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax
 from flax import traverse_util
 
 from t5xlike import checkpoints, errors, metrics
+from t5xlike.posttrain import frozen
 from t5xlike.runs.train_plan import TrainPlan
 from t5xlike.training import nan_policy as nan_policy_lib
 from t5xlike.training.train_state import TrainState
@@ -50,6 +52,9 @@ def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> T
         raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH: continue_data_position: "
                                  f"{errors.one_line(error)}") from None
       origin += "; the data goes on from its position"
+  if not resuming:  # A DPO reference / a teacher: from its checkpoint, once.
+    state = state.replace(params=frozen.load_frozen(plan.model, state.params,
+                                                    plan.abstract_state.params, initial))
   log.info("%s", origin)
   return state
 
@@ -87,8 +92,10 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
       shared, missing = checkpoints.restore_matching_params(path, abstract_state.params)
     except ValueError as error:
       raise errors.ConfigError(f"INITIAL_CHECKPOINT_PATH: {errors.one_line(error)}") from None
-    log.info("%d parameter(s) not in the checkpoint, initialised from RANDOM_SEED=%d: %s",
-             len(missing), seed, ", ".join(missing))
+    missing = frozen.trained_paths(plan.model, missing)  # (the frozen model comes next)
+    if missing:
+      log.info("%d parameter(s) not in the checkpoint, initialised from RANDOM_SEED=%d: %s",
+               len(missing), seed, ", ".join(missing))
     params = traverse_util.flatten_dict(trainer.init_state(seed, plan.example_batch).params)
     params.update(traverse_util.flatten_dict(shared))
     state = trainer.state_from_params(traverse_util.unflatten_dict(params),

@@ -5,7 +5,10 @@ module and name, the mesh and batch size, the model's vocabulary against the
 data, INITIAL_CHECKPOINT_PATH and the checkpoints MODEL_DIR already holds,
 and that the fine-tuning technique fits the parameter tree. It opens the
 data pipeline (reading, not writing) and starts compiling the train step in
-background threads while the pipeline starts. Any problem is an
+background threads while the pipeline starts. A model that holds a frozen
+second model (`posttrain.frozen`: a DPO reference, a distillation teacher)
+has its vocabulary and checkpoint checked, and the fine-tuning technique
+wrapped so that the frozen model stays frozen. Any problem is an
 `errors.ConfigError` (one line, exit code 2) and MODEL_DIR is not created.
 `train_run.execute(plan)` then runs it.
 """
@@ -24,6 +27,7 @@ import numpy as np
 from t5xlike import checkpoints, errors, interfaces, partitioning
 from t5xlike.data import batch_shapes, feed_steps, pipeline, task_examples
 from t5xlike.objectives.base import Objective
+from t5xlike.posttrain import frozen, on_policy as on_policy_lib
 from t5xlike.runs import run_config
 from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
 from t5xlike.training.fault_hooks import FaultHooks
@@ -103,10 +107,13 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                   checkpointing: run_config.CheckpointConfig,
                   partitioning_config: run_config.PartitioningConfig,
                   nan_policy: nan_policy_lib.NanPolicy,
-                  fault_hooks: FaultHooks | None = None) -> TrainPlan:
+                  fault_hooks: FaultHooks | None = None,
+                  on_policy: on_policy_lib.OnPolicySampling | None = None) -> TrainPlan:
   """Checks the run (arguments as `train_run.train`'s; `partitioning_config` is its
   `partitioning`) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
+  frozen.check_model(model)  # a teacher / reference of another vocabulary
+  finetuning = frozen.technique(model, finetuning)  # its frozen model: no gradient, no state
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
   # Checks that read no data come first: a typo is reported in a second, not after the
   # pipeline has loaded its examples.
@@ -129,15 +136,15 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   try:
     return _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
                            finetuning, evaluation, checkpointing, nan_policy, partitioner,
-                           trainer, loop)
+                           trainer, loop, on_policy)
   except BaseException:
     trainer.cancel_compile()  # a configuration error: no wait for the step's compilation
     raise
 
 
 def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective, finetuning,
-                    evaluation, checkpointing, nan_policy, partitioner, trainer,
-                    loop) -> TrainPlan:
+                    evaluation, checkpointing, nan_policy, partitioner, trainer, loop,
+                    on_policy) -> TrainPlan:
   """The checks that need the data pipeline and the abstract train state."""
   feed_args = dict(feature_converter=model.feature_converter, use_cached=data.use_cached_tasks,
                    cache_dir=data.task_cache_dir, num_threads=data.data_threads,
@@ -147,6 +154,8 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
       name, data.split, data.task_feature_lengths, data.batch_size, objective,
       seed=random_seed, pack=data.pack, **feed_args), "training data")
   validated(lambda: _check_vocabulary_fits(model, train_feed, objective), "model vocabulary")
+  if on_policy is not None:  # Samples from the policy every K steps (posttrain.on_policy).
+    train_feed = on_policy.wrap(train_feed, model, trainer, data.pack, name)
   make_eval_feed = None
   if loop.eval_period:
     if evaluation.split not in train_feed.task.splits:
@@ -166,9 +175,12 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
   # The fine-tuning technique meets the parameter tree here (bad groups...).
   state_plan = validated(lambda: trainer.state_plan(example_batch),
                          f"finetuning={finetuning!r}" if finetuning else "model")
+  if not checkpoints.step_dirs(model_dir):  # (a resume restores the frozen model too)
+    frozen.check_checkpoint(model, checkpointing.initial_checkpoint_path,
+                            state_plan.abstract_state.params)
   if checkpointing.initial_checkpoint_path:
     _check_initial_checkpoint(checkpointing.initial_checkpoint_path,
-                              state_plan.abstract_state.params)
+                              frozen.trained_part(model, state_plan.abstract_state.params))
   _check_resumable(model_dir, state_plan.abstract_state.params)
   return TrainPlan(model=model, model_dir=model_dir, train_steps=train_steps,
                    random_seed=random_seed, data=data, evaluation=evaluation,

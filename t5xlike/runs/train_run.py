@@ -22,6 +22,7 @@ from t5xlike import checkpoints, flops, interfaces, metrics
 from t5xlike.cli import entry
 from t5xlike.data import feature_converters
 from t5xlike.objectives.base import Objective
+from t5xlike.posttrain.on_policy import OnPolicySampling
 from t5xlike.runs import initial_state, run_config, startup_report
 from t5xlike.runs.train_plan import TrainPlan, plan_training
 from t5xlike.training import loop, nan_policy as nan_policy_lib, preemption
@@ -40,7 +41,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
           partitioning: run_config.PartitioningConfig = run_config.PartitioningConfig(),
           nan_policy: nan_policy_lib.NanPolicy = nan_policy_lib.NanPolicy(),
           log_period: int = 100, random_seed: int = 0,
-          fault_hooks: FaultHooks | None = None) -> TrainState:
+          fault_hooks: FaultHooks | None = None,
+          on_policy: OnPolicySampling | None = None) -> TrainState:
   """Trains `model` on a seqio task or mixture to TRAIN_STEPS; returns the final state.
 
   Args:
@@ -64,6 +66,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
     random_seed: RANDOM_SEED: initialisation, dropout and data order.
     fault_hooks: faults injected on purpose: set only by the tests and the fault drill
       (`tests/gin/fault_hooks.gin`).
+    on_policy: preference tuning on samples of the policy, every K steps
+      (`posttrain.on_policy`; gin_configs/posttrain/dpo_on_policy.gin); None: the task's pairs.
 
   A model that is an `interfaces.ExportingModel` (ELECTRA) has its exports written
   to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>` at the end. SIGTERM / SIGINT stop
@@ -74,7 +78,7 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
                        optimizer=optimizer, objective=objective, finetuning=finetuning,
                        evaluation=evaluation, checkpointing=checkpointing,
                        partitioning_config=partitioning, nan_policy=nan_policy,
-                       fault_hooks=fault_hooks)
+                       fault_hooks=fault_hooks, on_policy=on_policy)
   return execute(plan)
 
 

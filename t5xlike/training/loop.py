@@ -63,7 +63,8 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: interfaces.Da
     trainer: the compiled steps.
     state: the state to train from (donated to the first step).
     train_batches: this process's rows of successive global batches; its
-      `get_state()` is saved with each checkpoint.
+      `get_state()` is saved with each checkpoint. An `interfaces.PolicySampledFeed`
+      is shown the parameters before each step (`observe_policy`).
     config: the periods (steps between logs, evaluations, checkpoints).
     writer: metrics/train.jsonl, eval.jsonl and TensorBoard.
     checkpointer: saves `checkpoint_<step>`.
@@ -82,6 +83,9 @@ def train_loop(trainer: Trainer, state: TrainState, train_batches: interfaces.Da
   window_start, window_steps = time.perf_counter(), 0
   run_start = window_start
   for step in range(start + 1, total + 1):
+    if isinstance(train_batches, interfaces.PolicySampledFeed):
+      # On-policy data (posttrain.on_policy): sampled with the parameters after step - 1.
+      train_batches.observe_policy(step - 1, state.params)
     try:
       batch = next(train_batches)
     except StopIteration:
