@@ -15,8 +15,9 @@ small and inside the sandbox, and change nothing else:
 - `/tmp/` becomes the sandbox's `tmp/` (every block of the document, code and commands);
 - `DIR/checkpoint_N` naming a directory that exists becomes its newest `checkpoint_M` (what
   the earlier, shorter run wrote);
-- a `python -m t5xlike.train|eval|infer|merge|inspect_data` command with gin files gets
-  `--gin.MACRO=VALUE` appended for the macros of `SMALL` that its gin files define, and a
+- a `python -m t5xlike.train|eval|infer|merge|inspect_data|prune` command with gin files
+  gets `--gin.MACRO=VALUE` appended for the macros of `SMALL` that its gin files (and the
+  command's own, `COMMAND_GIN_FILES`) define, and a
   train command `--gin.TRAIN_STEPS=` its initial checkpoint's step + 2 (a later flag
   overrides an earlier one).
 """
@@ -44,11 +45,13 @@ MARKER = re.compile(r"^<!-- doc-test: (fast|skip: (?P<reason>\S.*\S)) -->$")
 MODULE_FILE = re.compile(r"^# (?P<name>\w+\.py)\b")
 CHECKPOINT = re.compile(r"(?P<dir>/[^\s'\"=,]*)/checkpoint_(?P<step>\d+)\b")
 GIN_COMMANDS = {"t5xlike.train", "t5xlike.eval", "t5xlike.infer", "t5xlike.merge",
-                "t5xlike.inspect_data"}
+                "t5xlike.inspect_data", "t5xlike.prune"}
+# Gin files a command loads before the ones it is given.
+COMMAND_GIN_FILES = {"t5xlike.prune": ("runs/prune.gin",)}
 # Small-run values of the macros that bound a run's cost, where a command's gin files
 # define them (overriding a macro that no loaded file defines is an error).
 SMALL = {"BATCH_SIZE": "8", "EVAL_STEPS": "1", "EVAL_MAX_EXAMPLES": "4",
-         "SPARSE_DENSE_STEPS": "1"}
+         "SPARSE_DENSE_STEPS": "1", "CALIBRATION_BATCHES": "2", "HELD_OUT_BATCHES": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,7 @@ def small_run_flags(command: str) -> list[str]:
   gin_files = tuple(a.split("=", 1)[1] for a in args if a.startswith("--gin_file="))
   if not gin_files:
     return []
+  gin_files = COMMAND_GIN_FILES.get(args[2], ()) + gin_files
   macros = defined_macros(gin_files)
   flags = [f"--gin.{name}={value}" for name, value in SMALL.items() if name in macros]
   if args[2] == "t5xlike.train":

@@ -62,8 +62,15 @@ def _value(value: Any) -> str:
   return repr(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
-def model_gin(network_config: Any, vocabulary_lines: list[str]) -> str:
-  """The gin text binding MODEL to this network config and VOCABULARY."""
+#: The loss settings a model gin binds when the caller gives none (T5X's defaults).
+DEFAULT_MODEL_OPTIONS: Mapping[str, Any] = {"z_loss": 1e-4, "label_smoothing": 0.0}
+
+
+def model_gin(network_config: Any, vocabulary_lines: list[str], written_by: str = "convert",
+              model_options: Mapping[str, Any] | None = None) -> str:
+  """The gin text binding MODEL to this network config and VOCABULARY; `model_options`
+  are the model's other arguments (its loss settings; default DEFAULT_MODEL_OPTIONS),
+  `written_by` the command named in its first line."""
   if isinstance(network_config, t5.T5Config):
     model, network, module = "encoder_decoder.EncoderDecoderModel", "t5.Transformer", "t5.T5Config"
     imports = ["from t5xlike.models import encoder_decoder", "from t5xlike.models import t5"]
@@ -75,11 +82,13 @@ def model_gin(network_config: Any, vocabulary_lines: list[str]) -> str:
     raise TypeError(f"no gin for {type(network_config).__name__}")
   fields = [f"  {name} = {_value(value)}"
             for name, value in dataclasses.asdict(network_config).items()]
+  options = DEFAULT_MODEL_OPTIONS if model_options is None else model_options
   return "\n".join([
-      "# Written by `python -m t5xlike.convert`.", "from __gin__ import dynamic_registration",
+      f"# Written by `python -m t5xlike.{written_by}`.", "from __gin__ import dynamic_registration",
       "", *imports, "from seqio import vocabularies", "", *vocabulary_lines, "",
       f"MODEL = @{model}()", f"{model}:", f"  network = @{network}()",
-      "  vocabulary = %VOCABULARY", "  z_loss = 1e-4", "  label_smoothing = 0.0", "",
+      "  vocabulary = %VOCABULARY",
+      *(f"  {name} = {_value(value)}" for name, value in options.items()), "",
       f"{network}.config = @{module}()", f"{module}:", *fields, ""])
 
 
@@ -95,7 +104,9 @@ def vocabulary_gin(vocabulary: Vocabulary, copied: pathlib.Path | None, size: in
 
 
 def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np.ndarray],
-          vocabulary: Vocabulary, final: str | pathlib.Path | None = None) -> pathlib.Path:
+          vocabulary: Vocabulary, final: str | pathlib.Path | None = None,
+          written_by: str = "convert",
+          model_options: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes OUT/checkpoint (step 0) and OUT/model.gin.
 
   Args:
@@ -106,6 +117,8 @@ def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np
     vocabulary: where the token ids come from (a SentencePiece model is copied to OUT).
     final: the directory OUT will be renamed to (model.gin names the copied
       SentencePiece model by its final path); None: OUT itself.
+    written_by: the command named in model.gin's first line.
+    model_options: the model's loss settings bound in model.gin (`model_gin`).
 
   Returns:
     OUT.
@@ -119,7 +132,8 @@ def write(output: str | pathlib.Path, network_config: Any, flat: Mapping[str, np
   params = param_trees.stack(flat) if network_config.scan_layers else dict(flat)
   checkpoints.save_params_at(output / CHECKPOINT, 0, param_trees.unflatten(params))
   named = pathlib.Path(final or output) / copied.name if copied else None
-  text = model_gin(network_config, vocabulary_gin(vocabulary, named, network_config.vocab_size))
+  text = model_gin(network_config, vocabulary_gin(vocabulary, named, network_config.vocab_size),
+                   written_by, model_options)
   (output / MODEL_GIN).write_text(text)
   return output
 
