@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,9 +89,14 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(sharded_run
   assert summary["d2f2t2"]["opt_sharded"] > summary["fsdp8"]["opt_sharded"]
 
 
-def test_dcn_mesh_needs_tpu_slices():
-  with pytest.raises(ValueError, match="slice_index"):
-    partitioning.make_mesh({"data": 1}, dcn_mesh_shape={"data": 1})
+def test_dcn_mesh_counts_slices_or_hosts():
+  """Devices of one slice index are grouped by process (GPU hosts): one process here is one
+  granule, so DCN_MESH_SHAPE asking for two is refused, and one is the plain mesh."""
+  with pytest.raises(ValueError, match=r"needs 2 slices \(hosts\) of devices; these devices "
+                                       r"form 1"):
+    partitioning.make_mesh({"data": 1}, dcn_mesh_shape={"data": 2})
+  mesh = partitioning.make_mesh({"data": -1}, dcn_mesh_shape={"data": 1})
+  assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
 
 
 def test_cluster_environment_detection(monkeypatch):
