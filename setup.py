@@ -13,17 +13,18 @@ import setuptools
 
 TASK_PACKAGES = ["t5xlike.tasks"] + [
     f"t5xlike.tasks.{name}" for name in setuptools.find_packages(where="tasks")]
-# The gin directories hold no Python; listed as (namespace) packages because setuptools
-# warns that it may stop shipping the data of a directory that is not.
+# The gin directories (and aot's GPU target files) hold no Python; listed as (namespace)
+# packages because setuptools warns that it may stop shipping the data of a directory that
+# is not.
 GIN_PACKAGES = ["t5xlike.gin_configs"] + [
     f"t5xlike.gin_configs.{name}"
     for name in setuptools.find_namespace_packages(where="gin_configs")]
 
 setuptools.setup(
     packages=setuptools.find_packages(include=["t5xlike", "t5xlike.*"]) + TASK_PACKAGES
-    + GIN_PACKAGES,
+    + GIN_PACKAGES + ["t5xlike.aot.gpu_targets"],
     package_dir={"t5xlike.tasks": "tasks", "t5xlike.gin_configs": "gin_configs"},
     package_data={"t5xlike.tasks.embedded": ["*.gz", "*.model", "LICENSE"],
-                  "t5xlike.aot": ["gpu_targets/*.txtpb"],
+                  "t5xlike.aot.gpu_targets": ["*.txtpb"],
                   **{name: ["*.gin"] for name in GIN_PACKAGES}},
 )
