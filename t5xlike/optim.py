@@ -114,6 +114,27 @@ def _decay_start(name: str, warmup_steps: int, decay_steps: int, train_steps: in
   return None if not decay_steps or train_steps is None else train_steps - decay_steps
 
 
+def _phased(rate: Schedule, warmup_steps: int, decay_start: int | None, decay_steps: int,
+            decay_shape: str, end_factor: float) -> Schedule:
+  """The three phases around a stable rate r(s) (s = count + 1, float32):
+
+      s / W * r(W)                       s <= W
+      r(s)                               W < s <= T
+      f((s - T) / D) * r(T)              T < s       (T = decay_start, D = decay_steps)
+  """
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32) + 1.0
+    held = step if decay_start is None else jnp.minimum(step, decay_start)
+    lr = rate(jnp.maximum(held, warmup_steps) if warmup_steps else held)
+    if warmup_steps:
+      lr = lr * jnp.minimum(1.0, step / warmup_steps)
+    if decay_start is not None:
+      decayed = _decay_factor(decay_shape, (step - decay_start) / decay_steps, end_factor)
+      lr = jnp.where(step > decay_start, lr * decayed, lr)
+    return lr
+  return schedule
+
+
 def warmup_stable_decay(peak_learning_rate: float = 1e-2, warmup_steps: int = 0,
                         decay_steps: int = 0, train_steps: int | None = None,
                         decay_shape: str = "exponential", end_factor: float = 0.1) -> Schedule:
@@ -143,16 +164,8 @@ def warmup_stable_decay(peak_learning_rate: float = 1e-2, warmup_steps: int = 0,
   decay_start = _decay_start("warmup_stable_decay", warmup_steps, decay_steps, train_steps,
                              decay_shape, end_factor)
 
-  def schedule(count):
-    step = jnp.asarray(count, jnp.float32) + 1.0
-    lr = jnp.full((), peak_learning_rate, jnp.float32)
-    if warmup_steps:
-      lr = lr * jnp.minimum(1.0, step / warmup_steps)
-    if decay_start is not None:
-      decayed = _decay_factor(decay_shape, (step - decay_start) / decay_steps, end_factor)
-      lr = jnp.where(step > decay_start, peak_learning_rate * decayed, lr)
-    return lr
-  return schedule
+  return _phased(lambda step: jnp.full_like(step, peak_learning_rate), warmup_steps,
+                 decay_start, decay_steps, decay_shape, end_factor)
 
 
 def power(batch_size: int, tokens_per_example: int | Mapping[str, int], a: float = 4.6,
@@ -198,20 +211,7 @@ def power(batch_size: int, tokens_per_example: int | Mapping[str, int], a: float
   def law(step):
     return jnp.minimum(max_learning_rate, batch_size * a * jnp.power(step * tokens_per_step, b))
 
-  def schedule(count):
-    step = jnp.asarray(count, jnp.float32) + 1.0
-    if decay_start is not None:
-      step_for_law = jnp.minimum(step, decay_start)
-    else:
-      step_for_law = step
-    lr = law(jnp.maximum(step_for_law, warmup_steps) if warmup_steps else step_for_law)
-    if warmup_steps:
-      lr = lr * jnp.minimum(1.0, step / warmup_steps)
-    if decay_start is not None:
-      decayed = _decay_factor(decay_shape, (step - decay_start) / decay_steps, end_factor)
-      lr = jnp.where(step > decay_start, lr * decayed, lr)
-    return lr
-  return schedule
+  return _phased(law, warmup_steps, decay_start, decay_steps, decay_shape, end_factor)
 
 
 # -- optimizers ----------------------------------------------------------------
