@@ -136,12 +136,8 @@ def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
     raise errors.ConfigError(errors.one_line(error)) from None
   dcn_mesh = _dcn_mesh_shape(config, target)
   partitioner = config.partitioner(devices, dcn_mesh)
-  errors.require_int("num_microbatches", optimizer.num_microbatches)
-  if data.batch_size % (partitioner.data_parallel_size * optimizer.num_microbatches):
-    raise errors.ConfigError(
-        f"BATCH_SIZE={data.batch_size} is not divisible by the data-parallel size "
-        f"{partitioner.data_parallel_size} of the mesh on {target.name} times "
-        f"num_microbatches={optimizer.num_microbatches}")
+  optimizer.check_batch(data.batch_size, partitioner.data_parallel_size,
+                        f"the mesh on {target.name}")
   try:
     shapes = batch_shapes_lib.expected_batch_shapes(
         model.feature_converter, data.task_feature_lengths, data.batch_size, data.pack)

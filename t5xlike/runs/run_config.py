@@ -69,6 +69,15 @@ class OptimizerConfig:
     """The optimizer with its schedule."""
     return self.optimizer(learning_rate=self.learning_rate_schedule)
 
+  def check_batch(self, batch_size: int, data_parallel_size: int, mesh: str) -> None:
+    """ConfigError unless BATCH_SIZE splits into `num_microbatches` slices over the mesh's
+    data-parallel size (`mesh` names the mesh in the message, e.g. 'MESH_SHAPE')."""
+    errors.require_int("num_microbatches", self.num_microbatches)
+    if batch_size % (data_parallel_size * self.num_microbatches):
+      raise errors.ConfigError(
+          f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
+          f"{data_parallel_size} of {mesh} times num_microbatches={self.num_microbatches}")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:

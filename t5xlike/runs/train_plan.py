@@ -120,12 +120,7 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   _check_task_and_lengths(data, objective, model.feature_converter)
   _check_starting_point(model_dir, train_steps, checkpointing)
   partitioner = partitioning_config.partitioner()
-  errors.require_int("num_microbatches", optimizer.num_microbatches)
-  if data.batch_size % (partitioner.data_parallel_size * optimizer.num_microbatches):
-    raise errors.ConfigError(
-        f"BATCH_SIZE={data.batch_size} is not divisible by the data-parallel size "
-        f"{partitioner.data_parallel_size} of MESH_SHAPE times num_microbatches="
-        f"{optimizer.num_microbatches}")
+  optimizer.check_batch(data.batch_size, partitioner.data_parallel_size, "MESH_SHAPE")
   trainer = trainer_lib.Trainer(model, optimizer.build(), optimizer.learning_rate_schedule,
                                 partitioner, num_microbatches=optimizer.num_microbatches,
                                 finetuning=finetuning, skip_nonfinite=nan_policy.skip_in_step,
