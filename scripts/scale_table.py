@@ -44,6 +44,8 @@ class Row:
     num_slices: `--num_slices`.
     extra: more `--gin.NAME=VALUE` overrides.
     fixes: what this row changes to make the row above it (same model and target) fit.
+    estimate: `--estimate` (TPU): 'loops' (the scanned step's loops scaled by their trip
+      counts) or 'probe' (the unrolled step at 2 and 4 layers, extrapolated).
   """
   name: str
   model_gin: str
@@ -57,6 +59,7 @@ class Row:
   num_slices: int = 1
   extra: tuple[str, ...] = ()
   fixes: str = ""
+  estimate: str = "loops"
 
   @property
   def network(self) -> str:
@@ -71,6 +74,7 @@ class Row:
     network = self.network
     return [f"--gin_file={self.model_gin}", "--gin_file=runs/pretrain.gin",
             f"--topology={self.topology}", f"--num_slices={self.num_slices}", "--json",
+            f"--estimate={self.estimate}",
             f"--gin.BATCH_SIZE={self.batch}", f"--gin.TASK_FEATURE_LENGTHS={self.lengths}",
             f"--gin.MESH_SHAPE={self.mesh}", f"--gin.LOGICAL_AXIS_RULES='{self.rules}'",
             "--gin.ACTIVATION_DTYPE='bfloat16'", f"--gin.{network}.scan_layers=True",
@@ -151,7 +155,9 @@ def _cell(report: dict, row: Row) -> list[str]:
   if report["attention_fallbacks"]:
     attention += " (+ einsum fallback)"
   mfu_cell = f"{mfu:.1%}" if mfu is not None else "-"
-  if _faster_than_matmuls(report):
+  if mfu is not None and report.get("depth_probe"):
+    mfu_cell += " (probe)"
+  elif _faster_than_matmuls(report):
     mfu_cell += " (too high: see below)"
   return [row.name, _target(row), row.mesh.replace("'", ""), row.rules, row.remat,
           f"{state:.2f}", f"{memory['total'] / GIB:.1f} / {memory['hbm'] / GIB:.0f}", fits,

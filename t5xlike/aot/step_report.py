@@ -110,6 +110,31 @@ class StepFigures:
 
 
 @dataclasses.dataclass(frozen=True)
+class DepthProbe:
+  """The step time extrapolated from the unrolled step at shallow depths
+  (`aot.depth_probe`, `--estimate=probe`).
+
+  Attributes:
+    depths: the network's depth field(s) -> layers.
+    points: the probed depths, each like `depths`.
+    seconds: libtpu's estimate of each probe's step (micro-batch loops scaled).
+    step_seconds: the extrapolation to `depths`.
+    compile_seconds: wall time of the probes' compilations.
+  """
+  depths: Mapping[str, int]
+  points: tuple[Mapping[str, int], ...]
+  seconds: tuple[float, ...]
+  step_seconds: float
+  compile_seconds: float
+
+  def describe(self) -> str:
+    probes = ", ".join(f"{'+'.join(map(str, p.values()))}: {t:.4g} s"
+                       for p, t in zip(self.points, self.seconds))
+    return (f"libtpu's cost model on the unrolled step at shallow depths ({probes}), "
+            f"extrapolated to {'+'.join(map(str, self.depths.values()))} layers")
+
+
+@dataclasses.dataclass(frozen=True)
 class StepReport:
   """The report of one compiled step on one target (see the module docstring).
 
@@ -133,6 +158,8 @@ class StepReport:
     loop_expansion: how much the loops multiply the work the compiler's cost analysis
       counts (it counts a loop body once): TPU, from libtpu's per-kernel cycle estimates
       (`hlo_stats.HloStats.loop_expansion`); GPU, analytic over compiler FLOPs.
+    probe: the depth probe that gave `step_seconds` (`--estimate=probe`), else None.
+    loop_scaled_seconds: with a probe, the loop-scaled estimate it replaced.
   """
   target: Target
   device_kind: str
@@ -150,6 +177,14 @@ class StepReport:
   out_of_memory: bool = False
   attention_fallbacks: tuple[str, ...] = ()
   loop_expansion: float = 1.0
+  probe: DepthProbe | None = None
+  loop_scaled_seconds: float | None = None
+
+  def with_probe(self, probe: DepthProbe) -> StepReport:
+    """This report with the depth probe's step time (the loop-scaled one kept aside)."""
+    return dataclasses.replace(self, probe=probe, step_seconds=probe.step_seconds,
+                               estimate_source=probe.describe(),
+                               loop_scaled_seconds=self.step_seconds)
 
   @classmethod
   def from_compiled(cls, compiled: Any, target: Target, figures: StepFigures, *,
@@ -168,7 +203,7 @@ class StepReport:
         optimised module ('flops', 'bytes accessed'), when it could be made.
     """
     stats = hlo_stats_lib.hlo_stats(compiled.as_text())
-    memory = _memory(compiled.memory_analysis(), target)
+    memory = memory_of(compiled.memory_analysis(), target)
     cost = compiled.cost_analysis() if target.chip.platform == "tpu" else gpu_cost
     cost = dict(cost or {})
     flops = float(cost["flops"]) if "flops" in cost else None
@@ -189,7 +224,7 @@ class StepReport:
     }
     unestimated = 0
     if chip.platform == "tpu":
-      step, unestimated, source = _tpu_estimate(cost, stats)
+      step, unestimated, source = tpu_estimate(cost, stats)
       step = step * expansion if step else step
       if expansion != 1.0:
         source += (f"; loop bodies, which it counts once, scaled by their trip counts "
@@ -284,6 +319,10 @@ class StepReport:
         "loop_expansion": self.loop_expansion,
         "estimated_step_s": self.step_seconds,
         "estimate_source": self.estimate_source,
+        "loop_scaled_step_s": self.loop_scaled_seconds,
+        "depth_probe": None if self.probe is None else {
+            "depths": dict(self.probe.depths), "points": [dict(p) for p in self.probe.points],
+            "seconds": list(self.probe.seconds), "compile_s": self.probe.compile_seconds},
         "unestimated_kernels": self.unestimated_kernels,
         "estimated_tokens_per_s_per_chip": self.tokens_per_second_per_chip,
         "estimated_mfu": self.mfu,
@@ -343,6 +382,10 @@ class StepReport:
                    f"[{self.estimate_source}; an estimate, not a measurement]")
     else:
       lines.append(f"estimate    none ({self.estimate_source})")
+    if self.probe is not None and self.loop_scaled_seconds:
+      lines.append(f"            (the scanned step's loops scaled by their trip counts gave "
+                   f"{self.loop_scaled_seconds:.4g} s; probes compiled in "
+                   f"{self.probe.compile_seconds:.0f} s)")
     if self.out_of_memory:
       return "\n".join(lines)
     roof = self.roofline
@@ -368,7 +411,7 @@ def _bytes_named(message: str, what: str) -> int | None:
   return int(float(match.group(1)) * scale)
 
 
-def _memory(stats: Any, target: Target) -> dict[str, int]:
+def memory_of(stats: Any, target: Target) -> dict[str, int]:
   """Per-chip bytes from `memory_analysis()` and the chip's HBM."""
   memory = {"argument": int(stats.argument_size_in_bytes),
             "output": int(stats.output_size_in_bytes),
@@ -382,7 +425,7 @@ def _memory(stats: Any, target: Target) -> dict[str, int]:
   return memory
 
 
-def _tpu_estimate(cost: Mapping[str, float], stats: hlo_stats_lib.HloStats
+def tpu_estimate(cost: Mapping[str, float], stats: hlo_stats_lib.HloStats
                   ) -> tuple[float | None, int, str]:
   """(step seconds or None, kernels without an estimate, source) from libtpu's cost model."""
   optimal = cost.get("optimal_seconds")

@@ -29,7 +29,7 @@ import gin
 import jax
 
 from t5xlike import errors, flops, interfaces, library_compat, partitioning
-from t5xlike.aot import step_report, targets
+from t5xlike.aot import depth_probe, step_report, targets
 from t5xlike.data import batch_shapes as batch_shapes_lib
 from t5xlike.models import attention
 from t5xlike.runs import run_config, train_run
@@ -37,6 +37,10 @@ from t5xlike.training import nan_policy as nan_policy_lib, trainer as trainer_li
 
 log = logging.getLogger(__name__)
 
+#: `--estimate`: the TPU step time from the scanned step's loops scaled by their trip
+#: counts ('loops', `aot.step_report`), or from the unrolled step at two shallow depths
+#: ('probe', `aot.depth_probe`: two or three more compilations).
+ESTIMATES = ("loops", "probe")
 #: The arguments of `train_run.train` that decide the train step.
 STEP_ARGUMENTS = ("model", "data", "optimizer", "partitioning", "finetuning", "nan_policy")
 
@@ -55,6 +59,8 @@ class CompilePlan:
     trainer: the trainer whose step is compiled.
     batch_shapes: the global batch's shapes.
     dcn_mesh: mesh axis -> slices (hosts) over the data-center network; empty for one.
+    finetuning: the configured fine-tuning technique (None: all parameters train).
+    skip_nonfinite: the NaN policy skips non-finite updates inside the step.
   """
   target: targets.Target
   devices: list[Any]
@@ -65,6 +71,32 @@ class CompilePlan:
   trainer: trainer_lib.Trainer
   batch_shapes: dict[str, jax.ShapeDtypeStruct]
   dcn_mesh: dict[str, int]
+  finetuning: Any = None
+  skip_nonfinite: bool = False
+
+  def trainer_for(self, model: interfaces.Model) -> trainer_lib.Trainer:
+    """A trainer of `model` with the plan's optimizer, mesh, rules and fine-tuning, its
+    state planned for the plan's batch (`planned_trainer`)."""
+    return planned_trainer(model, self.optimizer, self.partitioner, self.batch_shapes,
+                           self.finetuning, self.skip_nonfinite)
+
+
+def planned_trainer(model: interfaces.Model, optimizer: run_config.OptimizerConfig,
+                    partitioner: partitioning.Partitioner,
+                    shapes: dict[str, jax.ShapeDtypeStruct], finetuning: Any,
+                    skip_nonfinite: bool) -> trainer_lib.Trainer:
+  """The trainer of `model` whose state is planned for batches of `shapes`. The model's
+  kernels resolve for the target's platform (the abstract mesh's); eager work (the init
+  key) stays on this host's CPU. A model that cannot be built is an `errors.ConfigError`."""
+  trainer = trainer_lib.Trainer(model, optimizer.build(), optimizer.learning_rate_schedule,
+                                partitioner, num_microbatches=optimizer.num_microbatches,
+                                finetuning=finetuning, skip_nonfinite=skip_nonfinite)
+  try:
+    with jax.sharding.use_abstract_mesh(partitioner.mesh.abstract_mesh):
+      trainer.state_plan(shapes)
+  except (ValueError, TypeError, KeyError) as error:
+    raise errors.ConfigError(f"model: {errors.one_line(error)}") from None
+  return trainer
 
 
 def _evaluated(value: Any) -> Any:
@@ -79,21 +111,27 @@ def _evaluated(value: Any) -> Any:
   return value
 
 
-def train_arguments(names: tuple[str, ...] = STEP_ARGUMENTS) -> dict[str, Any]:
-  """The arguments the loaded gin files give `train_run.train` (its defaults where they
-  bind none), built as gin would build them for a training run."""
-  defaults = inspect.signature(train_run.train).parameters
+def gin_arguments(function: Any, names: tuple[str, ...]) -> dict[str, Any]:
+  """The arguments `names` the loaded gin files give `function` (a run: `train_run.train`,
+  `infer_run.infer`; its defaults where they bind none), built as gin would build them."""
+  defaults = inspect.signature(function).parameters
+  qualified = f"{function.__module__.rsplit('.', 1)[-1]}.{function.__name__}"
   arguments = {}
   for name in names:
     try:
-      value = gin.query_parameter(f"train_run.train.{name}")
+      value = gin.query_parameter(f"{qualified}.{name}")
     except ValueError:
       if defaults[name].default is inspect.Parameter.empty:
-        raise errors.ConfigError(f"the gin files bind no train_run.train.{name} (give "
-                                 f"the --gin_file of a training run)") from None
+        raise errors.ConfigError(f"the gin files bind no {qualified}.{name} (give "
+                                 f"the --gin_file of a {function.__name__} run)") from None
       value = defaults[name].default
     arguments[name] = _evaluated(value)
   return arguments
+
+
+def train_arguments(names: tuple[str, ...] = STEP_ARGUMENTS) -> dict[str, Any]:
+  """The arguments the loaded gin files give `train_run.train` (`gin_arguments`)."""
+  return gin_arguments(train_run.train, names)
 
 
 def _dcn_mesh_shape(config: run_config.PartitioningConfig,
@@ -111,13 +149,9 @@ def _dcn_mesh_shape(config: run_config.PartitioningConfig,
   return dcn
 
 
-def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
-  """Checks the configured run against the target and returns the plan; nothing written.
-
-  Args:
-    topology: `--topology` (`aot.targets.FORMS`).
-    num_slices: `--num_slices`, TPU slices over DCN.
-  """
+def parse_target(topology: str, num_slices: int) -> targets.Target:
+  """The `--topology` / `--num_slices` target; `errors.ConfigError` for an unknown one or a
+  compiler that is not installed."""
   try:
     target = targets.parse_target(topology, num_slices)
   except ValueError as error:
@@ -125,17 +159,35 @@ def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
   missing = targets.missing_support(target)
   if missing:
     raise errors.ConfigError(missing)
-  arguments = train_arguments()
-  model, data = arguments["model"], arguments["data"]
-  optimizer: run_config.OptimizerConfig = arguments["optimizer"]
-  config: run_config.PartitioningConfig = arguments["partitioning"]
-  nan_policy: nan_policy_lib.NanPolicy = arguments["nan_policy"]
+  return target
+
+
+def target_mesh(target: targets.Target, config: run_config.PartitioningConfig
+                ) -> tuple[list[Any], partitioning.Partitioner, dict[str, int] | None]:
+  """(the target's compile-only devices, the configured mesh and rules over them, the DCN
+  mesh shape or None)."""
   try:
     devices = targets.compile_devices(target)
   except ValueError as error:
     raise errors.ConfigError(errors.one_line(error)) from None
   dcn_mesh = _dcn_mesh_shape(config, target)
-  partitioner = config.partitioner(devices, dcn_mesh)
+  return devices, config.partitioner(devices, dcn_mesh), dcn_mesh
+
+
+def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
+  """Checks the configured run against the target and returns the plan; nothing written.
+
+  Args:
+    topology: `--topology` (`aot.targets.FORMS`).
+    num_slices: `--num_slices`, TPU slices over DCN.
+  """
+  target = parse_target(topology, num_slices)
+  arguments = train_arguments()
+  model, data = arguments["model"], arguments["data"]
+  optimizer: run_config.OptimizerConfig = arguments["optimizer"]
+  config: run_config.PartitioningConfig = arguments["partitioning"]
+  nan_policy: nan_policy_lib.NanPolicy = arguments["nan_policy"]
+  devices, partitioner, dcn_mesh = target_mesh(target, config)
   optimizer.check_batch(data.batch_size, partitioner.data_parallel_size,
                         f"the mesh on {target.name}")
   try:
@@ -143,22 +195,15 @@ def plan_compile(topology: str, num_slices: int = 1) -> CompilePlan:
         model.feature_converter, data.task_feature_lengths, data.batch_size, data.pack)
   except ValueError as error:
     raise errors.ConfigError(f"TASK_FEATURE_LENGTHS: {errors.one_line(error)}") from None
-  trainer = trainer_lib.Trainer(model, optimizer.build(), optimizer.learning_rate_schedule,
-                                partitioner, num_microbatches=optimizer.num_microbatches,
-                                finetuning=arguments["finetuning"],
-                                skip_nonfinite=nan_policy.skip_in_step)
-  try:
-    # The model's kernels resolve for the target's platform (the abstract mesh's); eager
-    # work (the init key) stays on this host's CPU.
-    with jax.sharding.use_abstract_mesh(partitioner.mesh.abstract_mesh):
-      trainer.state_plan(shapes)
-  except (ValueError, TypeError, KeyError) as error:
-    raise errors.ConfigError(f"model: {errors.one_line(error)}") from None
+  trainer = planned_trainer(model, optimizer, partitioner, shapes, arguments["finetuning"],
+                            nan_policy.skip_in_step)
   rules = config.logical_axis_rules
   return CompilePlan(target=target, devices=devices, model=model, optimizer=optimizer,
                      partitioner=partitioner,
                      rules=rules if isinstance(rules, str) else "custom", trainer=trainer,
-                     batch_shapes=shapes, dcn_mesh=dict(dcn_mesh or {}))
+                     batch_shapes=shapes, dcn_mesh=dict(dcn_mesh or {}),
+                     finetuning=arguments["finetuning"],
+                     skip_nonfinite=nan_policy.skip_in_step)
 
 
 def model_name(model: interfaces.Model) -> str:
@@ -257,10 +302,53 @@ def _compiled_report(plan: CompilePlan, lowered: Any,
       compile_seconds=wall, compile_cpu_seconds=cpu, gpu_cost=gpu_cost)
 
 
-def compile_step(topology: str, num_slices: int = 1,
-                 hlo_path: str | None = None) -> step_report.StepReport:
-  """`execute(plan_compile(topology, num_slices), hlo_path)`."""
-  return execute(plan_compile(topology, num_slices), hlo_path)
+def probe_points(plan: CompilePlan) -> tuple[dict[str, int], list[dict[str, int]]]:
+  """(the network's stack depths, the shallow depths to probe) for `--estimate=probe`;
+  `errors.ConfigError` where there is no cost model (GPU) or no single network (ELECTRA)."""
+  if plan.target.chip.platform != "tpu":
+    raise errors.ConfigError("--estimate=probe needs a TPU target: GPU estimates are a "
+                             "roofline, with no cost model to probe")
+  try:
+    depths = depth_probe.stack_depths(plan.model)
+  except ValueError as error:
+    raise errors.ConfigError(f"--estimate=probe: {error}") from None
+  return depths, depth_probe.probe_points(depths)
+
+
+def probe_depths(plan: CompilePlan, depths: dict[str, int],
+                 points: list[dict[str, int]]) -> step_report.DepthProbe:
+  """The step time from the unrolled step at the shallow depths `points`
+  (`aot.depth_probe`): each probe is the planned step with fewer layers and
+  `scan_layers=False`, compiled and priced by libtpu's cost model. `errors.RunError`
+  where a probe gets no estimate."""
+  seconds, compile_seconds = [], 0.0
+  for point in points:
+    model = depth_probe.with_depth(plan.model, point)
+    log.info("depth probe: compiling the step unrolled at %s", point)
+    probe = dataclasses.replace(plan, model=model, trainer=plan.trainer_for(model))
+    report = _compiled_report(probe, probe.trainer.lower_train_step(plan.batch_shapes), None)
+    if not report.step_seconds:
+      raise errors.RunError(f"depth probe {point}: no estimate ({report.estimate_source})")
+    seconds.append(report.step_seconds)
+    compile_seconds += report.compile_seconds
+  return step_report.DepthProbe(
+      depths=depths, points=tuple(points), seconds=tuple(seconds),
+      step_seconds=depth_probe.extrapolate(depths, points, seconds),
+      compile_seconds=compile_seconds)
+
+
+def compile_step(topology: str, num_slices: int = 1, hlo_path: str | None = None,
+                 estimate: str = "loops") -> step_report.StepReport:
+  """The report of the configured step compiled for `topology` (`execute`); with
+  `estimate='probe'` its step time is `probe_depths`' (`--estimate`)."""
+  if estimate not in ESTIMATES:
+    raise errors.ConfigError(f"--estimate must be one of {ESTIMATES}, got {estimate!r}")
+  plan = plan_compile(topology, num_slices)
+  probe = probe_points(plan) if estimate == "probe" else None  # checked before compiling
+  report = execute(plan, hlo_path)
+  if probe is not None and not report.out_of_memory:
+    report = report.with_probe(probe_depths(plan, *probe))
+  return report
 
 
 def print_report(report: step_report.StepReport, as_json: bool) -> None:
