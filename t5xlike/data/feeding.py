@@ -24,7 +24,13 @@ from collections.abc import Generator, Iterator, Mapping
 import numpy as np
 import seqio
 
-from t5xlike.data import feature_converters, feed_steps, seqio_tasks, sources
+from t5xlike.data import (
+  feature_converters,
+  feed_steps,
+  masked_thought as masked_thought_lib,
+  seqio_tasks,
+  sources,
+)
 from t5xlike.objectives import base as objectives_base
 
 log = logging.getLogger(__name__)
@@ -54,12 +60,15 @@ class SequentialFeed:
       (rows `[p * B / P, (p + 1) * B / P)`).
     feature_converter: name of the converter that makes model features
       (`feature_converters.CONVERTERS`; a model's `feature_converter`).
+    masked_thought: masks the teacher-forced decoder inputs (`data.masked_thought`;
+      example i draws from the pipeline's (seed, 0, 0, i) layout, in its own stream).
   """
 
   def __init__(self, mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
                batch_size: int, objective: objectives_base.Objective | None, seed: int = 0,
                num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-               feature_converter: str = "encoder_decoder"):
+               feature_converter: str = "encoder_decoder",
+               masked_thought: masked_thought_lib.MaskedThought | None = None):
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
@@ -81,6 +90,9 @@ class SequentialFeed:
     self.local_rows = slice(process_index * batch_size // process_count,
                             (process_index + 1) * batch_size // process_count)
     self.convert = feature_converters.get_converter(feature_converter)
+    self.masked_thought = masked_thought if masked_thought and masked_thought.active else None
+    if self.masked_thought is not None:
+      self.masked_thought.check_converter(feature_converter)
     self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
@@ -165,13 +177,18 @@ class SequentialFeed:
       yield {source: np.concatenate(pending)}
 
   def _transform(self, index: int, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if self.objective is None:
-      return raw
-    # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
-    rng = np.random.default_rng([self.seed, 0, 0, index])
-    slot = index % len(self.chunk_lengths) if self.chunk_lengths else 0
-    return self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
-                                          vocab_size=self.vocab_size, eos_id=self.eos_id)
+    features = raw
+    if self.objective is not None:
+      # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
+      rng = np.random.default_rng([self.seed, 0, 0, index])
+      slot = index % len(self.chunk_lengths) if self.chunk_lengths else 0
+      features = self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
+                                                vocab_size=self.vocab_size, eos_id=self.eos_id)
+    if self.masked_thought is not None:
+      features = self.masked_thought.apply(
+          features, masked_thought_lib.example_rng(self.seed, 0, 0, index),
+          vocab_size=self.vocab_size, target_length=self.feature_lengths["targets"])
+    return features
 
   def examples(self) -> Generator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
                                   None, None]:
