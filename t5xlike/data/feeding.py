@@ -31,7 +31,7 @@ from t5xlike.data import (
   seqio_tasks,
   sources,
 )
-from t5xlike.objectives import base as objectives_base
+from t5xlike.objectives import base as objectives_base, mode_switching as mode_switching_lib
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,15 @@ class SequentialFeed:
       (`feature_converters.CONVERTERS`; a model's `feature_converter`).
     masked_thought: masks the teacher-forced decoder inputs (`data.masked_thought`;
       example i draws from the pipeline's (seed, 0, 0, i) layout, in its own stream).
+    mode_switching: UL2 mode switching (`objectives.mode_switching`; supervised only).
   """
 
   def __init__(self, mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
                batch_size: int, objective: objectives_base.Objective | None, seed: int = 0,
                num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                feature_converter: str = "encoder_decoder",
-               masked_thought: masked_thought_lib.MaskedThought | None = None):
+               masked_thought: masked_thought_lib.MaskedThought | None = None,
+               mode_switching: mode_switching_lib.ModeSwitching | None = None):
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
@@ -96,6 +98,7 @@ class SequentialFeed:
     self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
+    self.mode_switching = feed_steps.checked_mode_switching(mode_switching, objective, [task])
     self._position = 0  # Examples consumed (global, across processes).
     # The generator of raw examples, when open.
     self._stream: Generator[dict[str, np.ndarray], None, None] | None = None
@@ -156,6 +159,9 @@ class SequentialFeed:
     cycle = self.chunk_lengths  # Set only with an objective (`prepare_objective`).
     if cycle is None or self.objective is None:
       for doc in self._documents():
+        if self.mode_switching is not None:
+          doc = self.mode_switching.apply(doc, self.task.name,
+                                          feed_steps.inputs_vocabulary(self.task))
         self._truncation.add(feed_steps.truncated_features(doc, self.eos_features,
                                                            self.feature_lengths))
         yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)

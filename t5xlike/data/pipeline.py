@@ -47,7 +47,7 @@ from t5xlike.data import (
   seqio_tasks,
   sources,
 )
-from t5xlike.objectives import base as objectives_base
+from t5xlike.objectives import base as objectives_base, mode_switching as mode_switching_lib
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,8 @@ class Pipeline:
     num_threads: grain's read threads (0: read in the calling thread).
     masked_thought: masks the teacher-forced decoder inputs of each example
       (`data.masked_thought`); None or a rate of 0: off.
+    mode_switching: UL2 mode switching (`objectives.mode_switching`): each task's
+      paradigm token prepended to its examples' inputs (supervised only).
   """
 
   def __init__(self, mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
@@ -144,7 +146,8 @@ class Pipeline:
                feature_converter: str = "encoder_decoder", use_cached: bool = False,
                cache_dir: str | None = None, pack: bool = False, shuffle: bool = True,
                num_threads: int = 2, in_memory_max_examples: int = 200_000,
-               masked_thought: masked_thought_lib.MaskedThought | None = None):
+               masked_thought: masked_thought_lib.MaskedThought | None = None,
+               mode_switching: mode_switching_lib.ModeSwitching | None = None):
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
@@ -176,6 +179,8 @@ class Pipeline:
     self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         self.tasks[0], objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
+    self.mode_switching = feed_steps.checked_mode_switching(mode_switching, objective,
+                                                            self.tasks)
     # What each task's examples are: its source, or chunks of its token stream (chunk
     # lengths come only with an objective).
     chunk_lengths = self.chunk_lengths
@@ -212,6 +217,9 @@ class Pipeline:
       eos_features = self.sources[t].eos_features
       self._truncation.add(feed_steps.truncated_features(raw, eos_features,
                                                          self.feature_lengths))
+      if self.mode_switching is not None:
+        raw = self.mode_switching.apply(raw, self.tasks[t].name,
+                                        feed_steps.inputs_vocabulary(self.tasks[t]))
       features = feed_steps.append_eos(raw, eos_features, self.feature_lengths, self.eos_id)
     else:
       rng = np.random.default_rng([self.seed, t, epoch, index])

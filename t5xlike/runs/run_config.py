@@ -24,6 +24,7 @@ from t5xlike.inference.task_evaluator import InferenceEvaluator
 
 if TYPE_CHECKING:  # (the data package is imported by the runs that read data)
   from t5xlike.data import masked_thought as masked_thought_lib
+  from t5xlike.objectives import mode_switching as mode_switching_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,9 @@ class DataConfig:
     masked_thought: Masked Thought fine-tuning (`data.masked_thought`, MASKED_THOUGHT_RATE):
       masks the teacher-forced decoder inputs of the training batches (never the
       evaluation's); None or a rate of 0: off.
+    mode_switching: UL2 mode switching (`objectives.mode_switching`, MODE_TOKEN,
+      TASK_MODE_TOKENS): the paradigm token prepended to each supervised example's
+      inputs (training, evaluation, inference); None: none.
   """
   mixture_or_task_name: str | None
   task_feature_lengths: Mapping[str, int]
@@ -55,6 +59,7 @@ class DataConfig:
   pack: bool = False
   data_threads: int = 0
   masked_thought: masked_thought_lib.MaskedThought | None = None
+  mode_switching: mode_switching_lib.ModeSwitching | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,6 +143,7 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
   """The checks that need the data pipeline and the abstract train state."""
   feed_args = dict(feature_converter=model.feature_converter, use_cached=data.use_cached_tasks,
                    cache_dir=data.task_cache_dir, num_threads=data.data_threads,
+                   mode_switching=data.mode_switching,
                    process_index=jax.process_index(), process_count=jax.process_count())
   name = data.mixture_or_task_name
   train_feed = validated(lambda: pipeline.make_feed(
@@ -330,6 +331,8 @@ def _check_vocabulary_fits(model: Any, feed: Any, objective: Objective | None,
   highest = vocab_size - 1
   if objective is not None:
     highest = max([highest, *objective.extra_token_names(vocab_size)])
+  if feed.mode_switching is not None:  # (a special id beyond the embedding)
+    feed.mode_switching.check(feed.vocabulary, model.vocab_size)
   if masked_thought is not None and masked_thought.active:
     mask_id = masked_thought.mask_token_id(vocab_size)
     if mask_id >= model.vocab_size:
