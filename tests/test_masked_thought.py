@@ -205,3 +205,25 @@ def test_gin_switch_out_of_range_fails_in_one_line_and_writes_nothing(tmp_path, 
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: ") and "MASKED_THOUGHT_RATE" in err[-1], err[-1]
   assert not model_dir.exists() and not list(tmp_path.iterdir())
+
+
+def test_in_order_feed_masks_as_the_pipeline_does():
+  """A large uncached task read in order (`feeding.SequentialFeed`): example i draws from
+  rng([seed, 0, 0, i, STREAM]), as the pipeline's task 0 in epoch 0 at index i."""
+  from t5xlike.data import feeding
+  make = lambda rate: pipeline.make_feed(
+      TASK, "validation", ENC_DEC, 8, None, seed=5, in_memory_max_examples=10,
+      masked_thought=masked_thought.MaskedThought(rate))
+  masked, plain = make(0.4), make(0.0)
+  assert isinstance(masked, feeding.SequentialFeed)
+  got, want = next(masked), next(plain)
+  masked.close()
+  plain.close()
+  for key in ("encoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
+    np.testing.assert_array_equal(got[key], want[key])
+  for r in range(8):
+    n = int(want["decoder_loss_weights"][r].sum())
+    u = masked_thought.example_rng(5, 0, 0, r).random(n - 1)
+    expected = want["decoder_input_tokens"][r].copy()
+    expected[1 + np.flatnonzero(u < 0.4)] = masked.vocab_size - 1
+    np.testing.assert_array_equal(got["decoder_input_tokens"][r], expected)

@@ -1,6 +1,7 @@
 """Masked Thought (Chen et al. 2024, "Masked Thought: Simply Masking Partial
 Reasoning Steps Can Improve Mathematical Reasoning Learning of Language
-Models", §2 "Masked Thought Fine-Tuning"), in NumPy.
+Models", ACL 2024, arXiv:2403.02178: its method, Masked thought Fine-Tuning,
+as the authors' code implements it), in NumPy.
 
 During supervised fine-tuning each token of the target side that the
 decoder READS (its teacher-forced input) is replaced by a mask token with
