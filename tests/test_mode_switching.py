@@ -198,3 +198,19 @@ def test_gin_mode_token_the_vocabulary_lacks_is_one_line(tmp_path, capsys, comma
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: ") and "is not a UL2 mode token" in err[-1], err[-1]
   assert not list(tmp_path.iterdir())
+
+
+def test_in_order_feed_prepends_the_token_too():
+  from t5xlike.data import feeding
+  make = lambda switching: pipeline.make_feed(TASK, "validation", LENGTHS, 8, None,
+                                              in_memory_max_examples=10,
+                                              mode_switching=switching)
+  feed, plain = make(mode_switching.ModeSwitching(default="[S2S]")), make(None)
+  assert isinstance(feed, feeding.SequentialFeed)
+  got, want = next(feed), next(plain)
+  feed.close()
+  plain.close()
+  for r in range(8):
+    width = int(np.count_nonzero(want["encoder_input_tokens"][r]))
+    np.testing.assert_array_equal(got["encoder_input_tokens"][r][:width + 5],
+                                  np.r_[S2S_TEXT, want["encoder_input_tokens"][r][:width]])
