@@ -23,7 +23,11 @@ per model family (a model names its converter in `model.feature_converter`):
   for each completion, prefixed `chosen_` / `rejected_` (`data.pairwise`).
 
 Without packing each example fills one row, 0-padded or truncated; the
-decoder input is the target shifted right with 0 as BOS.
+decoder input is the target shifted right with 0 as BOS. An example may carry
+`DECODER_INPUT_TARGETS`, the targets as the decoder reads them (Masked
+Thought, `data.masked_thought`): that feature is shifted into
+`decoder_input_tokens` instead of `targets` (the prefix of a prefix-LM row
+is read as it is); the targets, weights and masks do not change.
 """
 from __future__ import annotations
 
@@ -36,6 +40,15 @@ from t5xlike.data import pairwise
 
 Example = Mapping[str, np.ndarray]
 Batch = dict[str, np.ndarray]
+
+#: An example's targets as the decoder reads them (teacher forcing), when they differ
+#: from `targets` (Masked Thought); same length as the kept targets.
+DECODER_INPUT_TARGETS = "decoder_input_targets"
+
+
+def read_targets(example: Example) -> np.ndarray:
+  """The target tokens the decoder reads: `DECODER_INPUT_TARGETS`, else `targets`."""
+  return example.get(DECODER_INPUT_TARGETS, example["targets"])
 
 
 def pad_or_truncate(sequences: Sequence[np.ndarray], length: int,
@@ -73,10 +86,11 @@ def encoder_decoder_batch(examples: Sequence[Example],
   _require(feature_lengths, ("inputs", "targets"), "encoder_decoder")
   inputs = pad_or_truncate([ex["inputs"] for ex in examples], feature_lengths["inputs"])
   targets = pad_or_truncate([ex["targets"] for ex in examples], feature_lengths["targets"])
+  read = pad_or_truncate([read_targets(ex) for ex in examples], feature_lengths["targets"])
   return {
       "encoder_input_tokens": inputs,
       "decoder_target_tokens": targets,
-      "decoder_input_tokens": shift_right(targets),
+      "decoder_input_tokens": shift_right(read),
       "decoder_loss_weights": (targets > 0).astype(np.float32),
   }
 
@@ -102,7 +116,8 @@ def decoder_batch(examples: Sequence[Example], feature_lengths: Mapping[str, int
   prefix_lm = any("inputs" in ex for ex in examples)
   if not prefix_lm:
     targets = pad_or_truncate([ex["targets"] for ex in examples], feature_lengths["targets"])
-    return {"decoder_target_tokens": targets, "decoder_input_tokens": shift_right(targets),
+    read = pad_or_truncate([read_targets(ex) for ex in examples], feature_lengths["targets"])
+    return {"decoder_target_tokens": targets, "decoder_input_tokens": shift_right(read),
             "decoder_loss_weights": (targets > 0).astype(np.float32)}
   _require(feature_lengths, ("inputs",), "prefix-LM decoder")
   length = feature_lengths["inputs"] + feature_lengths["targets"]
@@ -110,12 +125,14 @@ def decoder_batch(examples: Sequence[Example], feature_lengths: Mapping[str, int
               else np.zeros([0], np.int32) for ex in examples]
   suffixes = [np.asarray(ex["targets"])[:feature_lengths["targets"]] for ex in examples]
   targets = pad_or_truncate([np.concatenate([p, s]) for p, s in zip(prefixes, suffixes)], length)
+  read = pad_or_truncate([np.concatenate([p, np.asarray(read_targets(ex))[:feature_lengths[
+      "targets"]]]) for p, ex in zip(prefixes, examples)], length)
   positions = np.arange(length)[None, :]
   widths = np.array([len(p) for p in prefixes])[:, None]
   real = targets > 0
   return {
       "decoder_target_tokens": targets,
-      "decoder_input_tokens": shift_right(targets),
+      "decoder_input_tokens": shift_right(read),
       "decoder_loss_weights": (real & (positions >= widths)).astype(np.float32),
       "decoder_causal_attention": (positions < widths + 1).astype(np.int32),
   }

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import seqio
 
+from t5xlike import errors
 from t5xlike.data import pairwise
-from t5xlike.objectives import base as objectives_base
+from t5xlike.objectives import base as objectives_base, mode_switching as mode_switching_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,32 @@ def append_eos(example: Mapping[str, np.ndarray], eos_features: Sequence[str],
       tokens = np.asarray(out[key], dtype=np.int32)[:feature_lengths[key] - 1]
       out[key] = np.concatenate([tokens, np.array([eos_id], np.int32)])
   return out
+
+
+def inputs_vocabulary(task: seqio.Task):
+  """The vocabulary of a task's `inputs` (else of its first feature)."""
+  features = task.output_features
+  return features["inputs" if "inputs" in features else next(iter(features))].vocabulary
+
+
+def checked_mode_switching(mode_switching: mode_switching_lib.ModeSwitching | None,
+                           objective: objectives_base.Objective | None,
+                           tasks: Sequence[seqio.Task]
+                           ) -> mode_switching_lib.ModeSwitching | None:
+  """UL2 mode switching for a feed of `tasks`: None when it gives no task a token; a
+  ConfigError with a pretraining objective (whose examples are not the task's inputs)
+  or when a task's vocabulary lacks its token."""
+  if mode_switching is None or not mode_switching.active:
+    return None
+  if objective is not None:
+    raise errors.ConfigError(f"MODE_TOKEN / TASK_MODE_TOKENS are for supervised tasks; the "
+                             f"objective {objective.name!r} makes its own inputs")
+  for task in tasks:
+    mode = mode_switching.mode_of(task.name)
+    if mode is not None:
+      mode_switching.token_ids(mode, inputs_vocabulary(task))
+  mode_switching.warn_unknown_tasks([task.name for task in tasks])
+  return mode_switching
 
 
 def prepare_objective(task: seqio.Task, objective: objectives_base.Objective | None,

@@ -24,8 +24,14 @@ from collections.abc import Generator, Iterator, Mapping
 import numpy as np
 import seqio
 
-from t5xlike.data import feature_converters, feed_steps, seqio_tasks, sources
-from t5xlike.objectives import base as objectives_base
+from t5xlike.data import (
+  feature_converters,
+  feed_steps,
+  masked_thought as masked_thought_lib,
+  seqio_tasks,
+  sources,
+)
+from t5xlike.objectives import base as objectives_base, mode_switching as mode_switching_lib
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,17 @@ class SequentialFeed:
       (rows `[p * B / P, (p + 1) * B / P)`).
     feature_converter: name of the converter that makes model features
       (`feature_converters.CONVERTERS`; a model's `feature_converter`).
+    masked_thought: masks the teacher-forced decoder inputs (`data.masked_thought`;
+      example i draws from the pipeline's (seed, 0, 0, i) layout, in its own stream).
+    mode_switching: UL2 mode switching (`objectives.mode_switching`; supervised only).
   """
 
   def __init__(self, mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
                batch_size: int, objective: objectives_base.Objective | None, seed: int = 0,
                num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-               feature_converter: str = "encoder_decoder"):
+               feature_converter: str = "encoder_decoder",
+               masked_thought: masked_thought_lib.MaskedThought | None = None,
+               mode_switching: mode_switching_lib.ModeSwitching | None = None):
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
@@ -81,9 +92,13 @@ class SequentialFeed:
     self.local_rows = slice(process_index * batch_size // process_count,
                             (process_index + 1) * batch_size // process_count)
     self.convert = feature_converters.get_converter(feature_converter)
+    self.masked_thought = masked_thought if masked_thought and masked_thought.active else None
+    if self.masked_thought is not None:
+      self.masked_thought.check_converter(feature_converter)
     self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         task, objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
+    self.mode_switching = feed_steps.checked_mode_switching(mode_switching, objective, [task])
     self._position = 0  # Examples consumed (global, across processes).
     # The generator of raw examples, when open.
     self._stream: Generator[dict[str, np.ndarray], None, None] | None = None
@@ -144,6 +159,9 @@ class SequentialFeed:
     cycle = self.chunk_lengths  # Set only with an objective (`prepare_objective`).
     if cycle is None or self.objective is None:
       for doc in self._documents():
+        if self.mode_switching is not None:
+          doc = self.mode_switching.apply(doc, self.task.name,
+                                          feed_steps.inputs_vocabulary(self.task))
         self._truncation.add(feed_steps.truncated_features(doc, self.eos_features,
                                                            self.feature_lengths))
         yield feed_steps.append_eos(doc, self.eos_features, self.feature_lengths, self.eos_id)
@@ -165,13 +183,18 @@ class SequentialFeed:
       yield {source: np.concatenate(pending)}
 
   def _transform(self, index: int, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if self.objective is None:
-      return raw
-    # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
-    rng = np.random.default_rng([self.seed, 0, 0, index])
-    slot = index % len(self.chunk_lengths) if self.chunk_lengths else 0
-    return self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
-                                          vocab_size=self.vocab_size, eos_id=self.eos_id)
+    features = raw
+    if self.objective is not None:
+      # The pipeline's (seed, task, epoch, index) layout with task and epoch 0.
+      rng = np.random.default_rng([self.seed, 0, 0, index])
+      slot = index % len(self.chunk_lengths) if self.chunk_lengths else 0
+      features = self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
+                                                vocab_size=self.vocab_size, eos_id=self.eos_id)
+    if self.masked_thought is not None:
+      features = self.masked_thought.apply(
+          features, masked_thought_lib.example_rng(self.seed, 0, 0, index),
+          vocab_size=self.vocab_size, target_length=self.feature_lengths["targets"])
+    return features
 
   def examples(self) -> Generator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
                                   None, None]:

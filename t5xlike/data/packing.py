@@ -53,6 +53,13 @@ decoder, prefix LM (`inputs` in the feature lengths) packs, per example, the
   (an empty prefix: loss on every token, causal attention on its first
   position only, which sees nothing else before it anyway).
 
+Masked Thought (`data.masked_thought`): examples that carry
+  `feature_converters.DECODER_INPUT_TARGETS` (the targets as the decoder reads
+  them) pack it too, as a side sequence of the length of `targets` (a prefix
+  LM's: the prefix, then the read targets), and `decoder_input_tokens` is that
+  sequence shifted right within each segment (`pack_lengths(...,
+  read_targets=True)`).
+
 encoder (MLM, ELECTRA) packs {inputs, targets, mlm_weights: L_in each} into
   encoder_input_tokens, encoder_target_tokens, mlm_weights,
   encoder_segment_ids, encoder_positions.
@@ -97,14 +104,30 @@ def is_prefix_lm(feature_lengths: Mapping[str, int]) -> bool:
   return "inputs" in feature_lengths
 
 
-def pack_lengths(converter: str, feature_lengths: Mapping[str, int]) -> dict[str, int]:
+def pack_lengths(converter: str, feature_lengths: Mapping[str, int],
+                 read_targets: bool = False) -> dict[str, int]:
   """The `length_struct` to pack with: per-example feature name -> packed row length.
 
   encoder_decoder: {inputs: L_in, targets: L_t}; decoder (causal):
   {targets: L_t}; decoder (prefix LM): {targets, loss_weights,
   causal_attention: L_in + L_t each}; encoder: {inputs, targets,
-  mlm_weights: L_in each}.
+  mlm_weights: L_in each}. `read_targets` (Masked Thought; encoder_decoder and
+  decoder): also DECODER_INPUT_TARGETS, of the length of `targets`.
   """
+  lengths = _pack_lengths(converter, feature_lengths)
+  if read_targets:
+    if pairwise.is_pairwise(converter) or "targets" not in lengths or converter == "encoder":
+      raise ValueError(f"the {converter} feature converter has no teacher-forced decoder "
+                       "inputs to pack")
+    lengths[READ_TARGETS] = lengths["targets"]
+  return lengths
+
+
+#: The packed side sequence of the targets as the decoder reads them.
+READ_TARGETS = feature_converters.DECODER_INPUT_TARGETS
+
+
+def _pack_lengths(converter: str, feature_lengths: Mapping[str, int]) -> dict[str, int]:
   if converter in feature_converters.UNPACKED_CONVERTERS:
     raise ValueError(f"the {converter} feature converter keeps one sequence per row and does "
                      f"not pack: set DataConfig.pack=False")
@@ -157,7 +180,8 @@ def prepare_for_packing(converter: str, example: Example,
     return {f"{side}_{k}": v for side in pairwise.SIDES for k, v in prepare_for_packing(
         base, pairwise.side_example(example, side), side_lengths).items()}
   if converter == "encoder_decoder":
-    return {k: _sequence(example, k, lengths[k]) for k in ("inputs", "targets")}
+    return {k: _sequence(example, k, lengths[k]) for k in ("inputs", "targets")
+            } | _read_targets(example, np.zeros([0], np.int32), lengths["targets"])
   if converter == "encoder":
     return {"inputs": _sequence(example, "inputs", lengths["inputs"]),
             "targets": _sequence(example, "targets", lengths["targets"]),
@@ -166,14 +190,24 @@ def prepare_for_packing(converter: str, example: Example,
     if "inputs" in example:
       raise ValueError("an example with `inputs` needs TASK_FEATURE_LENGTHS['inputs'] for the "
                        f"prefix-LM decoder converter (got {dict(feature_lengths)})")
-    return {"targets": _sequence(example, "targets", lengths["targets"])}
+    return ({"targets": _sequence(example, "targets", lengths["targets"])}
+            | _read_targets(example, np.zeros([0], np.int32), lengths["targets"]))
   prefix = (_sequence(example, "inputs", int(feature_lengths["inputs"])) if "inputs" in example
             else np.zeros([0], np.int32))
   suffix = _sequence(example, "targets", int(feature_lengths["targets"]))
   index = np.arange(len(prefix) + len(suffix))
   return {"targets": np.concatenate([prefix, suffix]),
           "loss_weights": (index >= len(prefix)).astype(np.int32),
-          "causal_attention": (index < len(prefix) + 1).astype(np.int32)}
+          "causal_attention": (index < len(prefix) + 1).astype(np.int32),
+          **_read_targets(example, prefix, int(feature_lengths["targets"]))}
+
+
+def _read_targets(example: Example, prefix: np.ndarray, length: int) -> dict[str, np.ndarray]:
+  """{READ_TARGETS: the prefix, then the read targets (at most `length`)} when the
+  example carries them (Masked Thought), else {}."""
+  if READ_TARGETS not in example:
+    return {}
+  return {READ_TARGETS: np.concatenate([prefix, _sequence(example, READ_TARGETS, length)])}
 
 
 def autoregressive_inputs(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
@@ -236,7 +270,8 @@ def packed_batch(converter: str,
     rows: b rows as grain emits them, each a dict of [l] arrays with, for
       every key k of `pack_lengths(converter, feature_lengths)`, `k`,
       `k_segment_ids` and `k_positions` (or one dict of [b, l] arrays, the
-      rows already batched).
+      rows already batched); with READ_TARGETS (Masked Thought) the decoder reads
+      that sequence instead of `targets`.
     feature_lengths: TASK_FEATURE_LENGTHS.
   Returns:
     Each [b, length] (see the module docstring for the layouts):
@@ -258,7 +293,9 @@ def packed_batch(converter: str,
                    else [pairwise.side_features(row, side) for row in rows])
       out.update(pairwise.prefixed(side, packed_batch(base, side_rows, side_lengths)))
     return out
-  lengths = pack_lengths(converter, feature_lengths)
+  first = rows if isinstance(rows, Mapping) else (rows[0] if rows else {})
+  lengths = pack_lengths(converter, feature_lengths,
+                         read_targets=converter != "encoder" and READ_TARGETS in first)
   f = _stack(rows, lengths, converter)
   i32 = lambda k: f[k].astype(np.int32)
   if converter == "encoder":
@@ -267,8 +304,9 @@ def packed_batch(converter: str,
             "encoder_segment_ids": i32("inputs_segment_ids"),
             "encoder_positions": i32("inputs_positions")}
   targets, segment_ids = i32("targets"), i32("targets_segment_ids")
+  read = i32(READ_TARGETS) if READ_TARGETS in f else targets
   batch = {"decoder_target_tokens": targets,
-           "decoder_input_tokens": autoregressive_inputs(targets, segment_ids),
+           "decoder_input_tokens": autoregressive_inputs(read, segment_ids),
            "decoder_segment_ids": segment_ids,
            "decoder_positions": i32("targets_positions")}
   real = targets > 0

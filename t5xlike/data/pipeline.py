@@ -5,9 +5,11 @@
     UL2's denoisers each cut at its own) -> global shuffle by a seeded
     permutation of indices, a fresh one each epoch (`MapDataset.shuffle` +
     `repeat`) -> the objective's transform seeded by (seed, task, epoch,
-    example index) -> mixture of tasks by rates (`MapDataset.mix`) -> this
-    process's share (every P-th element) -> [packing: grain's first-fit
-    packer] -> batches of BATCH_SIZE / P rows -> model features.
+    example index) -> [Masked Thought: the targets as the decoder reads them,
+    seeded by (seed, task, epoch, example index, its stream)] -> mixture of
+    tasks by rates (`MapDataset.mix`) -> this process's share (every P-th
+    element) -> [packing: grain's first-fit packer] -> batches of BATCH_SIZE / P
+    rows -> model features.
 
 Every step is a function of (seed, position), so the iterator state is a
 position: `get_state()` is saved with each checkpoint and `set_state()`
@@ -39,12 +41,13 @@ from t5xlike.data import (
   feature_converters,
   feed_steps,
   feeding,
+  masked_thought as masked_thought_lib,
   mixing,
   packing,
   seqio_tasks,
   sources,
 )
-from t5xlike.objectives import base as objectives_base
+from t5xlike.objectives import base as objectives_base, mode_switching as mode_switching_lib
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,10 @@ class Pipeline:
     pack: pack several examples per row (segment ids and positions).
     shuffle: shuffle globally (False: source order, e.g. for inspection).
     num_threads: grain's read threads (0: read in the calling thread).
+    masked_thought: masks the teacher-forced decoder inputs of each example
+      (`data.masked_thought`); None or a rate of 0: off.
+    mode_switching: UL2 mode switching (`objectives.mode_switching`): each task's
+      paradigm token prepended to its examples' inputs (supervised only).
   """
 
   def __init__(self, mixture_or_task_name: str, split: str, feature_lengths: Mapping[str, int],
@@ -138,7 +145,9 @@ class Pipeline:
                num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                feature_converter: str = "encoder_decoder", use_cached: bool = False,
                cache_dir: str | None = None, pack: bool = False, shuffle: bool = True,
-               num_threads: int = 2, in_memory_max_examples: int = 200_000):
+               num_threads: int = 2, in_memory_max_examples: int = 200_000,
+               masked_thought: masked_thought_lib.MaskedThought | None = None,
+               mode_switching: mode_switching_lib.ModeSwitching | None = None):
     if batch_size <= 0 or batch_size % process_count:
       raise ValueError(f"BATCH_SIZE={batch_size} must be positive and divisible by the "
                        f"number of processes ({process_count})")
@@ -156,6 +165,9 @@ class Pipeline:
     self.pack = pack
     self.shuffle = shuffle
     self.num_threads = num_threads
+    self.masked_thought = masked_thought if masked_thought and masked_thought.active else None
+    if self.masked_thought is not None:
+      self.masked_thought.check_converter(feature_converter)
     self.tasks = resolve_tasks(self.task)
     self.sources = []
     for task in self.tasks:  # open_source checks the split and the post-cache preprocessors.
@@ -167,6 +179,8 @@ class Pipeline:
     self.vocabulary, self.chunk_lengths = feed_steps.prepare_objective(
         self.tasks[0], objective, self.feature_lengths, feature_converter)
     self.vocab_size, self.eos_id = self.vocabulary.vocab_size, self.vocabulary.eos_id
+    self.mode_switching = feed_steps.checked_mode_switching(mode_switching, objective,
+                                                            self.tasks)
     # What each task's examples are: its source, or chunks of its token stream (chunk
     # lengths come only with an objective).
     chunk_lengths = self.chunk_lengths
@@ -203,6 +217,9 @@ class Pipeline:
       eos_features = self.sources[t].eos_features
       self._truncation.add(feed_steps.truncated_features(raw, eos_features,
                                                          self.feature_lengths))
+      if self.mode_switching is not None:
+        raw = self.mode_switching.apply(raw, self.tasks[t].name,
+                                        feed_steps.inputs_vocabulary(self.tasks[t]))
       features = feed_steps.append_eos(raw, eos_features, self.feature_lengths, self.eos_id)
     else:
       rng = np.random.default_rng([self.seed, t, epoch, index])
@@ -210,6 +227,10 @@ class Pipeline:
       slot = examples.slot(index) if isinstance(examples, chunking.ChunkedSource) else 0
       features = self.objective.transform_chunk(raw[self.objective.source_feature], slot, rng,
                                                 vocab_size=self.vocab_size, eos_id=self.eos_id)
+    if self.masked_thought is not None:
+      features = self.masked_thought.apply(
+          features, masked_thought_lib.example_rng(self.seed, t, epoch, index),
+          vocab_size=self.vocab_size, target_length=self.feature_lengths["targets"])
     return (raw, features) if with_raw else features
 
   def _mixed(self, with_raw: bool = False) -> grain.MapDataset:
@@ -246,7 +267,8 @@ class Pipeline:
     # The packer's seed: (seed, 1 << 20), a stream no task index reaches (the shuffles
     # use (seed, task index)).
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=packing.pack_lengths(self.converter_name, lengths),
+        ds, length_struct=packing.pack_lengths(self.converter_name, lengths,
+                                               read_targets=self.masked_thought is not None),
         num_packing_bins=self.local_batch_size, seed=_seed32(self.seed, 1 << 20),
         shuffle_bins=False)
     return ds.batch(self.local_batch_size, drop_remainder=True,

@@ -62,9 +62,12 @@ def leaf_tasks(name: str, cache_dir: str | None = None) -> list[seqio.Task]:
 
 def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int], *,
                use_cached: bool, cache_dir: str | None,
-               max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
+               max_examples: int | None = None,
+               mode_switching: Any = None) -> list[dict[str, np.ndarray]]:
   """The first `max_examples` (all if None) examples of a task split, with the
-  task's post-cache EOS appended as in training (trimmed to length - 1 first).
+  task's post-cache EOS appended as in training (trimmed to length - 1 first), and
+  the task's UL2 paradigm token first in the inputs as in training (`mode_switching`,
+  an `objectives.mode_switching.ModeSwitching`; None: none).
 
   Args:
     task: the seqio task (not a mixture).
@@ -81,6 +84,10 @@ def read_split(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
   examples, eos_features = read_source_split(task, split, use_cached=use_cached,
                                              cache_dir=cache_dir, max_examples=max_examples)
   eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
+  switching = feed_steps.checked_mode_switching(mode_switching, None, [task])
+  if switching is not None:
+    vocabulary = feed_steps.inputs_vocabulary(task)
+    examples = [switching.apply(ex, task.name, vocabulary) for ex in examples]
   return [feed_steps.append_eos(ex, eos_features, feature_lengths, eos_id) for ex in examples]
 
 
@@ -114,7 +121,8 @@ def text_row(task: seqio.Task, example: dict[str, np.ndarray]) -> dict[str, Any]
 
 def read_tasks(name: str, split: str, feature_lengths: Mapping[str, int], *,
                module: str | None = None, use_cached: bool = False,
-               cache_dir: str | None = None, max_examples: int | None = None
+               cache_dir: str | None = None, max_examples: int | None = None,
+               mode_switching: Any = None
                ) -> list[tuple[str, list[dict[str, Any]], list[dict[str, np.ndarray]]]]:
   """[(task name, decoded text rows, token examples)] of each task of `name`.
 
@@ -126,11 +134,13 @@ def read_tasks(name: str, split: str, feature_lengths: Mapping[str, int], *,
     use_cached: USE_CACHED_TASKS: read the task caches.
     cache_dir: where task caches live.
     max_examples: at most this many examples per task (None: all).
+    mode_switching: each task's UL2 paradigm token, as in training (`read_split`).
   """
   import_module(module)
   jobs = []
   for task in leaf_tasks(name, cache_dir):
     examples = read_split(task, split, feature_lengths, use_cached=use_cached,
-                          cache_dir=cache_dir, max_examples=max_examples)
+                          cache_dir=cache_dir, max_examples=max_examples,
+                          mode_switching=mode_switching)
     jobs.append((task.name, [text_row(task, ex) for ex in examples], examples))
   return jobs

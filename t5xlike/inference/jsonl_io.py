@@ -11,6 +11,11 @@ generated EOS kept in the ids) or `score` (summed natural-log likelihood of
 the targets) + `token_scores` (score). Without `--input`, the examples of
 MIXTURE_OR_TASK_NAME's `split` are read and written to
 `INFER_OUTPUT_DIR/<task>-<step>.jsonl`.
+
+UL2 mode switching (`objectives.mode_switching`): a line's `mode` field (a
+paradigm token such as "[S2S]", or null for none), else MODE_TOKEN, puts that
+token's ids first in the inputs (text or ids), once: inputs that already
+begin with them are left as they are.
 """
 from __future__ import annotations
 
@@ -23,8 +28,12 @@ import numpy as np
 from etils import epath
 
 from t5xlike import errors
+from t5xlike.objectives import mode_switching as mode_switching_lib
 
 MODES = ("predict", "score")
+
+#: The field of a line that names its UL2 mode token.
+MODE_FIELD = "mode"
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,8 @@ def _text(value: Any, field: str, path, number: int, vocabulary) -> np.ndarray:
   return np.asarray(list(vocabulary.encode(value)) + [vocabulary.eos_id], np.int32)
 
 
-def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
+def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None,
+                  mode_switching: Any = None
                   ) -> tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]:
   """(the input rows as read, model examples {'inputs', 'targets'}) of a JSONL
   file, or of a TSV file (`*.tsv`: inputs TAB targets, text, one per line).
@@ -61,8 +71,13 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
   numbers in errors count them. Raises ConfigError naming the file and line
   for: a missing, empty or
   non-UTF-8 file, a line that is not a JSON object, missing or malformed
-  fields, ids outside the model's vocabulary.
+  fields, ids outside the model's vocabulary, a `mode` that is not a mode token the
+  vocabulary holds. `mode_switching` (`objectives.mode_switching.ModeSwitching`): the
+  paradigm tokens and MODE_TOKEN (its `default`); None: only UL2's tokens as text, no
+  default.
   """
+  if mode_switching is None:
+    mode_switching = mode_switching_lib.ModeSwitching()
   file = epath.Path(path)
   if not file.exists():
     raise errors.ConfigError(f"--input={path}: no such file")
@@ -96,6 +111,8 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
         example[name] = _text(row[text_field], text_field, path, number, vocabulary)
     if "inputs" not in example:
       raise _line_error(path, number, "needs 'inputs' (text) or 'input_ids'")
+    example["inputs"] = _with_mode(example["inputs"], row, mode_switching, path, number,
+                                   vocabulary, vocab_size)
     if mode == "score" and "targets" not in example:
       raise _line_error(path, number, "--mode=score needs 'targets' (text) or 'target_ids'")
     rows.append(row)
@@ -105,6 +122,19 @@ def read_examples(path: str, mode: str, vocabulary, vocab_size: int | None
   if blank:
     log.info("%s: %d examples, %d blank lines skipped", path, len(examples), blank)
   return rows, examples
+
+
+def _with_mode(inputs: np.ndarray, row: Mapping[str, Any], mode_switching, path, number: int,
+               vocabulary, vocab_size: int | None) -> np.ndarray:
+  """`inputs` with the line's mode token (or MODE_TOKEN) first, once."""
+  token = row[MODE_FIELD] if MODE_FIELD in row else mode_switching.default
+  if token is None:
+    return inputs
+  try:
+    ids = mode_switching.token_ids(token, vocabulary, vocab_size)
+  except errors.ConfigError as error:
+    raise _line_error(path, number, str(error)) from None
+  return mode_switching_lib.prepend_once(inputs, ids)
 
 
 def _decode(vocabulary, ids: Sequence[int]) -> str | None:

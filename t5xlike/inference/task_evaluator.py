@@ -53,6 +53,8 @@ class InferenceEvaluator:
     mixture_or_task_module: imported first (registers the tasks).
     first_example: the examples of each task before this one are not used (`max_examples`
       then counts from it): a part of the split another evaluation reports on is skipped.
+    mode_switching: each task's UL2 paradigm token first in its inputs, as in training
+      (`objectives.mode_switching.ModeSwitching`, MODE_TOKEN / TASK_MODE_TOKENS).
   """
 
   def __init__(self, mixture_or_task_name: str, feature_lengths: Mapping[str, int],
@@ -60,7 +62,7 @@ class InferenceEvaluator:
                decoding_config: decoding.DecodingConfig | None = None,
                max_decode_length: int | None = None, use_cached_tasks: bool = False,
                task_cache_dir: str | None = None, mixture_or_task_module: str | None = None,
-               first_example: int = 0):
+               first_example: int = 0, mode_switching: Any = None):
     # Nothing is read here: gin builds the evaluator with the run's arguments, also when
     # the run never evaluates (EVAL_PERIOD=None). `prepare` reads the tasks.
     self.mixture_or_task_name = mixture_or_task_name
@@ -71,6 +73,7 @@ class InferenceEvaluator:
     self.decoding_config = decoding_config
     self.use_cached_tasks, self.task_cache_dir = use_cached_tasks, task_cache_dir
     self.first_example = first_example
+    self.mode_switching = mode_switching
     self._tasks: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]] | None = None
 
   @property
@@ -102,7 +105,8 @@ class InferenceEvaluator:
       examples = task_examples.read_split(
           task, self.split, self.feature_lengths, use_cached=self.use_cached_tasks,
           cache_dir=self.task_cache_dir,
-          max_examples=None if self.max_examples is None else first + self.max_examples)
+          max_examples=None if self.max_examples is None else first + self.max_examples,
+          mode_switching=self.mode_switching)
       if first and len(examples) <= first:
         raise ValueError(f"{task.name}/{self.split} has no example after the first {first}")
       examples = examples[first:]

@@ -12,9 +12,11 @@ denoisers (§3.1.2, "Mixture of Denoisers"):
   paper's reference implementation (Appendix 9.2, `ul2_objective` with
   `use_prefix_lm_task=True`): uniform over the chunk.
 
-These are the 7 denoisers of the final UL2 objective. Mode switching (§3.2):
+These are the 7 denoisers of the final UL2 objective. Mode switching (§3.1.3):
 each denoiser's paradigm token is prepended to its inputs, `[NLU]` for R,
-`[NLG]` for X and `[S2S]` for S, as the released UL2 checkpoints expect.
+`[NLG]` for X and `[S2S]` for S, as the released UL2 checkpoints expect
+(`PARADIGM_TOKENS`, `paradigm_token_ids`: also what fine-tuning and inference
+prepend, `objectives.mode_switching`).
 The reference implementation samples the denoisers uniformly (`rates=None`),
 which is the default here; every rate is configurable.
 
@@ -65,6 +67,30 @@ from t5xlike.objectives import base, lm, span_corruption
 
 PARADIGM_TOKEN_MODES = ("text", "special")
 
+#: UL2's paradigm tokens (§3.1.3, "Mode Switching"), in the order of the default table:
+#: R-denoisers (regular span corruption), X-denoisers (extreme), the S-denoiser (prefix LM).
+NLU, NLG, S2S = "[NLU]", "[NLG]", "[S2S]"
+PARADIGM_TOKENS = (NLU, NLG, S2S)
+
+
+def paradigm_token_ids(paradigms: Sequence[str], vocabulary, paradigm_tokens: str
+                       ) -> dict[str, np.ndarray]:
+  """The ids each paradigm string stands for: int32 [k] per string.
+
+  Args:
+    paradigms: the distinct paradigm strings, in the order of the denoiser table.
+    vocabulary: the task's (seqio) vocabulary.
+    paradigm_tokens: 'text': `vocabulary.encode(p)` (a few pieces); 'special':
+      one id each after the vocabulary, `vocab_size + i` for the i-th of `paradigms`.
+  """
+  if paradigm_tokens not in PARADIGM_TOKEN_MODES:
+    raise ValueError(f"paradigm_tokens must be one of {PARADIGM_TOKEN_MODES}, got "
+                     f"{paradigm_tokens!r}")
+  if paradigm_tokens == "special":
+    size = int(vocabulary.vocab_size)
+    return {p: np.array([size + i], np.int32) for i, p in enumerate(paradigms)}
+  return {p: np.array(vocabulary.encode(p), np.int32) for p in paradigms}
+
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
@@ -95,13 +121,13 @@ class Denoiser:
 #: The final UL2 objective: 7 denoisers (Tay et al. 2022 §3.1.2), sampled
 #: uniformly as in the paper's reference implementation (Appendix 9.2).
 DEFAULT_DENOISERS: tuple[Denoiser, ...] = (
-    Denoiser("R_mu3_r0.15", "[NLU]", mean_noise_span_length=3.0, noise_density=0.15),
-    Denoiser("R_mu8_r0.15", "[NLU]", mean_noise_span_length=8.0, noise_density=0.15),
-    Denoiser("X_mu3_r0.5", "[NLG]", mean_noise_span_length=3.0, noise_density=0.5),
-    Denoiser("X_mu8_r0.5", "[NLG]", mean_noise_span_length=8.0, noise_density=0.5),
-    Denoiser("X_mu64_r0.15", "[NLG]", mean_noise_span_length=64.0, noise_density=0.15),
-    Denoiser("X_mu64_r0.5", "[NLG]", mean_noise_span_length=64.0, noise_density=0.5),
-    Denoiser("S_prefix_lm", "[S2S]", mean_noise_span_length=None, noise_density=0.5),
+    Denoiser("R_mu3_r0.15", NLU, mean_noise_span_length=3.0, noise_density=0.15),
+    Denoiser("R_mu8_r0.15", NLU, mean_noise_span_length=8.0, noise_density=0.15),
+    Denoiser("X_mu3_r0.5", NLG, mean_noise_span_length=3.0, noise_density=0.5),
+    Denoiser("X_mu8_r0.5", NLG, mean_noise_span_length=8.0, noise_density=0.5),
+    Denoiser("X_mu64_r0.15", NLG, mean_noise_span_length=64.0, noise_density=0.15),
+    Denoiser("X_mu64_r0.5", NLG, mean_noise_span_length=64.0, noise_density=0.5),
+    Denoiser("S_prefix_lm", S2S, mean_noise_span_length=None, noise_density=0.5),
 )
 
 
@@ -200,13 +226,9 @@ class UL2(base.Objective):
   def setup(self, vocabulary) -> None:
     """Tokenizes the paradigm tokens ('text') or assigns their ids ('special')."""
     self._vocab_size = int(vocabulary.vocab_size)
-    if self.paradigm_tokens == "special":
-      ids = {p: self._vocab_size + i for i, p in enumerate(self._distinct_paradigms())}
-      self._paradigm_ids = [np.array([ids[d.paradigm]] if d.paradigm else [], np.int32)
-                            for d in self.denoisers]
-    else:
-      self._paradigm_ids = [np.array(vocabulary.encode(d.paradigm) if d.paradigm else [],
-                                     np.int32) for d in self.denoisers]
+    ids = paradigm_token_ids(self._distinct_paradigms(), vocabulary, self.paradigm_tokens)
+    self._paradigm_ids = [ids[d.paradigm] if d.paradigm else np.zeros([0], np.int32)
+                          for d in self.denoisers]
 
   def extra_token_names(self, vocab_size: int) -> dict[int, str]:
     if self.paradigm_tokens != "special":

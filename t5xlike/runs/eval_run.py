@@ -87,9 +87,12 @@ def plan_evaluation(*, model: interfaces.DecodingModel, checkpoint_path: str | N
       data.mixture_or_task_name, data.task_feature_lengths, data.batch_size,
       split=data.split, max_examples=max_examples, decoding_config=decoding_config,
       max_decode_length=max_decode_length, use_cached_tasks=data.use_cached_tasks,
-      task_cache_dir=data.task_cache_dir, mixture_or_task_module=data.mixture_or_task_module)
+      task_cache_dir=data.task_cache_dir, mixture_or_task_module=data.mixture_or_task_module,
+      mode_switching=data.mode_switching)
   try:
     evaluator.prepare()
+  except errors.ConfigError:
+    raise
   except ValueError as error:
     raise errors.ConfigError(f"MIXTURE_OR_TASK_NAME: {errors.one_line(error)}") from None
   if not evaluator.tasks:

@@ -118,7 +118,7 @@ def _jobs(model: interfaces.DecodingModel, data: DataConfig, mode: str,
   jobs: list[tuple[str | None, list[dict[str, Any]], list[dict[str, Any]]]]
   if input_path:
     rows, examples = jsonl_io.read_examples(input_path, mode, model.vocabulary,
-                                            model.vocab_size)
+                                            model.vocab_size, data.mode_switching)
     jobs = [(None, rows, examples)]
     return jobs
   # seqio and TensorFlow only for task-based inference: `--input` runs without them.
@@ -129,7 +129,10 @@ def _jobs(model: interfaces.DecodingModel, data: DataConfig, mode: str,
                                     data.task_feature_lengths,
                                     module=data.mixture_or_task_module,
                                     use_cached=data.use_cached_tasks,
-                                    cache_dir=data.task_cache_dir, max_examples=max_examples))
+                                    cache_dir=data.task_cache_dir, max_examples=max_examples,
+                                    mode_switching=data.mode_switching))
+  except errors.ConfigError:
+    raise
   except ValueError as error:
     raise errors.ConfigError(errors.one_line(error)) from None
   return jobs

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optax
 
 from t5xlike import errors, partitioning
 from t5xlike.inference.task_evaluator import InferenceEvaluator
+
+if TYPE_CHECKING:  # (the data package is imported by the runs that read data)
+  from t5xlike.data import masked_thought as masked_thought_lib
+  from t5xlike.objectives import mode_switching as mode_switching_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,12 @@ class DataConfig:
     task_cache_dir: TASK_CACHE_DIR, where the caches are (None: ~/.cache/t5xlike/tasks).
     pack: several examples per row (segment ids and positions; grain's first-fit packer).
     data_threads: the pipeline's read threads (0: read in the calling thread).
+    masked_thought: Masked Thought fine-tuning (`data.masked_thought`, MASKED_THOUGHT_RATE):
+      masks the teacher-forced decoder inputs of the training batches (never the
+      evaluation's); None or a rate of 0: off.
+    mode_switching: UL2 mode switching (`objectives.mode_switching`, MODE_TOKEN,
+      TASK_MODE_TOKENS): the paradigm token prepended to each supervised example's
+      inputs (training, evaluation, inference); None: none.
   """
   mixture_or_task_name: str | None
   task_feature_lengths: Mapping[str, int]
@@ -48,6 +58,8 @@ class DataConfig:
   task_cache_dir: str | None = None
   pack: bool = False
   data_threads: int = 0
+  masked_thought: masked_thought_lib.MaskedThought | None = None
+  mode_switching: mode_switching_lib.ModeSwitching | None = None
 
 
 @dataclasses.dataclass(frozen=True)

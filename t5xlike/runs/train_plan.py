@@ -143,12 +143,15 @@ def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
   """The checks that need the data pipeline and the abstract train state."""
   feed_args = dict(feature_converter=model.feature_converter, use_cached=data.use_cached_tasks,
                    cache_dir=data.task_cache_dir, num_threads=data.data_threads,
+                   mode_switching=data.mode_switching,
                    process_index=jax.process_index(), process_count=jax.process_count())
   name = data.mixture_or_task_name
   train_feed = validated(lambda: pipeline.make_feed(
       name, data.split, data.task_feature_lengths, data.batch_size, objective,
-      seed=random_seed, pack=data.pack, **feed_args), "training data")
-  validated(lambda: _check_vocabulary_fits(model, train_feed, objective), "model vocabulary")
+      seed=random_seed, pack=data.pack, masked_thought=data.masked_thought, **feed_args),
+      "training data")
+  validated(lambda: _check_vocabulary_fits(model, train_feed, objective, data.masked_thought),
+            "model vocabulary")
   if on_policy is not None:  # Samples from the policy every K steps (posttrain.on_policy).
     train_feed = on_policy.wrap(train_feed, model, trainer, data.pack, name)
   make_eval_feed = None
@@ -189,6 +192,8 @@ def _check_task_and_lengths(data: run_config.DataConfig, objective: Objective | 
                             converter: str) -> None:
   """MIXTURE_OR_TASK_MODULE imports, MIXTURE_OR_TASK_NAME is registered, and each of its
   tasks fits TASK_FEATURE_LENGTHS under the objective (no example is read)."""
+  if data.masked_thought is not None:
+    data.masked_thought.check_converter(converter)
   import_task_module(data.mixture_or_task_module)
   name = data.mixture_or_task_name
   if not name:
@@ -318,11 +323,21 @@ def _check_resumable(model_dir: str, abstract_params: Any) -> None:
     return
 
 
-def _check_vocabulary_fits(model: Any, feed: Any, objective: Objective | None) -> None:
-  """The model's embedding must cover every id the data can hold."""
-  highest = int(feed.vocabulary.vocab_size) - 1
+def _check_vocabulary_fits(model: Any, feed: Any, objective: Objective | None,
+                           masked_thought: Any = None) -> None:
+  """The model's embedding must cover every id the data can hold (Masked Thought's mask
+  token included)."""
+  vocab_size = int(feed.vocabulary.vocab_size)
+  highest = vocab_size - 1
   if objective is not None:
-    highest = max([highest, *objective.extra_token_names(int(feed.vocabulary.vocab_size))])
+    highest = max([highest, *objective.extra_token_names(vocab_size)])
+  if feed.mode_switching is not None:  # (a special id beyond the embedding)
+    feed.mode_switching.check(feed.vocabulary, model.vocab_size)
+  if masked_thought is not None and masked_thought.active:
+    mask_id = masked_thought.mask_token_id(vocab_size)
+    if mask_id >= model.vocab_size:
+      raise errors.ConfigError(f"the Masked Thought mask_id {mask_id} is beyond the model's "
+                               f"{model.vocab_size} embeddings")
   if highest >= model.vocab_size:
     raise ValueError(f"the data holds token ids up to {highest} but the model has "
                      f"{model.vocab_size} embeddings (bind padded_vocab_size.extra_tokens)")
