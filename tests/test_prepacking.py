@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from t5xlike import infer
+from t5xlike.finetuning import lora, peft, prompt_tuning
 from t5xlike.inference import decoding, prepacking
-from t5xlike.inference.predictor import Predictor
+from t5xlike.inference.predictor import Predictor, can_prepack
 from t5xlike.models import decoder, encoder_decoder, t5
 
 EOS = 1
@@ -297,3 +298,13 @@ def test_infer_refuses_a_non_boolean_prepack_prefill(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "PREPACK_PREFILL must be True or False, got 'yes'" in err[0]
   assert not out.exists()
+
+
+def test_prompt_tuned_models_prefill_unpacked():
+  """Prompt tuning prepends its prompt to every input row, so a packed row would share
+  it between prompts: such a model is never prepacked (LoRA's per-token updates are)."""
+  model = _decoder_model(False)[0]
+  assert can_prepack(model)
+  assert can_prepack(peft.wrap_model(model, lora.LoRA()))
+  assert not can_prepack(peft.wrap_model(model, prompt_tuning.PromptTuning(length=2)))
+  assert not can_prepack(object())

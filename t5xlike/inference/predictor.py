@@ -56,6 +56,15 @@ def example_features(model: Any, feature_lengths: Mapping[str, int]) -> dict[str
   return dict(convert([example], feature_lengths))
 
 
+def can_prepack(model: Any) -> bool:
+  """Whether `model` prefills packed prompts: it has `prepacked_decoding_start` and
+  no PEFT method that prepends positions to every input row (prompt tuning's
+  prompt would join the packed prompts)."""
+  method = getattr(model, "peft_method", None)
+  return (hasattr(model, "prepacked_decoding_start")
+          and not getattr(method, "prepends_prompt", False))
+
+
 class Predictor:
   """Predicts and scores lists of examples with one model and its parameters.
 
@@ -96,9 +105,9 @@ class Predictor:
         model.predict_batch, config=self.decoding_config, max_length=self.max_decode_length,
         eos_id=eos_id))
     self._compiled_predict: Any = None  # compiled at the first predict() call
-    self.prepack_prefill = prepack_prefill and hasattr(model, "prepacked_decoding_start")
+    self.prepack_prefill = prepack_prefill and can_prepack(model)
     if prepack_prefill and not self.prepack_prefill:
-      log.warning("%s has no prepacked prefill: prompts are prefilled unpacked",
+      log.warning("%s cannot prepack its prefill: prompts are prefilled unpacked",
                   type(model).__name__)
     self._compiled_packed: dict[int, Any] = {}  # packed row count -> compiled predict
     self._score = jax.jit(model.score_batch)
