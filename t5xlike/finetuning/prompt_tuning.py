@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -133,6 +133,9 @@ class PromptTuning(peft.PeftMethod):
   vocab_high: int = 5000
   also_train: Sequence[selection.GroupSpec] = ()
   class_label_ids: Sequence[Sequence[int]] = ()
+  #: The prompt is prepended to each input row: a row must hold one input, so
+  #: `inference.predictor` runs the prefill unpacked (no prepacking).
+  prepends_prompt: ClassVar[bool] = True
 
   param_pattern = rf"^(encoder|decoder)/{PARAM}$"
 

@@ -5,7 +5,9 @@ reads them from a checkpoint), turns examples (`{"inputs": int ids,
 "targets": int ids}`, ids exactly as given) into the model's features with
 its feature converter, pads the last batch to the fixed batch size (one
 compilation), and runs jit-compiled decoding (`inference.decoding`, KV cache)
-or scoring (log-likelihood of the targets). Used by `python -m t5xlike.infer`,
+or scoring (log-likelihood of the targets). With `prepack_prefill` the prompts
+of a batch are bin-packed for the prefill (`inference.prepacking`); the decode
+batch, and so the greedy output, stays the same. Used by `python -m t5xlike.infer`,
 `python -m t5xlike.eval` and evaluation during training.
 """
 from __future__ import annotations
@@ -21,10 +23,13 @@ import jax
 import numpy as np
 
 from t5xlike.data import feature_converters
-from t5xlike.inference import decoding
+from t5xlike.inference import decoding, prepacking
 
 log = logging.getLogger(__name__)
 Example = Mapping[str, np.ndarray]
+#: With prepacking, the packed row count is rounded up to a multiple of
+#: ceil(batch_size / PREPACK_ROW_BUCKETS): at most this many prefill shapes compile.
+PREPACK_ROW_BUCKETS = 4
 
 
 @dataclasses.dataclass
@@ -51,6 +56,15 @@ def example_features(model: Any, feature_lengths: Mapping[str, int]) -> dict[str
   return dict(convert([example], feature_lengths))
 
 
+def can_prepack(model: Any) -> bool:
+  """Whether `model` prefills packed prompts: it has `prepacked_decoding_start` and
+  no PEFT method that prepends positions to every input row (prompt tuning's
+  prompt would join the packed prompts)."""
+  method = getattr(model, "peft_method", None)
+  return (hasattr(model, "prepacked_decoding_start")
+          and not getattr(method, "prepends_prompt", False))
+
+
 class Predictor:
   """Predicts and scores lists of examples with one model and its parameters.
 
@@ -65,11 +79,16 @@ class Predictor:
       'targets' length; never the example's own targets).
     eos_id: the vocabulary's EOS id (generation stops there, and it is kept).
     seed: sampling seed (batch i uses fold_in(seed, i)).
+    prepack_prefill: pack the prompts of each batch into shared rows for the
+      prefill (Zhao et al. 2024; `inference.prepacking`), then decode from the
+      unpacked caches; for models with `prepacked_decoding_start` (decoder-only:
+      the prompts; encoder-decoder: the encoder inputs), others run unpacked (logged).
   """
 
   def __init__(self, model: Any, params: Any, feature_lengths: Mapping[str, int],
                batch_size: int, decoding_config: decoding.DecodingConfig | None = None,
-               max_decode_length: int | None = None, eos_id: int = 1, seed: int = 0):
+               max_decode_length: int | None = None, eos_id: int = 1, seed: int = 0,
+               prepack_prefill: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model, self.params = model, params
@@ -86,6 +105,11 @@ class Predictor:
         model.predict_batch, config=self.decoding_config, max_length=self.max_decode_length,
         eos_id=eos_id))
     self._compiled_predict: Any = None  # compiled at the first predict() call
+    self.prepack_prefill = prepack_prefill and can_prepack(model)
+    if prepack_prefill and not self.prepack_prefill:
+      log.warning("%s cannot prepack its prefill: prompts are prefilled unpacked",
+                  type(model).__name__)
+    self._compiled_packed: dict[int, Any] = {}  # packed row count -> compiled predict
     self._score = jax.jit(model.score_batch)
     self._pool: Any = None  # jit of model.pooled_states, made at the first pooled_states() call
     self.last_stats: dict[str, float] = {}
@@ -111,26 +135,53 @@ class Predictor:
                     len(examples), name, limit)
 
   def predict(self, examples: Sequence[Example]) -> list[Prediction]:
-    """Generated ids and scores of each example (its `targets`, if any, unused)."""
+    """Generated ids and scores of each example (its `targets`, if any, unused).
+
+    `last_stats` also counts the prefill rows run (`prefill_rows`: packed rows with
+    `prepack_prefill`, else the batch rows)."""
     self._warn_truncated(examples, ["inputs"])
     out: list[Prediction] = []
-    generated, compile_seconds = 0, 0.0
+    generated, compile_seconds, prefill_rows = 0, 0.0, 0
     start = time.perf_counter()
     for index, (batch, real) in enumerate(self._batches(examples, drop_targets=True)):
       rng = jax.random.fold_in(jax.random.key(self.seed), index)
-      if self._compiled_predict is None:  # Compiled once, outside the timing.
-        compile_start = time.perf_counter()
-        self._compiled_predict = self._predict.lower(self.params, batch, rng=rng).compile()
-        compile_seconds = time.perf_counter() - compile_start
-      tokens, scores = jax.device_get(self._compiled_predict(self.params, batch, rng=rng))
+      compile_start = time.perf_counter()
+      predict, packing = self._compiled_for(batch, real, rng)  # Compiled outside the timing.
+      compile_seconds += time.perf_counter() - compile_start
+      prefill_rows += self.batch_size if packing is None else packing.packed_rows
+      kwargs = {} if packing is None else {"packing": packing}
+      tokens, scores = jax.device_get(predict(self.params, batch, rng=rng, **kwargs))
       for ids, score in zip(decoding.trim_after_eos(tokens[:real], self.eos_id), scores[:real]):
         out.append(Prediction(ids=[int(i) for i in ids], score=float(score)))
         generated += len(ids)
     seconds = time.perf_counter() - start - compile_seconds
     self.last_stats = {"examples": len(examples), "generated_tokens": generated,
                        "seconds": seconds, "compile_seconds": compile_seconds,
-                       "decode_tokens_per_second": generated / seconds if seconds else 0.0}
+                       "decode_tokens_per_second": generated / seconds if seconds else 0.0,
+                       "prefill_rows": prefill_rows}
     return out
+
+  def pack(self, batch: Mapping[str, np.ndarray], real: int) -> prepacking.PackedPrompts:
+    """The packing of the prompts of a batch's first `real` rows (`prepack_prefill`)."""
+    lengths, width = self.model.prompt_layout(batch)
+    row_multiple = -(-self.batch_size // PREPACK_ROW_BUCKETS)
+    return prepacking.pack_prompts([int(n) for n in lengths[:real]], width, self.batch_size,
+                                   row_multiple)
+
+  def _compiled_for(self, batch: Mapping[str, np.ndarray], real: int,
+                    rng: Any) -> tuple[Any, prepacking.PackedPrompts | None]:
+    """(the compiled predict for this batch, its packing or None); compiles once per
+    shape (unpacked: one; packed: one per packed row count)."""
+    if not self.prepack_prefill:
+      if self._compiled_predict is None:
+        self._compiled_predict = self._predict.lower(self.params, batch, rng=rng).compile()
+      return self._compiled_predict, None
+    packing = self.pack(batch, real)
+    rows = packing.packed_rows
+    if rows not in self._compiled_packed:
+      self._compiled_packed[rows] = self._predict.lower(self.params, batch, rng=rng,
+                                                        packing=packing).compile()
+    return self._compiled_packed[rows], packing
 
   def score(self, examples: Sequence[Example]) -> list[Score]:
     """Log-likelihood of each example's `targets` given its `inputs`."""

@@ -65,6 +65,11 @@ class TokenModel:
   decoding_start: Callable[[Any, Batch, int], tuple[Any, Array]]
   decoding_step: Callable[[Any, Array, Any], tuple[Array, Any]]
   gather_decoding_rows: Callable[[Any, Array], Any]
+  # Prepacked prefill (`t5xlike.inference.prepacking`), in the models that have it:
+  # `prompt_layout(numpy batch) -> (prompt lengths [b], padded prompt width)` and
+  # `prepacked_decoding_start(params, batch, packing, max_length)`, `decoding_start`'s
+  # result with the prompts prefilled packed.
+  prepacked_decoding_start: Callable[[Any, Batch, Any, int], tuple[Any, Array]]
 
   def __init__(self, network: nn.Module, vocabulary: Any = None, z_loss: float = 1e-4,
                label_smoothing: float = 0.0, loss_impl: str = "dense"):
@@ -152,11 +157,11 @@ class TokenModel:
     return jnp.where(jnp.asarray(batch[self.weight_feature]) > 0, picked, 0.0)
 
   def predict_batch(self, params: Any, batch: Batch, config: decoding.DecodingConfig,
-                    max_length: int, eos_id: int,
-                    rng: Array | None = None) -> tuple[Array, Array]:
+                    max_length: int, eos_id: int, rng: Array | None = None,
+                    packing: Any = None) -> tuple[Array, Array]:
     """Generates up to `max_length` tokens per row (jit it with the config,
-    lengths and eos static). Needs the model's `decoding_start`,
-    `decoding_step` and `gather_decoding_rows`.
+    lengths and eos static). Needs the model's `decoding_start` (or, with
+    `packing`, `prepacked_decoding_start`), `decoding_step` and `gather_decoding_rows`.
 
     Args:
       params: the model's (unboxed) parameters.
@@ -165,12 +170,17 @@ class TokenModel:
       max_length: tokens generated at most per row.
       eos_id: the token that ends a row.
       rng: the key of method 'sample' (greedy and beam search draw nothing: None).
+      packing: a `prepacking.PackedPrompts` of the rows' prompts (`prompt_layout`):
+        the prefill runs packed; None: one padded row per prompt.
 
     Returns:
       tokens int32 [b, max_length] (EOS kept, 0 after it) and scores float32
       [b] (see `t5xlike.inference.decoding`).
     """
-    state, first_logits = self.decoding_start(params, batch, max_length)
+    if packing is None:
+      state, first_logits = self.decoding_start(params, batch, max_length)
+    else:
+      state, first_logits = self.prepacked_decoding_start(params, batch, packing, max_length)
     step = lambda tokens, state: self.decoding_step(params, tokens, state)
     return decoding.decode(config, step, state, first_logits, max_length, eos_id,
                            self.gather_decoding_rows, rng=rng)

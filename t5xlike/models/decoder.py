@@ -46,7 +46,9 @@ from typing import Any, cast
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from t5xlike.inference import prepacking
 from t5xlike.models import base, layers, masks
 
 Array = jax.Array
@@ -372,23 +374,67 @@ class DecoderOnlyModel(base.TokenModel):
     real token, so every row is decoded as if alone.
     """
     tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
-    rows, width = tokens.shape
-    prefix = batch.get("decoder_causal_attention")
-    if prefix is None:
-      prompt_width, prompt_len = 1, jnp.ones((rows,), jnp.int32)
-    else:
-      prompt_width, prompt_len = width, jnp.sum(jnp.asarray(prefix) > 0, axis=1).astype(jnp.int32)
+    rows = tokens.shape[0]
+    prompt_width, prompt_len = self._prompt_lengths(batch)
     index = jnp.arange(prompt_width, dtype=jnp.int32)[None] - (prompt_width - prompt_len)[:, None]
     valid = index >= 0
     prompt = jnp.where(valid, jnp.take_along_axis(tokens, jnp.maximum(index, 0), axis=1), 0)
     slots = prompt_width + max_length + 1
-    slot_valid = jnp.concatenate([valid, jnp.ones((rows, slots - prompt_width), jnp.bool_)], 1)
+    slot_valid = self._slot_valid(valid, slots)
     mask = valid[:, None, :, None] & slot_valid[:, None, None, :]
     mask = mask & (jnp.arange(slots)[None, None, None, :] < prompt_width)
     logits, cache = self.decode_step(params, self.init_cache(rows, slots), prompt,
                                      positions=jnp.maximum(index, 0), mask=mask)
     state = {"cache": cache, "slot_valid": slot_valid, "next_position": prompt_len}
     return state, logits[:, -1]
+
+  @staticmethod
+  def _prompt_lengths(batch: Mapping[str, Any]) -> tuple[int, Array]:
+    """(P, the padded prompt width; int32 [b] each row's prompt length), see `decoding_start`."""
+    rows, width = batch["decoder_input_tokens"].shape
+    prefix = batch.get("decoder_causal_attention")
+    if prefix is None:
+      return 1, jnp.ones((rows,), jnp.int32)
+    return width, jnp.sum(jnp.asarray(prefix) > 0, axis=1).astype(jnp.int32)
+
+  @staticmethod
+  def _slot_valid(prompt_valid: Array, slots: int) -> Array:
+    """bool [b, slots]: the real prompt slots of [b, P] then every later slot."""
+    rows, width = prompt_valid.shape
+    return jnp.concatenate([prompt_valid, jnp.ones((rows, slots - width), jnp.bool_)], 1)
+
+  def prompt_layout(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(int [b] each row's prompt length, P the padded prompt width) of a host (NumPy)
+    batch: what `decoding_start` reads, for packing the prompts before the call."""
+    width, lengths = self._prompt_lengths(batch)
+    return np.asarray(lengths), width
+
+  def prepacked_decoding_start(self, params: Any, batch: Batch,
+                               packing: prepacking.PackedPrompts,
+                               max_length: int) -> tuple[Any, Array]:
+    """`decoding_start` with the prompts prefilled packed (`inference.prepacking`).
+
+    The prompts (`prompt_layout`) are laid into packing's R rows of C slots, run
+    through a fresh [R, C] cache with a block-diagonal mask (each prompt sees
+    itself, bidirectionally, as in `decoding_start`) and restarted RoPE positions;
+    the keys and values of each prompt are then unpacked into its own row of a
+    cache laid out as `decoding_start`'s (left-padded to P, P + max_length + 1
+    slots) and the logits of its last token are the first logits. The returned
+    state is that of `decoding_start` (the same values up to float rounding).
+    """
+    tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    prompt_width, prompt_len = self._prompt_lengths(batch)
+    packed = prepacking.gather_packed(tokens, packing)
+    logits, cache = self.decode_step(
+        params, self.init_cache(*packed.shape), packed, positions=jnp.asarray(packing.positions),
+        mask=prepacking.block_diagonal_mask(packing))
+    slots = prompt_width + max_length + 1
+    cache = prepacking.unpack_cache(cache, packing, prompt_width, slots,
+                                    self.network.config.scan_layers)
+    index = jnp.arange(prompt_width, dtype=jnp.int32)[None] - (prompt_width - prompt_len)[:, None]
+    state = {"cache": cache, "slot_valid": self._slot_valid(index >= 0, slots),
+             "next_position": prompt_len}
+    return state, prepacking.last_token(logits, packing)
 
   def decoding_step(self, params: Any, tokens: Array, state: Any) -> tuple[Array, Any]:
     """Feeds tokens int [b, 1]; returns (logits [b, vocab], state)."""

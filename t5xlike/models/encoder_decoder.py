@@ -12,7 +12,9 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from t5xlike.inference import prepacking
 from t5xlike.models import base, layers
 
 Array = jax.Array
@@ -68,7 +70,40 @@ class EncoderDecoderModel(base.TokenModel):
     [b, le, embed] and the encoder tokens [b, le] (for the cross-attention mask).
     """
     encoder_tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
-    encoded = self.network.apply({"params": params}, encoder_tokens, method="encode")
+    encoded = cast(Array, self.network.apply({"params": params}, encoder_tokens, method="encode"))
+    return self._start_from_encoded(params, encoder_tokens, encoded, max_length)
+
+  def prompt_layout(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(int [b] each row's encoder input length up to its last non-padding token; L_in
+    the padded width) of a host (NumPy) batch, for prepacking. An all-padding row
+    counts L_in: packed alone, it is encoded as unpacked (its decoder reads the mean
+    of the encoder's outputs at padding, every slot being hidden)."""
+    tokens = np.asarray(batch["encoder_input_tokens"])
+    real = tokens > 0
+    width = tokens.shape[1]
+    lengths = np.where(real.any(axis=1), width - np.argmax(real[:, ::-1], axis=1), width)
+    return lengths.astype(np.int32), width
+
+  def prepacked_decoding_start(self, params: Any, batch: Batch,
+                               packing: prepacking.PackedPrompts,
+                               max_length: int) -> tuple[Any, Array]:
+    """`decoding_start` with the encoder inputs packed (`inference.prepacking`):
+    the inputs are laid into packing's R rows of C = L_in tokens and encoded
+    once with their segment ids (the encoder's packed-training mask: each input
+    sees only itself; T5's relative positions within an input are unchanged by
+    its offset), then the encoder output is unpacked into one row per request
+    (left-aligned, zeros on padding, which the cross-attention mask hides) and
+    decoding starts from it as in `decoding_start`."""
+    encoder_tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
+    packed = prepacking.gather_packed(encoder_tokens, packing)
+    encoded = cast(Array, self.network.apply({"params": params}, packed,
+                                             jnp.asarray(packing.segment_ids), method="encode"))
+    encoded = prepacking.unpack(encoded, packing, encoder_tokens.shape[1], right_aligned=False)
+    return self._start_from_encoded(params, encoder_tokens, encoded, max_length)
+
+  def _start_from_encoded(self, params: Any, encoder_tokens: Array, encoded: Array,
+                          max_length: int) -> tuple[Any, Array]:
+    """The decoding state and first logits from the encoder output [b, le, embed]."""
     rows, slots = encoder_tokens.shape[0], max_length + 1
     decoder_tokens = jnp.zeros((rows, slots), jnp.int32)
     shapes = jax.eval_shape(lambda: self.network.init(

@@ -51,7 +51,7 @@ def infer(*, model: interfaces.DecodingModel, checkpoint_path: str | None, data:
           decoding_config: decoding.DecodingConfig | None = None,
           max_decode_length: int | None = None, max_examples: int | None = None,
           partitioning: PartitioningConfig = PartitioningConfig(),
-          random_seed: int = 0) -> list[str]:
+          random_seed: int = 0, prepack_prefill: bool = False) -> list[str]:
   """Predicts or scores examples with the parameters of CHECKPOINT_PATH; returns
   the output files written.
 
@@ -71,12 +71,16 @@ def infer(*, model: interfaces.DecodingModel, checkpoint_path: str | None, data:
     max_examples: at most this many examples per task (task input only).
     partitioning: the mesh the parameters are laid out on (MESH_SHAPE).
     random_seed: RANDOM_SEED, the sampling seed.
+    prepack_prefill: PREPACK_PREFILL: bin-pack each batch's prompts into shared
+      rows for the prefill, then decode from the unpacked caches
+      (`inference.prepacking`; predict mode, decoder-only and encoder-decoder models).
   """
   return execute(plan_inference(
       model=model, checkpoint_path=checkpoint_path, data=data, mode=mode,
       input_path=input_path, output_path=output_path, infer_output_dir=infer_output_dir,
       decoding_config=decoding_config, max_decode_length=max_decode_length,
-      max_examples=max_examples, partitioning=partitioning, random_seed=random_seed))
+      max_examples=max_examples, partitioning=partitioning, random_seed=random_seed,
+      prepack_prefill=prepack_prefill))
 
 
 def plan_inference(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
@@ -84,11 +88,14 @@ def plan_inference(*, model: interfaces.DecodingModel, checkpoint_path: str | No
                    output_path: str | None, infer_output_dir: str | None,
                    decoding_config: decoding.DecodingConfig | None,
                    max_decode_length: int | None, max_examples: int | None,
-                   partitioning: PartitioningConfig, random_seed: int) -> InferPlan:
+                   partitioning: PartitioningConfig, random_seed: int,
+                   prepack_prefill: bool = False) -> InferPlan:
   """Checks the run (arguments as `infer`'s), reads the examples and loads the parameters;
   nothing written. ConfigError (one line) on a problem."""
   if mode not in jsonl_io.MODES:
     raise errors.ConfigError(f"--mode must be one of {jsonl_io.MODES}, got {mode!r}")
+  if not isinstance(prepack_prefill, bool):
+    raise errors.ConfigError(f"PREPACK_PREFILL must be True or False, got {prepack_prefill!r}")
   # CHECKPOINT_PATH first: reading the input is wasted without it.
   checkpoint_path = checkpoint_loading.require_checkpoint_path(checkpoint_path)
   errors.require_int("BATCH_SIZE", data.batch_size)
@@ -105,7 +112,8 @@ def plan_inference(*, model: interfaces.DecodingModel, checkpoint_path: str | No
       model, checkpoint_path, data.task_feature_lengths, partitioner)
   eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
   predictor = Predictor(model, params, data.task_feature_lengths, data.batch_size,
-                        decoding_config, max_decode_length, eos_id, seed=random_seed)
+                        decoding_config, max_decode_length, eos_id, seed=random_seed,
+                        prepack_prefill=prepack_prefill)
   return InferPlan(mode=mode, jobs=jobs, predictor=predictor, step=step,
                    output_path=output_path, infer_output_dir=infer_output_dir,
                    source=input_path)
@@ -152,9 +160,10 @@ def execute(plan: InferPlan) -> list[str]:
     written.append(str(jsonl_io.write_jsonl(path, out)))
     stats = predictor.last_stats
     if plan.mode == "predict":
-      log.info("%s: %d examples, %d tokens generated in %.2f s: %.1f decode tokens/s -> %s",
-               task_name or plan.source, stats["examples"], stats["generated_tokens"],
-               stats["seconds"], stats["decode_tokens_per_second"], path)
+      log.info("%s: %d examples, %d tokens generated in %.2f s: %.1f decode tokens/s "
+               "(%d prefill rows) -> %s", task_name or plan.source, stats["examples"],
+               stats["generated_tokens"], stats["seconds"], stats["decode_tokens_per_second"],
+               stats["prefill_rows"], path)
     else:
       log.info("%s: %d examples, %d target tokens scored in %.2f s -> %s",
                task_name or plan.source, stats["examples"], stats["scored_tokens"],
