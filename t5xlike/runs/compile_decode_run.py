@@ -6,8 +6,10 @@ BATCH_SIZE, decoding method, `max_decode_length`, MESH_SHAPE and rules) and
 compiles, for a batch of BATCH_SIZE prompts padded to the 'inputs' length, the
 jitted `predict_batch` that `inference.Predictor` runs (parameters laid out on the
 mesh as `inference.checkpoint_loading` restores them, the prompts replicated),
-then its prefill and one decode step alone for their estimates. No checkpoint
-is read and nothing is written.
+then its prefill and one decode step alone for their estimates. The prefill is
+the unpacked one: with PREPACK_PREFILL infer compiles up to four packed variants
+per run, whose prefills take fewer rows (`inference.prepacking`); this is the
+largest of them. No checkpoint is read and nothing is written.
 """
 from __future__ import annotations
 
