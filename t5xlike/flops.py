@@ -35,7 +35,8 @@ whose module path, e.g. 'encoder/layers/attention/query', matches
 `lora_targets`; all of them when it is None), the adapters `[m, r]` and
 `[r, n]` (6 (m + n) r T for training) and makes the base weight frozen
 (4 m n T); `frozen` (a PEFT run: LoRA, adapters, prompt tuning train only
-their own parameters) makes every other weight frozen too, the output layer
+their own parameters; not intrinsic-dimension tuning, whose projected weights
+all get gradients) makes every other weight frozen too, the output layer
 included (adapters' own small matmuls and prompt slots are not counted);
 `sparsity` s (SPDF: a fraction s of the attention/MLP kernels that
 `sparse_targets` selects, all of them when it is None, is zero) scales those
@@ -323,6 +324,9 @@ def _trained_weights(model: interfaces.Model) -> _TrainedWeights:
   """SPDF's sparsity (`objectives.spdf.SparseModel`) and the PEFT technique's frozen base
   and LoRA adapters (`finetuning.peft.wrap_model`) of a model."""
   method = model.peft_method
+  # Intrinsic-dimension tuning differentiates every weight (theta_D = theta_0 + P theta):
+  # its backward pass is full fine-tuning's.
+  frozen = method is not None and not getattr(method, "differentiates_all_weights", False)
   lora_rank, lora_targets = 0, None
   if method is not None:
     from t5xlike.finetuning import lora  # noqa: PLC0415  (0.3 s; loaded with any technique)
@@ -332,7 +336,7 @@ def _trained_weights(model: interfaces.Model) -> _TrainedWeights:
   if isinstance(model, spdf.SparseModel):
     sparsity, sparse_targets = model.sparsity, model.include
   return _TrainedWeights(sparsity=sparsity, sparse_targets=sparse_targets,
-                         frozen=method is not None, lora_rank=lora_rank,
+                         frozen=frozen, lora_rank=lora_rank,
                          lora_targets=lora_targets)
 
 

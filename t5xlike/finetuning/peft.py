@@ -93,7 +93,7 @@ def wrap_model(model: Any, method: PeftMethod | None) -> Any:
   if isinstance(model.network, InterceptedNetwork):
     raise ValueError(f"the model already carries a PEFT method ({model.peft_method!r})")
   wrapped = copy.copy(model)
-  wrapped.network = InterceptedNetwork(model.network, method.interceptor)
+  wrapped.network = method.wrap_network(model.network)
   wrapped.peft_method = method
   return wrapped
 
@@ -117,14 +117,31 @@ class PeftMethod(base.FineTuning):
   #: {field: value} a PEFT checkpoint record lacking the field was written with (a field
   #: added later, whose default differs from the earlier behaviour; `peft_registry`).
   record_defaults: ClassVar[dict[str, Any]] = {}
+  #: Regex of parameters the technique adds but does not train, kept in its PEFT
+  #: checkpoint (`export_mask`; DSEE's fixed sparse support); "" for none.
+  export_pattern: ClassVar[str] = ""
   #: Further parameter groups trained (`selection.GroupSpec`s): a field of every subclass.
   also_train: Sequence[selection.GroupSpec]
 
   def interceptor(self) -> Callable:
     raise NotImplementedError
 
+  def wrap_network(self, network: nn.Module) -> InterceptedNetwork:
+    """The network carrying the technique (default: run under `interceptor()`; a
+    technique that transforms the parameters instead, `intrinsic`, overrides it)."""
+    return InterceptedNetwork(network, self.interceptor)
+
   def trained_groups(self) -> list[selection.GroupSpec]:
     return [self.param_pattern, *self.also_train]
+
+  def export_mask(self, params: Any) -> Any:
+    """The leaves a PEFT checkpoint holds: the trained ones (`trainable`), and any
+    frozen parameter the technique adds (DSEE's sparse support) named by
+    `export_pattern`."""
+    mask = self.trainable(params)
+    if not self.export_pattern:
+      return mask
+    return selection.union(mask, selection.select(params, [self.export_pattern]))
 
   def frozen(self, params: Any) -> Any:
     if not any(np.asarray(m).any() for m in jax.tree.leaves(

@@ -52,8 +52,10 @@ def _absolute(path: str) -> str:
 
 
 def trained_params(method: interfaces.FineTuningTechnique, params: Any) -> dict[str, Any]:
-  """The leaves `method` trains (any of their layers), as a nested dict."""
-  masks = method.trainable(params)
+  """The leaves `method` trains (any of their layers), as a nested dict, and the frozen
+  ones it adds and keeps (a method's `export_mask`: DSEE's sparse support)."""
+  export_mask = getattr(method, "export_mask", None)
+  masks = export_mask(params) if export_mask is not None else method.trainable(params)
   flat = traverse_util.flatten_dict(params)
   flat_masks = traverse_util.flatten_dict(masks)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items()
@@ -94,7 +96,9 @@ def read(path: str | epath.Path) -> dict[str, Any] | None:
 
 def peft_parameters(paths: Iterable[str]) -> list[str]:
   """The paths among `paths` that name a PEFT technique's parameters (LoRA's A/B, ...)."""
-  patterns = [cls.param_pattern for cls in peft_registry.method_classes().values()]
+  patterns = [pattern for cls in peft_registry.method_classes().values()
+              for pattern in (cls.param_pattern, getattr(cls, "export_pattern", ""))
+              if pattern]
   return sorted(p for p in paths if any(re.search(pattern, p) for pattern in patterns))
 
 

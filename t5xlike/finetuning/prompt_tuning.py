@@ -162,20 +162,29 @@ class PromptTuning(peft.PeftMethod):
 
   def interceptor(self):
     n = self.length
-    pending: list[jax.Array] = []  # The prompt, until the stack's input embedding takes it.
+    # The prompt and the offset of the tokens' embeddings (None, or [b, l, embed]: DePT),
+    # until the stack's input embedding takes them.
+    pending: list[tuple[jax.Array, jax.Array | None]] = []
 
-    def run_on_extended_tokens(next_fun, args, kwargs, module, token_index, features):
+    def run_on_extended_tokens(next_fun, args, kwargs, module, token_index, features,
+                               positions=None):
       """Runs the stack on [n placeholder ids; tokens]; its `layers.Embed` call then
-      swaps the placeholders' embeddings for the prompt (the `pending` one).
+      swaps the placeholders' embeddings for the prompt (the `pending` one) and adds
+      `token_offset` to the tokens' embeddings.
 
       Args:
         next_fun, args, kwargs: the intercepted call.
         module: the stack (`t5.Encoder`, `decoder.DecoderStack`): owns the prompt parameter.
         token_index: the position of `tokens` (int [b, l]) among the call's arguments.
         features: the embedding width (the prompt is [n, features]).
+        positions: int [b, l], the tokens' positions (None: 0..l-1 in every row).
       """
       tokens = _arg(args, kwargs, token_index, "tokens")
-      pending.append(self._prompt(module, features))
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32),
+                                     tokens.shape)
+      pending.append((self._prompt(module, features),
+                      self.token_offset(module, positions, features)))
       extended = jnp.concatenate([jnp.zeros(tokens.shape[:-1] + (n,), tokens.dtype), tokens],
                                  axis=-1)
       args, kwargs = _replace(args, kwargs, token_index, "tokens", extended)
@@ -205,22 +214,34 @@ class PromptTuning(peft.PeftMethod):
           raise ValueError("prompt tuning: cached decoding of a decoder-only model is not "
                            "supported (score the targets instead)")
         mask = extend_mask(_arg(args, kwargs, 1, "mask"), n, bidirectional=False)
-        positions = _arg(args, kwargs, 2, "positions")
-        prompt_positions = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype)[None],
-                                            (positions.shape[0], n))
-        positions = jnp.concatenate([prompt_positions, positions + n], axis=-1)
+        token_positions = _arg(args, kwargs, 2, "positions")
+        prompt_positions = jnp.broadcast_to(jnp.arange(n, dtype=token_positions.dtype)[None],
+                                            (token_positions.shape[0], n))
+        positions = jnp.concatenate([prompt_positions, token_positions + n], axis=-1)
         args, kwargs = _replace(args, kwargs, 1, "mask", mask)
         args, kwargs = _replace(args, kwargs, 2, "positions", positions)
         logits = run_on_extended_tokens(next_fun, args, kwargs, module, 0,
-                                        module.config.emb_dim)
+                                        module.config.emb_dim, token_positions)
         return logits[:, n:]
       elif method == "__call__" and isinstance(module, layers.Embed) and pending:
         embedded = next_fun(*args, **kwargs)
-        prompt = pending.pop().astype(embedded.dtype)
-        prompt = jnp.broadcast_to(prompt[None], embedded.shape[:1] + prompt.shape)
-        return jnp.concatenate([prompt, embedded[:, n:]], axis=1)
+        prompt, offset = pending.pop()
+        prompt = jnp.broadcast_to(prompt.astype(embedded.dtype)[None],
+                                  embedded.shape[:1] + prompt.shape)
+        tokens = embedded[:, n:]
+        if offset is not None:
+          tokens = tokens + offset.astype(embedded.dtype)
+        return jnp.concatenate([prompt, tokens], axis=1)
       return next_fun(*args, **kwargs)
     return intercept
+
+  def token_offset(self, module: nn.Module, positions: jax.Array,
+                   features: int) -> jax.Array | None:
+    """What is added to the embeddings of the real tokens (int positions [b, l] ->
+    [b, l, features]), its parameters created on the stack `module`; None: nothing
+    (prompt tuning; DePT adds its low-rank update)."""
+    del module, positions, features
+    return None
 
   def token_ids(self, rows: int) -> np.ndarray:
     """The `length` token ids whose embeddings initialise the prompt (`init='vocab'`)."""
