@@ -106,7 +106,9 @@ def test_grebsmo_is_the_codes_decomposition_and_the_support_its_largest_entries(
   assert chosen.sum() == 20 and np.abs(s[chosen]).min() >= np.abs(s[~chosen]).max()
 
 
-@pytest.mark.parametrize("kind,support", [("t5_scanned", "grebsmo"), ("decoder", "magnitude")])
+@pytest.mark.parametrize("kind,support", [
+    pytest.param("t5_scanned", "grebsmo", marks=pytest.mark.slow),   # ~45 s
+    ("decoder", "magnitude"), ("t5", "grebsmo")])
 def test_dsee_delta_is_low_rank_plus_sparse_on_its_support_and_merges(bases, kind, support):
   method = dsee.DSEE(rank=4, num_sparse=8, support=support)
   wrapped, _, params, new = peft_params(method, kind, bases)
@@ -292,9 +294,12 @@ def tiny_pretrained(tmp_path_factory):
   return step_dir, selection_tests.load(step_dir)
 
 
+# One gin file end to end in the default run (DSEE: support chosen, export, merge); the
+# other two (40-75 s each on the 2-core host) with -m slow.
 @pytest.mark.parametrize("technique,extra", [
-    ("dept", ["--gin.DEPT_PROMPT_LENGTH=4", "--gin.DEPT_MAX_LENGTH=16"]),
-    ("dsee", []), ("intrinsic_dim", [])])
+    pytest.param("dept", ["--gin.DEPT_PROMPT_LENGTH=4", "--gin.DEPT_MAX_LENGTH=16"],
+                 marks=pytest.mark.slow),
+    ("dsee", []), pytest.param("intrinsic_dim", [], marks=pytest.mark.slow)])
 def test_gin_file_fine_tunes_only_the_new_parameters(tiny_pretrained, tmp_path, technique,
                                                      extra):
   from tests import test_finetuning_selection as selection_tests
