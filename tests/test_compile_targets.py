@@ -250,11 +250,13 @@ def test_scale_table_marks_estimates_faster_than_the_cost_models_best_matmul(tmp
 
   out = tmp_path / "table.md"
   # 1.0 s of FLOPs at peak: 1.1 s is faster than 86% of peak allows, 1.2 s is not.
+  probed = {**report(1.1, 1.0), "depth_probe": {"seconds": [0.2, 0.3]}}
   script.write_table([(row, report(1.1, 1.0)), (fix, report(1.2, 1.0)),
-                      (row, {"error": "timed out after 60 s"})], out)
+                      (row, {"error": "timed out after 60 s"}), (row, probed)], out)
   lines = [line for line in out.read_text().splitlines() if line.startswith("| tiny")]
-  assert len(lines) == 3
-  assert "| 50.0% (too high: see below) |" in lines[0] and "| 1.00 (compute) |" in lines[0]
-  assert "(remat: fits the row above)" in lines[1] and "too high" not in lines[1]
+  assert len(lines) == 4
+  assert "| 50.0% (loops: see below) |" in lines[0] and "| 1.00 (compute) |" in lines[0]
+  assert "(remat: fits the row above)" in lines[1] and "loops" not in lines[1]
   assert "error: timed out after 60 s" in lines[2]
+  assert "| 50.0% (probe) |" in lines[3]   # a probed estimate is not the loop scaling's
   assert "## Reading the estimates" in out.read_text()
