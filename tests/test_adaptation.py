@@ -3,7 +3,8 @@ lm_adaptation.gin (LM-A) -> noncausal_mlm_adaptation.gin (NC-A), chained through
 INITIAL_CHECKPOINT_PATH on the decoder-only tiny model.
 
 The chain runs once per module at tiny lengths (two runs; NC-A's run is a third, ~11 s
-on the loaded 2-core box; the first run of a process also pays the imports); the loss curves of the full-length runs are measured in docs/objectives.md.
+on the loaded 2-core box; the first run of a process also pays the imports); the loss
+curves of the full-length runs are measured in docs/objectives.md.
 """
 import json
 import pathlib
