@@ -18,6 +18,7 @@ SHORT = {
     "ul2_decoder": "{'inputs': 48, 'targets': 48}",
     "causal_lm": "{'targets': 32}",
     "prefix_lm": "{'inputs': 24, 'targets': 24}",
+    "noncausal_mlm": "{'inputs': 24, 'targets': 8}",
     "mlm": "{'inputs': 32}",
     "electra": "{'inputs': 32}",
     "spdf_sparse": "{'targets': 32}",
@@ -48,7 +49,9 @@ def params_of(step_dir):
 
 def test_every_objective_config_is_covered():
   shipped = {p.stem for p in pathlib.Path("gin_configs/objectives").glob("[!_]*.gin")}
-  assert shipped == set(SHORT) | {"spdf_dense_finetune"}
+  # The configs that start from a checkpoint run in test_spdf's chain and test_adaptation.
+  assert shipped == set(SHORT) | {"spdf_dense_finetune", "lm_adaptation",
+                                  "noncausal_mlm_adaptation"}
 
 
 @pytest.mark.parametrize("name", sorted(SHORT))
