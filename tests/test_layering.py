@@ -1,6 +1,7 @@
 """The core imports no TensorFlow, seqio or grain (docs/architecture.md); the package's
 import graph is acyclic, no module reads another's private names, and private names of
 other libraries are read in `t5xlike/library_compat.py` only (`scripts/code_structure.py`)."""
+import ast
 import importlib.util
 import pathlib
 import subprocess
@@ -50,8 +51,9 @@ def test_private_names_of_libraries_only_in_library_compat():
 
 def test_peft_checkpoints_load_with_only_checkpoint_loading_imported():
   """Importing `checkpoint_loading` registers every PEFT method (through
-  `t5xlike/finetuning/__init__.py`), and a `peft.json` method record written
-  before the registry existed still loads."""
+  `t5xlike/finetuning/__init__.py`): the same set as importing every module of
+  `t5xlike.finetuning` registers; and a `peft.json` method record written before
+  the registry existed still loads."""
   code = ("import t5xlike.inference.checkpoint_loading\n"
           "import sys\n"
           "registry = sys.modules['t5xlike.finetuning.peft_registry']\n"
@@ -63,4 +65,13 @@ def test_peft_checkpoints_load_with_only_checkpoint_loading_imported():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert "['Adapters', 'LoRA', 'PromptTuning']" in result.stdout
+  every_module = ("import importlib, pkgutil, t5xlike.finetuning as f\n"
+                  "for m in pkgutil.iter_modules(f.__path__):\n"
+                  "  importlib.import_module(f't5xlike.finetuning.{m.name}')\n"
+                  "from t5xlike.finetuning import peft_registry\n"
+                  "print(sorted(peft_registry.method_classes()))\n")
+  expected = subprocess.run([sys.executable, "-c", every_module], capture_output=True,
+                            text=True, timeout=300)
+  assert expected.returncode == 0, expected.stdout + expected.stderr
+  assert {"Adapters", "LoRA", "PromptTuning"} <= set(ast.literal_eval(expected.stdout))
+  assert result.stdout == expected.stdout
