@@ -124,14 +124,14 @@ def pipeline_batches(bench: BenchConfig, batch: int, lengths: Mapping[str, int],
                             pack=True, feature_converter=converter, num_threads=0)
 
 
-def _real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
   """Non-padding encoder + decoder tokens (decoder tokens alone for decoder-only)."""
   return int(sum((np.asarray(batch[k]) > 0).sum() for k in ("encoder_input_tokens",
                                                             "decoder_target_tokens")
                  if k in batch))
 
 
-def _padded_tokens(batch: Mapping[str, np.ndarray]) -> int:
+def padded_tokens(batch: Mapping[str, np.ndarray]) -> int:
   return int(sum(np.asarray(batch[k]).size for k in ("encoder_input_tokens",
                                                      "decoder_target_tokens") if k in batch))
 
@@ -228,7 +228,7 @@ def run(settings: BenchmarkSettings, process_start: float) -> dict[str, Any]:
                                          + memory.temp_size_in_bytes),
                xla_flops_per_device=float(compiled.cost_analysis().get("flops", 0.0)))
   else:
-    row.update(_time_steps(trainer, compiled, batches, first, cfg.steps, cfg.warmup,
+    row.update(time_steps(trainer, compiled, batches, first, cfg.steps, cfg.warmup,
                            process_start))
     achieved = step_flops.model / row["step_time_s"] / jax.device_count() / 1e12
     row.update(tflops_per_device=achieved, mfu=achieved / peak)
@@ -257,7 +257,7 @@ def _settings_row(cfg: BenchmarkSettings, bench: BenchConfig,
       "model_flops_per_step": step_flops.model, "hardware_flops_per_step": step_flops.hardware}
 
 
-def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
+def time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
                 process_start: float) -> dict[str, Any]:
   """Runs `warmup` (>= 1) + `steps` steps with one step in flight: step i + 1 is
   dispatched and its batch read before step i's metrics are awaited. A step's
@@ -271,7 +271,7 @@ def _time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
     for index in range(warmup + steps):
       state, metrics = compiled(state, trainer.device_batch(batch))
       if index >= warmup:
-        real, padded = real + _real_tokens(batch), padded + _padded_tokens(batch)
+        real, padded = real + real_tokens(batch), padded + padded_tokens(batch)
       if pending is not None:
         jax.block_until_ready(pending)
         completions.append(time.perf_counter())

@@ -6,30 +6,56 @@ Written from BERT (Devlin et al. 2019 §3.1) and ELECTRA (Clark et al. 2020
 blocks, ungated tanh-GELU MLP, unscaled dot-product attention (the scaling
 is in the query init), learned absolute positions, masks from token id 0;
 the MLM head's tied logits are divided by sqrt(embedding width). The
-attention / norm / GELU primitives are the T5 reference's.
+attention / norm / GELU primitives are the T5 reference's. MosaicBERT's
+switches (Portes et al. 2023 §2.1): no position table and ALiBi's bias
+-m_h |i - j| on every layer's logits (`alibi_bias`, the slopes written from
+Press et al. 2022 §3 in closed form), gated GELU MLPs (`wi_0`, `wi_1`).
 """
+import math
+
 import numpy as np
 
-from tests.t5_numpy_reference import attention, gelu, rms_norm
+from tests.t5_numpy_reference import attention, gelu, mlp as gated_mlp, rms_norm
 
 f64 = lambda x: np.asarray(x, dtype=np.float64)
 
 
 def mlp(p, x):
-  """Ungated MLP ('gelu',): wo(gelu(wi x))."""
+  """Ungated MLP ('gelu',): wo(gelu(wi x)); gated ('gelu', 'linear'): wo(gelu(wi_0 x) * wi_1 x)."""
+  if "wi" not in p:
+    return gated_mlp(p, x)
   return gelu(x @ f64(p["wi"]["kernel"])) @ f64(p["wo"]["kernel"])
+
+
+def alibi_slopes(heads):
+  """ALiBi's slopes in closed form: 2^(-8h/H) for H a power of two; otherwise, with
+  P = 2^floor(log2 H), the P slopes 2^(-8h/P) and then 2^(-4(2h - 1)/P), h = 1..H-P
+  (the odd-indexed slopes of 2P heads)."""
+  power = 2 ** int(math.floor(math.log2(heads)))
+  first = [2.0 ** (-8.0 * h / power) for h in range(1, power + 1)]
+  return np.array(first + [2.0 ** (-4.0 * (2 * h - 1) / power)
+                           for h in range(1, heads - power + 1)])
+
+
+def alibi_bias(heads, length):
+  """float64 [1, heads, length, length]: -slope_h * |i - j|."""
+  distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+  return (-alibi_slopes(heads)[:, None, None] * distance)[None]
 
 
 def embed(p, tokens, positions=None):
   """tokens [b, l] -> token + position embeddings [b, l, embedding width]."""
   tokens = np.asarray(tokens)
+  if "position_embedding" not in p:  # ALiBi: token embeddings alone.
+    return f64(p["token_embedder"]["embedding"])[tokens]
   if positions is None:
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
   return f64(p["token_embedder"]["embedding"])[tokens] + f64(p["position_embedding"])[positions]
 
 
-def encode(p, x, mask, heads):
-  """Embeddings [b, l, e] -> hidden [b, l, d] through `p` = params['encoder']."""
+def encode(p, x, mask, heads, bias=None):
+  """Embeddings [b, l, e] -> hidden [b, l, d] through `p` = params['encoder'];
+  `bias` [1, heads, l, l] added to every layer's logits (ALiBi) or None."""
   if "embedding_projection" in p:
     x = x @ f64(p["embedding_projection"]["kernel"])
   num_layers = len([k for k in p if k.startswith("layers_")])
@@ -38,7 +64,7 @@ def encode(p, x, mask, heads):
     lp64 = {k: {kk: {"kernel": f64(vv["kernel"])} for kk, vv in v.items()}
             if k in ("attention", "mlp") else v for k, v in lp.items()}
     y = rms_norm(x, f64(lp["pre_attention_layer_norm"]["scale"]))
-    x = x + attention(lp64["attention"], y, y, mask, None, heads)
+    x = x + attention(lp64["attention"], y, y, mask, bias, heads)
     y = rms_norm(x, f64(lp["pre_mlp_layer_norm"]["scale"]))
     x = x + mlp(lp64["mlp"], y)
   return rms_norm(x, f64(p["encoder_norm"]["scale"]))
@@ -65,9 +91,12 @@ def attention_mask(tokens, segment_ids=None):
 
 
 def forward(embedder, network, head, tokens, heads, segment_ids=None, positions=None):
-  """Logits of an encoder network: `network` holds 'encoder' and 'mlm_head' / 'binary_head'."""
+  """Logits of an encoder network: `network` holds 'encoder' and 'mlm_head' / 'binary_head'.
+  Without a position table in `embedder` the network is ALiBi's."""
   mask = attention_mask(tokens, segment_ids)
-  hidden = encode(network["encoder"], embed(embedder, tokens, positions), mask, heads)
+  bias = (None if "position_embedding" in embedder
+          else alibi_bias(heads, np.asarray(tokens).shape[1]))
+  hidden = encode(network["encoder"], embed(embedder, tokens, positions), mask, heads, bias)
   if head == "mlm":
     return mlm_head(network["mlm_head"], hidden, f64(embedder["token_embedder"]["embedding"]))
   return binary_head(network["binary_head"], hidden)

@@ -6,7 +6,10 @@ remat policies work as in T5) with BERT/ELECTRA's learned absolute position
 embeddings instead of relative position biases: generator and discriminator
 can then share both the token and the position tables (Clark et al. 2020,
 "ELECTRA: Pre-training Text Encoders as Discriminators Rather Than
-Generators", §3.2 "Weight sharing").
+Generators", §3.2 "Weight sharing"). `position_encoding='alibi'` replaces the
+position table by ALiBi attention biases (`t5xlike.models.alibi`), as
+MosaicBERT does (Portes et al. 2023; with GeGLU blocks, `mlp_activations=
+('gelu', 'linear')`, and unpadded = packed rows: `objectives/mosaicbert.gin`).
 
 Modules:
   Embedder      token table [vocab, embedding_dim] + position table
@@ -22,7 +25,8 @@ Modules:
 Parameter tree of `EncoderNetwork(config, head='mlm')` (`head='binary'`
 replaces `mlm_head` by `binary_head`, `head='classifier'` by `classifier`):
   embedder/token_embedder/embedding          [vocab, embedding_dim]  (vocab, embed)
-  embedder/position_embedding                [max_length, embedding_dim] (length, embed)
+  embedder/position_embedding                [max_length, embedding_dim] (length, embed),
+                                             absent under position_encoding='alibi'
   encoder/embedding_projection/kernel        [embedding_dim, emb_dim] (embed, mlp),
                                              only when embedding_dim != emb_dim
   encoder/layers_<i>/pre_attention_layer_norm/scale, attention/{query,key,value,out}/kernel,
@@ -66,12 +70,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5xlike.models import base, layers, masks, t5
+from t5xlike.models import alibi, base, layers, masks, t5
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 
 HEADS = ("mlm", "binary", "classifier", "none")
+POSITION_ENCODINGS = ("learned", "alibi")
 POOLINGS = ("mean", "first")
 
 
@@ -93,7 +98,11 @@ class EncoderConfig:
       ('gelu', 'linear') for T5.1.1's gated GELU.
     max_length: rows of the learned absolute position table: sequences of at
       most max_length tokens (checked), `encoder_positions` < max_length
-      (not checked: `jnp.take` clamps).
+      (not checked: `jnp.take` clamps). Unused under ALiBi (no table; ALiBi
+      extrapolates to longer sequences).
+    position_encoding: 'learned' (BERT/ELECTRA's absolute position table) or
+      'alibi' (no table; the symmetric ALiBi bias -m_h |i - j| added to every
+      layer's attention logits, MosaicBERT §2.1; `t5xlike.models.alibi`).
     embedding_dim: width of the token and position tables (None: emb_dim).
       When it differs from emb_dim, a bias-free `embedding_projection` maps
       embeddings to emb_dim, as ELECTRA's smaller generator does with
@@ -120,10 +129,14 @@ class EncoderConfig:
   scan_layers: bool = False
   remat_policy: str | Sequence[str] = "none"
   attention_impl: str = "auto"
+  position_encoding: str = "learned"
 
   def __post_init__(self):
     layers.check_network_config(self, ("vocab_size", "emb_dim", "num_heads", "num_layers",
                                        "head_dim", "mlp_dim", "max_length"))
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ValueError(f"EncoderConfig.position_encoding must be one of {POSITION_ENCODINGS}, "
+                       f"got {self.position_encoding!r}")
     if self.embedding_dim is not None and int(self.embedding_dim) <= 0:
       raise ValueError(f"EncoderConfig.embedding_dim must be positive, got {self.embedding_dim}")
 
@@ -151,23 +164,28 @@ class Embedder(nn.Module):
 
   Parameters: `token_embedder/embedding [vocab_size, features]`
   (`vocab`, `embed`) and `position_embedding [max_length, features]`
-  (`length`, `embed`). One instance can be passed to several networks
-  (ELECTRA's generator and discriminator): its parameters then live once,
-  where the instance was created.
+  (`length`, `embed`); with `learned_positions=False` (ALiBi) the token
+  table alone, and positions are ignored. One instance can be passed to
+  several networks (ELECTRA's generator and discriminator): its parameters
+  then live once, where the instance was created.
   """
   vocab_size: int
   features: int
   max_length: int
   dtype: jnp.dtype = jnp.float32
+  learned_positions: bool = True
 
   def setup(self):
     self.token_embedder = layers.Embed(self.vocab_size, self.features, dtype=self.dtype)
-    self.position_embedding = layers.logical_param(
-        self, "position_embedding", layers.embedding_init, ("length", "embed"),
-        (self.max_length, self.features))
+    if self.learned_positions:
+      self.position_embedding = layers.logical_param(
+          self, "position_embedding", layers.embedding_init, ("length", "embed"),
+          (self.max_length, self.features))
 
   def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
     """tokens: int [b, l]; positions: int [b, l] or None (0..l-1) -> [b, l, features]."""
+    if not self.learned_positions:
+      return self.token_embedder(tokens)
     length = tokens.shape[-1]
     if length > self.max_length:
       raise ValueError(f"sequence length {length} exceeds the position table "
@@ -187,8 +205,9 @@ class EncoderStack(nn.Module):
   """Embeddings [b, l, embedding_dim] -> hidden states [b, l, emb_dim].
 
   (Bias-free `embedding_projection` when embedding_dim != emb_dim), dropout,
-  `num_layers` T5 encoder blocks (bidirectional self-attention, no position
-  bias), final RMSNorm `encoder_norm`, dropout.
+  `num_layers` T5 encoder blocks (bidirectional self-attention; no position
+  bias, or ALiBi's under position_encoding='alibi'), final RMSNorm
+  `encoder_norm`, dropout.
   """
   config: EncoderConfig
 
@@ -203,8 +222,10 @@ class EncoderStack(nn.Module):
                        name="embedding_projection")(x)
     x = _dropout(cfg)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    # t5.EncoderLayer(x, bias, mask), with no relative position bias.
-    x = layers.run_stack(t5.EncoderLayer, cfg.num_layers, x, None, mask, scan=cfg.scan_layers,
+    # t5.EncoderLayer(x, bias, mask): ALiBi's bias [1, heads, l, l] or none.
+    bias = (alibi.bias(cfg.num_heads, x.shape[1]) if cfg.position_encoding == "alibi"
+            else None)
+    x = layers.run_stack(t5.EncoderLayer, cfg.num_layers, x, bias, mask, scan=cfg.scan_layers,
                          remat=cfg.remat_policy, config=cfg, deterministic=deterministic)
     x = layers.RMSNorm(dtype=cfg.jnp_dtype, name="encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=deterministic)
@@ -354,7 +375,8 @@ class EncoderNetwork(nn.Module):
       raise ValueError(f"unknown encoder head {self.head!r}; known: {HEADS}")
     if self.shared_embedder is None:
       self.embedder = Embedder(cfg.vocab_size, cfg.embedding_size, cfg.max_length,
-                               dtype=cfg.jnp_dtype)
+                               dtype=cfg.jnp_dtype,
+                               learned_positions=cfg.position_encoding == "learned")
     self.encoder = EncoderStack(cfg)
     if self.head == "mlm":
       self.mlm_head = MLMHead(cfg)

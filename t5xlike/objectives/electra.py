@@ -185,7 +185,8 @@ class ElectraNetwork(nn.Module):
   def setup(self):
     disc = self.discriminator_config
     self.embedder = encoder.Embedder(disc.vocab_size, disc.embedding_size, disc.max_length,
-                                     dtype=disc.jnp_dtype)
+                                     dtype=disc.jnp_dtype,
+                                     learned_positions=disc.position_encoding == "learned")
     self.generator = encoder.EncoderNetwork(self.generator_config, head="mlm",
                                             shared_embedder=self.embedder)
     self.discriminator = encoder.EncoderNetwork(disc, head="binary",
@@ -280,7 +281,7 @@ class ElectraModel:
                discriminator_weight: float = 50.0, sampling_temperature: float = 1.0,
                vocabulary: Any = None):
     gen, disc = _as_config(generator), _as_config(discriminator)
-    for name in ("vocab_size", "embedding_size", "max_length"):
+    for name in ("vocab_size", "embedding_size", "max_length", "position_encoding"):
       if getattr(gen, name) != getattr(disc, name):
         raise ValueError(f"generator and discriminator share their embeddings, so their "
                          f"{name} must agree: {getattr(gen, name)} != {getattr(disc, name)}")

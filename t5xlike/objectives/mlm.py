@@ -18,6 +18,13 @@ No EOS is appended: an encoder objective keeps the chunk's length, so
 `raw_length` is `TASK_FEATURE_LENGTHS['inputs']` and the `encoder` feature
 converter pads `inputs`, `targets` and `mlm_weights` to that length.
 
+Chunks or whole examples: by default the task's token stream is cut into
+full chunks of that length (no padding at all). `whole_examples=True` masks
+each example of the task as it is (its first `inputs` tokens: longer ones are
+truncated before masking), as BERT-style pretraining on documents or
+sentences of their own length does: rows are then padded, unless the run
+packs them (MosaicBERT's unpadding, `objectives/mosaicbert.gin`).
+
 Token ids, for a T5-style vocabulary of `vocab_size` ids whose top
 `num_reserved_ids` (100) are the sentinels `<extra_id_99> .. <extra_id_0>`:
 [MASK] is `mask_id`, by default `vocab_size - 1` (= `<extra_id_0>`, the
@@ -96,13 +103,15 @@ class MaskedLanguageModeling(base.Objective):
       `<extra_id_0>` of a T5-style vocabulary.
     num_reserved_ids: the top ids of the vocabulary that are not text (T5's
       100 extra ids); random replacements are drawn below them.
+    whole_examples: mask each example of the task (truncated to the length)
+      instead of fixed-length chunks of the concatenated stream.
   """
 
   name = "mlm"
 
   def __init__(self, mask_rate: float = 0.15, mask_token_fraction: float = 0.8,
                random_token_fraction: float = 0.1, mask_id: int | None = None,
-               num_reserved_ids: int = 100):
+               num_reserved_ids: int = 100, whole_examples: bool = False):
     if not 0.0 < mask_rate < 1.0:
       raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
     if (mask_token_fraction < 0.0 or random_token_fraction < 0.0
@@ -116,6 +125,8 @@ class MaskedLanguageModeling(base.Objective):
     self.random_token_fraction = random_token_fraction
     self.mask_id = mask_id
     self.num_reserved_ids = num_reserved_ids
+    self.whole_examples = whole_examples
+    self._max_length: int | None = None  # Whole examples: truncated to this (chunk_lengths).
 
   def raw_length(self, feature_lengths: Mapping[str, int]) -> int:
     if "inputs" not in feature_lengths:
@@ -127,13 +138,24 @@ class MaskedLanguageModeling(base.Objective):
                        "language modelling (at least 2 tokens)")
     return length
 
+  def chunk_lengths(self, feature_lengths: Mapping[str, int]) -> tuple[int, ...] | None:
+    """(length,), or None (whole examples, then truncated to length in `transform`)."""
+    length = self.raw_length(feature_lengths)
+    if not self.whole_examples:
+      return (length,)
+    self._max_length = length
+    return None
+
   def mask_token_id(self, vocab_size: int) -> int:
     """The [MASK] id for a vocabulary of `vocab_size` ids."""
     return int(vocab_size - 1 if self.mask_id is None else self.mask_id)
 
   def transform(self, tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
                 eos_id: int) -> dict[str, np.ndarray]:
-    """tokens: int [n] -> {'inputs' int32 [n], 'targets' int32 [n], 'mlm_weights' float32 [n]}."""
+    """tokens: int [n] -> {'inputs' int32 [n], 'targets' int32 [n], 'mlm_weights' float32 [n]}
+    (n at most the length `chunk_lengths` was given, with whole examples)."""
+    if self.whole_examples and self._max_length is not None:
+      tokens = tokens[:self._max_length]
     replacement_ids = (_replacement_ids(int(vocab_size), int(eos_id), self.num_reserved_ids)
                        if self.random_token_fraction > 0 else np.zeros(1, np.int32))
     return mask_tokens(tokens, rng, mask_rate=self.mask_rate,
