@@ -189,6 +189,7 @@ def test_adaptation_needs_a_checkpoint(name, tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # ~27 s; the missing-checkpoint errors stay in the default run
 def test_encoder_decoder_checkpoint_is_refused(tmp_path, capsys):
   """A T5 encoder-decoder checkpoint chained into the decoder-only adaptation: one line,
   exit 2, nothing written."""

@@ -168,6 +168,7 @@ def t5_encoder_case(impl):
   return run_pallas_case(impl, masks.attention_mask(valid, valid), bias)
 
 
+@pytest.mark.slow  # ~22 s; the T5 model's Pallas loss test covers padding and the bias
 def test_pallas_t5_encoder_bidirectional_padding_relative_bias(caplog):
   """(a) dense padding mask folded into the kernel's bias with T5's relative bias."""
   assert_pallas_matches(caplog, t5_encoder_case)
@@ -181,7 +182,9 @@ def packed_case(impl, kv_heads=None, structured=True, causal=True):
 
 
 @pytest.mark.parametrize("kv_heads,structured,causal",
-                         [(None, True, True), (2, True, True), (2, False, True),
+                         [pytest.param(None, True, True, marks=pytest.mark.slow),
+                          (2, True, True),
+                          pytest.param(2, False, True, marks=pytest.mark.slow),
                           (None, True, False)],
                          ids=["mha_structured", "gqa_structured", "gqa_dense_mask",
                               "bidirectional_structured"])

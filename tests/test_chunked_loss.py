@@ -30,7 +30,9 @@ def model(family: str, **kwargs):
   return decoder.DecoderOnlyModel(decoder.Transformer(DECODER), **kwargs)
 
 
-@pytest.mark.parametrize("family,label_smoothing", [("t5", 0.1), ("decoder", 0.0)])
+# The decoder case in the default run; T5 (~45 s of compiles) -m slow.
+@pytest.mark.parametrize("family,label_smoothing", [
+    pytest.param("t5", 0.1, marks=pytest.mark.slow), ("decoder", 0.0)])
 def test_chunked_loss_equals_dense_values_and_gradients(family, label_smoothing, monkeypatch):
   # 3 rows x 4 positions x 256 vocabulary per chunk: 3 chunks over 11 positions, 1 padded.
   monkeypatch.setattr(losses, "CHUNK_LOGITS_BYTES", 3 * 4 * 256 * 4)

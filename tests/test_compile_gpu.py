@@ -68,6 +68,7 @@ def test_gpu_report_memory_and_roofline(t5_cudnn):
                                      / (8 * 989e12))
 
 
+@pytest.mark.slow  # ~20 s; the T5 cuDNN compile stays in the default run
 def test_decoder_auto_attention_takes_cudnn_on_gpus(decoder_cudnn):
   plan, report = decoder_cudnn
   assert report.device_kind == "NVIDIA H200" and report.memory["hbm"] == 141 * 2 ** 30

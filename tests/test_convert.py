@@ -304,6 +304,7 @@ def _run_logits(checkpoint: pathlib.Path, batch) -> np.ndarray:
   return np.asarray(model.logits(params, batch))
 
 
+@pytest.mark.slow  # ~38 s (a quickstart-sized run first)
 def test_training_run_checkpoint_exports_with_the_model_of_its_config_gin(quickstart_run,
                                                                          tmp_path, capfd):
   """convert --from=t5xlike --checkpoint=MODEL_DIR/checkpoint_1 (no --gin_file): the

@@ -22,6 +22,7 @@ def losses(model_dir):
   return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
+@pytest.mark.slow  # ~54 s; test_sources' cache_tasks test covers the cache
 def test_user_task_trains_the_same_cached_or_not(tmp_path):
   cache = tmp_path / "cache"
   assert cache_tasks.main(["--tasks=user_function_qa", f"--output_dir={cache}",

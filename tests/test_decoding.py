@@ -148,7 +148,12 @@ def _randomise_scales(params, seed):
       if "scale" in str(path) or "rel_embedding" in str(path) else x, params)
 
 
-@pytest.fixture(scope="module", params=["unscanned", "scanned"])
+# Scanned layers decode like unscanned ones (-m slow: a second model's compiles; the
+# scanned cache layout is also covered by test_decoder_model and test_prepacking).
+SCANNED_SLOW = ["unscanned", pytest.param("scanned", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=SCANNED_SLOW)
 def t5_model(request):
   return _t5_model(request.param == "scanned")
 
@@ -220,6 +225,7 @@ def test_t5_cached_greedy_equals_full_forward_argmax(t5_model):
   np.testing.assert_array_equal(np.asarray(beam1), expected)
 
 
+@pytest.mark.slow  # ~22 s; beam search against exhaustive search stays
 def test_t5_beam_search_scores_its_sequences_like_the_model(t5_unscanned):
   model, params = t5_unscanned
   encoder_tokens = np.random.default_rng(1).integers(2, 64, (2, 9)).astype(np.int32)
@@ -237,7 +243,7 @@ def test_t5_beam_search_scores_its_sequences_like_the_model(t5_unscanned):
   assert (np.asarray(scores) >= np.asarray(greedy_scores) - 1e-5).all()
 
 
-@pytest.fixture(scope="module", params=["unscanned", "scanned"])
+@pytest.fixture(scope="module", params=SCANNED_SLOW)
 def decoder_model(request):
   return _decoder_model(request.param == "scanned")
 

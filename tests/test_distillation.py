@@ -81,6 +81,7 @@ def test_mixed_loss_matches_numpy_from_logits(distilled):
                              rtol=1e-5)
 
 
+@pytest.mark.slow  # ~32 s; the preference reference's bit-identity test stays
 def test_teacher_stays_bit_identical_and_gets_no_optimizer_state(distilled):
   model, _ = distilled
   batch = batch_of(3)
@@ -120,6 +121,7 @@ def test_relation_log_probs_match_numpy():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~36 s
 def test_minilm_relations_between_models_of_other_widths():
   """Teacher 4 heads x 8, student 2 heads x 8: 2 relation heads of 16 and 8 dims; the
   relation losses are 0 between a model and itself, > 0 between the two."""

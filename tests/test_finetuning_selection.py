@@ -397,7 +397,9 @@ def steps_logged(model_dir):
   return [json.loads(line)["step"] for line in lines]
 
 
-@pytest.mark.parametrize("technique", ["freeze_lower", "llrd", "hft"])
+# One gin file in the default run; the others (same entry point, ~20 s each) under -m slow.
+@pytest.mark.parametrize("technique", [pytest.param("freeze_lower", marks=pytest.mark.slow),
+                                       pytest.param("llrd", marks=pytest.mark.slow), "hft"])
 def test_gin_file_fine_tunes_from_the_command_line(pretrained, technique):
   base_dir, step_dir, start = pretrained
   assert finetune(base_dir, step_dir, technique, technique) == 0
@@ -415,6 +417,7 @@ def test_gin_file_fine_tunes_from_the_command_line(pretrained, technique):
     assert not unchanged
 
 
+@pytest.mark.slow  # ~27 s; reinit's masks are tested in process
 def test_reinit_top_gin_reinitialises_once(pretrained, monkeypatch):
   """With a learning rate of 0 the checkpoint holds the parameters the run started
   from: the top layer of each stack is new, the rest the checkpoint's. A resume

@@ -66,6 +66,7 @@ def test_eval_and_infer_of_the_users_task(finetuned, tmp_path):
   assert len(predicted) == 6 and all("prediction" in r for r in predicted)
 
 
+@pytest.mark.slow  # ~22 s
 def test_a_run_without_evaluation_reads_no_evaluation_split(pretrained, tmp_path):
   # The task's validation split raises when read: nothing of evaluation may touch it.
   assert train.main([*FINETUNE, "--gin.MIXTURE_OR_TASK_NAME=first_day_broken_validation",
@@ -74,6 +75,7 @@ def test_a_run_without_evaluation_reads_no_evaluation_split(pretrained, tmp_path
   assert [r["step"] for r in rows(tmp_path / "metrics" / "train.jsonl")] == [3]
 
 
+@pytest.mark.slow  # ~26 s; the mixture test skips such a task
 def test_a_task_without_metric_functions_is_evaluated_by_loss_only(pretrained, tmp_path):
   assert train.main([*FINETUNE, "--gin.MIXTURE_OR_TASK_NAME=first_day_unscored",
                      f"--gin.INITIAL_CHECKPOINT_PATH={pretrained}",

@@ -174,6 +174,7 @@ def test_eval_and_infer_refuse_missing_checkpoint(tmp_path, capsys):
   assert not (tmp_path / "b.jsonl").exists()
 
 
+@pytest.mark.slow  # ~17 s; JSONL input stays in the default run
 def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path, capsys):
   _, finetune = runs
   assert infer.main([MODEL, "--gin_file=gin_configs/runs/infer.gin",
@@ -197,6 +198,7 @@ def test_infer_from_a_task_split_and_a_tsv_file(runs, tmp_path, capsys):
   assert not (tmp_path / "b.jsonl").exists()
 
 
+@pytest.mark.slow  # ~26 s; decoder-only decoding is tested in process
 def test_decoder_only_model_predicts_and_scores_from_the_command_line(tmp_path):
   """A prefix-LM decoder-only checkpoint through runs/infer.gin (KV cache, ragged prompts)."""
   model_dir = tmp_path / "prefix_lm"

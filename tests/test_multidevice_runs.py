@@ -50,6 +50,8 @@ def reference(tmp_path_factory):
   return model_dir
 
 
+@pytest.mark.slow  # ~190 s with its 8-device reference; test_reliability's two-process
+# SIGTERM test keeps jax.distributed in the default run
 def test_two_processes_match_one(reference, tmp_path):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
@@ -75,8 +77,9 @@ def test_two_processes_match_one(reference, tmp_path):
 
 
 @pytest.mark.parametrize("mesh, rules, devices", [
-    ("{'fsdp': 4, 'tensor': 2}", "data_fsdp_tensor", 8),
-    ("{'data': 1}", "data_parallel", 1),
+    # The two-process test also resumes its checkpoint in one process on another mesh.
+    pytest.param("{'fsdp': 4, 'tensor': 2}", "data_fsdp_tensor", 8, marks=pytest.mark.slow),
+    pytest.param("{'data': 1}", "data_parallel", 1, marks=pytest.mark.slow),  # ~45 s
 ])
 def test_restore_under_another_mesh(reference, tmp_path, mesh, rules, devices):
   model_dir = tmp_path / "run"

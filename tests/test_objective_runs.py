@@ -55,7 +55,14 @@ def test_every_objective_config_is_covered():
                                   "noncausal_mlm_adaptation", "mosaicbert"}
 
 
-@pytest.mark.parametrize("name", sorted(SHORT))
+# One config per model family in the default run (encoder-decoder, decoder-only,
+# encoder-only); the others (~20 s each, their objectives unit-tested in process) -m slow.
+DEFAULT_RUN = ("span_corruption", "causal_lm", "mlm")
+
+
+@pytest.mark.parametrize("name", [name if name in DEFAULT_RUN else
+                                  pytest.param(name, marks=pytest.mark.slow)
+                                  for name in sorted(SHORT)])
 def test_objective_trains(name, tmp_path):
   """4 steps: every step logged, the held-out loss falls (the same batch at steps 2 and
   4; the training batches differ, so their losses need not), the objective's own fields

@@ -414,7 +414,7 @@ def test_decoder_packed_rows_equal_examples_alone(models, family):
     assert _differs(np.asarray(logits_fn(params, causal))[0, where], out[0, where])
 
 
-@pytest.mark.parametrize("family", ["mlm", "electra"])
+@pytest.mark.parametrize("family", ["mlm", pytest.param("electra", marks=pytest.mark.slow)])
 def test_encoder_packed_rows_equal_examples_alone(models, family):
   params, logits_fn, packed, out, _, _ = _compare(family, models)
   where = _second_segment(packed, "encoder")

@@ -103,7 +103,8 @@ def peft_params(method, kind, bases):
 
 
 # -- LoRA --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["t5", "t5_scanned", "decoder"])
+@pytest.mark.parametrize("kind", ["t5", pytest.param("t5_scanned", marks=pytest.mark.slow),
+                                  "decoder"])
 def test_zero_b_lora_gives_exactly_the_base_logits(bases, kind):
   wrapped, boxed, params, new = peft_params(lora.LoRA(rank=4, alpha=8.0), kind, bases)
   _, _, batch, base_logits = bases[kind]
@@ -300,7 +301,7 @@ def test_old_adapter_records_load_with_their_placement_and_init():
 PROMPT_IDS = np.array([5, 17, 9], np.int32)
 
 
-@pytest.mark.parametrize("kind", ["t5", "decoder"])
+@pytest.mark.parametrize("kind", [pytest.param("t5", marks=pytest.mark.slow), "decoder"])
 def test_a_prompt_of_token_embeddings_equals_those_tokens_prepended(bases, kind):
   """The prompt = the embeddings of PROMPT_IDS: the logits equal the base model's on
   the input with PROMPT_IDS in front (decoder-only: its logits after them); the
@@ -502,7 +503,10 @@ def tiny_pretrained(tmp_path_factory):
   return step_dir, selection_tests.load(step_dir)
 
 
-@pytest.mark.parametrize("technique", ["lora", "adapters", "prompt_tuning"])
+# LoRA's gin file in the default run; adapters' and prompt tuning's (~15 s each) -m slow
+# (their in-process training and export are tested above).
+@pytest.mark.parametrize("technique", ["lora", pytest.param("adapters", marks=pytest.mark.slow),
+                                       pytest.param("prompt_tuning", marks=pytest.mark.slow)])
 def test_gin_file_fine_tunes_from_the_command_line(tiny_pretrained, tmp_path, technique):
   """One step of each PEFT gin file (from a step-2 checkpoint): the parameters that moved
   are exactly the exported ones, the base is bit-identical, the export holds the run's

@@ -191,7 +191,8 @@ def test_fastfood_columns_are_unit_and_nearly_orthogonal():
   assert abs(np.mean(np.sum(cut ** 2, axis=0)) - 1.0) < 0.1
 
 
-@pytest.mark.parametrize("kind,said", [("t5", True), ("t5_scanned", False)])
+@pytest.mark.parametrize("kind,said", [("t5", True), pytest.param("t5_scanned", False,
+                                                                  marks=pytest.mark.slow)])
 def test_intrinsic_parameters_are_theta0_plus_the_projection_and_merge(bases, kind, said):
   method = intrinsic.IntrinsicDimension(dimension=40, said=said, seed=5,
                                         targets=r"norm/scale$")

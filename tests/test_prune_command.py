@@ -101,6 +101,7 @@ def test_t5_prune_writes_the_originals_slices_at_the_chosen_indices(t5_checkpoin
   ref.assert_slices(original, pruned, report["kept"], source.head_dim)
 
 
+@pytest.mark.slow  # ~16 s
 def test_pruned_t5_trains_and_infers(t5_pruned, tmp_path):
   """OUT is INITIAL_CHECKPOINT_PATH of a training run (TRAIN_STEPS from its step 0) and
   CHECKPOINT_PATH of `infer` with OUT/model.gin."""
@@ -122,6 +123,7 @@ def test_pruned_t5_trains_and_infers(t5_pruned, tmp_path):
   assert math.isfinite(scored["score"]) and scored["score"] < 0
 
 
+@pytest.mark.slow  # ~22 s; the T5 prune command stays
 def test_scanned_decoder_prunes_by_loss_and_loads(decoder_checkpoint, tmp_path):
   """A scanned GQA decoder: whole kv groups dropped (--kv_heads), layers ranked by the loss
   without them; OUT keeps the scanned layout and loads as CHECKPOINT_PATH."""

@@ -100,7 +100,8 @@ def _reference_scores(family):
   return ref.scores(record, valid)
 
 
-@pytest.mark.parametrize("name", ["t5_family", "decoder_family"])
+@pytest.mark.parametrize("name", [pytest.param("t5_family", marks=pytest.mark.slow),
+                                  "decoder_family"])
 def test_recording_reference_is_the_forward_pass(name, request):
   """The recording reference gives the logits t5xlike gives (so its records are the
   network's activations)."""

@@ -206,6 +206,7 @@ def test_signal_mid_run_checkpoints_the_step_reached(tmp_path, signum, code):
   assert data["batches"] == last  # the data iterator's position is in the checkpoint
 
 
+@pytest.mark.slow  # ~45 s; also a fault-drill case
 def test_truncated_newest_checkpoint_falls_back_and_reruns_the_same_steps(
     baseline, tmp_path, capsys, caplog):
   model_dir = tmp_path / "run"
@@ -243,6 +244,7 @@ def test_nan_skip_leaves_the_state_bitwise_unchanged(tmp_path):
   assert all(np.isfinite(v).all() for v in three.values())
 
 
+@pytest.mark.slow  # ~27 s
 def test_disk_full_run_exits_in_one_line_and_resumes(baseline, tmp_path, capsys):
   assert run(tmp_path, *FAULTS, "--gin.FAULT_ENOSPC_AT_STEPS=[6]") == 1
   err = capsys.readouterr().err.strip().splitlines()
@@ -341,6 +343,7 @@ def test_kill_9_then_the_same_command_resumes_bitwise(baseline, tmp_path):
   assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
+@pytest.mark.slow  # ~20 s; NaN stop and skip stay
 def test_nan_rollback_restores_the_checkpoint_and_rewinds_the_rows(baseline, tmp_path, caplog):
   """NaN at steps 4 and 5 with NAN_POLICY=skip, NAN_ROLLBACK_AFTER=2: back to checkpoint_3
   (the bad rows rewound), steps 4-6 trained again on the batches after the bad ones."""
@@ -361,6 +364,8 @@ def test_nan_rollback_restores_the_checkpoint_and_rewinds_the_rows(baseline, tmp
   assert all(loss != losses(baseline)[step - 1][1] for step, loss in got[3:])
 
 
+# The default run's multi-process test (jax.distributed, gloo): ~68 s; the loss-for-loss
+# comparison with one process is test_multidevice_runs' (-m slow, ~190 s).
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_fast(tmp_path):
   """Two processes (jax.distributed on 127.0.0.1, gloo CPU collectives, one device each):
   only process 1 is signalled; both stop after the same step, which is the one

@@ -89,7 +89,12 @@ def gradients_without_remat():
   return _scanned_gradients("none")
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", ("mlp_hidden", "attention_out")])
+# 'full' in the default run; the other policies (~15 s each) -m slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots_saveable", marks=SLOW),
+                                    pytest.param(("mlp_hidden", "attention_out"), marks=SLOW)])
 def test_remat_policies_give_the_same_gradients(gradients_without_remat, policy):
   remat = _scanned_gradients(policy)
   for a, b in zip(jax.tree.leaves(gradients_without_remat), jax.tree.leaves(remat)):
@@ -131,10 +136,11 @@ def decoder_gradients_without_remat():
   return {scan: _decoder_gradients("none", scan) for scan in (False, True)}
 
 
-@pytest.mark.parametrize("policy, scan", [("full", True), ("dots_saveable", True),
-                                         (("mlp_hidden", "attention_out"), True),
-                                         ("full", False)],
-                         ids=["full", "dots_saveable", "names", "full-unscanned"])
+@pytest.mark.parametrize("policy, scan", [
+    pytest.param("full", True, id="full"),
+    pytest.param("dots_saveable", True, marks=SLOW, id="dots_saveable"),
+    pytest.param(("mlp_hidden", "attention_out"), True, marks=SLOW, id="names"),
+    pytest.param("full", False, marks=SLOW, id="full-unscanned")])
 def test_decoder_remat_policies_give_the_same_gradients(decoder_gradients_without_remat, policy,
                                                         scan):
   plain, plain_remat = decoder_gradients_without_remat[scan]

@@ -196,6 +196,7 @@ def test_uncached_read_of_a_selection_is_one_line(checkpoint, selections, tmp_pa
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # ~12 s
 def test_a_rerun_writes_the_same_scores_and_examples(checkpoint, selections, tmp_path):
   out, _ = selections
   assert _select(checkpoint, tmp_path, "--name=by_kmeans", "--num_examples=25",
@@ -204,6 +205,7 @@ def test_a_rerun_writes_the_same_scores_and_examples(checkpoint, selections, tmp
       out / "by_kmeans" / "scores.jsonl").read_text()
 
 
+@pytest.mark.slow  # ~24 s (8 devices)
 def test_sharded_selection_equals_unsharded(checkpoint, selections, tmp_path):
   """8 CPU devices, parameters over fsdp=4 x tensor=2: the same losses, pooled-state
   distances and k-center choice as the 1-device run."""

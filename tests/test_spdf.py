@@ -30,7 +30,8 @@ def flat(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unscanned", "scanned"])
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)],
+                ids=["unscanned", "scanned"])  # scanned: ~16 s more, -m slow
 def trained(request):
   trainer = make_trainer(sparse=True, scan_layers=request.param)
   batch = test_t5_model.make_batch(np.random.default_rng(0))
@@ -119,6 +120,7 @@ def test_flops_are_logged_dense_and_sparse(trained):
   assert fields["mfu"] > 0  # the MFU divides the sparse count
 
 
+@pytest.mark.slow  # ~20 s
 def test_masks_depend_on_the_seed_only():
   boxed = jax.eval_shape(
       make_trainer(False).model.init, jax.random.key(0),

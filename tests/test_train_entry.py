@@ -94,6 +94,7 @@ def test_initial_checkpoint_continues_step_count(uninterrupted, tmp_path):
   assert rows(tmp_path)[0]["loss"] < source[1]
 
 
+@pytest.mark.slow  # ~26 s; the quickstart doc test trains further
 def test_loss_falls_over_30_steps(tmp_path):
   assert run(tmp_path, "--gin.TRAIN_STEPS=30", "--gin.BATCH_SIZE=16", "--gin.LOG_PERIOD=10",
              "--gin.EVAL_PERIOD=None", "--gin.CHECKPOINT_PERIOD=100") == 0
@@ -133,6 +134,7 @@ def test_bad_configuration_fails_in_one_line_and_writes_nothing(tmp_path, capsys
   assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow  # ~18 s; also a fault-drill case
 def test_half_written_checkpoint_is_never_picked(uninterrupted, tmp_path):
   # What a crash in the middle of orbax's save of step 9 leaves behind: the
   # step's temporary directory, never renamed to checkpoint_9.

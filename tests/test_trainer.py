@@ -101,6 +101,7 @@ def test_background_compile_trains_bit_identically(full_and_accumulated):
   assert float(metrics["loss"]) == float(metrics1["loss"])
 
 
+@pytest.mark.slow  # ~30 s
 def test_background_compile_of_other_shapes_is_not_used(full_and_accumulated):
   batch = batch_of(8)
   trainer = make_trainer()
@@ -113,6 +114,7 @@ def test_background_compile_of_other_shapes_is_not_used(full_and_accumulated):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # ~17 s
 def test_cancelled_trainer_compiles_nothing_in_the_background(full_and_accumulated):
   batch = batch_of(8)
   trainer = make_trainer()
@@ -125,6 +127,7 @@ def test_cancelled_trainer_compiles_nothing_in_the_background(full_and_accumulat
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # ~13 s
 def test_unoptimised_init_compilation_matches_the_optimised_one_to_rounding():
   batch = batch_of(4)
   trainer = make_trainer()
