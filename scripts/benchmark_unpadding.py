@@ -15,7 +15,8 @@ same examples:
   packer (segment ids keep them apart; ALiBi's |i - j| bias is per segment),
   so the step spends no compute on padding (MosaicBERT §2.1 "Unpadding").
 
-Both run the same model, batch shape and compiled step; printed per layout:
+Both run the same model on the same row shape (the unpadded step also reads segment
+ids and positions); printed per layout:
 step time (median of the timed steps), real (non-padding) tokens/s, padded
 tokens/s, the fraction of positions that are padding, examples per row, and
 the last loss; then the real-tokens/s ratio unpadded / padded.
