@@ -229,7 +229,7 @@ def run(settings: BenchmarkSettings, process_start: float) -> dict[str, Any]:
                xla_flops_per_device=float(compiled.cost_analysis().get("flops", 0.0)))
   else:
     row.update(time_steps(trainer, compiled, batches, first, cfg.steps, cfg.warmup,
-                           process_start))
+                          process_start))
     achieved = step_flops.model / row["step_time_s"] / jax.device_count() / 1e12
     row.update(tflops_per_device=achieved, mfu=achieved / peak)
     if cfg.profile:
@@ -258,7 +258,7 @@ def _settings_row(cfg: BenchmarkSettings, bench: BenchConfig,
 
 
 def time_steps(trainer, compiled, batches, first, steps: int, warmup: int,
-                process_start: float) -> dict[str, Any]:
+               process_start: float) -> dict[str, Any]:
   """Runs `warmup` (>= 1) + `steps` steps with one step in flight: step i + 1 is
   dispatched and its batch read before step i's metrics are awaited. A step's
   time is the interval between the completions of consecutive steps.

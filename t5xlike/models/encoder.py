@@ -149,6 +149,11 @@ class EncoderConfig:
     """Width of the token and position tables (embedding_dim, or emb_dim when None)."""
     return self.emb_dim if self.embedding_dim is None else int(self.embedding_dim)
 
+  @property
+  def learned_positions(self) -> bool:
+    """Whether the embedder holds a position table (False under ALiBi)."""
+    return self.position_encoding == "learned"
+
 
 def _dropout(cfg) -> nn.Dropout:
   return layers.residual_dropout(cfg.dropout_rate)
@@ -376,7 +381,7 @@ class EncoderNetwork(nn.Module):
     if self.shared_embedder is None:
       self.embedder = Embedder(cfg.vocab_size, cfg.embedding_size, cfg.max_length,
                                dtype=cfg.jnp_dtype,
-                               learned_positions=cfg.position_encoding == "learned")
+                               learned_positions=cfg.learned_positions)
     self.encoder = EncoderStack(cfg)
     if self.head == "mlm":
       self.mlm_head = MLMHead(cfg)

@@ -186,7 +186,7 @@ class ElectraNetwork(nn.Module):
     disc = self.discriminator_config
     self.embedder = encoder.Embedder(disc.vocab_size, disc.embedding_size, disc.max_length,
                                      dtype=disc.jnp_dtype,
-                                     learned_positions=disc.position_encoding == "learned")
+                                     learned_positions=disc.learned_positions)
     self.generator = encoder.EncoderNetwork(self.generator_config, head="mlm",
                                             shared_embedder=self.embedder)
     self.discriminator = encoder.EncoderNetwork(disc, head="binary",
