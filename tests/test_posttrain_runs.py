@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5xlike import train
+from t5xlike import precompute_reference, train
+from t5xlike.data import sources
 
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
 SMALL = ["--gin.BATCH_SIZE=4", "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=None",
@@ -179,3 +180,60 @@ def test_a_teacher_of_another_vocabulary_fails_in_one_line_and_writes_nothing(sf
                      "8100 tokens in 16384 embeddings vs 8100 in 8192 (both must read the same "
                      "token ids)"), err[-1]
   assert not model_dir.exists()
+
+
+def test_a_precomputed_reference_trains_as_the_reference_in_the_run(sft, tmp_path):
+  """precompute_reference writes every pair with the reference's log-likelihoods; DPO on
+  that task with no reference in the run reports what DPO with the frozen copy does."""
+  out = tmp_path / "reference"
+  start = f"--gin.INITIAL_CHECKPOINT_PATH={sft['tiny']}"
+  assert precompute_reference.main([
+      MODEL, "--gin_file=gin_configs/posttrain/precompute_reference.gin", *SMALL, PAIRS, start,
+      "--name=pref_ref", f"--output_dir={out}"]) == 0
+  manifest = json.loads((out / "pref_ref" / "selection.json").read_text())
+  assert manifest["score"] == "reference_logp" and manifest["step"] == 2
+  for split in ("train", "validation"):
+    cached = sources.CachedSource(out / "pref_ref" / split)
+    example = cached[0]
+    assert {"inputs", "chosen", "rejected", "reference_chosen_logp",
+            "reference_rejected_logp"} <= set(example)
+    assert example["reference_chosen_logp"].dtype == np.float32
+    assert example["reference_chosen_logp"] < 0 and example["reference_rejected_logp"] < 0
+  run = ["--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2", "--gin.EVAL_STEPS=1",
+         "--gin.LEARNING_RATE=0.01", "--gin.CHECKPOINT_PERIOD=4", start]
+  assert dpo("dpo.gin", tmp_path / "in_run", *run) == 0
+  assert dpo("dpo.gin", tmp_path / "precomputed", *run,
+             "--gin_file=gin_configs/posttrain/precomputed_reference.gin",
+             "--gin.MIXTURE_OR_TASK_NAME='pref_ref'", f"--gin.TASK_CACHE_DIR={out}") == 0
+  for kind in ("train", "eval"):
+    want, got = rows(tmp_path / "in_run", kind), rows(tmp_path / "precomputed", kind)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(want, got):
+      for key in ("loss", "chosen_reward", "rejected_reward", "logp_accuracy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (kind, key)
+      if a["step"] > 3:  # At step 3 the policy is the reference: every reward is a tie (0
+        # in the run, float rounding of 0 precomputed), which the accuracy counts as 1/2.
+        assert b["accuracy"] == a["accuracy"], kind
+      assert "kl_to_reference" not in b
+  a, b = (saved_params(tmp_path / name / "checkpoint_4") for name in ("in_run", "precomputed"))
+  assert set(b) == {k for k in a if not k.startswith("reference/")}  # one model in the run
+  for key, value in b.items():
+    np.testing.assert_allclose(value, a[key], atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("--gin.MIXTURE_OR_TASK_NAME='pref_continue_sft'",
+     "lacks the pairwise field(s) ['chosen', 'rejected']"),
+    ("--gin.INITIAL_CHECKPOINT_PATH=/nonexistent/checkpoint_3", "INITIAL_CHECKPOINT_PATH: "),
+    ("--name=pref continue", "--name='pref continue': use letters"),
+])
+def test_precompute_reference_errors_are_one_line_and_write_nothing(sft, tmp_path, capsys,
+                                                                    override, culprit):
+  out = tmp_path / "reference"
+  assert precompute_reference.main([
+      MODEL, "--gin_file=gin_configs/posttrain/precompute_reference.gin", *SMALL, PAIRS,
+      f"--gin.INITIAL_CHECKPOINT_PATH={sft['tiny']}", "--name=pref_ref",
+      f"--output_dir={out}", override]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: ") and culprit in err[-1], err[-1]
+  assert not out.exists()

@@ -5,8 +5,8 @@ A pairwise seqio task has three token features: `inputs` (the prompt),
 optionally two float32 scalars, `reference_chosen_logp` and
 `reference_rejected_logp`: a frozen reference model's summed log-likelihood
 of each completion, precomputed once so that a DPO run holds one model (the
-model reads them when a task carries them; no command writes them yet: the
-shipped gins keep the reference in the run).
+model reads them when a task carries them; `python -m
+t5xlike.precompute_reference` writes such a task).
 
 TASK_FEATURE_LENGTHS name `inputs`, `chosen` and `rejected`. Each completion
 becomes one row of its policy's own (non-pairwise) feature converter, on

@@ -1,5 +1,9 @@
 """A data selection as a cached task that MIXTURE_OR_TASK_NAME names.
 
+(`python -m t5xlike.precompute_reference` writes its scored copy of a preference
+task in the same format: every example selected, score 'reference_logp', each
+example with the reference's two log-likelihoods added.)
+
 `python -m t5xlike.select_data` writes a selection NAME into a task cache
 directory OUT (train on it with USE_CACHED_TASKS=True, TASK_CACHE_DIR=OUT):
 
