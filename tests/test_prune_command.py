@@ -9,6 +9,7 @@ import pathlib
 
 import gin
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5xlike import checkpoints, infer, partitioning, prune, train
@@ -72,7 +73,8 @@ def t5_pruned(t5_checkpoint, tmp_path_factory):
 
 def test_t5_prune_writes_the_originals_slices_at_the_chosen_indices(t5_checkpoint, t5_pruned):
   assert sorted(p.name for p in t5_pruned.iterdir()) == ["checkpoint", "model.gin",
-                                                         "prune.json", "spm.model"]
+                                                         "prune.json", "spm.model",
+                                                         "teacher.gin"]
   assert not list(t5_pruned.parent.glob(".*incomplete"))
   report = json.loads((t5_pruned / "prune.json").read_text())
   assert report["step"] == 0 and report["source_step"] == 2
@@ -99,6 +101,43 @@ def test_t5_prune_writes_the_originals_slices_at_the_chosen_indices(t5_checkpoin
   original = t5_checkpoint[1]
   pruned = output_dir.read_params(t5_pruned / "checkpoint", config)
   ref.assert_slices(original, pruned, report["kept"], source.head_dim)
+
+
+def test_pruned_t5_recovers_by_distillation_from_its_source(t5_checkpoint, t5_pruned, tmp_path):
+  """OUT/teacher.gin names the source as the teacher (its architecture in scope teacher/,
+  its checkpoint): posttrain/distill_pruned.gin trains the pruned model on the logit KL
+  alone, the teacher frozen at the source's weights."""
+  gin_config.configure(["gin_configs/models/t5_1_1/tiny.gin", str(t5_pruned / "model.gin"),
+                        str(t5_pruned / "teacher.gin")])
+  try:
+    teacher, student = gin.query_parameter("%TEACHER"), gin.query_parameter("%MODEL")
+    with gin.config_scope("TEACHER"):
+      teacher_config = teacher.scoped_configurable_fn().network.config
+    student_config = student.scoped_configurable_fn().network.config
+    checkpoint_path = gin.query_parameter("%TEACHER_CHECKPOINT_PATH")
+  finally:
+    gin.clear_config()
+  assert teacher_config == _model_of("gin_configs/models/t5_1_1/tiny.gin").network.config
+  assert (student_config.emb_dim, student_config.num_heads) == (48, 2)
+  assert pathlib.Path(checkpoint_path) == pathlib.Path(t5_checkpoint[0]).resolve()
+  model_dir = tmp_path / "recovered"
+  assert train.main(["--gin_file=gin_configs/quickstart.gin",
+                     f"--gin_file={t5_pruned / 'model.gin'}",
+                     f"--gin_file={t5_pruned / 'teacher.gin'}",
+                     "--gin_file=gin_configs/posttrain/distill_pruned.gin",
+                     f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=2", "--gin.LOG_PERIOD=1",
+                     "--gin.BATCH_SIZE=4", "--gin.EVAL_PERIOD=None", T5_LENGTHS,
+                     f"--gin.INITIAL_CHECKPOINT_PATH={t5_pruned / 'checkpoint'}"]) == 0
+  rows = [json.loads(line) for line in (model_dir / "metrics" / "train.jsonl").open()]
+  assert [row["step"] for row in rows] == [1, 2]
+  for row in rows:  # kd_weight 1, temperature 1: the loss is the KL alone
+    assert row["loss"] == pytest.approx(row["kd_divergence"], rel=1e-5)
+    assert row["kd_divergence"] > 0 and math.isfinite(row["task_loss"])
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.restore(model_dir / "checkpoint_2" / "state")["params"]
+  frozen = param_trees.flatten(saved["teacher"])
+  assert set(frozen) == set(t5_checkpoint[1])
+  assert all(np.asarray(frozen[k]).tobytes() == v.tobytes() for k, v in t5_checkpoint[1].items())
 
 
 @pytest.mark.slow  # ~16 s

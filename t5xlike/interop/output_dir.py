@@ -66,11 +66,8 @@ def _value(value: Any) -> str:
 DEFAULT_MODEL_OPTIONS: Mapping[str, Any] = {"z_loss": 1e-4, "label_smoothing": 0.0}
 
 
-def model_gin(network_config: Any, vocabulary_lines: list[str], written_by: str = "convert",
-              model_options: Mapping[str, Any] | None = None) -> str:
-  """The gin text binding MODEL to this network config and VOCABULARY; `model_options`
-  are the model's other arguments (its loss settings; default DEFAULT_MODEL_OPTIONS),
-  `written_by` the command named in its first line."""
+def _model_classes(network_config: Any) -> tuple[str, str, str, list[str]]:
+  """(model, network, config) gin names of a network config, and their imports."""
   if isinstance(network_config, t5.T5Config):
     model, network, module = "encoder_decoder.EncoderDecoderModel", "t5.Transformer", "t5.T5Config"
     imports = ["from t5xlike.models import encoder_decoder", "from t5xlike.models import t5"]
@@ -80,16 +77,46 @@ def model_gin(network_config: Any, vocabulary_lines: list[str], written_by: str 
     imports = ["from t5xlike.models import decoder"]
   else:
     raise TypeError(f"no gin for {type(network_config).__name__}")
+  return model, network, module, imports
+
+
+def _model_lines(network_config: Any, model_options: Mapping[str, Any] | None,
+                 macro: str, scope: str) -> list[str]:
+  """`macro = @scope/model()` and its bindings in `scope` (the network config's fields,
+  VOCABULARY, the loss settings)."""
+  model, network, module, _ = _model_classes(network_config)
   fields = [f"  {name} = {_value(value)}"
             for name, value in dataclasses.asdict(network_config).items()]
   options = DEFAULT_MODEL_OPTIONS if model_options is None else model_options
+  return [f"{macro} = @{scope}{model}()", f"{scope}{model}:", f"  network = @{scope}{network}()",
+          "  vocabulary = %VOCABULARY",
+          *(f"  {name} = {_value(value)}" for name, value in options.items()), "",
+          f"{scope}{network}.config = @{scope}{module}()", f"{scope}{module}:", *fields, ""]
+
+
+def model_gin(network_config: Any, vocabulary_lines: list[str], written_by: str = "convert",
+              model_options: Mapping[str, Any] | None = None) -> str:
+  """The gin text binding MODEL to this network config and VOCABULARY; `model_options`
+  are the model's other arguments (its loss settings; default DEFAULT_MODEL_OPTIONS),
+  `written_by` the command named in its first line."""
+  imports = _model_classes(network_config)[3]
   return "\n".join([
       f"# Written by `python -m t5xlike.{written_by}`.", "from __gin__ import dynamic_registration",
       "", *imports, "from seqio import vocabularies", "", *vocabulary_lines, "",
-      f"MODEL = @{model}()", f"{model}:", f"  network = @{network}()",
-      "  vocabulary = %VOCABULARY",
-      *(f"  {name} = {_value(value)}" for name, value in options.items()), "",
-      f"{network}.config = @{module}()", f"{module}:", *fields, ""])
+      *_model_lines(network_config, model_options, "MODEL", "")])
+
+
+def teacher_gin(network_config: Any, checkpoint_path: str, written_by: str,
+                model_options: Mapping[str, Any] | None = None) -> str:
+  """The gin text binding TEACHER (in scope `teacher/`, VOCABULARY shared with MODEL) to
+  this network config and TEACHER_CHECKPOINT_PATH to `checkpoint_path`: the unpruned
+  source of a pruned model, for `posttrain/distill_pruned.gin`."""
+  imports = _model_classes(network_config)[3]
+  return "\n".join([
+      f"# Written by `python -m t5xlike.{written_by}`: the unpruned source as the teacher.",
+      "from __gin__ import dynamic_registration", "", *imports, "",
+      f"TEACHER_CHECKPOINT_PATH = {str(checkpoint_path)!r}",
+      *_model_lines(network_config, model_options, "TEACHER", "teacher/")])
 
 
 def vocabulary_gin(vocabulary: Vocabulary, copied: pathlib.Path | None, size: int) -> list[str]:

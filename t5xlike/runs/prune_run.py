@@ -16,6 +16,9 @@ a temporary name, renamed when complete:
                    TRAIN_STEPS from 0; CHECKPOINT_PATH of `eval` and `infer`;
   OUT/model.gin    MODEL with the pruned network config, the source's vocabulary
                    and loss settings (the scan / remat settings kept);
+  OUT/teacher.gin  TEACHER (scope `teacher/`): the source's network config, and
+                   TEACHER_CHECKPOINT_PATH: the source checkpoint, for the
+                   recovery by distillation (`posttrain/distill_pruned.gin`);
   OUT/prune.json   the source, the targets, the kept indices, the scores, the
                    parameter counts and the losses before and after pruning.
 
@@ -60,6 +63,7 @@ TRAINING_OBJECTIVE = "training"
 TARGET_FLAGS = ("num_layers", "num_encoder_layers", "num_decoder_layers", "drop_layers",
                 "heads", "kv_heads", "mlp_dim", "emb_dim")
 PRUNE_JSON = "prune.json"
+TEACHER_GIN = "teacher.gin"
 
 
 @dataclasses.dataclass
@@ -330,11 +334,13 @@ def _write(plan: PrunePlan, pruned_config: pruning.Config,
   temporary = plan.output.parent / f".{plan.output.name}.incomplete"
   shutil.rmtree(temporary, ignore_errors=True)
   model = plan.model
+  options = {"z_loss": model.z_loss, "label_smoothing": model.label_smoothing,
+             "loss_impl": model.loss_impl}
   output_dir.write(temporary, pruned_config, pruned_flat,
                    output_dir.sentencepiece_file(model.vocabulary), final=plan.output,
-                   written_by="prune",
-                   model_options={"z_loss": model.z_loss, "label_smoothing": model.label_smoothing,
-                                  "loss_impl": model.loss_impl})
+                   written_by="prune", model_options=options)
+  (temporary / TEACHER_GIN).write_text(output_dir.teacher_gin(
+      plan.config, str(pathlib.Path(plan.checkpoint_path).resolve()), "prune", options))
   (temporary / PRUNE_JSON).write_text(json.dumps(report, indent=1) + "\n")
   if plan.output.exists():
     plan.output.rmdir()  # Empty (checked by the plan).
