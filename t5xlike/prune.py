@@ -52,6 +52,9 @@ def _flags(parser) -> None:
   parser.add_argument("--layer_importance", default="block_importance",
                       help="block_importance (1 - cos(layer input, output)) or loss (the "
                            "calibration loss without the layer)")
+  parser.add_argument("--importance", default="activation",
+                      help="activation (Minitron's scores) or random (the baseline: a random "
+                           "choice of the same sizes, seeded by RANDOM_SEED)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from t5xlike.runs import prune_run  # noqa: PLC0415
     targets = {name: getattr(args, name) for name in prune_run.TARGET_FLAGS}
     gin.get_configurable(prune_run.prune)(output=args.output, targets=targets,
-                                          layer_importance=args.layer_importance)
+                                          layer_importance=args.layer_importance,
+                                          importance_scores=args.importance)
   return entry.run_entry(__doc__.splitlines()[0], call_root, _flags, argv=argv)
 
 

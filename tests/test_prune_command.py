@@ -140,6 +140,29 @@ def test_pruned_t5_recovers_by_distillation_from_its_source(t5_checkpoint, t5_pr
   assert all(np.asarray(frozen[k]).tobytes() == v.tobytes() for k, v in t5_checkpoint[1].items())
 
 
+def test_random_importance_keeps_a_seeded_random_choice_of_the_same_sizes(t5_checkpoint,
+                                                                          t5_pruned, tmp_path):
+  """--importance=random: the baseline of the activation scores; the structures kept are the
+  top of uniform draws seeded by RANDOM_SEED, the sizes those of the same flags."""
+  flags = ["--gin_file=gin_configs/quickstart.gin", T5_LENGTHS, *SMALL,
+           f"--gin.CHECKPOINT_PATH={t5_checkpoint[0]}", "--heads=2", "--mlp_dim=50%",
+           "--emb_dim=48", "--num_decoder_layers=1", "--importance=random"]
+  reports = []
+  for seed in (0, 0, 1):
+    out = tmp_path / f"random_{len(reports)}"
+    assert _prune(*flags, f"--gin.RANDOM_SEED={seed}", f"--output={out}") == 0
+    reports.append(json.loads((out / "prune.json").read_text()))
+  activation = json.loads((t5_pruned / "prune.json").read_text())
+  assert reports[0]["sizes"] == activation["sizes"]
+  assert reports[0]["importance"]["layer_criterion"] == "random"
+  assert reports[0]["kept"] == reports[1]["kept"] != reports[2]["kept"]
+  assert reports[0]["kept"] != activation["kept"]
+  scores = reports[0]["importance"]
+  for path, units in reports[0]["kept"]["mlp"].items():
+    assert all(0.0 <= v < 1.0 for v in scores["mlp"][path])
+    assert units == sorted(np.argsort(-np.asarray(scores["mlp"][path]), kind="stable")[:128])
+
+
 @pytest.mark.slow  # ~16 s
 def test_pruned_t5_trains_and_infers(t5_pruned, tmp_path):
   """OUT is INITIAL_CHECKPOINT_PATH of a training run (TRAIN_STEPS from its step 0) and
@@ -203,6 +226,8 @@ def test_scanned_decoder_prunes_by_loss_and_loads(decoder_checkpoint, tmp_path):
     ("gin_configs/quickstart.gin", [], "nothing to prune"),
     ("gin_configs/quickstart.gin", ["--heads=2", "--layer_importance=random"],
      "--layer_importance=random: expected one of block_importance, loss"),
+    ("gin_configs/quickstart.gin", ["--heads=2", "--importance=magnitude"],
+     "--importance=magnitude: expected one of activation, random"),
     ("gin_configs/objectives/causal_lm.gin", ["--heads=3"],
      "--heads=3 breaks grouped-query attention"),
     ("gin_configs/objectives/mlm.gin", ["--heads=1"], "MODEL: MODEL is a MLMModel"),

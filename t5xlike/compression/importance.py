@@ -95,6 +95,18 @@ class Importance:
             "embedding": [float(x) for x in self.embedding]}
 
 
+def randomized(scores: Importance, seed: int) -> Importance:
+  """The baseline of the activation scores: the same structures, each scored uniformly at
+  random in [0, 1) (NumPy's PCG64 seeded with `seed`, drawn in sorted path order), so
+  that the kept heads, units, channels and layers are a seeded random choice."""
+  rng = np.random.default_rng(seed)
+  draw = lambda table: {k: rng.random(np.shape(v)) for k, v in sorted(table.items())}
+  heads, mlp, norms = draw(scores.heads), draw(scores.mlp), draw(scores.norms)
+  layers = {k: float(rng.random()) for k in sorted(scores.layers)}
+  return dataclasses.replace(scores, heads=heads, mlp=mlp, norms=norms, layers=layers,
+                             layer_criterion="random")
+
+
 def with_network_config(model: Any, config: Any) -> Any:
   """A token model like `model` (same class, vocabulary and loss settings) whose
   network is built from another config of its family."""

@@ -64,6 +64,8 @@ TARGET_FLAGS = ("num_layers", "num_encoder_layers", "num_decoder_layers", "drop_
                 "heads", "kv_heads", "mlp_dim", "emb_dim")
 PRUNE_JSON = "prune.json"
 TEACHER_GIN = "teacher.gin"
+#: `--importance`: how structures are ranked.
+IMPORTANCE_SCORES = ("activation", "random")
 
 
 @dataclasses.dataclass
@@ -77,6 +79,9 @@ class PrunePlan:
     output: OUT (absent or empty).
     targets: the sizes kept; `flags`, as given.
     layer_criterion: how layers are ranked ('block_importance' or 'loss').
+    importance: 'activation' (Minitron's scores) or 'random' (the baseline: every
+      structure scored at random, seeded by `seed`).
+    seed: RANDOM_SEED.
     calibration: the calibration batches; `held_out`, the held-out ones (maybe none).
     feature_lengths: TASK_FEATURE_LENGTHS (the shapes the parameters are built for).
     partitioner: the mesh.
@@ -90,6 +95,8 @@ class PrunePlan:
   targets: pruning.Targets
   flags: dict[str, str]
   layer_criterion: str
+  importance: str
+  seed: int
   calibration: list[dict[str, np.ndarray]]
   held_out: list[dict[str, np.ndarray]]
   feature_lengths: Mapping[str, int]
@@ -98,7 +105,7 @@ class PrunePlan:
 
 def prune(*, model: Any, checkpoint_path: str | None, data: DataConfig,
           output: str | None = None, targets: Mapping[str, str | None] | None = None,
-          layer_importance: str = "block_importance",
+          layer_importance: str = "block_importance", importance_scores: str = "activation",
           objective: Objective | str | None = TRAINING_OBJECTIVE,
           partitioning: PartitioningConfig = PartitioningConfig(), calibration_batches: int = 32,
           held_out_batches: int = 8, held_out_split: str = "validation",
@@ -113,6 +120,8 @@ def prune(*, model: Any, checkpoint_path: str | None, data: DataConfig,
     output: `--output`, the directory written (absent or empty).
     targets: {flag name in TARGET_FLAGS: value}, e.g. {'heads': '2', 'mlp_dim': '50%'}.
     layer_importance: `--layer_importance`, 'block_importance' or 'loss'.
+    importance_scores: `--importance`, 'activation' (Minitron's) or 'random' (a seeded
+      random choice of the same sizes: the baseline the scores are measured against).
     objective: makes model examples of the task's text (default: the training
       run's, `train_run.train.objective`; None: the task's own examples).
     partitioning: the mesh (MESH_SHAPE).
@@ -120,11 +129,12 @@ def prune(*, model: Any, checkpoint_path: str | None, data: DataConfig,
     held_out_batches: HELD_OUT_BATCHES, batches of `held_out_split` whose loss is
       reported before and after (0: none).
     held_out_split: the held-out split.
-    random_seed: the calibration rows' shuffle seed.
+    random_seed: the calibration rows' shuffle seed (and the random scores' seed).
   """
   return execute(plan_pruning(
       model=model, checkpoint_path=checkpoint_path, data=data, output=output,
-      targets=targets or {}, layer_importance=layer_importance, objective=objective,
+      targets=targets or {}, layer_importance=layer_importance,
+      importance_scores=importance_scores, objective=objective,
       partitioning=partitioning, calibration_batches=calibration_batches,
       held_out_batches=held_out_batches, held_out_split=held_out_split,
       random_seed=random_seed))
@@ -132,7 +142,8 @@ def prune(*, model: Any, checkpoint_path: str | None, data: DataConfig,
 
 def plan_pruning(*, model: Any, checkpoint_path: str | None, data: DataConfig,
                  output: str | None, targets: Mapping[str, str | None], layer_importance: str,
-                 objective: Objective | str | None, partitioning: PartitioningConfig,
+                 importance_scores: str, objective: Objective | str | None,
+                 partitioning: PartitioningConfig,
                  calibration_batches: int, held_out_batches: int, held_out_split: str,
                  random_seed: int) -> PrunePlan:
   """Checks the pruning (arguments as `prune`'s) and reads what it needs; nothing written.
@@ -155,6 +166,9 @@ def plan_pruning(*, model: Any, checkpoint_path: str | None, data: DataConfig,
   if layer_importance not in importance.LAYER_CRITERIA:
     raise errors.ConfigError(f"--layer_importance={layer_importance}: expected one of "
                              f"{', '.join(importance.LAYER_CRITERIA)}")
+  if importance_scores not in IMPORTANCE_SCORES:
+    raise errors.ConfigError(f"--importance={importance_scores}: expected one of "
+                             f"{', '.join(IMPORTANCE_SCORES)}")
   errors.require_int("CALIBRATION_BATCHES", calibration_batches)
   errors.require_int("HELD_OUT_BATCHES", held_out_batches, 0)
   if jax.process_count() > 1:
@@ -168,7 +182,8 @@ def plan_pruning(*, model: Any, checkpoint_path: str | None, data: DataConfig,
                                                     data.task_feature_lengths, partitioner)
   return PrunePlan(model=model, config=config, params=params, step=step,
                    checkpoint_path=checkpoint_path, output=out, targets=resolved, flags=flags,
-                   layer_criterion=layer_importance, calibration=calibration, held_out=held_out,
+                   layer_criterion=layer_importance, importance=importance_scores,
+                   seed=random_seed, calibration=calibration, held_out=held_out,
                    feature_lengths=data.task_feature_lengths, partitioner=partitioner)
 
 
@@ -257,6 +272,8 @@ def execute(plan: PrunePlan) -> pathlib.Path:
     scores = importance.calibrate(scoring_model, scoring_params,
                                   _device_batches(plan, plan.calibration), config.head_dim,
                                   plan.layer_criterion)
+  if plan.importance == "random":
+    scores = importance.randomized(scores, plan.seed)
   selection = pruning.select(config, plan.targets, scores)
   pruned_config, pruned_flat = pruning.prune(config, flat, selection)
   param_trees.check_shapes(pruned_flat, network_shapes.param_shapes(
