@@ -104,8 +104,10 @@ def t5_links(num_encoder_layers: int, num_decoder_layers: int, gated: bool,
   return links
 
 
-def llama_links(num_layers: int, untied_head: bool) -> list[Link]:
-  """t5xlike `decoder.Transformer` <-> HF `LlamaForCausalLM` (see `models/decoder.py`)."""
+def llama_links(num_layers: int, untied_head: bool, qkv_bias: bool = False) -> list[Link]:
+  """t5xlike `decoder.Transformer` <-> HF `LlamaForCausalLM` (see `models/decoder.py`;
+  also Mistral's and Qwen2's names). With `qkv_bias` (Qwen2),
+  `.../self_attention/{query,key,value}/bias` <-> `self_attn.{q,k,v}_proj.bias`."""
   links = [Link("token_embedder/embedding", "model.embed_tokens.weight", False),
            Link("decoder/decoder_norm/scale", "model.norm.weight", False)]
   for i in range(num_layers):
@@ -119,6 +121,9 @@ def llama_links(num_layers: int, untied_head: bool) -> list[Link]:
               Link(f"{ours}/mlp/wi_0/kernel", f"{hf}.mlp.gate_proj.weight", True),
               Link(f"{ours}/mlp/wi_1/kernel", f"{hf}.mlp.up_proj.weight", True),
               Link(f"{ours}/mlp/wo/kernel", f"{hf}.mlp.down_proj.weight", True)]
+    if qkv_bias:
+      links += [Link(f"{ours}/self_attention/{o}/bias", f"{hf}.self_attn.{h}_proj.bias", False)
+                for o, h in (("query", "q"), ("key", "k"), ("value", "v"))]
   if untied_head:
     links.append(Link("decoder/logits_dense/kernel", "lm_head.weight", True))
   return links
