@@ -43,6 +43,25 @@ def mt5_model(seed: int = 3) -> transformers.MT5ForConditionalGeneration:
   return model
 
 
+def umt5_model(seed: int = 8) -> transformers.UMT5ForConditionalGeneration:
+  """umT5 (model_type 'umt5': a relative position table in every self-attention layer,
+  untied head), t5_model's T5.1.1 dimensions and buckets, 2+2 layers."""
+  torch.manual_seed(seed)
+  config = transformers.UMT5Config(
+      vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  model = transformers.UMT5ForConditionalGeneration(config).eval()
+  model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32))
+  with torch.no_grad():  # Non-trivial norm scales; position tables of order 1.
+    for name, param in model.named_parameters():
+      if "layer_norm" in name:
+        param.copy_(1.0 + 0.2 * torch.randn_like(param))
+      elif "relative_attention_bias" in name:
+        param.copy_(torch.randn_like(param))
+  return model
+
+
 def llama_model(seed: int = 0, tied: bool = False) -> transformers.LlamaForCausalLM:
   """Llama-style: d_model 32, 4 query heads x 8 sharing 2 key/value heads, SwiGLU 64,
   2 layers, RoPE base 500, RMS eps 1e-5, untied (or tied) head."""

@@ -1,5 +1,6 @@
 """`python -m t5xlike.convert` for the checkpoint families fine-tuned today: Llama 3.x
-(RoPE 'llama3' scaling), Qwen2 / Qwen2.5 (q/k/v biases), Mistral, and what each refuses.
+(RoPE 'llama3' scaling), Qwen2 / Qwen2.5 (q/k/v biases), Mistral, umT5 (a relative
+position table per layer), and what each refuses.
 
 References: random small `transformers` models built here (`tests/hf_reference.py`, no
 hub); logits within 1e-4 and ours -> HF -> ours bit-identical, as `tests/test_convert.py`
@@ -36,6 +37,11 @@ def qwen2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
   return _import(tmp_path_factory, "mistral", hf_reference.mistral_model(), _batch(4))
+
+
+@pytest.fixture(scope="module")
+def umt5(tmp_path_factory):
+  return _import(tmp_path_factory, "umt5", hf_reference.umt5_model(), test_convert._t5_batch())
 
 
 def _hf_logits(imported, model=None):
@@ -116,7 +122,10 @@ def test_export_families_to_transformers(name, flag, model_type, request, tmp_pa
 @pytest.mark.parametrize("name, flag", [("llama3", "auto"), ("qwen2", "auto"),
                                         ("mistral", "mistral")])
 def test_round_trip_ours_hf_ours_is_exact(name, flag, request, tmp_path):
-  imported = request.getfixturevalue(name)
+  _round_trip(request.getfixturevalue(name), tmp_path, flag)
+
+
+def _round_trip(imported, tmp_path, flag):
   assert test_convert._convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir}",
                   f"--output={tmp_path / 'hf'}", f"--hf_model_type={flag}") == 0
   assert test_convert._convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
@@ -164,9 +173,10 @@ def test_mistral_window_as_long_as_the_context_imports_as_causal():
 @pytest.mark.parametrize("name, flag, message", [
     ("qwen2", "llama", "--hf_model_type=llama: the network has q/k/v biases"),
     ("mistral", "qwen2", "--hf_model_type=qwen2: the network has no q/k/v biases"),
+    ("umt5", "llama", "--hf_model_type=llama is for decoder-only networks"),
 ])
-def test_export_to_a_family_without_the_networks_biases_is_refused(name, flag, message, request,
-                                                                   tmp_path, capsys):
+def test_export_to_a_family_that_cannot_hold_the_network_is_refused(name, flag, message, request,
+                                                                    tmp_path, capsys):
   imported = request.getfixturevalue(name)
   assert test_convert._convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir}",
                   f"--output={tmp_path / 'out'}", f"--hf_model_type={flag}") == 2
@@ -174,3 +184,58 @@ def test_export_to_a_family_without_the_networks_biases_is_refused(name, flag, m
   assert message in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "out").exists()
   assert not list(tmp_path.glob(".out*"))
+
+
+def _hf_t5_logits(imported, model=None):
+  return hf_reference.t5_logits(model or imported.hf_model, imported.batch["encoder_input_tokens"],
+                                imported.batch["decoder_input_tokens"])
+
+
+def test_hf_umt5_import_matches_transformers(umt5):
+  cfg = umt5.model.network.config
+  assert cfg.relative_attention_per_layer and not cfg.logits_via_embedding
+  assert "encoder/relpos_bias/rel_embedding" not in umt5.flat
+  hf_table = umt5.hf_model.decoder.block[1].layer[0].SelfAttention.relative_attention_bias
+  np.testing.assert_array_equal(umt5.flat["decoder/layers_1/relpos_bias/rel_embedding"],
+                                hf_table.weight.detach().numpy().T)
+  np.testing.assert_allclose(umt5.logits, _hf_t5_logits(umt5), atol=TOL, rtol=0)
+
+
+def test_export_umt5_to_transformers(umt5, tmp_path, capfd):
+  out = tmp_path / "exported"
+  assert test_convert._convert("--from=t5xlike", "--to=hf", f"--checkpoint={umt5.out_dir}",
+                               f"--output={out}") == 0
+  assert json.loads((out / "config.json").read_text())["model_type"] == "umt5"
+  loaded, info, warnings = test_convert.load_hf(type(umt5.hf_model), out, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+  # transformers >= 5 always ties umT5's lm_head too: an untied head loads with that warning.
+  assert warnings and all("will NOT tie them" in w for w in warnings), warnings
+  np.testing.assert_allclose(_hf_t5_logits(umt5, loaded), umt5.logits, atol=TOL, rtol=0)
+
+
+def test_umt5_round_trip_ours_hf_ours_is_exact(umt5, tmp_path):
+  _round_trip(umt5, tmp_path, "auto")
+
+
+def test_umt5_cached_decoding_equals_whole_sequence_logits(umt5):
+  """Per-layer tables at the cache's positions: the logits of decoding step by step
+  (the model's decoding protocol) equal those of the whole target sequence."""
+  from t5xlike.interop import param_trees
+  model, batch = umt5.model, umt5.batch
+  params = param_trees.unflatten(umt5.flat)
+  inputs = batch["decoder_input_tokens"]
+  state, first = model.decoding_start(params, batch, max_length=inputs.shape[1] - 1)
+  steps = [np.asarray(first)]
+  for t in range(1, inputs.shape[1]):
+    logits, state = model.decoding_step(params, inputs[:, t:t + 1], state)
+    steps.append(np.asarray(logits))
+  np.testing.assert_allclose(np.stack(steps, 1), umt5.logits, atol=1e-5, rtol=0)
+
+
+def test_umt5_scanned_layers_hold_their_own_tables(umt5, tmp_path):
+  out = tmp_path / "scanned"
+  assert test_convert._convert("--from=hf", f"--checkpoint={umt5.hf_dir}", f"--output={out}",
+                               "--scan_layers=true") == 0
+  logits, model, flat = test_convert._our_logits(out, umt5.batch)
+  assert model.network.config.scan_layers and sorted(flat) == sorted(umt5.flat)
+  np.testing.assert_allclose(logits, umt5.logits, atol=1e-5, rtol=0)
