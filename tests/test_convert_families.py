@@ -113,6 +113,11 @@ def test_export_families_to_transformers(name, flag, model_type, request, tmp_pa
     assert written["rope_parameters"] == {
         "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    # transformers < 5 reads rope_scaling (and rope_theta).
+    assert written["rope_scaling"] == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}
+    assert written["rope_theta"] == 500.0
   loaded, info, warnings = test_convert.load_hf(type(imported.hf_model), out, capfd)
   assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
   assert not test_convert._weights_warnings(warnings) and not warnings, warnings
@@ -152,6 +157,10 @@ _LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermed
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
      "rope_type='llama3' without low_freq_factor, high_freq_factor"),
     ({"attention_bias": True}, "attention_bias=true"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}},
+     "rope_parameters per layer type (full_attention)"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
     ({"model_type": "gemma"}, "model_type='gemma' is not supported"),
 ])
 def test_unsupported_family_settings_are_one_line_exit_2(changes, message, tmp_path, capsys):
@@ -163,6 +172,22 @@ def test_unsupported_family_settings_are_one_line_exit_2(changes, message, tmp_p
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "out").exists()
+
+
+def test_llama3_config_of_transformers_4_reads_as_of_transformers_5():
+  """Llama 3.1's config.json as released (rope_scaling + rope_theta) and as transformers
+  >= 5 saves it (rope_parameters) give the same network; the original context falls
+  back to max_position_embeddings, as in transformers."""
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  old = hf_llama.config_from_hf({**_LLAMA, "rope_theta": 500000.0, "rope_scaling": scaling})
+  new = hf_llama.config_from_hf({**_LLAMA, "rope_parameters": {**scaling,
+                                                               "rope_theta": 500000.0}})
+  assert old == new and old.rope_llama3 == rope.Llama3Scaling(8.0, 1.0, 4.0, 8192)
+  assert old.rope_max_wavelength == 500000.0
+  del scaling["original_max_position_embeddings"]
+  short = hf_llama.config_from_hf({**_LLAMA, "rope_scaling": scaling})
+  assert short.rope_original_max_positions == _LLAMA["max_position_embeddings"]
 
 
 def test_mistral_window_as_long_as_the_context_imports_as_causal():
@@ -239,3 +264,34 @@ def test_umt5_scanned_layers_hold_their_own_tables(umt5, tmp_path):
   logits, model, flat = test_convert._our_logits(out, umt5.batch)
   assert model.network.config.scan_layers and sorted(flat) == sorted(umt5.flat)
   np.testing.assert_allclose(logits, umt5.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_decoder_cached_decoding_equals_whole_sequence_logits(name, request):
+  """The KV-cache path (decoding protocol) applies the llama3 frequencies and the q/k/v
+  biases as the whole-sequence forward does."""
+  from t5xlike.interop import param_trees
+  imported = request.getfixturevalue(name)
+  model, inputs = imported.model, imported.batch["decoder_input_tokens"]
+  params = param_trees.unflatten(imported.flat)
+  state, first = model.decoding_start(params, imported.batch, max_length=inputs.shape[1])
+  steps = [np.asarray(first)]
+  for t in range(1, inputs.shape[1]):
+    logits, state = model.decoding_step(params, inputs[:, t:t + 1], state)
+    steps.append(np.asarray(logits))
+  np.testing.assert_allclose(np.stack(steps, 1), imported.logits, atol=1e-5, rtol=0)
+
+
+def test_tied_qwen2_imports_and_exports(tmp_path_factory, tmp_path, capfd):
+  """Qwen2.5's small models tie the output layer to the embedding."""
+  imported = _import(tmp_path_factory, "qwen2_tied", hf_reference.qwen2_model(seed=9, tied=True),
+                     _batch(5))
+  assert imported.model.network.config.tie_embeddings
+  assert "decoder/logits_dense/kernel" not in imported.flat
+  np.testing.assert_allclose(imported.logits, _hf_logits(imported), atol=TOL, rtol=0)
+  out = tmp_path / "exported"
+  assert test_convert._convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir}",
+                               f"--output={out}") == 0
+  loaded, info, warnings = test_convert.load_hf(type(imported.hf_model), out, capfd)
+  assert not (info["missing_keys"] or info["unexpected_keys"] or warnings), (info, warnings)
+  np.testing.assert_allclose(_hf_logits(imported, loaded), imported.logits, atol=TOL, rtol=0)

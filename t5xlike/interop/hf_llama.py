@@ -51,6 +51,10 @@ def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   'llama3' `rope_type` with the four scaling fields (transformers >= 5
   `rope_parameters`, older `rope_scaling` + `rope_theta`)."""
   spec = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+  nested = sorted(key for key, value in spec.items() if isinstance(value, Mapping))
+  if nested:
+    raise ValueError(f"rope_parameters per layer type ({', '.join(nested)}): t5xlike's "
+                     "decoder has one RoPE for every layer")
   kind = spec.get("rope_type", spec.get("type", "default"))
   if kind not in ("default", "llama3"):
     raise ValueError(f"rope_type={kind!r}: only plain RoPE ('default') and Llama 3's "
@@ -61,6 +65,10 @@ def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   fields: dict[str, Any] = {
       "rope_max_wavelength": float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))}
   if kind == "llama3":
+    # As transformers: a top-level original_max_position_embeddings (Phi-3 style) first,
+    # then rope_parameters', then max_position_embeddings.
+    if hf.get("original_max_position_embeddings") is not None:
+      spec["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     spec.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
     missing = [key for key in _LLAMA3_KEYS if spec.get(key) is None]
     if missing:
@@ -159,6 +167,8 @@ def config_to_hf(cfg: decoder.DecoderConfig, max_position_embeddings: int = 2048
       # t5xlike's conventions: id 0 is BOS and padding, EOS from the vocabulary.
       "bos_token_id": 0, "pad_token_id": 0, "eos_token_id": eos_id, "torch_dtype": "float32",
   }
+  if cfg.rope_type == "llama3":  # What transformers < 5 reads (>= 5: rope_parameters).
+    hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
   if family == "llama":
     hf.update(attention_bias=False, mlp_bias=False)
   elif family == "mistral":
