@@ -154,13 +154,14 @@ def config_to_hf(cfg: decoder.DecoderConfig, max_position_embeddings: int = 2048
     raise ValueError(f"mlp_activations={tuple(cfg.mlp_activations)}: HF Llama is SwiGLU "
                      "('silu', 'linear')")
   family = export_model_type(cfg, model_type)
-  hf = {
+  rope_parameters = _rope_to_hf(cfg)
+  hf: dict[str, Any] = {
       "architectures": [_ARCHITECTURES[family]], "model_type": family,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.emb_dim,
       "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon,
-      "rope_theta": cfg.rope_max_wavelength, "rope_parameters": _rope_to_hf(cfg),
+      "rope_theta": cfg.rope_max_wavelength, "rope_parameters": rope_parameters,
       "max_position_embeddings": max_position_embeddings,
       "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_dropout": 0.0,
       "initializer_range": 0.02,
@@ -168,7 +169,7 @@ def config_to_hf(cfg: decoder.DecoderConfig, max_position_embeddings: int = 2048
       "bos_token_id": 0, "pad_token_id": 0, "eos_token_id": eos_id, "torch_dtype": "float32",
   }
   if cfg.rope_type == "llama3":  # What transformers < 5 reads (>= 5: rope_parameters).
-    hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    hf["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
   if family == "llama":
     hf.update(attention_bias=False, mlp_bias=False)
   elif family == "mistral":
