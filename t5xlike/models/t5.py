@@ -5,9 +5,9 @@ MLP, no biases anywhere, relative position biases (32 buckets, max distance
 128) shared across the layers of each stack, bidirectional in the encoder and
 causal in the decoder, and an untied output layer (`logits_dense`). Setting
 `logits_via_embedding=True` and `mlp_activations=('relu',)` gives T5 v1.0;
-`relative_attention_per_layer=True` gives umT5 (T5X's scalable_t5): a table
-per self-attention layer, `<stack>/layers_<i>/relpos_bias/rel_embedding`, and
-no stack-level one.
+`relative_attention_per_layer=True` gives umT5: a table in every
+self-attention layer, `<stack>/layers_<i>/relpos_bias/rel_embedding`, and no
+stack-level one.
 
 The parameter tree is T5X's:
   token_embedder/embedding                          [vocab, embed]
