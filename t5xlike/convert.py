@@ -5,7 +5,7 @@
   # UL2: --mlp_activation=silu) -> t5xlike:
   python -m t5xlike.convert --from=t5x --checkpoint=t5x_run/checkpoint_1000000 --output=OUT \
     [--vocabulary=spiece.model]
-  # A Hugging Face T5 / mT5 / Llama-style directory -> t5xlike:
+  # A Hugging Face T5 / mT5 / umT5 / Llama (2, 3.x) / Qwen2 / Mistral directory -> t5xlike:
   python -m t5xlike.convert --from=hf --checkpoint=HF_DIR --output=OUT
   # t5xlike -> Hugging Face (the model: --gin_file, else model.gin beside the checkpoint,
   # else a training run's MODEL_DIR/config.gin):
@@ -52,6 +52,10 @@ def _flags(parser) -> None:
                            "released T5X model)")
   parser.add_argument("--max_position_embeddings", type=int, default=2048,
                       help="HF Llama export: max_position_embeddings of config.json")
+  parser.add_argument("--hf_model_type", choices=("auto", "llama", "mistral", "qwen2"),
+                      default="auto",
+                      help="HF export of a decoder: its model_type (auto: qwen2 with q/k/v "
+                           "biases, else llama)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

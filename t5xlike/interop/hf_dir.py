@@ -34,7 +34,7 @@ def _converter(model_type: str | None):
   if model_type in hf_llama.MODEL_TYPES:
     return hf_llama
   raise ValueError(f"{CONFIG}: model_type={model_type!r} is not supported (T5: "
-                   f"{hf_t5.MODEL_TYPES}, Llama-style: {hf_llama.MODEL_TYPES})")
+                   f"{hf_t5.MODEL_TYPES}, decoder-only: {hf_llama.MODEL_TYPES})")
 
 
 def read(directory: str | pathlib.Path, scan_layers: bool = False,
@@ -65,7 +65,7 @@ def read(directory: str | pathlib.Path, scan_layers: bool = False,
 
 def write(directory: str | pathlib.Path, network_config: Any,
           flat: Mapping[str, np.ndarray], vocabulary: output_dir.Vocabulary,
-          max_position_embeddings: int = 2048) -> pathlib.Path:
+          max_position_embeddings: int = 2048, model_type: str = "auto") -> pathlib.Path:
   """Writes `config.json`, `model.safetensors` (float32) and the SentencePiece model
   (`spiece.model` for T5, `tokenizer.model` for Llama) with a `tokenizer_config.json`.
 
@@ -76,18 +76,22 @@ def write(directory: str | pathlib.Path, network_config: Any,
     vocabulary: where the token ids come from (the SentencePiece model is copied).
     max_position_embeddings: Llama's `max_position_embeddings` (RoPE has no table:
       the longest sequence the exported config announces).
+    model_type: a decoder's HF family ('auto', 'llama', 'mistral', 'qwen2';
+      `hf_llama.export_model_type`); T5 networks take 'auto' only.
 
   Returns:
     `directory`.
   """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
+  if isinstance(network_config, t5.T5Config) and model_type != "auto":
+    raise ValueError(f"--hf_model_type={model_type} is for decoder-only networks")
   if isinstance(network_config, t5.T5Config):
     hf, tensors = hf_t5.config_to_hf(network_config), hf_t5.export_params(flat, network_config)
     spm_name, tokenizer = T5_SPM, {"tokenizer_class": "T5Tokenizer",
                                    "extra_ids": vocabulary.extra_ids}
   elif isinstance(network_config, decoder.DecoderConfig):
-    hf = hf_llama.config_to_hf(network_config, max_position_embeddings)
+    hf = hf_llama.config_to_hf(network_config, max_position_embeddings, model_type=model_type)
     tensors = hf_llama.export_params(flat, network_config)
     spm_name, tokenizer = LLAMA_SPM, {"tokenizer_class": "LlamaTokenizer"}
   else:

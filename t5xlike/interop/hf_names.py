@@ -67,22 +67,31 @@ def _t5_mlp(ours: str, hf: str, gated: bool) -> list[Link]:
           for name in inputs + ("wo",)]
 
 
-def t5_links(num_encoder_layers: int, num_decoder_layers: int, gated: bool,
-             untied_head: bool) -> list[Link]:
-  """t5xlike `t5.Transformer` <-> HF `T5ForConditionalGeneration` (also mT5, UL2).
+def _relpos(stack: str, layer: int, per_layer: bool) -> Link:
+  ours = f"{stack}/layers_{layer}/relpos_bias" if per_layer else f"{stack}/relpos_bias"
+  return Link(f"{ours}/rel_embedding",
+              f"{stack}.block.{layer}.layer.0.SelfAttention.relative_attention_bias.weight", True)
 
-  HF holds the relative attention bias in block 0 of each stack only (the
-  other blocks reuse it), as t5xlike's one `relpos_bias` per stack. With
+
+def t5_links(num_encoder_layers: int, num_decoder_layers: int, gated: bool,
+             untied_head: bool, per_layer_relpos: bool = False) -> list[Link]:
+  """t5xlike `t5.Transformer` <-> HF `T5ForConditionalGeneration` (also mT5, UL2) or,
+  with `per_layer_relpos`, `UMT5ForConditionalGeneration`.
+
+  HF T5 holds the relative attention bias in block 0 of each stack only (the
+  other blocks reuse it), as t5xlike's one `relpos_bias` per stack; umT5 has
+  one in every block's self-attention, as `layers_<i>/relpos_bias`. With
   `untied_head`, `decoder/logits_dense` <-> `lm_head`.
   """
   qkvo = ("q", "k", "v", "o")
   links = [Link("token_embedder/embedding", "shared.weight", False),
-           Link("encoder/relpos_bias/rel_embedding",
-                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True),
-           Link("decoder/relpos_bias/rel_embedding",
-                "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True),
            Link("encoder/encoder_norm/scale", "encoder.final_layer_norm.weight", False),
            Link("decoder/decoder_norm/scale", "decoder.final_layer_norm.weight", False)]
+  if per_layer_relpos:
+    links += [_relpos("encoder", i, True) for i in range(num_encoder_layers)]
+    links += [_relpos("decoder", i, True) for i in range(num_decoder_layers)]
+  else:
+    links += [_relpos("encoder", 0, False), _relpos("decoder", 0, False)]
   for i in range(num_encoder_layers):
     ours, hf = f"encoder/layers_{i}", f"encoder.block.{i}.layer"
     links += [Link(f"{ours}/pre_attention_layer_norm/scale", f"{hf}.0.layer_norm.weight", False),
@@ -104,8 +113,10 @@ def t5_links(num_encoder_layers: int, num_decoder_layers: int, gated: bool,
   return links
 
 
-def llama_links(num_layers: int, untied_head: bool) -> list[Link]:
-  """t5xlike `decoder.Transformer` <-> HF `LlamaForCausalLM` (see `models/decoder.py`)."""
+def llama_links(num_layers: int, untied_head: bool, qkv_bias: bool = False) -> list[Link]:
+  """t5xlike `decoder.Transformer` <-> HF `LlamaForCausalLM` (see `models/decoder.py`;
+  also Mistral's and Qwen2's names). With `qkv_bias` (Qwen2),
+  `.../self_attention/{query,key,value}/bias` <-> `self_attn.{q,k,v}_proj.bias`."""
   links = [Link("token_embedder/embedding", "model.embed_tokens.weight", False),
            Link("decoder/decoder_norm/scale", "model.norm.weight", False)]
   for i in range(num_layers):
@@ -119,6 +130,9 @@ def llama_links(num_layers: int, untied_head: bool) -> list[Link]:
               Link(f"{ours}/mlp/wi_0/kernel", f"{hf}.mlp.gate_proj.weight", True),
               Link(f"{ours}/mlp/wi_1/kernel", f"{hf}.mlp.up_proj.weight", True),
               Link(f"{ours}/mlp/wo/kernel", f"{hf}.mlp.down_proj.weight", True)]
+    if qkv_bias:
+      links += [Link(f"{ours}/self_attention/{o}/bias", f"{hf}.self_attn.{h}_proj.bias", False)
+                for o, h in (("query", "q"), ("key", "k"), ("value", "v"))]
   if untied_head:
     links.append(Link("decoder/logits_dense/kernel", "lm_head.weight", True))
   return links

@@ -1,5 +1,5 @@
-"""Hugging Face T5 (`T5ForConditionalGeneration`; T5 v1.0, T5.1.1, mT5, UL2 shapes) <->
-t5xlike `t5.Transformer`.
+"""Hugging Face T5 (`T5ForConditionalGeneration`; T5 v1.0, T5.1.1, mT5, UL2 shapes) and
+umT5 (`UMT5ForConditionalGeneration`) <-> t5xlike `t5.Transformer`.
 
 Numerics that must agree, and do: neither scales attention logits at run
 time (1/sqrt(d_kv) lives in the query weights); HF's `gated-gelu` is
@@ -10,6 +10,9 @@ time (1/sqrt(d_kv) lives in the query weights); HF's `gated-gelu` is
 `shared` and reads the rescaling from `scale_decoder_outputs` (older
 versions: from `tie_word_embeddings`); both keys are read and written.
 mT5 (`model_type='mt5'`) never rescales, whatever its config says.
+umT5 (`model_type='umt5'`) is T5.1.1 with a relative position table in every
+self-attention layer (`relative_attention_per_layer=True`); it reads the
+rescaling as T5 does.
 
 Activation names (`feed_forward_proj`): 'gated-gelu' <-> ('gelu', 'linear'),
 'gated-silu' <-> ('silu', 'linear'), 'gated-relu' <-> ('relu', 'linear'),
@@ -28,7 +31,7 @@ from t5xlike.models import t5
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("t5", "mt5")
+MODEL_TYPES = ("t5", "mt5", "umt5")
 _HF_TO_OURS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
                "relu": "relu", "silu": "silu", "swish": "silu"}
 _OURS_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
@@ -56,7 +59,7 @@ def activations_to_hf(activations: tuple[str, ...]) -> str:
 
 
 def config_from_hf(hf: Mapping[str, Any], scan_layers: bool = False) -> t5.T5Config:
-  """A `config.json` of HF T5 / mT5 -> `t5.T5Config` (float32, no dropout)."""
+  """A `config.json` of HF T5 / mT5 / umT5 -> `t5.T5Config` (float32, no dropout)."""
   if hf.get("model_type") not in MODEL_TYPES:
     raise ValueError(f"model_type={hf.get('model_type')!r} is not one of {MODEL_TYPES}")
   epsilon = float(hf.get("layer_norm_epsilon", LAYER_NORM_EPSILON))
@@ -76,15 +79,18 @@ def config_from_hf(hf: Mapping[str, Any], scan_layers: bool = False) -> t5.T5Con
       logits_via_embedding=bool(scaled),
       relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
       relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-      scan_layers=scan_layers)
+      relative_attention_per_layer=hf["model_type"] == "umt5", scan_layers=scan_layers)
 
 
 def config_to_hf(cfg: t5.T5Config, eos_id: int = 1) -> dict[str, Any]:
-  """`t5.T5Config` -> HF `config.json` (T5ForConditionalGeneration)."""
+  """`t5.T5Config` -> HF `config.json` (T5ForConditionalGeneration, or
+  UMT5ForConditionalGeneration with `relative_attention_per_layer`)."""
   feed_forward_proj = activations_to_hf(tuple(cfg.mlp_activations))
   tied = bool(cfg.logits_via_embedding)
+  umt5 = bool(cfg.relative_attention_per_layer)
   return {
-      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+      "architectures": ["UMT5ForConditionalGeneration" if umt5 else "T5ForConditionalGeneration"],
+      "model_type": "umt5" if umt5 else "t5",
       "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim,
       "d_ff": cfg.mlp_dim, "num_layers": cfg.num_encoder_layers,
       "num_decoder_layers": cfg.num_decoder_layers, "num_heads": cfg.num_heads,
@@ -102,7 +108,8 @@ def config_to_hf(cfg: t5.T5Config, eos_id: int = 1) -> dict[str, Any]:
 def links(cfg: t5.T5Config) -> list[hf_names.Link]:
   return hf_names.t5_links(cfg.num_encoder_layers, cfg.num_decoder_layers,
                            gated=len(cfg.mlp_activations) > 1,
-                           untied_head=not cfg.logits_via_embedding)
+                           untied_head=not cfg.logits_via_embedding,
+                           per_layer_relpos=cfg.relative_attention_per_layer)
 
 
 def import_params(reader: hf_weights.WeightReader, cfg: t5.T5Config) -> Iterator[

@@ -4,7 +4,8 @@ The network (Touvron et al. 2023, as in HF's `LlamaForCausalLM`): token
 embedding, pre-norm residual blocks with RMS norm, self-attention with rotary
 position embeddings (`rotate_half` layout), optional grouped-query attention
 and queries scaled by 1/sqrt(head_dim) at run time, a SwiGLU MLP, a final
-RMS norm and an output layer; no biases anywhere. Masks follow T5X's
+RMS norm and an output layer; no biases (Qwen2's `qkv_bias`: on q/k/v only).
+Llama 3.x's RoPE frequency scaling is `rope_type='llama3'`. Masks follow T5X's
 DecoderOnly: causal, prefix LM (`decoder_causal_attention`) and packing
 (`decoder_segment_ids`, with `decoder_positions` restarting at 0 per segment).
 
@@ -14,6 +15,7 @@ level, as in `t5.Transformer`, not under `decoder/`):
   decoder/layers_<i>/pre_self_attention_layer_norm/scale   [embed]
   decoder/layers_<i>/self_attention/query/kernel           [embed, heads*head_dim]
   decoder/layers_<i>/self_attention/{key,value}/kernel     [embed, kv_heads*head_dim]
+  decoder/layers_<i>/self_attention/{query,key,value}/bias  [(kv_)heads*head_dim] (qkv_bias)
   decoder/layers_<i>/self_attention/out/kernel             [heads*head_dim, embed]
   decoder/layers_<i>/pre_mlp_layer_norm/scale              [embed]
   decoder/layers_<i>/mlp/{wi_0,wi_1}/kernel                [embed, mlp]
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5xlike.inference import prepacking
-from t5xlike.models import base, layers, masks
+from t5xlike.models import base, layers, masks, rope
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -71,7 +73,17 @@ class DecoderConfig:
     head_dim: size of each head (even, for RoPE).
     mlp_dim: hidden size of the MLP.
     mlp_activations: ('silu', 'linear') is SwiGLU (gate, up).
-    rope_max_wavelength: RoPE base (Llama 1/2: 10,000).
+    rope_max_wavelength: RoPE base (Llama 1/2: 10,000; Llama 3: 500,000).
+    rope_type: 'default' (plain RoPE) or 'llama3' (Llama 3.x frequency scaling,
+      HF `rope_type: 'llama3'`, with the four `rope_*` fields below; `rope.Llama3Scaling`).
+    rope_factor: llama3: the slow-down of the low frequencies (Llama 3.1: 8).
+    rope_low_freq_factor: llama3: wavelengths above
+      rope_original_max_positions / rope_low_freq_factor positions are slowed down (1).
+    rope_high_freq_factor: llama3: wavelengths below
+      rope_original_max_positions / rope_high_freq_factor are kept (4).
+    rope_original_max_positions: llama3: the pretraining context length (8192).
+    qkv_bias: biases on the query/key/value projections, none on the output
+      projection (Qwen2 / Qwen2.5); `.../self_attention/{query,key,value}/bias`.
     tie_embeddings: output layer = embedding transposed (no `logits_dense`).
     norm_epsilon: RMS norm epsilon (Llama: 1e-5 or 1e-6).
     dropout_rate: dropout on the embedding, residual branches, attention
@@ -93,6 +105,12 @@ class DecoderConfig:
   mlp_dim: int
   mlp_activations: Sequence[str] = ("silu", "linear")
   rope_max_wavelength: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  qkv_bias: bool = False
   tie_embeddings: bool = False
   norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
@@ -113,6 +131,10 @@ class DecoderConfig:
     if self.rope_max_wavelength <= 0 or self.norm_epsilon <= 0:
       raise ValueError("DecoderConfig.rope_max_wavelength and norm_epsilon must be positive, "
                        f"got {self.rope_max_wavelength} and {self.norm_epsilon}")
+    if self.rope_type not in ("default", "llama3"):
+      raise ValueError(f"DecoderConfig.rope_type must be 'default' or 'llama3', "
+                       f"got {self.rope_type!r}")
+    _ = self.rope_llama3  # Validates the scaling.
     for name in self.mlp_activations:
       layers.activation(name)  # Validates the name.
     jnp.dtype(self.dtype)  # Validates the name.
@@ -120,6 +142,15 @@ class DecoderConfig:
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def rope_llama3(self) -> rope.Llama3Scaling | None:
+    """The Llama 3.x scaling of RoPE's frequencies, or None (rope_type 'default')."""
+    if self.rope_type != "llama3":
+      return None
+    return rope.Llama3Scaling(float(self.rope_factor), float(self.rope_low_freq_factor),
+                              float(self.rope_high_freq_factor),
+                              int(self.rope_original_max_positions))
 
 
 def _dropout(cfg) -> nn.Dropout:
@@ -150,7 +181,8 @@ class DecoderLayer(nn.Module):
     y = norm("pre_self_attention_layer_norm")(x)
     y = layers.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
-        rope_max_wavelength=cfg.rope_max_wavelength, query_scaling="runtime",
+        rope_max_wavelength=cfg.rope_max_wavelength, rope_llama3=cfg.rope_llama3,
+        qkv_bias=cfg.qkv_bias, query_scaling="runtime",
         dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype,
         float32_logits=cfg.float32_attention_logits, decode=self.decode,
         attention_impl=cfg.attention_impl,

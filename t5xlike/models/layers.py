@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from t5xlike.models import attention, masks
+from t5xlike.models import attention, masks, rope
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -138,25 +138,32 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 
 class Dense(nn.Module):
-  """A bias-free dense layer with a 2-D kernel `[in_features, features]`.
+  """A dense layer with a 2-D kernel `[in_features, features]`, bias-free by default.
 
   Attributes:
     features: output size.
     kernel_axes: logical axis names of the kernel, e.g. `('embed', 'mlp')`.
     kernel_init: initializer of the float32 kernel.
     dtype: computation dtype (activations and matmul inputs).
+    use_bias: add a float32 `bias` `[features]` (axis `kernel_axes[1]`, zeros at init).
   """
   features: int
   kernel_axes: tuple[str, str]
   kernel_init: Initializer = default_kernel_init
   dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [..., in_features] -> [..., features]."""
     kernel = logical_param(self, "kernel", self.kernel_init, self.kernel_axes,
                            (x.shape[-1], self.features))
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = logical_param(self, "bias", nn.initializers.zeros, (self.kernel_axes[1],),
+                           (self.features,))
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -251,33 +258,7 @@ class RelativePositionBiases(nn.Module):
     return values[None].astype(self.dtype)
 
 
-def rotary_embedding(x: Array, positions: Array, max_wavelength: float) -> Array:
-  """Rotary position embedding (RoPE, Su et al. 2021) in HF Llama's `rotate_half` layout.
-
-  Feature i < head_dim / 2 is paired with feature i + head_dim / 2 (not with
-  its neighbour, as in the RoFormer paper) and the pair is rotated by the
-  angle `position * max_wavelength ** (-2 i / head_dim)`:
-    out = x * cos + rotate_half(x) * sin,  rotate_half([x1, x2]) = [-x2, x1].
-  Computed in float32.
-
-  Args:
-    x: [batch, length, heads, head_dim] queries or keys, head_dim even.
-    positions: int [batch, length] (or [1, length]) position of each token.
-    max_wavelength: the base of the frequencies (Llama: 10,000).
-  Returns:
-    [batch, length, heads, head_dim] in x.dtype.
-  """
-  head_dim = x.shape[-1]
-  if head_dim % 2:
-    raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-  inv_freq = np.asarray(max_wavelength, np.float64) ** (
-      -np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, l, 1, head_dim]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+rotary_embedding = rope.rotary_embedding  # Kept here for callers of `layers`.
 
 
 class MultiHeadAttention(nn.Module):
@@ -298,6 +279,8 @@ class MultiHeadAttention(nn.Module):
       `repeat_kv`. None: num_kv_heads = num_heads.
     rope_max_wavelength: rotary position embeddings (`rotary_embedding`) on
       queries and keys at `positions` (self-attention only).
+    rope_llama3: Llama 3.x frequency scaling of those (`rope.Llama3Scaling`).
+    qkv_bias: biases on the query, key and value projections (Qwen2), none on `out`.
     query_scaling: 'init' (T5: folded into the query init) or 'runtime'
       (Llama / HF: queries divided by sqrt(head_dim), plain query init).
     decode: autoregressive decoding with a KV cache in the `cache`
@@ -330,6 +313,8 @@ class MultiHeadAttention(nn.Module):
   float32_logits: bool = True
   num_kv_heads: int | None = None
   rope_max_wavelength: float | None = None
+  rope_llama3: rope.Llama3Scaling | None = None
+  qkv_bias: bool = False
   query_scaling: str = "init"
   decode: bool = False
   attention_impl: str = "auto"
@@ -360,7 +345,8 @@ class MultiHeadAttention(nn.Module):
       return attention_kernel_init(*args) / depth_scaling
 
     proj = lambda name, heads, init: Dense(heads * self.head_dim, ("embed", "joined_kv"),
-                                           kernel_init=init, dtype=self.dtype, name=name)
+                                           kernel_init=init, dtype=self.dtype, name=name,
+                                           use_bias=self.qkv_bias)
     query = proj("query", self.num_heads,
                  query_init if self.query_scaling == "init" else attention_kernel_init)(inputs_q)
     key = proj("key", kv_heads, attention_kernel_init)(inputs_kv)
@@ -378,8 +364,8 @@ class MultiHeadAttention(nn.Module):
       if positions is None:
         start = cache[2].value if cache is not None and cache[3] else 0
         positions = start + jnp.arange(query.shape[1], dtype=jnp.int32)[None]
-      query = rotary_embedding(query, positions, self.rope_max_wavelength)
-      key = rotary_embedding(key, positions, self.rope_max_wavelength)
+      query = rotary_embedding(query, positions, self.rope_max_wavelength, self.rope_llama3)
+      key = rotary_embedding(key, positions, self.rope_max_wavelength, self.rope_llama3)
     if cache is not None and cache[3]:
       key, value, mask = self._update_cache(cache, key, value, mask)
 

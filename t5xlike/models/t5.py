@@ -4,7 +4,10 @@ Pre-norm residual blocks with RMS layer norm (no mean, no bias), gated-GELU
 MLP, no biases anywhere, relative position biases (32 buckets, max distance
 128) shared across the layers of each stack, bidirectional in the encoder and
 causal in the decoder, and an untied output layer (`logits_dense`). Setting
-`logits_via_embedding=True` and `mlp_activations=('relu',)` gives T5 v1.0.
+`logits_via_embedding=True` and `mlp_activations=('relu',)` gives T5 v1.0;
+`relative_attention_per_layer=True` gives umT5: a table in every
+self-attention layer, `<stack>/layers_<i>/relpos_bias/rel_embedding`, and no
+stack-level one.
 
 The parameter tree is T5X's:
   token_embedder/embedding                          [vocab, embed]
@@ -58,6 +61,8 @@ class T5Config:
     dtype: activation/matmul dtype name ('float32' or 'bfloat16'); parameters stay float32.
     float32_attention_logits: compute attention logits and softmax in float32.
     relative_attention_num_buckets, relative_attention_max_distance: T5 position buckets.
+    relative_attention_per_layer: each self-attention layer has its own relative
+      position table (umT5) instead of one per stack.
     scan_layers: run each stack as one `nn.scan` over stacked layer parameters
       (`encoder/layers/...` with a leading `layers` axis); compile time then
       does not grow with depth.
@@ -82,6 +87,7 @@ class T5Config:
   float32_attention_logits: bool = True
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
+  relative_attention_per_layer: bool = False
   scan_layers: bool = False
   remat_policy: str | Sequence[str] = "none"
   attention_impl: str = "auto"
@@ -128,6 +134,18 @@ def _relpos(cfg: T5Config) -> layers.RelativePositionBiases:
                                        name="relpos_bias")
 
 
+def _relpos_bias(cfg: T5Config, length: int, bidirectional: bool,
+                 window: tuple[Array, int] | None = None) -> Array:
+  """Biases [1, heads, length, keys] of a `relpos_bias` table made here: queries at
+  0 .. length-1 over as many keys, or with `window` = (p, slots) (decoding) queries
+  at p .. p+length-1 over all `slots` cache slots."""
+  if window is None:
+    return _relpos(cfg)(length, length, bidirectional=bidirectional)
+  position, slots = window
+  full = _relpos(cfg)(slots, slots, bidirectional=bidirectional)
+  return jax.lax.dynamic_slice_in_dim(full, position, length, axis=2)
+
+
 _constrain = layers.constrain_embedded
 
 
@@ -139,12 +157,16 @@ class EncoderLayer(nn.Module):
   config: T5Config
   deterministic: bool = True
   scanned: bool = False
+  own_relpos: bool = False  # umT5: this layer's `relpos_bias` (bidirectional), not `bias`.
 
   @nn.compact
   def __call__(self, x: Array, bias: Array | None,
                mask: Array | masks.StructuredMask) -> Array | tuple[Array, None]:
+    """x: [b, l, embed]; bias: [1, heads, l, l] or None; mask: bool [b, 1, l, l]."""
     cfg = self.config
     deterministic = self.deterministic
+    if self.own_relpos:
+      bias = _relpos_bias(cfg, x.shape[1], bidirectional=True)
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
     y = _attention(cfg, "attention")(y, y, mask, bias, deterministic=deterministic)
     x = _constrain(x + _dropout(cfg)(y, deterministic=deterministic))
@@ -164,12 +186,24 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   scanned: bool = False
+  own_relpos: bool = False  # umT5: this layer's `relpos_bias` (causal), not `bias`.
+  max_decode_length: int | None = None  # The cache slots, with own_relpos and decode.
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, bias: Array, self_mask: Array | None,
-               cross_mask: Array) -> Array | tuple[Array, None]:
+  def __call__(self, x: Array, encoded: Array, bias: Array | None, self_mask: Array | None,
+               cross_mask: Array, decode_position: Array | None = None
+               ) -> Array | tuple[Array, None]:
+    """x: [b, ld, embed]; encoded: [b, le, embed]; bias: [1, heads, ld, keys] or None
+    (own_relpos); decode_position: int32 [] of the first of x's tokens when decoding
+    through a cache of `max_decode_length` slots (own_relpos), else None."""
     cfg = self.config
     deterministic = self.deterministic
+    if self.own_relpos:
+      window = None
+      if decode_position is not None:
+        assert self.max_decode_length is not None  # Passed with decode_position.
+        window = (decode_position, self.max_decode_length)
+      bias = _relpos_bias(cfg, x.shape[1], bidirectional=False, window=window)
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="pre_self_attention_layer_norm")(x)
     y = _attention(cfg, "self_attention", self.decode)(y, y, self_mask, bias,
                                                        deterministic=deterministic)
@@ -203,11 +237,12 @@ class Encoder(nn.Module):
     """tokens: int [b, l]; mask: bool [b, 1, l, l] -> encoded [b, l, embed]."""
     cfg = self.config
     length = tokens.shape[-1]
-    bias = _relpos(cfg)(length, length, bidirectional=True)
+    per_layer = cfg.relative_attention_per_layer
+    bias = None if per_layer else _relpos(cfg)(length, length, bidirectional=True)
     x = _dropout(cfg)(self.shared_embedding(tokens), deterministic=deterministic)
     x = _constrain(x)
     x = _run_stack(cfg, EncoderLayer, cfg.num_encoder_layers, x, bias, mask,
-                   deterministic=deterministic)
+                   deterministic=deterministic, own_relpos=per_layer)
     x = layers.RMSNorm(dtype=cfg.jnp_dtype, name="encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=deterministic)
 
@@ -231,20 +266,22 @@ class Decoder(nn.Module):
     """
     cfg = self.config
     length = tokens.shape[-1]
+    window = None
     if decode and self.has_variable("cache", "decode_position"):
       position = self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
       assert max_decode_length is not None  # The cache length, which decoding calls pass.
-      full = _relpos(cfg)(max_decode_length, max_decode_length, bidirectional=False)
-      bias = jax.lax.dynamic_slice_in_dim(full, position.value, length, axis=2)
+      window = (position.value, max_decode_length)
       position.value = position.value + length
-    else:
-      if decode:
-        self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
-      bias = _relpos(cfg)(length, length, bidirectional=False)
+    elif decode:
+      self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
+    per_layer = cfg.relative_attention_per_layer
+    bias = None if per_layer else _relpos_bias(cfg, length, bidirectional=False, window=window)
     y = _dropout(cfg)(self.shared_embedding(tokens), deterministic=deterministic)
     y = _constrain(y)
     y = _run_stack(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, bias, self_mask,
-                   cross_mask, deterministic=deterministic, decode=decode)
+                   cross_mask, None if window is None else window[0],
+                   deterministic=deterministic, decode=decode, own_relpos=per_layer,
+                   max_decode_length=max_decode_length if per_layer else None)
     y = layers.RMSNorm(dtype=cfg.jnp_dtype, name="decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=deterministic)
     if cfg.logits_via_embedding:

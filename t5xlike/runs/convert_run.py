@@ -111,7 +111,12 @@ def convert(args) -> pathlib.Path:
   if args.target == "t5xlike":
     output_dir.write(temporary, network_config, flat, vocabulary, final=output)
   else:
-    hf_dir.write(temporary, network_config, flat, vocabulary, args.max_position_embeddings)
+    try:
+      hf_dir.write(temporary, network_config, flat, vocabulary, args.max_position_embeddings,
+                   args.hf_model_type)
+    except ValueError as error:  # The network has no such HF family: nothing left behind.
+      shutil.rmtree(temporary, ignore_errors=True)
+      raise errors.ConfigError(errors.one_line(error).strip('"')) from None
   if output.exists():
     output.rmdir()  # Empty (checked by validate).
   temporary.rename(output)
