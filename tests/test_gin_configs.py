@@ -8,6 +8,7 @@ import pytest
 from t5xlike import library_compat
 from t5xlike.cli import gin_config
 from t5xlike.errors import ConfigError
+from t5xlike.interop import output_dir
 from t5xlike.models import t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
@@ -33,12 +34,28 @@ def _needs_model(name):
   return any(_needs_model(other) for other in included if (GIN_DIR / other).is_file())
 
 
+def _teacher_gin(directory: pathlib.Path) -> str:
+  """A teacher.gin as `prune` writes it (the tiny T5 as TEACHER): what
+  posttrain/distill_pruned.gin composes after."""
+  gin_config.configure(["models/t5_1_1/tiny.gin"])
+  try:
+    config = output_dir.configured_model().network.config
+  finally:
+    gin.clear_config()
+  path = directory / "teacher.gin"
+  path.write_text(output_dir.teacher_gin(config, "/nonexistent/checkpoint_2", "prune"))
+  return str(path)
+
+
 @pytest.mark.parametrize("name", ALL_GIN)
-def test_gin_file_parses(name):
+def test_gin_file_parses(name, tmp_path):
   # A run gin needs a model gin to bind MODEL; a schedule composes after a run (the
-  # quickstart); everything else runs alone.
+  # quickstart); the pruned model's distillation after a model and prune's teacher.gin;
+  # everything else runs alone.
   if name.startswith("schedules/"):
     files = ["quickstart.gin", name]
+  elif name == "posttrain/distill_pruned.gin":
+    files = ["quickstart.gin", _teacher_gin(tmp_path), name]
   else:
     files = ["models/t5_1_1/tiny.gin", name] if _needs_model(name) else [name]
   gin_config.configure(files)
