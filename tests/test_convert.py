@@ -225,9 +225,13 @@ def test_export_llama_to_transformers(name, request, tmp_path, capfd):
 
 @pytest.mark.parametrize("name", ["t5_v11", "llama"])
 def test_round_trip_ours_hf_ours_is_exact(name, request, tmp_path):
-  imported = request.getfixturevalue(name)
+  round_trip(request.getfixturevalue(name), tmp_path)
+
+
+def round_trip(imported, tmp_path, *export_flags):
+  """ours -> HF (with `export_flags`) -> ours: the parameters bit-identical, the same model.gin."""
   assert _convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir / 'checkpoint'}",
-                  f"--output={tmp_path / 'hf'}") == 0
+                  f"--output={tmp_path / 'hf'}", *export_flags) == 0
   assert _convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
                   f"--output={tmp_path / 'back'}") == 0
   back = output_dir.read_params(tmp_path / "back" / "checkpoint", imported.model.network.config)

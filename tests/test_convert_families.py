@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from t5xlike.interop import hf_llama, output_dir
+from t5xlike.interop import hf_llama
 from t5xlike.models import rope
 
 torch = pytest.importorskip("torch")
@@ -131,16 +131,7 @@ def test_round_trip_ours_hf_ours_is_exact(name, flag, request, tmp_path):
 
 
 def _round_trip(imported, tmp_path, flag):
-  assert test_convert._convert("--from=t5xlike", "--to=hf", f"--checkpoint={imported.out_dir}",
-                  f"--output={tmp_path / 'hf'}", f"--hf_model_type={flag}") == 0
-  assert test_convert._convert("--from=hf", f"--checkpoint={tmp_path / 'hf'}",
-                  f"--output={tmp_path / 'back'}") == 0
-  back = output_dir.read_params(tmp_path / "back" / "checkpoint", imported.model.network.config)
-  assert sorted(back) == sorted(imported.flat)
-  for key, value in imported.flat.items():
-    np.testing.assert_array_equal(back[key], value, err_msg=key)
-  assert (tmp_path / "back" / "model.gin").read_text() == (
-      imported.out_dir / "model.gin").read_text()
+  test_convert.round_trip(imported, tmp_path, f"--hf_model_type={flag}")
 
 
 _LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,

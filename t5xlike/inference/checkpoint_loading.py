@@ -42,16 +42,16 @@ def restore_params(model: Any, checkpoint_path: str, batch_shapes: Mapping[str, 
   return params, int(step)
 
 
-def require_checkpoint_path(checkpoint_path: str | None) -> str:
-  """CHECKPOINT_PATH, or a ConfigError when it is not set or not a step directory (checked
-  before anything else is read)."""
+def require_checkpoint_path(checkpoint_path: str | None, macro: str = "CHECKPOINT_PATH") -> str:
+  """CHECKPOINT_PATH (or the macro named), or a ConfigError when it is not set or not a step
+  directory (checked before anything else is read)."""
   if not checkpoint_path:
-    raise errors.ConfigError("CHECKPOINT_PATH is not set (pass --gin.CHECKPOINT_PATH="
-                             "MODEL_DIR/checkpoint_<N>)")
+    raise errors.ConfigError(f"{macro} is not set (pass --gin.{macro}="
+                             f"MODEL_DIR/checkpoint_<N>)")
   try:
     checkpoints.validate_step_dir(checkpoint_path)
   except ValueError as error:
-    raise errors.ConfigError(f"CHECKPOINT_PATH: {errors.one_line(error)}") from None
+    raise errors.ConfigError(f"{macro}: {errors.one_line(error)}") from None
   return checkpoint_path
 
 

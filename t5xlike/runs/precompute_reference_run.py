@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from t5xlike import checkpoints, errors, interfaces
+from t5xlike import errors, interfaces
 from t5xlike.cli import entry
 from t5xlike.data import feed_steps, pairwise, selected_task, task_examples
 from t5xlike.inference import checkpoint_loading
@@ -57,11 +57,7 @@ def reference_checkpoint(reference_checkpoint_path: str | None,
   if not path:
     raise errors.ConfigError("set REFERENCE_CHECKPOINT_PATH or INITIAL_CHECKPOINT_PATH: the "
                              "reference model whose log-likelihoods are precomputed")
-  try:
-    checkpoints.validate_step_dir(path)
-  except ValueError as error:
-    raise errors.ConfigError(f"{macro}: {errors.one_line(error)}") from None
-  return str(path)
+  return str(checkpoint_loading.require_checkpoint_path(path, macro))
 
 
 def side_log_likelihoods(predictor: Predictor, examples: Sequence[dict[str, np.ndarray]],
