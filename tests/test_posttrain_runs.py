@@ -5,14 +5,16 @@ Runs the entry point in-process on the tiny T5 with batches of 4, so each run co
 compilation; the SFT checkpoints are shared by the module.
 """
 import json
+import logging
 import pathlib
+import re
 import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5xlike import precompute_reference, train
+from t5xlike import precompute_reference, progress, train
 from t5xlike.data import sources
 
 MODEL = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
@@ -182,16 +184,26 @@ def test_a_teacher_of_another_vocabulary_fails_in_one_line_and_writes_nothing(sf
   assert not model_dir.exists()
 
 
-def test_a_precomputed_reference_trains_as_the_reference_in_the_run(sft, tmp_path):
-  """precompute_reference writes every pair with the reference's log-likelihoods; DPO on
-  that task with no reference in the run reports what DPO with the frozen copy does."""
+def test_a_precomputed_reference_trains_as_the_reference_in_the_run(sft, tmp_path, caplog,
+                                                                   monkeypatch):
+  """precompute_reference writes every pair with the reference's log-likelihoods (its
+  progress shown); DPO on that task with no reference in the run reports what DPO with the
+  frozen copy does."""
   out = tmp_path / "reference"
   start = f"--gin.INITIAL_CHECKPOINT_PATH={sft['tiny']}"
+  monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+  caplog.set_level(logging.INFO, logger="t5xlike.progress")
+  # (Scored 128 pairs per call: a pair's log-likelihoods do not depend on its batch.)
   assert precompute_reference.main([
       MODEL, "--gin_file=gin_configs/posttrain/precompute_reference.gin", *SMALL, PAIRS, start,
-      "--name=pref_ref", f"--output_dir={out}"]) == 0
+      "--gin.BATCH_SIZE=128", "--name=pref_ref", f"--output_dir={out}"]) == 0
   manifest = json.loads((out / "pref_ref" / "selection.json").read_text())
   assert manifest["score"] == "reference_logp" and manifest["step"] == 2
+  shown = [re.fullmatch(r"reference: scoring: ([\d,]+) / ([\d,]+) examples .*", r.getMessage())
+           for r in caplog.records if r.name == "t5xlike.progress"]
+  assert shown and all(shown)
+  # Each side of each split counted to its end: the train pairs, the 300 validation pairs.
+  assert {m[2] for m in shown if m[1] == m[2]} == {f"{manifest['num_examples']:,}", "300"}
   for split in ("train", "validation"):
     cached = sources.CachedSource(out / "pref_ref" / split)
     example = cached[0]

@@ -55,13 +55,13 @@ import seqio
 from etils import epath
 from flax import serialization
 
+from t5xlike import progress as progress_lib
 from t5xlike.data import seqio_tasks, task_datasets
 
 FORMAT = "t5xlike.task_cache"
 FORMAT_VERSION = 1
 STATS = "stats.json"
 SHARD_BYTES = 256 << 20  # Target shard size of a cache written without num_shards.
-PROGRESS_EVERY = 10_000  # Examples between progress log lines.
 STALE_SECONDS = 24 * 3600  # Age after which a foreign writer's leftovers count as stale.
 REPLACE_WAIT_SECONDS = 10.0  # How long a reader waits for a replacement under way.
 _POLL_SECONDS = 0.05
@@ -305,25 +305,40 @@ def _reshard(directory: epath.Path, parts: list[epath.Path], total: int,
 
 
 def _write_examples(directory: epath.Path, examples: Iterable[dict[str, np.ndarray]],
-                    features: Mapping[str, bool], label: str, progress: bool
+                    features: Mapping[str, bool], label: str, progress: bool,
+                    total: int | None = None
                     ) -> tuple[_ShardWriter, dict[str, list[int]], dict[str, Any]]:
-  """Writes the records; (writer, token lengths per feature, feature info)."""
+  """Writes the records; (writer, token lengths per feature, feature info). `progress`:
+  shown as `t5xlike.progress` does (of `total` examples, when known)."""
   writer = _ShardWriter(directory)
   lengths: dict[str, list[int]] = {k: [] for k, token in features.items() if token}
   info: dict[str, Any] = {k: {"dtype": "int32" if token else None, "rank": 1 if token else None,
                               "token": token} for k, token in features.items()}
-  start = time.time()
-  for count, example in enumerate(examples, 1):
-    writer.write(encode(example))
-    for key, value in example.items():
-      info[key].update(dtype=value.dtype.name, rank=value.ndim)
-    for key, values in lengths.items():
-      values.append(len(example[key]))
-    if progress and count % PROGRESS_EVERY == 0:
-      log.info("caching %s: %d examples, %.0f examples/s", label, count,
-               count / max(time.time() - start, 1e-9))
+  shown = progress_lib.Progress(f"caching {label}", total) if progress else None
+  try:
+    for example in examples:
+      writer.write(encode(example))
+      for key, value in example.items():
+        info[key].update(dtype=value.dtype.name, rank=value.ndim)
+      for key, values in lengths.items():
+        values.append(len(example[key]))
+      if shown is not None:
+        shown.update()
+  finally:
+    if shown is not None:
+      shown.close()
   writer.close()
   return writer, lengths, info
+
+
+def _source_count(task: Any, split: str) -> int | None:
+  """The split's example count as the task's source reports it (TFDS: from its metadata;
+  preprocessors that filter make the count an upper bound), None when it does not know."""
+  try:
+    count = task.source.num_input_examples(split)
+  except Exception:  # noqa: BLE001  (a source that cannot count: no ETA)
+    return None
+  return int(count) if count else None
 
 
 def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
@@ -336,7 +351,8 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
     output_dir: the cache directory (USE_CACHED_TASKS reads it).
     num_shards: the number of ArrayRecord shards (contiguous ranges of the
       split); None cuts a new shard every `SHARD_BYTES` bytes.
-    progress: log a line every `PROGRESS_EVERY` examples.
+    progress: show the progress (`t5xlike.progress`; of the source's example count
+      when it knows it).
 
   Raises ValueError (before writing anything) for an unknown task or split,
   a refused post-cache preprocessor or an unprepared TFDS dataset.
@@ -352,7 +368,8 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
     return write_examples(task.name, split, stream, output_dir, features=features,
                           eos_features=eos_features,
                           precache_preprocessors=seqio_tasks.precache_names(task),
-                          num_shards=num_shards, progress=progress)
+                          num_shards=num_shards, progress=progress,
+                          total=_source_count(task, split))
   finally:
     stream.close()
 
@@ -360,7 +377,8 @@ def write_cache(task: Any, split: str, output_dir: str | epath.PathLike, *,
 def write_examples(task_name: str, split: str, examples: Iterable[dict[str, np.ndarray]],
                    output_dir: str | epath.PathLike, *, features: Mapping[str, bool],
                    eos_features: Sequence[str], precache_preprocessors: Sequence[str],
-                   num_shards: int | None = None, progress: bool = True) -> dict[str, Any]:
+                   num_shards: int | None = None, progress: bool = True,
+                   total: int | None = None) -> dict[str, Any]:
   """Writes examples as the cache `output_dir/<task_name>/<split>` (atomically, replacing
   an older one); returns its stats. `write_cache` with the examples given.
 
@@ -374,7 +392,8 @@ def write_examples(task_name: str, split: str, examples: Iterable[dict[str, np.n
     precache_preprocessors: the names of the preprocessors the examples went through
       (stats' `precache_preprocessors`; readers compare them with the task's).
     num_shards: ArrayRecord shards (contiguous ranges); None: one per `SHARD_BYTES`.
-    progress: log a line every `PROGRESS_EVERY` examples.
+    progress: show the progress (`t5xlike.progress`).
+    total: the number of examples, when known (the progress's ETA).
   """
   if num_shards is not None and num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -387,7 +406,7 @@ def write_examples(task_name: str, split: str, examples: Iterable[dict[str, np.n
   start = time.time()
   label = f"{task_name}/{split}"
   try:
-    writer, lengths, info = _write_examples(temp, examples, features, label, progress)
+    writer, lengths, info = _write_examples(temp, examples, features, label, progress, total)
     total = sum(writer.counts)
     if num_shards is None:
       shards = [shard_name(i, len(writer.parts)) for i in range(len(writer.parts))]

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from t5xlike import progress as progress_lib
 from t5xlike.data import feature_converters
 from t5xlike.inference import decoding, prepacking
 
@@ -83,12 +84,14 @@ class Predictor:
       prefill (Zhao et al. 2024; `inference.prepacking`), then decode from the
       unpacked caches; for models with `prepacked_decoding_start` (decoder-only:
       the prompts; encoder-decoder: the encoder inputs), others run unpacked (logged).
+    progress: a name to show the progress of each call under (`t5xlike.progress`: a bar
+      on a terminal, a log line every 30 s otherwise); None: silent.
   """
 
   def __init__(self, model: Any, params: Any, feature_lengths: Mapping[str, int],
                batch_size: int, decoding_config: decoding.DecodingConfig | None = None,
                max_decode_length: int | None = None, eos_id: int = 1, seed: int = 0,
-               prepack_prefill: bool = False):
+               prepack_prefill: bool = False, progress: str | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model, self.params = model, params
@@ -100,6 +103,9 @@ class Predictor:
       raise ValueError(f"max_decode_length must be >= 1, got {self.max_decode_length}")
     self.eos_id = eos_id
     self.seed = seed
+    #: Shows the progress of predict / score / pooled_states under this name (commands: eval,
+    #: infer, select_data, ...; `t5xlike.progress`); None: silent (evaluation in training).
+    self.progress = progress
     self.convert = feature_converters.get_converter(model.feature_converter)
     self._predict = jax.jit(functools.partial(
         model.predict_batch, config=self.decoding_config, max_length=self.max_decode_length,
@@ -114,17 +120,27 @@ class Predictor:
     self._pool: Any = None  # jit of model.pooled_states, made at the first pooled_states() call
     self.last_stats: dict[str, float] = {}
 
-  def _batches(self, examples: Sequence[Example],
-               drop_targets: bool) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """(features of a full batch, number of real rows), padded with copies of row 0."""
-    for start in range(0, len(examples), self.batch_size):
-      chunk = [dict(ex) for ex in examples[start:start + self.batch_size]]
-      real = len(chunk)
-      if drop_targets:
-        for ex in chunk:
-          ex["targets"] = np.zeros((0,), np.int32)
-      chunk += [chunk[0]] * (self.batch_size - real)
-      yield self.convert(chunk, self.feature_lengths), real
+  def _batches(self, examples: Sequence[Example], drop_targets: bool,
+               doing: str) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(features of a full batch, number of real rows), padded with copies of row 0; the
+    rows count as `doing` ('predicting', 'scoring') in the progress once consumed."""
+    shown = None
+    if self.progress is not None:
+      shown = progress_lib.Progress(f"{self.progress}: {doing}", len(examples))
+    try:
+      for start in range(0, len(examples), self.batch_size):
+        chunk = [dict(ex) for ex in examples[start:start + self.batch_size]]
+        real = len(chunk)
+        if drop_targets:
+          for ex in chunk:
+            ex["targets"] = np.zeros((0,), np.int32)
+        chunk += [chunk[0]] * (self.batch_size - real)
+        yield self.convert(chunk, self.feature_lengths), real
+        if shown is not None:
+          shown.update(real)
+    finally:
+      if shown is not None:
+        shown.close()
 
   def _warn_truncated(self, examples: Sequence[Example], features: Sequence[str]) -> None:
     for name in features:
@@ -143,7 +159,8 @@ class Predictor:
     out: list[Prediction] = []
     generated, compile_seconds, prefill_rows = 0, 0.0, 0
     start = time.perf_counter()
-    for index, (batch, real) in enumerate(self._batches(examples, drop_targets=True)):
+    batches = self._batches(examples, drop_targets=True, doing="predicting")
+    for index, (batch, real) in enumerate(batches):
       rng = jax.random.fold_in(jax.random.key(self.seed), index)
       compile_start = time.perf_counter()
       predict, packing = self._compiled_for(batch, real, rng)  # Compiled outside the timing.
@@ -189,7 +206,7 @@ class Predictor:
     out: list[Score] = []
     start = time.perf_counter()
     weight_name = self.model.weight_feature
-    for batch, real in self._batches(examples, drop_targets=False):
+    for batch, real in self._batches(examples, drop_targets=False, doing="scoring"):
       token_scores = np.asarray(jax.device_get(self._score(self.params, batch)))
       weights = np.asarray(batch[weight_name]) > 0
       for row in range(real):
@@ -209,7 +226,7 @@ class Predictor:
       self._pool = jax.jit(self.model.pooled_states)
     rows: list[np.ndarray] = []
     start = time.perf_counter()
-    for batch, real in self._batches(examples, drop_targets=False):
+    for batch, real in self._batches(examples, drop_targets=False, doing="pooled states"):
       rows.append(np.asarray(jax.device_get(self._pool(self.params, batch)))[:real])
     self.last_stats = {"examples": len(examples), "seconds": time.perf_counter() - start}
     return np.concatenate(rows).astype(np.float32, copy=False)

@@ -118,8 +118,11 @@ class InferenceEvaluator:
     return tasks
 
   def evaluate(self, model: Any, params: Any, step: int,
-               output_dir: str | epath.Path | None = None) -> dict[str, dict[str, Any]]:
-    """{task: {metric: value}}; writes the inference outputs under `output_dir`."""
+               output_dir: str | epath.Path | None = None,
+               show_progress: bool = False) -> dict[str, dict[str, Any]]:
+    """{task: {metric: value}}; writes the inference outputs under `output_dir`;
+    `show_progress`: each task's predicting and scoring (`t5xlike.progress`; the eval
+    command, not evaluations inside training)."""
     if not self.tasks:
       return {}
     eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
@@ -127,6 +130,7 @@ class InferenceEvaluator:
                           self.decoding_config, self.max_decode_length, eos_id)
     results = {}
     for task, examples, rows in self.tasks:
+      predictor.progress = task.name if show_progress else None
       vocabulary = task.output_features["targets"].vocabulary
       texts = scores = None
       outputs: list[dict[str, Any]] = [dict(row) for row in rows]  # inputs, targets

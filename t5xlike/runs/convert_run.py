@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from t5xlike import errors
+from t5xlike import errors, progress
 from t5xlike.cli import gin_config
 from t5xlike.interop import hf_dir, network_shapes, output_dir, param_trees, t5x_format
 
@@ -43,11 +43,20 @@ def _scan(args, source_scanned: bool) -> bool:
   return source_scanned if args.scan_layers == "auto" else args.scan_layers == "true"
 
 
-def _logged(pairs, dtypes: dict[str, str]):
-  for name, value in pairs:
-    dtypes[name] = str(value.dtype)
-    log.info("  %s %s %s", name, tuple(value.shape), value.dtype)
-    yield name, np.asarray(value, np.float32)
+def _logged(pairs, dtypes: dict[str, str], total: int | None = None):
+  """The (name, float32 array) pairs, each logged; the reading's progress shown
+  (`t5xlike.progress`: of `total` tensors, when known)."""
+  with progress.Progress("reading the checkpoint", total, unit="tensors") as shown:
+    for name, value in pairs:
+      dtypes[name] = str(value.dtype)
+      log.info("  %s %s %s", name, tuple(value.shape), value.dtype)
+      yield name, np.asarray(value, np.float32)
+      shown.update()
+
+
+def _tensor_count(network_config: Any) -> int:
+  """The unscanned parameter tensors of a network config."""
+  return len(network_shapes.param_shapes(dataclasses.replace(network_config, scan_layers=False)))
 
 
 def load_source(args) -> tuple[Any, dict, Any]:
@@ -57,7 +66,7 @@ def load_source(args) -> tuple[Any, dict, Any]:
   if args.source == "hf":
     network_config, pairs, vocabulary = hf_dir.read(args.checkpoint, _scan(args, False),
                                                     args.vocabulary)
-    flat = dict(_logged(pairs, dtypes))
+    flat = dict(_logged(pairs, dtypes, _tensor_count(network_config)))
   elif args.source == "t5x":
     scanned, pairs = t5x_format.read(args.checkpoint)
     flat = dict(_logged(pairs, dtypes))
@@ -88,7 +97,7 @@ def load_source(args) -> tuple[Any, dict, Any]:
     model = output_dir.configured_model()
     network_config = model.network.config
     flat = output_dir.read_params(checkpoint, network_config)
-    flat = dict(_logged(flat.items(), dtypes))
+    flat = dict(_logged(flat.items(), dtypes, len(flat)))
     vocabulary = output_dir.sentencepiece_file(model.vocabulary)
     if args.vocabulary:
       vocabulary = output_dir.Vocabulary(args.vocabulary, vocabulary.extra_ids)

@@ -107,7 +107,8 @@ def plan_evaluation(*, model: interfaces.DecodingModel, checkpoint_path: str | N
 def execute(plan: EvalPlan) -> dict[str, dict[str, Any]]:
   """Evaluates and writes the rows and outputs (from here on EVAL_OUTPUT_DIR is written)."""
   entry.mark_run_started()
-  results = plan.evaluator.evaluate(plan.model, plan.params, plan.step, plan.output_dir)
+  results = plan.evaluator.evaluate(plan.model, plan.params, plan.step, plan.output_dir,
+                                    show_progress=True)
   writer = metrics.MetricsWriter(plan.output_dir)
   try:
     for task, values in results.items():

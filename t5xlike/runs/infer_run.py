@@ -113,7 +113,7 @@ def plan_inference(*, model: interfaces.DecodingModel, checkpoint_path: str | No
   eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
   predictor = Predictor(model, params, data.task_feature_lengths, data.batch_size,
                         decoding_config, max_decode_length, eos_id, seed=random_seed,
-                        prepack_prefill=prepack_prefill)
+                        prepack_prefill=prepack_prefill, progress="infer")
   return InferPlan(mode=mode, jobs=jobs, predictor=predictor, step=step,
                    output_path=output_path, infer_output_dir=infer_output_dir,
                    source=input_path)

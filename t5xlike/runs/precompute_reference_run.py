@@ -121,7 +121,8 @@ def precompute_reference(*, model: interfaces.TokenLogitsModel,
   model, params, step = checkpoint_loading.load_model_checkpoint(
       model, path, lengths, partitioning.partitioner())
   eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
-  predictor = Predictor(model, params, lengths, data.batch_size, eos_id=eos_id)
+  predictor = Predictor(model, params, lengths, data.batch_size, eos_id=eos_id,
+                        progress="reference")
 
   entry.mark_run_started()
   start = time.perf_counter()

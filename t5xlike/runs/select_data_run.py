@@ -210,7 +210,7 @@ def plan_selection(*, model: interfaces.EmbeddingModel, checkpoint_path: str | N
     _check_pooled_states(model, params, data.task_feature_lengths)
   eos_id = model.vocabulary.eos_id if model.vocabulary is not None else 1
   predictor = Predictor(model, params, data.task_feature_lengths, data.batch_size,
-                        eos_id=eos_id, seed=random_seed)
+                        eos_id=eos_id, seed=random_seed, progress="select_data")
   manifest = {"source": data.mixture_or_task_name, "module": data.mixture_or_task_module,
               "score": score, "order": order, "k": k, "num_examples": size,
               "checkpoint": str(checkpoint_path), "step": step, "seed": random_seed,
