@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t5xlike.cli import gin_config
-from t5xlike.models import decoder, layers, masks
+from t5xlike.models import decoder, layers, masks, rope
 from tests import decoder_numpy_reference as ref
 
 CONFIG = decoder.DecoderConfig(vocab_size=128, emb_dim=32, num_heads=4, num_kv_heads=2,
@@ -264,12 +264,12 @@ def test_scanned_layers_give_the_same_logits(built):
 def test_rotary_embedding_matches_reference_and_is_relative():
   x = np.random.default_rng(2).standard_normal((2, 5, 3, 8)).astype(np.float32)
   positions = np.array([[0, 1, 2, 3, 4], [7, 3, 0, 100, 2]], np.int32)
-  out = np.asarray(layers.rotary_embedding(jnp.asarray(x), jnp.asarray(positions), 10000.0))
+  out = np.asarray(rope.rotary_embedding(jnp.asarray(x), jnp.asarray(positions), 10000.0))
   np.testing.assert_allclose(out, ref.rope(x.astype(np.float64), positions, 10000.0),
                              rtol=1e-5, atol=1e-5)
   q, k = x[:1, :1], x[:1, 1:2]
-  dots = [np.sum(np.asarray(layers.rotary_embedding(jnp.asarray(q), jnp.array([[m + 5]]), 1e4))
-                 * np.asarray(layers.rotary_embedding(jnp.asarray(k), jnp.array([[m]]), 1e4)))
+  dots = [np.sum(np.asarray(rope.rotary_embedding(jnp.asarray(q), jnp.array([[m + 5]]), 1e4))
+                 * np.asarray(rope.rotary_embedding(jnp.asarray(k), jnp.array([[m]]), 1e4)))
           for m in (0, 11, 40)]
   np.testing.assert_allclose(dots, dots[0], rtol=1e-5)  # depends only on m - n
 

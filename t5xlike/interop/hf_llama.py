@@ -80,11 +80,6 @@ def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
-def rope_theta(hf: Mapping[str, Any]) -> float:
-  """RoPE base of an HF config (transformers >= 5 `rope_parameters`, or `rope_theta`)."""
-  return float(rope_fields(hf)["rope_max_wavelength"])
-
-
 def _check_family(hf: Mapping[str, Any]) -> bool:
   """Refuses what the family's network has and t5xlike's lacks; returns qkv_bias."""
   model_type = hf.get("model_type")

@@ -258,9 +258,6 @@ class RelativePositionBiases(nn.Module):
     return values[None].astype(self.dtype)
 
 
-rotary_embedding = rope.rotary_embedding  # Kept here for callers of `layers`.
-
-
 class MultiHeadAttention(nn.Module):
   """Dot-product attention shared by every model family.
 
@@ -277,7 +274,7 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: grouped-query attention (Ainslie et al. 2023): query head h
       uses key/value head h // (num_heads // num_kv_heads), as HF's
       `repeat_kv`. None: num_kv_heads = num_heads.
-    rope_max_wavelength: rotary position embeddings (`rotary_embedding`) on
+    rope_max_wavelength: rotary position embeddings (`rope.rotary_embedding`) on
       queries and keys at `positions` (self-attention only).
     rope_llama3: Llama 3.x frequency scaling of those (`rope.Llama3Scaling`).
     qkv_bias: biases on the query, key and value projections (Qwen2), none on `out`.
@@ -364,8 +361,8 @@ class MultiHeadAttention(nn.Module):
       if positions is None:
         start = cache[2].value if cache is not None and cache[3] else 0
         positions = start + jnp.arange(query.shape[1], dtype=jnp.int32)[None]
-      query = rotary_embedding(query, positions, self.rope_max_wavelength, self.rope_llama3)
-      key = rotary_embedding(key, positions, self.rope_max_wavelength, self.rope_llama3)
+      query = rope.rotary_embedding(query, positions, self.rope_max_wavelength, self.rope_llama3)
+      key = rope.rotary_embedding(key, positions, self.rope_max_wavelength, self.rope_llama3)
     if cache is not None and cache[3]:
       key, value, mask = self._update_cache(cache, key, value, mask)
 

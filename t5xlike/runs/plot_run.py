@@ -40,10 +40,15 @@ class Plan:
   x: str
 
   @property
+  def grid(self) -> tuple[int, int]:
+    """(rows, columns) of panels: at most COLUMNS per row."""
+    columns = min(COLUMNS, len(self.metrics))
+    return math.ceil(len(self.metrics) / columns), columns
+
+  @property
   def size_px(self) -> tuple[int, int]:
     """The PNG's (width, height) in pixels."""
-    columns = min(COLUMNS, len(self.metrics))
-    rows = math.ceil(len(self.metrics) / columns)
+    rows, columns = self.grid
     return round(columns * PANEL_INCHES[0] * DPI), round(rows * PANEL_INCHES[1] * DPI)
 
 
@@ -110,8 +115,7 @@ def figure(p: Plan) -> Figure:
     from matplotlib.figure import Figure  # noqa: PLC0415  (optional dependency, 0.3 s)
   except ImportError:
     raise errors.ConfigError(INSTALL_HINT) from None
-  columns = min(COLUMNS, len(p.metrics))
-  rows = math.ceil(len(p.metrics) / columns)
+  rows, columns = p.grid
   fig = Figure(figsize=(columns * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI,
                layout="constrained")
   axes = fig.subplots(rows, columns, squeeze=False).flatten()
