@@ -43,17 +43,20 @@ class Progress:
     unit: what a unit is ('examples', 'tensors').
     stream: where a bar is drawn (default stderr); a non-terminal stream means log lines.
     clock: seconds (monotonic); tests pass their own.
+    enabled: False: counts only, shows nothing (a caller whose progress is optional).
   """
 
   def __init__(self, description: str, total: int | None = None, unit: str = "examples", *,
-               stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+               stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
+               enabled: bool = True):
     self.description, self.total, self.unit = description, total, unit
     self.done = 0
     self._clock = clock
     self._start = self._last_line = clock()
     self._bar: Any = None
+    self._enabled = enabled
     stream = sys.stderr if stream is None else stream
-    if _is_terminal(stream):
+    if enabled and _is_terminal(stream):
       import tqdm  # noqa: PLC0415  (only when a bar is drawn)
       self._bar = tqdm.tqdm(total=total, desc=description, unit=f" {unit}", file=stream,
                             leave=False, dynamic_ncols=True)
@@ -69,6 +72,8 @@ class Progress:
     self.done += count
     if self._bar is not None:
       self._bar.update(count)
+      return
+    if not self._enabled:
       return
     now = self._clock()
     if now - self._last_line >= LOG_EVERY_S:

@@ -83,3 +83,14 @@ def test_eta_is_hours_minutes_seconds(seconds, text):
   # 1 done in 10 s: 0.1/s; the remaining 1 takes 10 s. Rescale the clock to get `seconds`.
   shown._start = clock.now - seconds
   assert shown.line().endswith(f"ETA {text}")
+
+
+def test_disabled_progress_counts_and_shows_nothing(caplog, monkeypatch):
+  caplog.set_level(logging.INFO, logger="t5xlike.progress")
+  monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+  stream, clock = Terminal(), Clock()
+  with progress.Progress("evaluating", 4, stream=stream, clock=clock, enabled=False) as shown:
+    clock.now = 100.0
+    shown.update(4)
+  assert shown.done == 4 and shown._bar is None
+  assert lines(caplog) == [] and stream.getvalue() == ""

@@ -314,19 +314,14 @@ def _write_examples(directory: epath.Path, examples: Iterable[dict[str, np.ndarr
   lengths: dict[str, list[int]] = {k: [] for k, token in features.items() if token}
   info: dict[str, Any] = {k: {"dtype": "int32" if token else None, "rank": 1 if token else None,
                               "token": token} for k, token in features.items()}
-  shown = progress_lib.Progress(f"caching {label}", total) if progress else None
-  try:
+  with progress_lib.Progress(f"caching {label}", total, enabled=progress) as shown:
     for example in examples:
       writer.write(encode(example))
       for key, value in example.items():
         info[key].update(dtype=value.dtype.name, rank=value.ndim)
       for key, values in lengths.items():
         values.append(len(example[key]))
-      if shown is not None:
-        shown.update()
-  finally:
-    if shown is not None:
-      shown.close()
+      shown.update()
   writer.close()
   return writer, lengths, info
 

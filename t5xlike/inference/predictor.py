@@ -124,10 +124,8 @@ class Predictor:
                doing: str) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(features of a full batch, number of real rows), padded with copies of row 0; the
     rows count as `doing` ('predicting', 'scoring') in the progress once consumed."""
-    shown = None
-    if self.progress is not None:
-      shown = progress_lib.Progress(f"{self.progress}: {doing}", len(examples))
-    try:
+    with progress_lib.Progress(f"{self.progress}: {doing}", len(examples),
+                               enabled=self.progress is not None) as shown:
       for start in range(0, len(examples), self.batch_size):
         chunk = [dict(ex) for ex in examples[start:start + self.batch_size]]
         real = len(chunk)
@@ -136,11 +134,7 @@ class Predictor:
             ex["targets"] = np.zeros((0,), np.int32)
         chunk += [chunk[0]] * (self.batch_size - real)
         yield self.convert(chunk, self.feature_lengths), real
-        if shown is not None:
-          shown.update(real)
-    finally:
-      if shown is not None:
-        shown.close()
+        shown.update(real)
 
   def _warn_truncated(self, examples: Sequence[Example], features: Sequence[str]) -> None:
     for name in features:
