@@ -15,10 +15,10 @@ line per task split: examples, tokens per token feature, seconds.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from t5xlike import errors
+from t5xlike.cli import console_log
 
 
 def _names(values: list[str]) -> list[str]:
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="module that registers tasks (repeatable)")
   parser.add_argument("--num_shards", type=int, default=None,
                       help="ArrayRecord shards per split (default: one per 256 MiB)")
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout)
-  logging.getLogger("t5xlike").setLevel(logging.INFO)  # Progress of long splits.
+  console_log.configure()  # (t5xlike's INFO lines: the progress of long splits)
   try:
     args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown:

@@ -22,12 +22,11 @@ OUT is written under a temporary name and renamed when complete).
 """
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 from t5xlike import errors
-from t5xlike.cli import flags, gin_config
+from t5xlike.cli import console_log, flags, gin_config
 from t5xlike.runs import convert_run
 
 SOURCES = ("t5x", "hf", "t5xlike")
@@ -59,11 +58,9 @@ def _flags(parser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  # force: importing orbax (interop) has already given the root logger a stderr handler,
-  # which would put the progress log beside the one-line error on stderr.
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-  logging.getLogger("t5xlike").setLevel(logging.INFO)
+  # (importing orbax has already given the root logger a stderr handler: replaced here, so
+  # that the progress log is not beside the one-line error on stderr)
+  console_log.configure()
   gin_config.quiet_gin_search_logs()
   parser = flags.build_parser(__doc__.splitlines()[0])
   _flags(parser)

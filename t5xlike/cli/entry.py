@@ -24,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from t5xlike.cli import distributed, flags, gin_config, startup_noise
+from t5xlike.cli import console_log, distributed, flags, gin_config, startup_noise
 from t5xlike.errors import ConfigError, RunError, one_line
 from t5xlike.training import preemption
 
@@ -55,9 +55,7 @@ def run_entry(description: str, call_root: Callable[[argparse.Namespace], object
   global _RUN_STARTED, _VERBOSE
   _RUN_STARTED = _VERBOSE = False
   startup_noise.quiet()  # (the commands import neither TensorFlow nor JAX before this)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout)
-  logging.getLogger("t5xlike").setLevel(logging.INFO)
+  console_log.configure()
   gin_config.quiet_gin_search_logs()
   parser = flags.build_parser(description)
   if add_flags is not None:
