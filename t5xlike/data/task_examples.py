@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,24 @@ def read_source_split(task: seqio.Task, split: str, *, use_cached: bool, cache_d
   if not examples:
     raise ValueError(f"{task.name}/{split} holds no example")
   return examples, tuple(source.eos_features)
+
+
+def read_source_splits(task: seqio.Task, splits: Sequence[str], *, use_cached: bool,
+                       cache_dir: str | None
+                       ) -> tuple[dict[str, list[dict[str, np.ndarray]]], tuple[str, ...]]:
+  """({split: examples before EOS} for each of `splits` that the task has, in that order;
+  the features that get EOS): `read_source_split` over several splits. A ConfigError naming
+  the task for an empty split."""
+  out: dict[str, list[dict[str, np.ndarray]]] = {}
+  eos_features: tuple[str, ...] = ()
+  try:
+    for split in dict.fromkeys(splits):
+      if split in task.splits:
+        out[split], eos_features = read_source_split(task, split, use_cached=use_cached,
+                                                     cache_dir=cache_dir)
+  except ValueError as error:
+    raise errors.ConfigError(f"task {task.name!r}: {errors.one_line(error)}") from None
+  return out, eos_features
 
 
 def text_row(task: seqio.Task, example: dict[str, np.ndarray]) -> dict[str, Any]:

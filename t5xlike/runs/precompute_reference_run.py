@@ -112,7 +112,10 @@ def precompute_reference(*, model: interfaces.TokenLogitsModel,
   except ValueError as error:
     raise errors.ConfigError(f"MIXTURE_OR_TASK_NAME: {errors.one_line(error)}") from None
   name = selected_task.check_name(name, [task.name for task in tasks])
-  read = {task.name: _read_splits(task, splits, data) for task in tasks}
+  read = {task.name: task_examples.read_source_splits(task, splits,
+                                                      use_cached=data.use_cached_tasks,
+                                                      cache_dir=data.task_cache_dir)
+          for task in tasks}
   first = splits[0]
   for task in tasks:
     if first not in read[task.name][0]:
@@ -158,20 +161,3 @@ def precompute_reference(*, model: interfaces.TokenLogitsModel,
            "posttrain/precomputed_reference.gin)", name, len(written), output_dir, name,
            output_dir)
   return record
-
-
-def _read_splits(task: Any, splits: Sequence[str], data: DataConfig
-                 ) -> tuple[dict[str, list[dict[str, np.ndarray]]], tuple[str, ...]]:
-  """({split: examples before EOS} of the task's splits among `splits`, the features that
-  get EOS), or a ConfigError."""
-  out: dict[str, list[dict[str, np.ndarray]]] = {}
-  eos_features: tuple[str, ...] = ()
-  try:
-    for split in splits:
-      if split not in task.splits:
-        continue
-      out[split], eos_features = task_examples.read_source_split(
-          task, split, use_cached=data.use_cached_tasks, cache_dir=data.task_cache_dir)
-  except ValueError as error:
-    raise errors.ConfigError(f"task {task.name!r}: {errors.one_line(error)}") from None
-  return out, eos_features

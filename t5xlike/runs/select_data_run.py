@@ -226,17 +226,13 @@ def plan_selection(*, model: interfaces.EmbeddingModel, checkpoint_path: str | N
 
 def _read_pool_task(task: Any, data: DataConfig, copy_splits: Sequence[str]) -> PoolTask:
   """The split's examples of one task (and the copied splits), or a ConfigError."""
-  try:
-    examples, eos_features = task_examples.read_source_split(
-        task, data.split, use_cached=data.use_cached_tasks, cache_dir=data.task_cache_dir)
-    copies = {}
-    for split in copy_splits:
-      if split == data.split or split not in task.splits:
-        continue
-      copies[split], _ = task_examples.read_source_split(
-          task, split, use_cached=data.use_cached_tasks, cache_dir=data.task_cache_dir)
-  except ValueError as error:
-    raise errors.ConfigError(f"task {task.name!r}: {errors.one_line(error)}") from None
+  if data.split not in task.splits:
+    raise errors.ConfigError(f"task {task.name!r} has no split {data.split!r}")
+  read, eos_features = task_examples.read_source_splits(
+      task, [data.split, *copy_splits], use_cached=data.use_cached_tasks,
+      cache_dir=data.task_cache_dir)
+  examples = read.pop(data.split)
+  copies = read
   eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
   model_examples = [feed_steps.append_eos(ex, eos_features, data.task_feature_lengths, eos_id)
                     for ex in examples]
