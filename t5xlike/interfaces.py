@@ -202,8 +202,9 @@ class FineTuningTechnique(Protocol):
     """How a train step applies the optimizer's updates (default `optax.apply_updates`)."""
     ...
 
-  def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
-    """Parameters to start from INITIAL_CHECKPOINT_PATH's (`fresh()`: a new initialisation)."""
+  def initialize(self, params: Any, fresh: Callable[[], Any], restored: frozenset[str]) -> Any:
+    """Parameters to start from INITIAL_CHECKPOINT_PATH's (`fresh()`: a new initialisation;
+    `restored`: the '/'-joined paths of the parameters that came from the checkpoint)."""
     ...
 
   def describe(self, params: Any) -> list[str]:

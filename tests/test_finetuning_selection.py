@@ -268,13 +268,14 @@ def test_scaled_updates_of_frozen_layers_are_negative_zero():
 def test_reinit_changes_exactly_the_top_layers_and_head(boxed, scan):
   params = boxed[scan]
   restored, fresh = random_like(params, 3), random_like(params, 4)
-  out = reinit.ReinitTop(num_layers=1, head=True).initialize(restored, lambda: fresh)
+  out = reinit.ReinitTop(num_layers=1, head=True).initialize(restored, lambda: fresh, frozenset())
   stack = (lambda p: t5.unstack_layers(p)) if scan else (lambda p: p)
   out, restored, fresh = flat(stack(out)), flat(stack(restored)), flat(stack(fresh))
   for path, value in out.items():
     renewed = "layers_1/" in path or "logits_dense" in path
     assert value.tobytes() == (fresh if renewed else restored)[path].tobytes(), path
-  untouched = reinit.ReinitTop(num_layers=0).initialize(restored, lambda: pytest.fail("called"))
+  untouched = reinit.ReinitTop(num_layers=0).initialize(restored, lambda: pytest.fail("called"),
+                                                        frozenset())
   assert untouched is restored
 
 

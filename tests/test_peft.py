@@ -340,10 +340,14 @@ def test_prompt_initialised_from_vocabulary_rows_equals_those_rows(bases):
       length=4, seed=3, vocab_low=3, vocab_high=100).token_ids(128))
   assert not np.array_equal(ids, prompt_tuning.PromptTuning(
       length=4, seed=4, vocab_low=3, vocab_high=100).token_ids(128))
-  out = method.initialize(params, fresh=None)
+  out = method.initialize(params, fresh=None, restored=frozenset())
   table = np.asarray(params["token_embedder"]["embedding"])
   assert np.asarray(out["encoder"]["prompt"]).tobytes() == table[ids].tobytes()
-  assert prompt_tuning.PromptTuning(length=4, init="uniform").initialize(params, None) is params
+  uniform = prompt_tuning.PromptTuning(length=4, init="uniform")
+  assert uniform.initialize(params, None, frozenset()) is params
+  # A prompt read from the checkpoint (a prompt-tuning run's own) is kept.
+  kept = method.initialize(params, None, frozenset({"encoder/prompt", "decoder/x"}))
+  assert kept["encoder"]["prompt"] is params["encoder"]["prompt"]
   assert prompt_tuning.PromptTuning().length == 100  # the reference's released prompts
 
 
@@ -366,7 +370,7 @@ def test_class_label_init_is_the_references_from_embedded_list(bases):
   want = table[method.token_ids(table.shape[0])]
   for row, label in enumerate(ids):
     want[row] = table[list(label)].mean(axis=0)
-  got = np.asarray(method.initialize(params, None)["encoder"]["prompt"])
+  got = np.asarray(method.initialize(params, None, frozenset())["encoder"]["prompt"])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(got[3:], table[method.token_ids(table.shape[0])][3:])
   assert peft_registry.method_from_json(json.loads(json.dumps(method.to_json()))) == method
@@ -557,16 +561,18 @@ def test_gin_file_fine_tunes_from_the_command_line(tiny_pretrained, tmp_path, te
 
 
 @pytest.mark.slow
-def test_lora_peft_checkpoint_as_initial_checkpoint_restores_base_and_lora(tiny_pretrained,
-                                                                         tmp_path):
-  """INITIAL_CHECKPOINT_PATH = a PEFT checkpoint: base + LoRA restored (lr 0 keeps them)."""
+@pytest.mark.parametrize("technique", ["lora", "prompt_tuning"])
+def test_peft_checkpoint_as_initial_checkpoint_restores_base_and_its_parameters(
+    tiny_pretrained, tmp_path, technique):
+  """INITIAL_CHECKPOINT_PATH = a PEFT checkpoint: base + LoRA / the trained prompt restored
+  (lr 0 keeps them; the prompt is not initialised again from the vocabulary)."""
   from tests import test_finetuning_selection as selection_tests
   step_dir, _ = tiny_pretrained
-  assert gin_finetune("lora", step_dir, tmp_path / "lora", 4) == 0
-  peft_dir = tmp_path / "lora" / "peft" / "checkpoint_4"
-  full = selection_tests.load(tmp_path / "lora" / "checkpoint_4")
+  assert gin_finetune(technique, step_dir, tmp_path / "first", 4) == 0
+  peft_dir = tmp_path / "first" / "peft" / "checkpoint_4"
+  full = selection_tests.load(tmp_path / "first" / "checkpoint_4")
   again = tmp_path / "again"
-  assert gin_finetune("lora", peft_dir, again, 5, "--gin.LEARNING_RATE=0.0") == 0
+  assert gin_finetune(technique, peft_dir, again, 5, "--gin.LEARNING_RATE=0.0") == 0
   resumed = selection_tests.load(again / "checkpoint_5")
   assert resumed.keys() == full.keys()
   assert all(resumed[p].tobytes() == full[p].tobytes() for p in full)

@@ -115,7 +115,7 @@ def test_dsee_delta_is_low_rank_plus_sparse_on_its_support_and_merges(bases, kin
   model, base_params, batch, base_logits = bases[kind]
   assert all(np.all(flat(params)[p] == -1) for p in new if p.endswith("dsee_support"))
   assert np.array_equal(logits_of(wrapped, params, batch), base_logits)  # B = 0, S unset
-  params = method.initialize(params, None)
+  params = method.initialize(params, None, frozenset())
   params = randomised(params, r"dsee_(b|values)$", seed=4, scale=0.2)
   logits = logits_of(wrapped, params, batch)
   assert not np.allclose(logits, base_logits, atol=1e-3)
@@ -238,7 +238,7 @@ def trained(bases, tmp_path_factory):
     _, base_params, batch, _ = bases[kind]
     base_dir = checkpoints.save_params(root / name / "base", 7, base_params)
     wrapped, _, params, _ = peft_params(method, kind, bases)
-    params = method.initialize(params, None) if name == "dsee" else params
+    params = method.initialize(params, None, frozenset()) if name == "dsee" else params
     schedule = optim.constant(0.05)
     trainer = trainer_lib.Trainer(wrapped, optim.adamw(schedule), schedule,
                                   partitioning.Partitioner({"data": 1}), finetuning=method)

@@ -23,9 +23,13 @@ logical axes):
 and `train_run.train` calls, once, when a run starts from
 INITIAL_CHECKPOINT_PATH (never when it resumes from MODEL_DIR):
 
-  F.initialize(params, fresh) -> params
-      `params`: the restored parameters; `fresh()`: a new initialisation of
-      the whole model from RANDOM_SEED (same tree, same shardings).
+  F.initialize(params, fresh, restored) -> params
+      `params`: the starting parameters; `fresh()`: a new initialisation of
+      the whole model from RANDOM_SEED (same tree, same shardings);
+      `restored`: the '/'-joined paths of the parameters that came from the
+      checkpoint (the others were initialised from RANDOM_SEED: a task head,
+      a technique's new parameters), so that a technique initialises its own
+      parameters only where the checkpoint did not hold them.
 
   F.describe(params) -> list[str]: lines for the startup log.
 
@@ -81,8 +85,8 @@ class FineTuning:
     del opt_state
     return optax.apply_updates(params, updates)
 
-  def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
-    del fresh
+  def initialize(self, params: Any, fresh: Callable[[], Any], restored: frozenset[str]) -> Any:
+    del fresh, restored
     return params
 
   def describe(self, params: Any) -> list[str]:
@@ -106,9 +110,9 @@ class Combine(FineTuning):
       out = jax.tree.map(np.multiply, out, technique.update_scales(params))
     return out
 
-  def initialize(self, params, fresh):
+  def initialize(self, params, fresh, restored):
     for technique in self.techniques:
-      params = technique.initialize(params, fresh)
+      params = technique.initialize(params, fresh, restored)
     return params
 
   def describe(self, params):

@@ -196,10 +196,10 @@ class DSEE(peft.PeftMethod):
     rng = np.random.default_rng([self.seed, zlib.crc32(path.encode()), layer])
     return top_entries(grebsmo(kernel.T, rng)[2].T, self.num_sparse)
 
-  def initialize(self, params: Any, fresh):
+  def initialize(self, params: Any, fresh, restored):
     """Chooses the support of every DSEE module whose support is unset (-1) from its
     (restored) kernel; a support already set (read from a checkpoint) is kept."""
-    del fresh
+    del fresh, restored
 
     def walk(tree, path):
       if not isinstance(tree, dict):

@@ -263,14 +263,17 @@ class PromptTuning(peft.PeftMethod):
       prompt = prompt.at[:len(means)].set(jnp.stack(means).astype(prompt.dtype))
     return prompt
 
-  def initialize(self, params: Any, fresh):
+  def initialize(self, params: Any, fresh, restored):
+    """Sets each prompt that did not come from the checkpoint (a prompt-tuning run's own
+    checkpoint holds its trained prompt: kept) to `initial_prompt`."""
     del fresh
     if self.init == "uniform":
       return params
     prompt = self.initial_prompt(params[EMBEDDING[0]][EMBEDDING[1]])
     out = dict(params)
     for stack in ("encoder", "decoder"):
-      if isinstance(params.get(stack), dict) and PARAM in params[stack]:
+      if (isinstance(params.get(stack), dict) and PARAM in params[stack]
+          and f"{stack}/{PARAM}" not in restored):
         old = params[stack][PARAM]
         out[stack] = {**params[stack], PARAM: prompt.astype(old.dtype)}
     return out

@@ -40,7 +40,8 @@ class ReinitTop(base.FineTuning):
       mask = selection.union(mask, selection.outside_stacks(params, self.head_pattern))
     return mask
 
-  def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
+  def initialize(self, params: Any, fresh: Callable[[], Any], restored: frozenset[str]) -> Any:
+    del restored  # (re-initialises what it selects, wherever it came from)
     mask = self.reinitialised(params)
     if not any(m.any() for m in jax.tree.leaves(mask)):
       return params

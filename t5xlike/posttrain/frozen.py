@@ -223,8 +223,8 @@ class KeepFrozen:
       return optax.apply_updates(params, updates_)
     return self.inner.apply_updates(params, updates_, opt_state)
 
-  def initialize(self, params: Any, fresh: Callable[[], Any]) -> Any:
-    return params if self.inner is None else self.inner.initialize(params, fresh)
+  def initialize(self, params: Any, fresh: Callable[[], Any], restored: frozenset[str]) -> Any:
+    return params if self.inner is None else self.inner.initialize(params, fresh, restored)
 
   def describe(self, params: Any) -> list[str]:
     count = sum(int(np.prod(shape))

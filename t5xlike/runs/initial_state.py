@@ -13,6 +13,7 @@ never on a resume. Where the state came from is logged in one line.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import jax
 from flax import traverse_util
@@ -30,14 +31,15 @@ def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> T
   """The state the run trains from (see the module docstring), laid out on the mesh; on a
   resume, `plan.train_feed` is moved to the checkpoint's data position. Logs where it
   came from in one line."""
-  state, origin, fresh = _restored_or_initial(plan, checkpointer)
+  state, origin, fresh, restored = _restored_or_initial(plan, checkpointer)
   resuming = checkpointer.latest_step() is not None  # (after corrupt steps were moved aside)
   initial = plan.checkpointing.initial_checkpoint_path
   if not resuming and initial:
     trainer = plan.trainer
     if plan.finetuning is not None:
       params = plan.finetuning.initialize(
-          state.params, lambda: trainer.init_state(plan.random_seed, plan.example_batch).params)
+          state.params, lambda: trainer.init_state(plan.random_seed, plan.example_batch).params,
+          restored)
       if params is not state.params:
         shardings = jax.tree.map(lambda leaf: leaf.sharding, plan.abstract_state.params)
         state = state.replace(params=jax.device_put(params, shardings))
@@ -60,9 +62,9 @@ def starting_state(plan: TrainPlan, checkpointer: checkpoints.Checkpointer) -> T
 
 
 def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
-                         ) -> tuple[TrainState, str, bool]:
+                         ) -> tuple[TrainState, str, bool, frozenset[str]]:
   """(state, where it came from, whether its optimizer state was just initialised from its
-  parameters).
+  parameters, the '/'-joined paths of the parameters read from a checkpoint).
 
   Resumes from MODEL_DIR's newest checkpoint (train state and data position), else
   starts from INITIAL_CHECKPOINT_PATH (train state and step; data from the start),
@@ -77,11 +79,11 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
     latest, state, data_state = restored
     plan.train_feed.set_state(data_state)
     return (state, f"resuming from {checkpoints.step_dir(checkpointer.directory, latest)} "
-            f"(train state and data position)", False)
+            f"(train state and data position)", False, _paths(state.params))
   path = plan.checkpointing.initial_checkpoint_path
   if not path:
     return (trainer.init_state(seed, plan.example_batch),
-            f"starting from scratch: initialised from RANDOM_SEED={seed}", True)
+            f"starting from scratch: initialised from RANDOM_SEED={seed}", True, frozenset())
   origin = f"starting from INITIAL_CHECKPOINT_PATH={path}"
   if (checkpoints.peft_info(path) is not None
       or checkpoints.saved_param_shapes(path) != checkpoints.flat_shapes(abstract_state.params)):
@@ -101,20 +103,26 @@ def _restored_or_initial(plan: TrainPlan, checkpointer: checkpoints.Checkpointer
     state = trainer.state_from_params(traverse_util.unflatten_dict(params),
                                       checkpoints.restore_step(path), seed, plan.example_batch)
     return (state, f"{origin} at step {_step(state)}: the parameters it shares with the "
-            f"model, a fresh optimizer state", True)
+            f"model, a fresh optimizer state", True, _paths(shared))
   if plan.checkpointing.fresh_optimizer_state:
     why = "fresh_optimizer_state=True"
   else:
     expected = checkpoints.leaf_shapes(abstract_state.opt_state)
     if checkpoints.saved_leaf_shapes(path, "opt_state") == expected:
       state = checkpoints.restore_state_from_path(path, abstract_state)
-      return state, f"{origin} at step {_step(state)}: its parameters and optimizer state", False
+      return (state, f"{origin} at step {_step(state)}: its parameters and optimizer state",
+              False, _paths(state.params))
     why = "its optimizer state belongs to another optimizer"
   params, step = checkpoints.restore_params_from_path(path, abstract_state.params,
                                                       abstract_state.step)
   state = trainer.state_from_params(params, step, seed, plan.example_batch)
   return (state, f"{origin} at step {_step(state)}: its parameters, a fresh optimizer state "
-          f"({why})", True)
+          f"({why})", True, _paths(params))
+
+
+def _paths(params: Any) -> frozenset[str]:
+  """The '/'-joined paths of a parameter tree's leaves."""
+  return frozenset("/".join(path) for path in traverse_util.flatten_dict(params))
 
 
 def _step(state: TrainState) -> int:
