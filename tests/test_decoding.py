@@ -347,6 +347,27 @@ def test_score_is_minus_the_summed_token_losses(t5_unscanned, decoder_unscanned)
   assert (scores[weights == 0] == 0).all()
 
 
+def test_greedy_scores_flag_the_argmax_tokens(t5_unscanned):
+  """`greedy_scores`: score_batch's scores, and True where the target is the argmax of the
+  logits (NumPy) on a weighted position; the first targets are made the argmax (the first
+  position's logits read BOS alone, so they do not change)."""
+  rng = np.random.default_rng(6)
+  model, params = t5_unscanned
+  targets = rng.integers(2, 64, (3, 6)).astype(np.int32)
+  targets[2, 3:] = 0
+  batch = {"encoder_input_tokens": rng.integers(1, 64, (3, 9)).astype(np.int32),
+           "decoder_target_tokens": targets,
+           "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           "decoder_loss_weights": (targets > 0).astype(np.float32)}
+  targets[:, 0] = np.argmax(np.asarray(model.logits(params, batch))[:, 0], axis=-1)
+  batch["decoder_input_tokens"] = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  scores, greedy = map(np.asarray, model.greedy_scores(params, batch))
+  argmax = np.argmax(np.asarray(model.logits(params, batch)), axis=-1)
+  np.testing.assert_array_equal(greedy, (argmax == targets) & (targets > 0))
+  assert greedy[:, 0].all() and not greedy[2, 3:].any()
+  np.testing.assert_allclose(scores, np.asarray(model.score_batch(params, batch)), rtol=1e-6)
+
+
 def test_filter_logits_equals_sorting_reference():
   logits = np.asarray(jax.random.normal(jax.random.key(0), (16, 300))) * 3.0
   for k in (1, 7, 40, 299):

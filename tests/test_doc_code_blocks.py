@@ -15,7 +15,7 @@ small and inside the sandbox, and change nothing else:
 - `/tmp/` becomes the sandbox's `tmp/` (every block of the document, code and commands);
 - `DIR/checkpoint_N` naming a directory that exists becomes its newest `checkpoint_M` (what
   the earlier, shorter run wrote);
-- a `python -m t5xlike.train|eval|infer|merge|inspect_data|prune|precompute_reference`
+- a `python -m t5xlike.train|eval|infer|lm_eval|merge|inspect_data|prune|precompute_reference`
   command with gin files
   gets `--gin.MACRO=VALUE` appended for the macros of `SMALL` that its gin files (and the
   command's own, `COMMAND_GIN_FILES`) define, and a
@@ -45,8 +45,9 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 MARKER = re.compile(r"^<!-- doc-test: (fast|skip: (?P<reason>\S.*\S)) -->$")
 MODULE_FILE = re.compile(r"^# (?P<name>\w+\.py)\b")
 CHECKPOINT = re.compile(r"(?P<dir>/[^\s'\"=,]*)/checkpoint_(?P<step>\d+)\b")
-GIN_COMMANDS = {"t5xlike.train", "t5xlike.eval", "t5xlike.infer", "t5xlike.merge",
-                "t5xlike.inspect_data", "t5xlike.prune", "t5xlike.precompute_reference"}
+GIN_COMMANDS = {"t5xlike.train", "t5xlike.eval", "t5xlike.infer", "t5xlike.lm_eval",
+                "t5xlike.merge", "t5xlike.inspect_data", "t5xlike.prune",
+                "t5xlike.precompute_reference"}
 # Gin files a command loads before the ones it is given.
 COMMAND_GIN_FILES = {"t5xlike.prune": ("runs/prune.gin",)}
 # Small-run values of the macros that bound a run's cost, where a command's gin files

@@ -44,9 +44,12 @@ class Prediction:
 
 @dataclasses.dataclass
 class Score:
-  """Log-likelihood (natural log) of given targets: the sum and per token."""
+  """Log-likelihood (natural log) of given targets: the sum and per token; with
+  `Predictor.score(..., greedy=True)` also whether each target token is the model's
+  most likely one there (`greedy`, per token; else None)."""
   total: float
   token_scores: list[float]
+  greedy: list[bool] | None = None
 
 
 def example_features(model: Any, feature_lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
@@ -117,6 +120,7 @@ class Predictor:
                   type(model).__name__)
     self._compiled_packed: dict[int, Any] = {}  # packed row count -> compiled predict
     self._score = jax.jit(model.score_batch)
+    self._greedy_score: Any = None  # jit of model.greedy_scores, made at the first use
     self._pool: Any = None  # jit of model.pooled_states, made at the first pooled_states() call
     self.last_stats: dict[str, float] = {}
 
@@ -194,19 +198,29 @@ class Predictor:
                                                         packing=packing).compile()
     return self._compiled_packed[rows], packing
 
-  def score(self, examples: Sequence[Example]) -> list[Score]:
-    """Log-likelihood of each example's `targets` given its `inputs`."""
+  def score(self, examples: Sequence[Example], greedy: bool = False) -> list[Score]:
+    """Log-likelihood of each example's `targets` given its `inputs`; with `greedy`,
+    also whether each target token is the argmax of the model's logits
+    (`model.greedy_scores`, same forward pass)."""
     self._warn_truncated(examples, ["inputs", "targets"])
     out: list[Score] = []
     start = time.perf_counter()
     weight_name = self.model.weight_feature
+    if greedy and self._greedy_score is None:
+      self._greedy_score = jax.jit(self.model.greedy_scores)
     for batch, real in self._batches(examples, drop_targets=False, doing="scoring"):
-      token_scores = np.asarray(jax.device_get(self._score(self.params, batch)))
+      if greedy:
+        token_scores, is_greedy = map(np.asarray, jax.device_get(
+            self._greedy_score(self.params, batch)))
+      else:
+        token_scores = np.asarray(jax.device_get(self._score(self.params, batch)))
       weights = np.asarray(batch[weight_name]) > 0
       for row in range(real):
         values = token_scores[row][weights[row]]
         out.append(Score(total=float(values.sum(dtype=np.float64)),
-                         token_scores=[float(v) for v in values]))
+                         token_scores=[float(v) for v in values],
+                         greedy=[bool(g) for g in is_greedy[row][weights[row]]] if greedy
+                         else None))
     seconds = time.perf_counter() - start
     self.last_stats = {"examples": len(examples), "seconds": seconds,
                        "scored_tokens": sum(len(s.token_scores) for s in out)}

@@ -151,10 +151,19 @@ class TokenModel:
     """Log-likelihood (natural log) of each target token, float32 [b, length];
     0 where `weight_feature` is 0. A row's score is the sum over its length,
     minus its summed token cross entropy (without z-loss and smoothing)."""
-    log_probs = jax.nn.log_softmax(self.logits(params, batch).astype(jnp.float32), axis=-1)
+    return self.greedy_scores(params, batch)[0]
+
+  def greedy_scores(self, params: Any, batch: Batch) -> tuple[Array, Array]:
+    """(`score_batch`'s float32 [b, length], bool [b, length]: whether each target token
+    is the model's most likely token there, the argmax of its logits; False where
+    `weight_feature` is 0). One forward pass (lm-evaluation-harness's `is_greedy`)."""
+    logits = self.logits(params, batch).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     targets = jnp.asarray(batch[self.target_feature])
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return jnp.where(jnp.asarray(batch[self.weight_feature]) > 0, picked, 0.0)
+    weighted = jnp.asarray(batch[self.weight_feature]) > 0
+    greedy = weighted & (jnp.argmax(logits, axis=-1) == targets)
+    return jnp.where(weighted, picked, 0.0), greedy
 
   def predict_batch(self, params: Any, batch: Batch, config: decoding.DecodingConfig,
                     max_length: int, eos_id: int, rng: Array | None = None,
