@@ -190,27 +190,35 @@ def test_bad_sources_are_config_errors(data):
     list(not_saved.splits)
 
 
-@pytest.mark.parametrize("task, culprits", [
-    ("hf_missing", ("task 'hf_missing'", "no_such_dataset does not exist")),
-    ("hf_wrong_columns", ("task 'hf_wrong_columns'", "preprocessor rekey reads 'query'",
-                          "has columns question, answer, label, ids, meta")),
-])
-def test_missing_dataset_or_column_is_one_line_exit_2(data, tmp_path, capsys, task, culprits):
+CULPRITS = {"hf_missing": ("task 'hf_missing'", "no_such_dataset does not exist"),
+            "hf_wrong_columns": ("task 'hf_wrong_columns'", "preprocessor rekey reads 'query'",
+                                 "has columns question, answer, label, ids, meta")}
+
+
+@pytest.mark.parametrize("task", sorted(CULPRITS))
+def test_cache_tasks_of_a_missing_dataset_or_column_is_one_line_exit_2(data, tmp_path, capsys,
+                                                                        task):
+  assert cache_tasks.main([f"--tasks={task}", f"--output_dir={tmp_path}"]) == 2
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert line.startswith("error: ") and all(c in line for c in CULPRITS[task]), line
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_training_on_a_missing_dataset_is_one_line_exit_2(data, tmp_path, capsys):
+  """(Both errors above are raised where every read of a split starts,
+  `task_datasets.check_split`; one training run shows the path to exit 2.)"""
   assert train.main(["--gin_file=gin_configs/quickstart.gin", "--gin.BATCH_SIZE=4",
-                     f"--gin.MIXTURE_OR_TASK_NAME='{task}'", "--gin.EVAL_PERIOD=None",
+                     "--gin.MIXTURE_OR_TASK_NAME='hf_missing'", "--gin.EVAL_PERIOD=None",
                      "--gin.train_run.train.objective=None",
                      f"--gin.MODEL_DIR={tmp_path / 'run'}"]) == 2
   line = capsys.readouterr().err.strip().splitlines()[-1]
-  assert line.startswith("error: ") and all(c in line for c in culprits), line
+  assert line.startswith("error: ") and all(c in line for c in CULPRITS["hf_missing"]), line
   assert not (tmp_path / "run").exists()
-  assert cache_tasks.main([f"--tasks={task}", f"--output_dir={tmp_path / 'cache'}"]) == 2
-  line = capsys.readouterr().err.strip().splitlines()[-1]
-  assert all(c in line for c in culprits), line
 
 
 def test_datasets_is_imported_only_where_such_a_source_is_used():
   """Importing the data modules and registering a task over a dataset imports no `datasets`."""
-  code = ("import sys\nimport t5xlike.data.pipeline, t5xlike.cache_tasks\n"
+  code = ("import sys\nimport t5xlike.data.sources\n"
           "from t5xlike.data import hf_sources\nfrom tests import hf_tasks\n"
           "hf_tasks.register('hf_lazy', hf_sources.HfDatasetSource('/no/such/dataset'))\n"
           "sys.exit('datasets' in sys.modules)\n")
@@ -245,6 +253,7 @@ def saved_params(step_dir):
 
 
 @pytest.mark.slow  # ~1-2 min: three training runs, one a subprocess (resume by position: above)
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # (orbax, saved_params)
 def test_kill_9_then_the_same_command_resumes_bitwise(data, tmp_path):
   """The task over a dataset saved in the test: an uninterrupted 6-step run; a
   `python -m t5xlike.train` killed with SIGKILL once step 4 is logged, then the same
@@ -266,6 +275,8 @@ def test_kill_9_then_the_same_command_resumes_bitwise(data, tmp_path):
   process.kill()
   _, err = process.communicate()
   assert len(losses(killed)) >= 4 and process.returncode == -signal.SIGKILL, err[-3000:]
+  steps = [int(p.name.split("_")[1]) for p in killed.glob("checkpoint_*")]
+  assert max(steps) in (3, 6)  # (6 only when the save of step 6 outran the kill)
   assert train.main(SMALL + [f"--gin.MODEL_DIR={killed}"]) == 0
   assert losses(killed) == losses(baseline)  # JSON floats round-trip exactly
   a, b = (saved_params(d / "checkpoint_6") for d in (baseline, killed))
