@@ -177,6 +177,16 @@ def test_cache_tasks_writes_the_same_examples(data, tmp_path):
   assert_same_examples(everything(cached), everything(direct_sources.DirectSource(name, "train")))
 
 
+def test_a_saved_dataset_without_splits_is_the_split_named(data, tmp_path):
+  import datasets
+  datasets.Dataset.from_dict(hf_tasks.rows("validation")).save_to_disk(str(tmp_path / "one"))
+  source = hf_sources.HfDatasetSource(tmp_path / "one", split="dev")
+  assert tuple(source.splits) == ("dev",)
+  expected = [as_tensorflow(r) for r in
+              read_files("arrow", sorted((tmp_path / "one").glob("data-*.arrow")))]
+  assert_same_rows(source.read("dev", range(hf_tasks.SIZES["validation"])), expected)
+
+
 def test_bad_sources_are_config_errors(data):
   with pytest.raises(errors.ConfigError, match="either a save_to_disk directory"):
     hf_sources.HfDatasetSource()
@@ -185,6 +195,12 @@ def test_bad_sources_are_config_errors(data):
   missing = hf_sources.HfDatasetSource(data_files={"train": str(data["root"] / "nothing-*.jsonl")})
   with pytest.raises(errors.ConfigError, match=r"data file .*nothing-\*\.jsonl \(split 'train'"):
     missing.num_input_examples("train")
+  broken = data["root"] / "broken.jsonl"
+  broken.write_text('{"question": "a", "answer": "b"}\nnot json\n')
+  unreadable = hf_sources.HfDatasetSource(data_files={"train": broken},
+                                          cache_dir=data["root"] / "broken_cache")
+  with pytest.raises(errors.ConfigError, match="datasets cannot read the json files"):
+    unreadable.num_input_examples("train")
   not_saved = hf_sources.HfDatasetSource(data["root"])  # a directory, not a saved dataset
   with pytest.raises(errors.ConfigError, match="is not a dataset written by save_to_disk"):
     list(not_saved.splits)

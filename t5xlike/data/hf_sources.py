@@ -70,6 +70,16 @@ class _Column:
     self.spec, self.convert = spec, convert
 
 
+def _import_datasets() -> Any:
+  """The `datasets` module, or a ConfigError saying how to install it."""
+  try:
+    import datasets  # noqa: PLC0415  (only where such a source is used)
+  except ImportError:
+    raise ConfigError("HfDatasetSource needs Hugging Face datasets: pip install "
+                      "'t5xlike[hf_datasets]' (or datasets>=3)") from None
+  return datasets
+
+
 def _text(value: Any) -> bytes:
   if value is None:
     return b""
@@ -96,7 +106,7 @@ def _value_column(dtype: str, rank: int) -> _Column | None:
 
 def _column(feature: Any) -> _Column | None:
   """The column of a `datasets` feature; None for types t5xlike does not read."""
-  import datasets  # noqa: PLC0415  (only where such a source is used)
+  datasets = _import_datasets()
   if isinstance(feature, datasets.Value):
     return _value_column(feature.dtype, 0)
   if isinstance(feature, datasets.ClassLabel):
@@ -279,7 +289,7 @@ class HfDatasetSource(seqio.DataSource):
 
   def _load(self) -> dict[str, Any]:
     """{split: datasets.Dataset}; ConfigError naming what is missing or unreadable."""
-    import datasets  # noqa: PLC0415  (only where such a source is used)
+    datasets = _import_datasets()
     if self.data_files is None:
       path = str(self.path)
       if not os.path.exists(path):
