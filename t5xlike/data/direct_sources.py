@@ -7,7 +7,10 @@ preprocessor can be replayed outside tf.data, on the examples asked for:
                random-access format (ArrayRecord: `tfds build NAME
                --file_format=array_record`), read with `as_data_source`;
                `seqio.TextLineDataSource` over local files, read through a
-               line-offset index of each file (memory-mapped).
+               line-offset index of each file (memory-mapped);
+               `hf_sources.HfDatasetSource` (Hugging Face `datasets`: a
+               `save_to_disk` directory, local parquet / JSON lines / arrow
+               files), read by row index.
   preprocessors `seqio.preprocessors.rekey`, `tokenize`,
                `tokenize_and_append_eos` (SentencePiece and byte vocabularies),
                and, for text lines, `parse_lines` / `parse_tsv` below (seqio
@@ -51,7 +54,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from t5xlike import library_compat
-from t5xlike.data import seqio_tasks, task_datasets
+from t5xlike.data import hf_sources, seqio_tasks, task_datasets
 from t5xlike.data.preprocessor_replay import NotDirect, Spec, replay_steps, string_scalar
 
 log = logging.getLogger(__name__)
@@ -258,6 +261,23 @@ class _TextLineReader(_Reader):
     return [self.files[f].line(int(k - self.offsets[f])) for f, k in zip(files, keys)]
 
 
+class _HfReader(_Reader):
+  """A `hf_sources.HfDatasetSource` split: rows by index, in the order of its tf.data read."""
+
+  def __init__(self, task: seqio.Task, split: str):
+    self.source, self.split = task.source, split
+    self.spec = self.source.element_spec(split)
+    self.tensorflow_reads = True
+    self.kind = "Hugging Face datasets"
+    self.description = self.source.describe(split)
+
+  def __len__(self) -> int:
+    return self.source.num_input_examples(self.split)
+
+  def read(self, indices: Sequence[int]) -> list[Any]:
+    return self.source.read(self.split, indices)
+
+
 def _reader(task: seqio.Task, split: str) -> _Reader:
   source = task.source
   # Exact types: a subclass may override how it reads (get_dataset), which the readers
@@ -266,8 +286,11 @@ def _reader(task: seqio.Task, split: str) -> _Reader:
     return _TfdsReader(task, split)
   if type(source) is seqio.TextLineDataSource:
     return _TextLineReader(task, split)
+  if type(source) is hf_sources.HfDatasetSource:
+    return _HfReader(task, split)
   raise NotDirect(f"its source is a {type(source).__name__} (direct reads: TfdsDataSource "
-                  f"prepared as ArrayRecord, TextLineDataSource over local files)")
+                  f"prepared as ArrayRecord, TextLineDataSource over local files, "
+                  f"hf_sources.HfDatasetSource)")
 
 
 # -- the source -------------------------------------------------------------------

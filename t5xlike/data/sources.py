@@ -31,7 +31,8 @@ Sources (`name`, `split`, `eos_features` on all of them):
   CachedSource     a task cache written by `t5xlike.data.task_cache`
                    (`python -m t5xlike.cache_tasks`): ArrayRecord shards.
   DirectSource     `t5xlike.data.direct_sources`: a TFDS dataset prepared as
-                   ArrayRecord, or local text files, read by index, the
+                   ArrayRecord, local text files or a Hugging Face dataset
+                   (`hf_sources.HfDatasetSource`), read by index, the
                    deterministic preprocessors (rekey, tokenize, ...)
                    replayed outside tf.data: no tf.data pipeline, no cache.
   SequentialSource large uncached tasks: the deterministic preprocessors in

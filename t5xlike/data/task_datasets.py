@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from t5xlike import library_compat
-from t5xlike.data import seqio_tasks
+from t5xlike.data import hf_sources, seqio_tasks
 
 Example = dict[str, np.ndarray]
 # Seed of the seqio map-seed manager while running the deterministic part, so
@@ -33,12 +33,17 @@ PRECACHE_SEED = 0
 
 # -- checks before reading ---------------------------------------------------------
 def check_split(task: seqio.Task, split: str, *, need_data: bool = True) -> None:
-  """ValueError unless the task has the split (and, with need_data, its TFDS data is prepared)."""
+  """ValueError unless the task has the split (and, with need_data, its TFDS data is prepared,
+  its Hugging Face dataset exists and has the columns its preprocessors read: ConfigError)."""
   if need_data:
     _check_tfds_prepared(task, split)  # An unprepared TFDS dataset knows no splits.
+    if isinstance(task.source, hf_sources.HfDatasetSource):
+      task.source.check_task(task, split)  # Its path, and the columns its preprocessors read.
   elif (isinstance(task.source, seqio.TfdsDataSource)
         and not library_compat.tfds_splits_named_by_task(task.source)):
     return  # Its splits come from TFDS metadata, which a cache-only machine may lack.
+  elif isinstance(task.source, hf_sources.HfDatasetSource) and not task.source.exists():
+    return  # A saved dataset's splits are in its directory, which a cache-only machine may lack.
   if split not in task.splits:
     raise ValueError(f"task {task.name!r} has no split {split!r} "
                      f"(splits: {', '.join(task.splits) or 'none'})")

@@ -5,6 +5,7 @@ import time
 
 import seqio
 
+from t5xlike import errors
 from t5xlike.data import seqio_tasks, task_cache, task_datasets
 
 
@@ -21,7 +22,11 @@ def plan(task_names: list[str], splits: list[str]) -> list[tuple[seqio.Task, str
   pairs = []
   for task in tasks.values():
     seqio_tasks.check_postcache_preprocessors(task)
-    for split in splits or list(task.splits):
+    try:
+      task_splits = splits or list(task.splits)
+    except errors.ConfigError as error:  # e.g. a Hugging Face dataset that does not exist
+      raise errors.ConfigError(f"task {task.name!r}: {error}") from None
+    for split in task_splits:
       task_datasets.deterministic_dataset(task, split)  # Split, TFDS data and features.
       pairs.append((task, split))
   return pairs
