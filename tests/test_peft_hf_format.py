@@ -23,7 +23,7 @@ from flax import traverse_util
 from t5xlike import partitioning
 from t5xlike.finetuning import lora
 from t5xlike.inference import checkpoint_loading
-from t5xlike.interop import hf_peft, param_trees
+from t5xlike.interop import hf_names, hf_peft, param_trees
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -216,3 +216,20 @@ def test_adapter_of_another_base_is_one_line_exit_2(bases, peft_adapters, tmp_pa
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "\n" not in err and message in err, err
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("links", [
+    hf_names.t5_links(2, 3, gated=True, untied_head=True),
+    hf_names.t5_links(1, 1, gated=False, untied_head=False, per_layer_relpos=True),
+    hf_names.llama_links(3, untied_head=False, qkv_bias=True),
+    hf_names.llama_links(2, untied_head=True)])
+def test_links_of_params_finds_the_hf_names_of_every_parameter(links):
+  """The export knows the network by its parameter paths only: the links `convert --to=hf`
+  uses for T5 / umT5 / Qwen2 / Llama layouts come back from those paths; a parameter
+  without an HF name (an encoder-only network, another PEFT method's) is a ValueError."""
+  names = [link.ours for link in links]
+  assert hf_peft.links_of_params(names + ["decoder/layers_0/mlp/wo/lora_a"])[1] == links
+  with pytest.raises(ValueError, match="has no HF name"):
+    hf_peft.links_of_params(names + ["decoder/layers_0/mlp/adapter/down/kernel"])
+  with pytest.raises(ValueError, match="is missing"):
+    hf_peft.links_of_params(names[1:])

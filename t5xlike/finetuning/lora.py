@@ -133,7 +133,10 @@ class LoRA(peft.PeftMethod):
       return
     base = None
     if base_checkpoint:
-      base = str(checkpoints.checkpoint_chain(base_checkpoint)[-1])
+      try:
+        base = str(checkpoints.checkpoint_chain(base_checkpoint)[-1])
+      except ValueError:  # Gone since the run started: recorded as given.
+        base = str(base_checkpoint)
       base = base if "://" in base else os.path.abspath(base)
     try:
       hf_peft.write(directory, lora, shapes, self.rank, self.alpha, self.dropout, base)
