@@ -1,4 +1,4 @@
-"""Converts checkpoints: `python -m t5xlike.convert --from=t5x|hf|t5xlike --to=t5xlike|hf
+"""Converts checkpoints: `python -m t5xlike.convert --from=t5x|hf|t5xlike|peft --to=t5xlike|hf
 --checkpoint=IN --output=OUT`.
 
   # A T5X checkpoint (T5X's orbax step directory or msgpack; T5.1.1 / mT5 / Flan-T5;
@@ -12,6 +12,11 @@
   python -m t5xlike.convert --from=t5xlike --to=hf --checkpoint=OUT --output=HF_DIR
   python -m t5xlike.convert --from=t5xlike --to=hf --checkpoint=MODEL_DIR/checkpoint_N \
     --output=HF_DIR
+  # A Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+  # for a t5xlike base (e.g. a --from=hf output) -> OUT/checkpoint, a LoRA PEFT checkpoint
+  # (CHECKPOINT_PATH of eval / infer with the base's model gin), and OUT/lora.gin (to
+  # continue training it with finetune/lora.gin):
+  python -m t5xlike.convert --from=peft --checkpoint=ADAPTER_DIR --base=BASE --output=OUT
 
 A t5xlike OUT holds OUT/checkpoint (step 0) and OUT/model.gin (see
 `t5xlike/interop/output_dir.py`); an HF OUT holds config.json and
@@ -29,7 +34,7 @@ from t5xlike import errors
 from t5xlike.cli import console_log, flags, gin_config
 from t5xlike.runs import convert_run
 
-SOURCES = ("t5x", "hf", "t5xlike")
+SOURCES = ("t5x", "hf", "t5xlike", "peft")
 TARGETS = ("t5xlike", "hf")
 
 
@@ -37,7 +42,11 @@ def _flags(parser) -> None:
   parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
   parser.add_argument("--to", dest="target", choices=TARGETS, default="t5xlike")
   parser.add_argument("--checkpoint", required=True,
-                      help="T5X step dir, HF model dir, t5xlike step dir or convert output")
+                      help="T5X step dir, HF model dir, t5xlike step dir or convert output, "
+                           "HF PEFT adapter dir")
+  parser.add_argument("--base", default=None,
+                      help="--from=peft: the t5xlike base checkpoint the adapter is for (a "
+                           "convert output or step dir; its model gin as for --from=t5xlike)")
   parser.add_argument("--output", required=True, help="directory to create")
   parser.add_argument("--vocabulary", default=None,
                       help="SentencePiece .model to use (default: the source's, if any)")

@@ -23,10 +23,19 @@ default: r = 0, i.e. no LoRA, and lora_alpha = 1.)
 `merge(params)` folds the update into the kernels, `W + (alpha / rank) A B`
 (float32), and drops `lora_a` / `lora_b`: the base architecture's
 parameters, for the plain model gin (`MODEL_DIR/merged/checkpoint_<N>`).
+
+`export` also writes Hugging Face PEFT's adapter files into the PEFT checkpoint
+(`MODEL_DIR/peft/checkpoint_<N>/adapter_config.json` and
+`adapter_model.safetensors`, `interop/hf_peft.py`) for T5 and Llama-style
+networks: `peft.PeftModel.from_pretrained(hf_base, that directory)` loads them onto
+the base checkpoint's Hugging Face export (`python -m t5xlike.convert --from=t5xlike
+--to=hf`). Adapters trained with peft come back with `--from=peft`.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +43,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
+from t5xlike import checkpoints
 from t5xlike.finetuning import peft, peft_registry, selection
+from t5xlike.interop import hf_peft, param_trees
 from t5xlike.models import layers
+
+log = logging.getLogger(__name__)
 
 #: Attention query and value projections of every attention module (Hu et al. §7.1).
 DEFAULT_TARGETS = r"attention/(query|value)$"
@@ -96,10 +111,51 @@ class LoRA(peft.PeftMethod):
       return y + (jnp.asarray(self.scale, dtype) * update).astype(y.dtype)
     return intercept
 
+  def export(self, params, model_dir, step, base_checkpoint):
+    """The PEFT checkpoint and the merged one (`peft.PeftMethod.export`), plus the
+    Hugging Face PEFT adapter files in the PEFT checkpoint (`write_hf_adapter`)."""
+    written = super().export(params, model_dir, step, base_checkpoint)
+    self.write_hf_adapter(params, written[0], base_checkpoint)
+    return written
+
+  def write_hf_adapter(self, params: Any, directory: Any, base_checkpoint: str | None) -> None:
+    """Writes `adapter_config.json` + `adapter_model.safetensors` (`hf_peft.write`) into
+    `directory` on process 0 (every process gathers the LoRA arrays); a network without
+    a Hugging Face equivalent is logged and skipped. `base_model_name_or_path` is the
+    root of the base checkpoint's chain (`checkpoints.checkpoint_chain`), absolute."""
+    flat = param_trees.flatten(params)
+    lora = {name: _host(value) for name, value in flat.items()
+            if re.search(self.param_pattern, name)}
+    shapes = param_trees.unstacked_shapes({name: np.shape(v) for name, v in flat.items()})
+    if param_trees.is_scanned(flat):
+      lora = param_trees.unstack(lora)
+    if jax.process_index() != 0:
+      return
+    base = None
+    if base_checkpoint:
+      try:
+        base = str(checkpoints.checkpoint_chain(base_checkpoint)[-1])
+      except ValueError:  # Gone since the run started: recorded as given.
+        base = str(base_checkpoint)
+      base = base if "://" in base else os.path.abspath(base)
+    try:
+      hf_peft.write(directory, lora, shapes, self.rank, self.alpha, self.dropout, base)
+    except ValueError as error:
+      log.info("no Hugging Face PEFT adapter written: %s", error)
+      return
+    log.info("Hugging Face PEFT adapter: %s/%s", directory, hf_peft.ADAPTER_CONFIG)
+
   def merge(self, params: Any) -> Any:
     """Base-architecture parameters: every `{kernel, lora_a, lora_b}` module becomes
     `{kernel: kernel + scale * lora_a @ lora_b}` (scanned leaves layer by layer)."""
     return merge_lora(params, self.scale)
+
+
+def _host(value: Any) -> np.ndarray:
+  """A host NumPy copy of a (possibly multi-process sharded) array."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(jax.device_get(value))
 
 
 def merge_lora(params: Any, scale: float) -> Any:

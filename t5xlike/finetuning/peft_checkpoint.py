@@ -77,13 +77,21 @@ def export(method: peft_registry.Method, params: Any, model_dir: Any, step: int,
   model_dir = epath.Path(model_dir)
   directory = checkpoints.save_params(model_dir / "peft", step, trained_params(method, params))
   if jax.process_index() == 0:
-    info = {"format": FORMAT, "step": int(step), "method": peft_registry.method_to_json(method),
-            "base_checkpoint": _absolute(str(base_checkpoint)) if base_checkpoint else None}
-    (directory / checkpoints.PEFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_record(directory, method, step, base_checkpoint)
   written = [directory]
   if isinstance(method, Merging):
     written.append(checkpoints.save_params(model_dir / "merged", step, method.merge(params)))
   return written
+
+
+def write_record(directory: str | epath.Path, method: peft_registry.Method, step: int,
+                 base_checkpoint: str | None) -> None:
+  """Writes `directory/peft.json`: the format, `step`, the method's record and the base
+  checkpoint (absolute; None: none), making a step directory of the trained parameters
+  (`checkpoints.save_params_at`) a PEFT checkpoint."""
+  info = {"format": FORMAT, "step": int(step), "method": peft_registry.method_to_json(method),
+          "base_checkpoint": _absolute(str(base_checkpoint)) if base_checkpoint else None}
+  (epath.Path(directory) / checkpoints.PEFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def read(path: str | epath.Path) -> dict[str, Any] | None:

@@ -58,6 +58,19 @@ def unstack(flat: Mapping[str, np.ndarray], layer_axis: int = 0) -> dict[str, np
   return out
 
 
+def unstacked_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+  """`unstack`'s paths and shapes, from scanned {path: shape} (layer axis 0; no arrays)."""
+  out: dict[str, tuple[int, ...]] = {}
+  for name, shape in shapes.items():
+    match = _SCANNED.match(name)
+    if not match:
+      out[name] = tuple(shape)
+      continue
+    for i in range(shape[0]):
+      out[f"{match['stack']}/layers_{i}/{match['rest']}"] = tuple(shape[1:])
+  return out
+
+
 def stack(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Unscanned (`<stack>/layers_<i>/<rest>`) -> t5xlike's scanned layout
   (`<stack>/layers/<rest>`, layer axis 0)."""

@@ -3,6 +3,8 @@
 `validate` checks the flags (nothing read); `convert` reads the source into
 unscanned float32 NumPy parameters (logging each tensor) and writes OUT under
 a temporary name, renamed when complete (`t5xlike.interop` has the formats).
+`--from=peft` imports a Hugging Face PEFT LoRA adapter for a t5xlike base
+(`import_peft`, `interop/hf_peft.py`).
 """
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from t5xlike import errors, progress
+from t5xlike import checkpoints, errors, progress
 from t5xlike.cli import gin_config
-from t5xlike.interop import hf_dir, network_shapes, output_dir, param_trees, t5x_format
+from t5xlike.finetuning import lora, peft_checkpoint
+from t5xlike.interop import hf_dir, hf_peft, network_shapes, output_dir, param_trees, t5x_format
 
 log = logging.getLogger("t5xlike.convert")
+#: The gin file of a `--from=peft` output: its LoRA settings and INITIAL_CHECKPOINT_PATH.
+LORA_GIN = "lora.gin"
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -35,8 +40,18 @@ def validate(args: argparse.Namespace) -> None:
     raise errors.ConfigError(f"--output={args.output} exists and is not empty")
   if args.vocabulary and not pathlib.Path(args.vocabulary).is_file():
     raise errors.ConfigError(f"--vocabulary={args.vocabulary}: no such file")
-  if args.source != "t5xlike" and (args.gin_file or args.gin_overrides or args.gin_bindings):
-    raise errors.ConfigError("--gin_file / --gin.* are for --from=t5xlike (the model gin)")
+  if args.source not in ("t5xlike", "peft") and (args.gin_file or args.gin_overrides
+                                                  or args.gin_bindings):
+    raise errors.ConfigError("--gin_file / --gin.* are for --from=t5xlike and --from=peft "
+                             "(the model gin)")
+  if (args.source == "peft") != bool(args.base):
+    raise errors.ConfigError("--base (the t5xlike base checkpoint) goes with --from=peft, "
+                             "and only with it")
+  if args.source == "peft" and args.target != "t5xlike":
+    raise errors.ConfigError(f"--from=peft --to={args.target}: a PEFT adapter converts to "
+                             "t5xlike (the LoRA export writes Hugging Face PEFT's files)")
+  if args.base and not pathlib.Path(args.base).is_dir():
+    raise errors.ConfigError(f"--base={args.base}: no such directory")
 
 
 def _scan(args, source_scanned: bool) -> bool:
@@ -59,6 +74,27 @@ def _tensor_count(network_config: Any) -> int:
   return len(network_shapes.param_shapes(dataclasses.replace(network_config, scan_layers=False)))
 
 
+def t5xlike_model(args, path: str, flag: str) -> tuple[pathlib.Path, Any]:
+  """(the step directory, the configured MODEL) of a t5xlike checkpoint named by `flag`:
+  the model gin is --gin_file, else model.gin or a run's config.gin beside it."""
+  checkpoint, beside = output_dir.locate(path)
+  gin_files = list(args.gin_file) or ([str(beside)] if beside else [])
+  if not gin_files:
+    raise errors.ConfigError(
+        f"--from={args.source} needs the model gin: --gin_file=..., or {output_dir.MODEL_GIN} "
+        f"(a convert output) or {output_dir.RUN_CONFIG_GIN} (a training run) beside "
+        f"{flag}={path}")
+  # A run's operative config binds the whole run: its modules that this process cannot
+  # import (the run's own task or objective code) are skipped; MODEL needs none of them.
+  operative = not args.gin_file and beside is not None and (
+      beside.name == output_dir.RUN_CONFIG_GIN)
+  if operative:
+    log.info("the model of %s", beside)
+  gin_config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths,
+                       skip_unknown=operative)
+  return checkpoint, output_dir.configured_model()
+
+
 def load_source(args) -> tuple[Any, dict, Any]:
   """(network config, unscanned float32 parameters, interop Vocabulary) of the source."""
   dtypes: dict[str, str] = {}
@@ -79,22 +115,7 @@ def load_source(args) -> tuple[Any, dict, Any]:
       vocabulary = output_dir.Vocabulary(
           args.vocabulary, output_dir.t5_extra_ids(args.vocabulary, network_config.vocab_size))
   else:
-    checkpoint, beside = output_dir.locate(args.checkpoint)
-    gin_files = list(args.gin_file) or ([str(beside)] if beside else [])
-    if not gin_files:
-      raise errors.ConfigError(
-          f"--from=t5xlike needs the model gin: --gin_file=..., or {output_dir.MODEL_GIN} "
-          f"(a convert output) or {output_dir.RUN_CONFIG_GIN} (a training run) beside "
-          f"--checkpoint={args.checkpoint}")
-    # A run's operative config binds the whole run: its modules that this process cannot
-    # import (the run's own task or objective code) are skipped; MODEL needs none of them.
-    operative = not args.gin_file and beside is not None and (
-        beside.name == output_dir.RUN_CONFIG_GIN)
-    if operative:
-      log.info("the model of %s", beside)
-    gin_config.configure(gin_files, args.gin_overrides, args.gin_bindings, args.gin_search_paths,
-                         skip_unknown=operative)
-    model = output_dir.configured_model()
+    checkpoint, model = t5xlike_model(args, args.checkpoint, "--checkpoint")
     network_config = model.network.config
     flat = output_dir.read_params(checkpoint, network_config)
     flat = dict(_logged(flat.items(), dtypes, len(flat)))
@@ -108,8 +129,46 @@ def load_source(args) -> tuple[Any, dict, Any]:
   return network_config, flat, vocabulary
 
 
+def import_peft(args, directory: pathlib.Path, final: pathlib.Path) -> None:
+  """Writes the LoRA adapter of a Hugging Face PEFT directory (--checkpoint) for the
+  t5xlike base checkpoint --base as `directory/checkpoint` (a PEFT checkpoint, step 0:
+  the LoRA parameters in the base's layout, `peft.json` naming --base) and
+  `directory/lora.gin` (the LoRA macros and INITIAL_CHECKPOINT_PATH, under `final`,
+  for `finetune/lora.gin`). ValueError naming the culprit when the adapter does not
+  fit the base."""
+  base_step, model = t5xlike_model(args, args.base, "--base")
+  network_config = model.network.config
+  try:
+    shapes = network_shapes.param_shapes(network_config)
+  except TypeError as error:
+    raise ValueError(f"--base={args.base}: {error}") from None
+  checkpoints.check_param_shapes(base_step, shapes)
+  if network_config.scan_layers:
+    shapes = param_trees.unstacked_shapes(shapes)
+  config = hf_peft.read_config(args.checkpoint)
+  unchecked = hf_peft.check_named_base(config, network_config, f"--base={args.base}")
+  if unchecked:
+    log.info("%s", unchecked)
+  settings, flat = hf_peft.read(args.checkpoint, shapes, f"--base={args.base}")
+  method = lora.LoRA(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
+                     targets=settings.targets)
+  log.info("%s: %d LoRA tensors for %s", method, len(flat), base_step)
+  params = param_trees.stack(flat) if network_config.scan_layers else flat
+  checkpoints.save_params_at(directory / output_dir.CHECKPOINT, 0, param_trees.unflatten(params))
+  peft_checkpoint.write_record(directory / output_dir.CHECKPOINT, method, 0, str(base_step))
+  (directory / LORA_GIN).write_text("\n".join([
+      f"# Written by `python -m t5xlike.convert --from=peft --checkpoint={args.checkpoint}`:",
+      "# continue training this LoRA with --gin_file=gin_configs/finetune/lora.gin "
+      f"--gin_file={final / LORA_GIN}",
+      f"LORA_RANK = {settings.rank}", f"LORA_ALPHA = {settings.alpha!r}",
+      f"LORA_DROPOUT = {settings.dropout!r}", f"LORA_TARGETS = {settings.targets!r}",
+      f"INITIAL_CHECKPOINT_PATH = {str(final.resolve() / output_dir.CHECKPOINT)!r}", ""]))
+
+
 def convert(args) -> pathlib.Path:
   """Reads the source, then writes OUT under a temporary name and renames it."""
+  if args.source == "peft":
+    return _write_peft(args)
   try:
     network_config, flat, vocabulary = load_source(args)
   except (ValueError, KeyError) as error:
@@ -130,4 +189,20 @@ def convert(args) -> pathlib.Path:
     output.rmdir()  # Empty (checked by validate).
   temporary.rename(output)
   log.info("wrote %s (%s)", output, args.target)
+  return output
+
+
+def _write_peft(args) -> pathlib.Path:
+  output = pathlib.Path(args.output)
+  temporary = output.parent / f".{output.name}.incomplete"
+  shutil.rmtree(temporary, ignore_errors=True)
+  try:
+    import_peft(args, temporary, output)
+  except (ValueError, KeyError) as error:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise errors.ConfigError(errors.one_line(error).strip('"')) from None
+  if output.exists():
+    output.rmdir()  # Empty (checked by validate).
+  temporary.rename(output)
+  log.info("wrote %s (a LoRA PEFT checkpoint and %s)", output, LORA_GIN)
   return output
