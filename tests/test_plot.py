@@ -120,6 +120,34 @@ def test_eval_of_several_tasks_one_line_per_task(tmp_path):
                              [r["accuracy"] for r in evals if r["task"] == "second"])
 
 
+def test_crowded_panels_share_one_key_below_them(tmp_path):
+  """Three runs x (train + 3 eval tasks) = 12 lines per panel > LEGEND_MAX_LINES: no legend in
+  the panels, one key naming the runs, the train style and each task's marker."""
+  tasks = ("a_task", "b_task", "c_task")
+  dirs = [tmp_path / name for name in ("x", "y", "z")]
+  for scale, directory in zip((1.0, 0.8, 0.6), dirs):
+    _write_run(directory, scale=scale, tasks=tasks)
+  out = tmp_path / "crowded.png"
+  p = plot_run.plan(list(map(str, dirs)), str(out), ["loss"])
+  assert p.key_entries == ["x", "y", "z", "train", "eval a_task", "eval b_task", "eval c_task"]
+  assert plot.main([*map(str, dirs), f"--output={out}", "--metrics=loss"]) == 0
+  # One panel (5 in) and a key of 7 entries in 2 columns: 4 rows of 0.25 in.
+  assert _png_size(out) == (450, round((3.2 + 4 * 0.25) * 90)) == p.size_px
+  fig = plot_run.figure(p)
+  assert fig.axes[0].get_legend() is None
+  key, = fig.legends
+  assert [text.get_text() for text in key.get_texts()] == p.key_entries
+  lines = fig.axes[0].get_lines()
+  markers = {line.get_label().split(" eval ")[1]: line.get_marker() for line in lines
+             if " eval " in line.get_label()}
+  assert len(set(markers.values())) == 3  # one shape per task, the same in every run
+  assert all(line.get_marker() == markers[line.get_label().split(" eval ")[1]]
+             for line in lines if " eval " in line.get_label())
+  # Few lines: each panel keeps its legend, no key.
+  few = plot_run.plan([str(dirs[0])], str(out), ["loss"])
+  assert few.key_entries == [] and plot_run.figure(few).axes[0].get_legend() is not None
+
+
 def test_torn_lines_and_non_finite_values_are_read_as_the_writer_writes_them(tmp_path):
   _write_run(tmp_path / "run")
   with (tmp_path / "run" / "metrics" / "train.jsonl").open("a") as f:

@@ -2,11 +2,15 @@
 
 `plan` reads and checks everything (no file written); `figure` draws it; `write`
 saves the PNG. In each panel a run's train series is a solid line, its eval
-series dashed with markers (one per evaluated task), both in the run's colour,
-labelled `LABEL train`, `LABEL eval` (`LABEL eval TASK` when a run evaluated
-several tasks). By step, or by tokens seen (`run_metrics`: step x the run's
-token positions per step). matplotlib is imported when drawing (`Figure` with
-the Agg canvas: no pyplot, no display, no global state).
+series dashed with markers (one line per evaluated task, one marker shape per
+task name), both in the run's colour, labelled `LABEL train`, `LABEL eval`
+(`LABEL eval TASK` when a run evaluated several tasks). A panel of at most
+LEGEND_MAX_LINES lines has its own legend; when any panel has more (runs that
+evaluate several tasks each), one key below the panels names each run's colour,
+the train and eval line styles and each task's marker instead. By step, or by
+tokens seen (`run_metrics`: step x the run's token positions per step).
+matplotlib is imported when drawing (`Figure` with the Agg canvas: no pyplot, no
+display, no global state).
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ PANEL_INCHES = (5.0, 3.2)  # width, height of one panel
 COLUMNS = 2  # panels per row (fewer when fewer metrics)
 DPI = 90  # the PNG: COLUMNS x 5 in x 90 = 900 px wide, 3.2 in x 90 = 288 px per row
 INSTALL_HINT = "matplotlib is not installed: pip install 't5xlike[plot]'"
+LEGEND_MAX_LINES = 8  # more lines in a panel: one key below the panels instead
+KEY_COLUMNS = 2  # entries per row of that key, per column of panels
+KEY_ROW_INCHES = 0.25  # the figure's height grows by this per row of the key
+MARKERS = "os^vDPX*<>ph"  # eval series: the marker of the i-th task name (cycled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +54,39 @@ class Plan:
     return math.ceil(len(self.metrics) / columns), columns
 
   @property
+  def eval_tasks(self) -> list[str]:
+    """The task names of the eval series drawn, sorted (task i gets MARKERS[i])."""
+    return sorted({series.task or "" for run in self.runs for metric in self.metrics
+                   for series in run.series("eval", metric)})
+
+  @property
+  def key_entries(self) -> list[str]:
+    """The labels of the key below the panels ([] when every panel has its own legend):
+    the runs' labels, 'train', then 'eval' or 'eval TASK' per task."""
+    most = max(sum(len(run.series(kind, metric)) for run in self.runs for kind in
+                   run_metrics.KINDS) for metric in self.metrics)
+    if most <= LEGEND_MAX_LINES:
+      return []
+    tasks = self.eval_tasks
+    evals = ["eval"] if len(tasks) == 1 else [f"eval {task}" for task in tasks]
+    return [*self.labels, "train", *evals]
+
+  @property
+  def key_inches(self) -> float:
+    """The height added below the panels for the key."""
+    return math.ceil(len(self.key_entries) / self.key_columns) * KEY_ROW_INCHES
+
+  @property
+  def key_columns(self) -> int:
+    """Entries per row of the key (it spans the figure's width)."""
+    return KEY_COLUMNS * self.grid[1]
+
+  @property
   def size_px(self) -> tuple[int, int]:
     """The PNG's (width, height) in pixels."""
     rows, columns = self.grid
-    return round(columns * PANEL_INCHES[0] * DPI), round(rows * PANEL_INCHES[1] * DPI)
+    return (round(columns * PANEL_INCHES[0] * DPI),
+            round((rows * PANEL_INCHES[1] + self.key_inches) * DPI))
 
 
 def plan(model_dirs: Sequence[str], output: str, metrics: Sequence[str] | None = None,
@@ -116,8 +153,10 @@ def figure(p: Plan) -> Figure:
   except ImportError:
     raise errors.ConfigError(INSTALL_HINT) from None
   rows, columns = p.grid
-  fig = Figure(figsize=(columns * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI,
-               layout="constrained")
+  fig = Figure(figsize=(columns * PANEL_INCHES[0], rows * PANEL_INCHES[1] + p.key_inches),
+               dpi=DPI, layout="constrained")
+  markers = {task: MARKERS[i % len(MARKERS)] for i, task in enumerate(p.eval_tasks)}
+  key = p.key_entries
   axes = fig.subplots(rows, columns, squeeze=False).flatten()
   for extra in axes[len(p.metrics):]:
     fig.delaxes(extra)
@@ -130,16 +169,29 @@ def figure(p: Plan) -> Figure:
       evals = run.series("eval", metric)
       for series in evals:
         name = f"{label} eval" + (f" {series.task}" if len(evals) > 1 else "")
-        ax.plot(x_values(run, series.steps, p.x), series.values, "--o", color=colour,
-                linewidth=1.0, markersize=4, label=name)
+        ax.plot(x_values(run, series.steps, p.x), series.values, "--", color=colour,
+                marker=markers[series.task or ""], linewidth=1.0, markersize=4, label=name)
     ax.set_title(metric, fontsize=10)
     ax.set_xlabel("tokens seen (positions, padding included)" if p.x == "tokens" else "step",
                   fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.3)
-    if ax.get_lines():
+    if ax.get_lines() and not key:
       ax.legend(fontsize=7)
+  if key:
+    _draw_key(fig, p, markers)
   return fig
+
+
+def _draw_key(fig: Figure, p: Plan, markers: dict[str, str]) -> None:
+  """The key below the panels: a solid line in each run's colour, then the styles."""
+  from matplotlib.lines import Line2D  # noqa: PLC0415  (optional dependency)
+  handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2) for i in range(len(p.runs))]
+  handles.append(Line2D([], [], color="0.3", linestyle="-"))
+  handles += [Line2D([], [], color="0.3", linestyle="--", marker=markers[task], markersize=4)
+              for task in p.eval_tasks]
+  fig.legend(handles, p.key_entries, loc="outside lower center", ncols=p.key_columns,
+             fontsize=7, frameon=False)
 
 
 def write(p: Plan, output: str) -> Figure:
