@@ -11,6 +11,7 @@ import dataclasses
 import json
 import pathlib
 import struct
+import time
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2
@@ -36,6 +37,8 @@ def records(path: pathlib.Path) -> list[wandb_internal_pb2.Record]:
     if kind == 0:  # Zero padding to the end of the block.
       pos += left
       continue
+    if pos + CHUNK.size + length > len(data):
+      break  # A chunk still being written.
     payload = data[pos + CHUNK.size:pos + CHUNK.size + length]
     pos += CHUNK.size + length
     pending = payload if kind in (FULL, FIRST) else pending + payload
@@ -57,11 +60,18 @@ class OfflineRun:
   exit_code: int | None
 
 
-def read(run_dir: pathlib.Path) -> OfflineRun:
-  """Reads `run_dir` (`.../wandb/offline-run-<time>-<id>`)."""
+def read(run_dir: pathlib.Path, timeout_s: float = 60.0) -> OfflineRun:
+  """Reads `run_dir` (`.../wandb/offline-run-<time>-<id>`) once its exit record is there:
+  wandb's core process writes the log after `run.finish()` returns (up to `timeout_s`)."""
   [log_file] = run_dir.glob("run-*.wandb")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    found = records(log_file)
+    if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+      break
+    time.sleep(0.2)
   run_id, config, history, saved, exit_code = "", {}, {}, [], None
-  for record in records(log_file):
+  for record in found:
     kind = record.WhichOneof("record_type")
     if kind == "run":
       run_id = record.run.run_id
