@@ -176,6 +176,14 @@ def test_resume_and_rewind(tmp_path, offline):
   assert pathlib.Path(client.download_artifacts(run_id, "config.gin")).read_text() == "A = 2\n"
 
 
+def test_wandb_disabled_mode_logs_nothing(tmp_path, offline):
+  run = tracker.TrackedRun(model_dir=tmp_path, params={"A": 1}, files={"config.gin": "A = 1\n"})
+  [disabled] = tracker.open_all([wandb_tracker.WandbTracker(mode="disabled")], run)
+  _log_steps([disabled], [1, 2], 0.0)
+  disabled.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["trackers"]
+
+
 def test_a_missing_library_or_bad_mode_is_a_config_error(monkeypatch):
   with pytest.raises(errors.ConfigError, match="WandbTracker.mode"):
     wandb_tracker.WandbTracker(mode="sometimes")

@@ -75,6 +75,8 @@ class WandbTracker(Tracker):
         config=dict(run.params), allow_val_change=True, reinit="create_new",
         settings=self._wandb.Settings(**self.settings))
     run.save_state(self.name, {"run_id": run_id, "project": self.project})
+    if self._run.disabled:  # (mode='disabled': no run directory to save files in)
+      return
     files_dir = self._run.dir
     for file_name, text in run.files.items():
       path = f"{files_dir}/{file_name}"
