@@ -1,8 +1,10 @@
-"""Run metrics: `metrics/{train,eval}.jsonl`, TensorBoard events, progress lines.
+"""Run metrics: `metrics/{train,eval}.jsonl`, TensorBoard events, trackers, progress lines.
 
 Only process 0 writes. Each JSONL line is one JSON object with `step`
 first; TensorBoard scalars go to `MODEL_DIR/tensorboard/{train,eval}` through
-tensorboardX (no TensorFlow needed).
+tensorboardX (no TensorFlow needed); the selected experiment trackers
+(`t5xlike.trackers`: W&B, MLflow) get the same numbers as `train/<metric>` and
+`eval/<task>/<metric>` at the row's step.
 """
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import datetime
 import json
 import logging
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from etils import epath
+
+if TYPE_CHECKING:
+  from t5xlike.trackers.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +33,31 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _numbers(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+  """The numeric values of a row as {prefix + name: value} (NaN and Inf kept)."""
+  numbers = {}
+  for name, value in values.items():
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+      value = np.asarray(value).item()
+    if isinstance(value, (int, float)):
+      numbers[prefix + name] = value
+  return numbers
+
+
 class MetricsWriter:
-  """Appends metrics rows to JSONL files and TensorBoard.
+  """Appends metrics rows to JSONL files, TensorBoard and the selected trackers.
 
   Args:
     model_dir: the run directory (`metrics/` and `tensorboard/` are created inside).
     enabled: False on every process but 0.
+    trackers: experiment trackers, already open (`tracker.open_all`), that get every row
+      and are closed by `close`.
   """
 
-  def __init__(self, model_dir: str | epath.Path, enabled: bool = True):
+  def __init__(self, model_dir: str | epath.Path, enabled: bool = True,
+               trackers: Sequence[Tracker] = ()):
     self.enabled = enabled
+    self.trackers = list(trackers) if enabled else []
     self.dir = epath.Path(model_dir) / "metrics"
     self._tb = {}
     if enabled:
@@ -58,6 +78,8 @@ class MetricsWriter:
       if isinstance(_plain(value), (int, float)):
         self._tb["train"].add_scalar(name, _plain(value), step)
     self._tb["train"].flush()
+    for tracker in self.trackers:
+      tracker.log(step, _numbers("train/", values))
 
   def write_eval(self, step: int, task: str, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -67,6 +89,8 @@ class MetricsWriter:
       if isinstance(_plain(value), (int, float)):
         self._tb["eval"].add_scalar(f"{task}/{name}", _plain(value), step)
     self._tb["eval"].flush()
+    for tracker in self.trackers:
+      tracker.log(step, _numbers(f"eval/{task}/", values))
 
   def rewind(self, step: int) -> None:
     """Drops the JSONL rows of steps after `step` (a resumed run re-runs them).
@@ -76,10 +100,14 @@ class MetricsWriter:
     `train.jsonl` / `eval.jsonl` keep one row per (step, task). The file is
     rewritten through a temporary file renamed over it; a torn last line (the
     process killed while appending) is dropped too. TensorBoard events are
-    not rewritten (TensorBoard shows the newest value of a repeated step).
+    not rewritten (TensorBoard shows the newest value of a repeated step); each
+    tracker is told (`Tracker.rewind`: W&B keeps its first values of the re-run
+    steps, MLflow appends the new ones).
     """
     if not self.enabled:
       return
+    for tracker in self.trackers:
+      tracker.rewind(step)
     for kind in ("train", "eval"):
       path = self.dir / f"{kind}.jsonl"
       if not path.exists():
@@ -100,9 +128,13 @@ class MetricsWriter:
         temporary.write_text("".join(line + "\n" for line in kept))
         temporary.replace(path)
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
+    """Closes the TensorBoard writers and the trackers (`failed`: the run stopped on an
+    exception, which the trackers record)."""
     for writer in self._tb.values():
       writer.close()
+    for tracker in self.trackers:
+      tracker.close(failed=failed)
 
 
 def format_duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,7 @@ from t5xlike.data import batch_shapes, feed_steps, pipeline, task_examples
 from t5xlike.objectives.base import Objective
 from t5xlike.posttrain import frozen, on_policy as on_policy_lib
 from t5xlike.runs import run_config
+from t5xlike.trackers.tracker import Tracker
 from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
 from t5xlike.training.fault_hooks import FaultHooks
 from t5xlike.training.state_plan import StatePlan
@@ -57,6 +58,7 @@ class TrainPlan:
     example_batch: this process's rows of the first training batch (shapes for compilation).
     state_plan: the train state's layout: parameters with their logical axes, which
       train, the shardings and the abstract state.
+    trackers: the experiment trackers selected (`t5xlike.trackers`), not yet open.
   """
   model: Any
   model_dir: str
@@ -74,6 +76,7 @@ class TrainPlan:
   make_eval_feed: Callable[[], Any] | None
   example_batch: Mapping[str, np.ndarray]
   state_plan: StatePlan
+  trackers: tuple[Tracker, ...] = ()
 
   @property
   def abstract_state(self) -> TrainState:
@@ -108,10 +111,12 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
                   partitioning_config: run_config.PartitioningConfig,
                   nan_policy: nan_policy_lib.NanPolicy,
                   fault_hooks: FaultHooks | None = None,
-                  on_policy: on_policy_lib.OnPolicySampling | None = None) -> TrainPlan:
+                  on_policy: on_policy_lib.OnPolicySampling | None = None,
+                  trackers: Sequence[Tracker] = ()) -> TrainPlan:
   """Checks the run (arguments as `train_run.train`'s; `partitioning_config` is its
   `partitioning`) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
+  trackers = _checked_trackers(trackers)
   frozen.check_model(model)  # a teacher / reference of another vocabulary
   finetuning = frozen.technique(model, finetuning)  # its frozen model: no gradient, no state
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
@@ -129,12 +134,25 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   _start_compile(trainer, model.feature_converter, data, init=not (
       checkpointing.initial_checkpoint_path or checkpoints.step_dirs(model_dir)))
   try:
-    return _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
+    plan = _plan_with_data(model, model_dir, train_steps, random_seed, data, objective,
                            finetuning, evaluation, checkpointing, nan_policy, partitioner,
                            trainer, loop, on_policy)
+    return dataclasses.replace(plan, trackers=trackers)
   except BaseException:
     trainer.cancel_compile()  # a configuration error: no wait for the step's compilation
     raise
+
+
+def _checked_trackers(trackers: Sequence[Tracker]) -> tuple[Tracker, ...]:
+  """`trackers` as a tuple; a ConfigError when one is not a `Tracker`."""
+  if isinstance(trackers, (str, bytes)) or not isinstance(trackers, Sequence):
+    raise errors.ConfigError(f"train_run.train.trackers must be a list of trackers "
+                             f"(@tracker.selected()), got {trackers!r}")
+  for tracker in trackers:
+    if not isinstance(tracker, Tracker):
+      raise errors.ConfigError(f"train_run.train.trackers: {tracker!r} is not a tracker "
+                               f"(t5xlike.trackers: WandbTracker, MlflowTracker)")
+  return tuple(trackers)
 
 
 def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective, finetuning,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import gin
@@ -25,6 +26,7 @@ from t5xlike.objectives.base import Objective
 from t5xlike.posttrain.on_policy import OnPolicySampling
 from t5xlike.runs import initial_state, run_config, startup_report
 from t5xlike.runs.train_plan import TrainPlan, plan_training
+from t5xlike.trackers import gin_params, tracker as tracker_lib
 from t5xlike.training import loop, nan_policy as nan_policy_lib, preemption
 from t5xlike.training.fault_hooks import FaultHooks
 from t5xlike.training.train_state import TrainState
@@ -42,7 +44,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
           nan_policy: nan_policy_lib.NanPolicy = nan_policy_lib.NanPolicy(),
           log_period: int = 100, random_seed: int = 0,
           fault_hooks: FaultHooks | None = None,
-          on_policy: OnPolicySampling | None = None) -> TrainState:
+          on_policy: OnPolicySampling | None = None,
+          trackers: Sequence[tracker_lib.Tracker] = ()) -> TrainState:
   """Trains `model` on a seqio task or mixture to TRAIN_STEPS; returns the final state.
 
   Args:
@@ -68,6 +71,8 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
       (`tests/gin/fault_hooks.gin`).
     on_policy: preference tuning on samples of the policy, every K steps
       (`posttrain.on_policy`; gin_configs/posttrain/dpo_on_policy.gin); None: the task's pairs.
+    trackers: experiment trackers that get the metrics rows too, with the operative gin
+      (`t5xlike.trackers`; gin_configs/trackers/{wandb,mlflow}.gin); process 0 only.
 
   A model that is an `interfaces.ExportingModel` (ELECTRA) has its exports written
   to `MODEL_DIR/<name>/checkpoint_<TRAIN_STEPS>` at the end. SIGTERM / SIGINT stop
@@ -78,7 +83,7 @@ def train(*, model: interfaces.Model, model_dir: str, train_steps: int,
                        optimizer=optimizer, objective=objective, finetuning=finetuning,
                        evaluation=evaluation, checkpointing=checkpointing,
                        partitioning_config=partitioning, nan_policy=nan_policy,
-                       fault_hooks=fault_hooks, on_policy=on_policy)
+                       fault_hooks=fault_hooks, on_policy=on_policy, trackers=trackers)
   return execute(plan)
 
 
@@ -129,30 +134,52 @@ def _train(plan: TrainPlan, state: TrainState, start: int,
     model_dir: MODEL_DIR.
     flop_accounting: the mfu fields of train.jsonl (None: no FLOP formula).
   """
-  writer = metrics.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+  try:
+    trackers = _open_trackers(plan, model_dir)
+  except BaseException:  # (e.g. an unreachable tracking server): close what is open
+    plan.train_feed.close()
+    checkpointer.close()
+    raise
+  writer = metrics.MetricsWriter(model_dir, enabled=jax.process_index() == 0,
+                                 trackers=trackers)
   writer.rewind(start)  # Rows of steps after the restored checkpoint are re-run.
   tokens_per_batch = (feature_converters.tokens_per_batch(plan.example_batch)
                       * jax.process_count())
   watch = nan_policy_lib.NonFiniteWatch(plan.nan_policy, writer.write_train)
   run_eval = (lambda step, params: _evaluate(plan, step, params, model_dir)
               ) if plan.make_eval_feed else None
+  failed = True  # (until the loop returns: the trackers record a failed run)
   try:
     with preemption.PreemptionGuard(jax.process_count()) as guard:
       rollbacks = 0
       while True:
         try:
-          return loop.train_loop(
+          state = loop.train_loop(
               plan.trainer, state, plan.train_feed, plan.loop, writer, checkpointer,
               run_eval=run_eval, tokens_per_batch=tokens_per_batch,
               flop_accounting=flop_accounting, guard=guard, watch=watch)
+          failed = False
+          return state
         except nan_policy_lib.RollBack as rollback:
           state = initial_state.rolled_back_state(rollback, rollbacks, checkpointer, writer,
                                                   plan.abstract_state)
           rollbacks += 1
   finally:
     plan.train_feed.close()
-    writer.close()
+    writer.close(failed=failed)
     checkpointer.close()
+
+
+def _open_trackers(plan: TrainPlan, model_dir: epath.Path) -> list[tracker_lib.Tracker]:
+  """The selected trackers opened for this start (process 0; none elsewhere), with the
+  operative gin as the run's config and `config.gin` and `plan.txt` attached."""
+  if not plan.trackers or jax.process_index() != 0:
+    return []
+  files = {name: (model_dir / name).read_text()
+           for name in ("config.gin", startup_report.PLAN_FILE)}  # (written by this start)
+  run = tracker_lib.TrackedRun(model_dir=model_dir, params=gin_params.flat(files["config.gin"]),
+                               files=files)
+  return tracker_lib.open_all(plan.trackers, run)
 
 
 def _evaluate(plan: TrainPlan, step: int, params: Any,
