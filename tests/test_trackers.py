@@ -12,7 +12,7 @@ import sys
 import gin
 import pytest
 
-from t5xlike import errors, train
+from t5xlike import errors, eval as eval_command, train
 from t5xlike.trackers import gin_params, mlflow_tracker, tracker, wandb_tracker
 from tests import wandb_offline_log
 
@@ -110,6 +110,31 @@ def test_mlflow_run_holds_every_row_params_and_artifacts(tracked, offline):
     assert path.read_text() == (tracked / name).read_text()
 
 
+def test_eval_command_logs_its_rows_to_the_tracker_of_eval_output_dir(tracked, tmp_path,
+                                                                       offline):
+  """`python -m t5xlike.eval` with trackers/mlflow.gin: each task's row of
+  EVAL_OUTPUT_DIR/metrics/eval.jsonl at the checkpoint's step, the operative gin attached."""
+  out = tmp_path / "eval"
+  assert eval_command.main([
+      "--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/eval.gin",
+      "--gin_file=trackers/mlflow.gin", f"--gin.CHECKPOINT_PATH={tracked / 'checkpoint_3'}",
+      f"--gin.EVAL_OUTPUT_DIR={out}", "--gin.MIXTURE_OR_TASK_NAME='mt_count_words'",
+      "--gin.EVAL_MAX_EXAMPLES=2", "--gin.BATCH_SIZE=2",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]) == 0
+  [row] = rows(out / "metrics" / "eval.jsonl")
+  assert row["step"] == 3 and row["task"] == "mt_count_words" and "accuracy" in row
+  client = mlflow_client(out)
+  run_id = json.loads((out / "trackers" / "mlflow.json").read_text())["run_id"]
+  run = client.get_run(run_id)
+  assert run.info.run_name == "eval" and run.info.status == "FINISHED"
+  logged = {key: mlflow_history(client, run_id, key) for key in run.data.metrics}
+  assert logged == {f"eval/mt_count_words/{k}": [(3, v)] for k, v in row.items()
+                    if k not in ("step", "task")}
+  assert run.data.params["CHECKPOINT_PATH"] == str(tracked / "checkpoint_3")
+  config = pathlib.Path(client.download_artifacts(run_id, "config.gin")).read_text()
+  assert "eval_run.evaluate.trackers = @tracker.selected()" in config
+
+
 def test_flat_gin_params_equal_what_gin_reads(tracked):
   """The flat config's literals are the values gin itself binds from config.gin."""
   text = (tracked / "config.gin").read_text()
@@ -200,6 +225,12 @@ def test_trackers_that_are_not_trackers_exit_2(tmp_path, capsys):
                      "--gin.train_run.train.trackers='wandb'"]) == 2
   assert "error: train_run.train.trackers must be a list" in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+  assert eval_command.main([
+      "--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/eval.gin",
+      f"--gin.CHECKPOINT_PATH={tmp_path}", f"--gin.EVAL_OUTPUT_DIR={tmp_path / 'eval'}",
+      "--gin.eval_run.evaluate.trackers=[1]"]) == 2
+  assert "error: eval_run.evaluate.trackers: 1 is not a tracker" in capsys.readouterr().err
+  assert not (tmp_path / "eval").exists()
 
 
 def test_a_run_without_trackers_imports_neither_library(tmp_path):

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import gin
+import jax
 from etils import epath
 
 from t5xlike import errors, interfaces, metrics
@@ -21,6 +24,7 @@ from t5xlike.cli import entry
 from t5xlike.inference import checkpoint_loading, decoding
 from t5xlike.inference.task_evaluator import InferenceEvaluator
 from t5xlike.runs.run_config import DataConfig, PartitioningConfig
+from t5xlike.trackers import gin_params, tracker as tracker_lib
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class EvalPlan:
   params: Any
   step: int
   output_dir: str
+  trackers: Sequence[tracker_lib.Tracker] = ()
 
 
 def evaluate(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
@@ -48,7 +53,8 @@ def evaluate(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
              partitioning: PartitioningConfig = PartitioningConfig(),
              decoding_config: decoding.DecodingConfig | None = None,
              max_examples: int | None = None,
-             max_decode_length: int | None = None) -> dict[str, dict[str, Any]]:
+             max_decode_length: int | None = None,
+             trackers: Sequence[tracker_lib.Tracker] = ()) -> dict[str, dict[str, Any]]:
   """Evaluates CHECKPOINT_PATH on every task of MIXTURE_OR_TASK_NAME; returns {task: metrics}.
 
   Args:
@@ -61,11 +67,16 @@ def evaluate(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
     decoding_config: greedy (default), sampling or beam search.
     max_examples: at most this many examples per task (EVAL_MAX_EXAMPLES; None: all).
     max_decode_length: most tokens generated (default TASK_FEATURE_LENGTHS['targets']).
+    trackers: experiment trackers that get the rows too (process 0), the operative gin as
+      the run's config (`t5xlike.trackers`; gin_configs/trackers/{wandb,mlflow}.gin); their
+      run is EVAL_OUTPUT_DIR's.
   """
-  return execute(plan_evaluation(
+  checked = tracker_lib.checked(trackers, "eval_run.evaluate.trackers")
+  plan = plan_evaluation(
       model=model, checkpoint_path=checkpoint_path, eval_output_dir=eval_output_dir, data=data,
       partitioning=partitioning, decoding_config=decoding_config, max_examples=max_examples,
-      max_decode_length=max_decode_length))
+      max_decode_length=max_decode_length)
+  return execute(dataclasses.replace(plan, trackers=checked))
 
 
 def plan_evaluation(*, model: interfaces.DecodingModel, checkpoint_path: str | None,
@@ -109,7 +120,7 @@ def execute(plan: EvalPlan) -> dict[str, dict[str, Any]]:
   entry.mark_run_started()
   results = plan.evaluator.evaluate(plan.model, plan.params, plan.step, plan.output_dir,
                                     show_progress=True)
-  writer = metrics.MetricsWriter(plan.output_dir)
+  writer = metrics.MetricsWriter(plan.output_dir, trackers=_open_trackers(plan))
   try:
     for task, values in results.items():
       writer.write_eval(plan.step, task, values)
@@ -119,3 +130,14 @@ def execute(plan: EvalPlan) -> dict[str, dict[str, Any]]:
     writer.close()
   log.info("wrote %s", epath.Path(plan.output_dir) / "metrics" / "eval.jsonl")
   return results
+
+
+def _open_trackers(plan: EvalPlan) -> list[tracker_lib.Tracker]:
+  """The selected trackers opened on process 0 for EVAL_OUTPUT_DIR, with the operative gin
+  as the run's config and as its attached `config.gin`."""
+  if not plan.trackers or jax.process_index() != 0:
+    return []
+  operative = gin.operative_config_str()
+  run = tracker_lib.TrackedRun(model_dir=epath.Path(plan.output_dir),
+                               params=gin_params.flat(operative), files={"config.gin": operative})
+  return tracker_lib.open_all(plan.trackers, run)

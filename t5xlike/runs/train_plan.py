@@ -29,6 +29,7 @@ from t5xlike.data import batch_shapes, feed_steps, pipeline, task_examples
 from t5xlike.objectives.base import Objective
 from t5xlike.posttrain import frozen, on_policy as on_policy_lib
 from t5xlike.runs import run_config
+from t5xlike.trackers import tracker as tracker_lib
 from t5xlike.trackers.tracker import Tracker
 from t5xlike.training import loop as loop_lib, nan_policy as nan_policy_lib, trainer as trainer_lib
 from t5xlike.training.fault_hooks import FaultHooks
@@ -116,7 +117,7 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   """Checks the run (arguments as `train_run.train`'s; `partitioning_config` is its
   `partitioning`) and returns its plan; nothing written."""
   model_dir = _checked_model_dir(model_dir)
-  trackers = _checked_trackers(trackers)
+  trackers = tracker_lib.checked(trackers, "train_run.train.trackers")
   frozen.check_model(model)  # a teacher / reference of another vocabulary
   finetuning = frozen.technique(model, finetuning)  # its frozen model: no gradient, no state
   loop = _loop_config(train_steps, log_period, random_seed, data, evaluation, checkpointing)
@@ -141,18 +142,6 @@ def plan_training(*, model: Any, model_dir: str, train_steps: int, log_period: i
   except BaseException:
     trainer.cancel_compile()  # a configuration error: no wait for the step's compilation
     raise
-
-
-def _checked_trackers(trackers: Sequence[Tracker]) -> tuple[Tracker, ...]:
-  """`trackers` as a tuple; a ConfigError when one is not a `Tracker`."""
-  if isinstance(trackers, (str, bytes)) or not isinstance(trackers, Sequence):
-    raise errors.ConfigError(f"train_run.train.trackers must be a list of trackers "
-                             f"(@tracker.selected()), got {trackers!r}")
-  for tracker in trackers:
-    if not isinstance(tracker, Tracker):
-      raise errors.ConfigError(f"train_run.train.trackers: {tracker!r} is not a tracker "
-                               f"(t5xlike.trackers: WandbTracker, MlflowTracker)")
-  return tuple(trackers)
 
 
 def _plan_with_data(model, model_dir, train_steps, random_seed, data, objective, finetuning,

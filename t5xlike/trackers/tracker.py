@@ -20,6 +20,8 @@ from typing import Any
 
 from etils import epath
 
+from t5xlike import errors
+
 log = logging.getLogger(__name__)
 
 #: Where trackers keep what a resumed run needs (their run ids), under MODEL_DIR.
@@ -96,6 +98,19 @@ def selected(**trackers: Tracker | None) -> list[Tracker]:
   """The trackers gin selected, ordered by keyword (None: deselected, e.g.
   `--gin.selected.wandb=None`)."""
   return [tracker for _, tracker in sorted(trackers.items()) if tracker is not None]
+
+
+def checked(trackers: Sequence[Tracker], where: str) -> tuple[Tracker, ...]:
+  """`trackers` (the gin argument `where`) as a tuple; a ConfigError when it is not a list
+  of `Tracker`s."""
+  if isinstance(trackers, (str, bytes)) or not isinstance(trackers, Sequence):
+    raise errors.ConfigError(f"{where} must be a list of trackers (@tracker.selected()), "
+                             f"got {trackers!r}")
+  for tracker in trackers:
+    if not isinstance(tracker, Tracker):
+      raise errors.ConfigError(f"{where}: {tracker!r} is not a tracker "
+                               f"(t5xlike.trackers: WandbTracker, MlflowTracker)")
+  return tuple(trackers)
 
 
 def open_all(trackers: Sequence[Tracker], run: TrackedRun) -> list[Tracker]:
