@@ -1,17 +1,14 @@
 """`python -m t5xlike.convert`: Hugging Face T5 / Llama and T5X checkpoints in and out.
 
 References: random small `transformers` models (PyTorch, CPU, float32) built
-and saved here (no hub); T5X checkpoints written here with TensorStore +
-msgpack in T5X's layout (and with orbax).
+and saved here (no hub); T5X checkpoints written here in T5X's layouts
+(`tests/t5x_checkpoints.py`; the T5X import's own tests: tests/test_convert_t5x.py).
 """
-import dataclasses
 import json
 import logging
 import pathlib
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from t5xlike import convert, infer
@@ -21,7 +18,7 @@ from t5xlike.interop import hf_weights, output_dir, param_trees
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests import hf_reference  # noqa: E402  (imports torch and transformers: skipped above)
+from tests import hf_reference, t5x_checkpoints  # noqa: E402  (torch, transformers: skipped above)
 
 TOL = 1e-4
 
@@ -354,192 +351,6 @@ def test_config_gin_with_modules_not_importable_here_still_gives_the_model(quick
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-# ---- T5X checkpoints, written here in T5X's layouts. ----
-
-def _ts_spec(name: str, value: np.ndarray, dtype: str) -> dict:
-  """A T5X TensorStore spec as the `checkpoint` file stores it (path relative)."""
-  return {"driver": "zarr", "dtype": dtype,
-          "kvstore": {"driver": "file", "path": name.replace("/", ".")},
-          "metadata": {"shape": list(value.shape), "chunks": list(value.shape),
-                       "dtype": "<f4" if dtype == "float32" else "bfloat16",
-                       "compressor": {"id": "gzip", "level": 1}}}
-
-
-def write_t5x_msgpack(directory: pathlib.Path, flat: dict, scanned: bool,
-                      bfloat16: tuple[str, ...] = (), gcs: bool = False) -> dict:
-  """A T5X step directory: `checkpoint` msgpack {'version': 3, 'optimizer': {'target',
-  'state'}}; 2-D arrays in TensorStore zarr (those in `bfloat16` cast), 1-D ones inline.
-  Scanned: `<stack>/layers/...` stacked on axis 1, as T5X's scanned models. `gcs`:
-  the specs T5X writes for a gs:// directory (bucket placeholder, top-level path).
-  Returns the parameters as saved (unscanned, float32)."""
-  import ml_dtypes
-  import tensorstore as ts
-  from flax import serialization
-  directory.mkdir(parents=True)
-  saved = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if k.endswith(bfloat16) else v)
-           for k, v in flat.items()}
-  tree = dict(flat)
-  if scanned:
-    stacked = param_trees.stack(flat)
-    tree = {k: (np.moveaxis(v, 0, 1) if "/layers/" in k else v) for k, v in stacked.items()}
-  target = {}
-  for name, value in tree.items():
-    if value.ndim < 2:
-      target[name] = value
-      continue
-    base = bool(bfloat16) and name.endswith(bfloat16)
-    dtype = "bfloat16" if base else "float32"
-    spec = _ts_spec(f"target/{name}", value, dtype)
-    store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(
-        directory / spec["kvstore"]["path"])}}, create=True).result()
-    store.write(value.astype(ml_dtypes.bfloat16) if base else value).result()
-    if gcs:
-      spec = {**spec, "path": spec["kvstore"]["path"],
-              "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket"}}
-    target[name] = spec
-  contents = {"version": 3, "optimizer": {"target": param_trees.unflatten(target),
-                                          "state": {"step": np.asarray(100, np.int32)}}}
-  (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
-  return saved
-
-
-def _t5x_import(source: pathlib.Path, out: pathlib.Path, *flags) -> dict:
-  assert _convert("--from=t5x", f"--checkpoint={source}", f"--output={out}",
-                  "--relative_attention_max_distance=16", *flags) == 0
-  import gin
-
-  from t5xlike.cli import gin_config
-  gin_config.configure([str(out / "model.gin")])
-  cfg = output_dir.configured_model().network.config
-  gin.clear_config()
-  return cfg, output_dir.read_params(out / "checkpoint", cfg)
-
-
-@pytest.mark.parametrize("scanned, gcs", [(False, False), (True, False), (False, True)])
-def test_t5x_msgpack_checkpoint_import_is_exact(t5_v11, tmp_path, scanned, gcs):
-  saved = write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned,
-                            bfloat16=("token_embedder/embedding", "mlp/wi_0/kernel"), gcs=gcs)
-  cfg, params = _t5x_import(tmp_path / "checkpoint_100", tmp_path / "ours")
-  assert cfg == t5_v11.model.network.config.__class__(
-      **{**t5_v11.model.network.config.__dict__, "scan_layers": scanned})
-  assert sorted(params) == sorted(saved)
-  for key, value in saved.items():
-    np.testing.assert_array_equal(params[key], value, err_msg=key)
-
-
-class _T5XDatasetHandler(ocp.CheckpointHandler):
-  """Stands in for T5X's DatasetCheckpointHandler (the `dataset` item: a tf.data
-  iterator checkpoint named `train_ds-<shard>-of-<shards>`); the importer must skip it."""
-
-  def save(self, directory, args):
-    (directory / "train_ds-000-of-001.index").write_bytes(b"tf.train.Checkpoint stand-in")
-
-  def restore(self, directory, args=None):
-    return None
-
-
-@ocp.args.register_with_handler(_T5XDatasetHandler, for_save=True, for_restore=True)
-@dataclasses.dataclass
-class _T5XDatasetArgs(ocp.args.CheckpointArgs):
-  item: object = None
-
-
-def write_t5x_orbax(model_dir: pathlib.Path, flat: dict, step: int,
-                    save_dtype: str | None = None) -> pathlib.Path:
-  """A step directory as T5X writes it by default (`t5x/train.py`, use_orbax=True;
-  t5x/checkpoints.py OrbaxCheckpointManagerInterface): an orbax CheckpointManager with
-  step prefix `checkpoint` and the items `state` (PyTreeCheckpointHandler, use_ocdbt=True:
-  the train state dict `{'target': params, 'state': {'step', 'param_states'}}`, nested by
-  module name, Adafactor's `v_row`/`v_col`/`v`/`m` per parameter, `target` cast to
-  SaveCheckpointConfig.dtype when given) and `dataset`. Returns checkpoint_<step>/."""
-  import jax.numpy as jnp
-  rng = np.random.default_rng(step)
-  params = param_trees.unflatten(flat)
-  param_states = param_trees.unflatten({
-      name: {"v_row": np.zeros((1,), np.float32), "v_col": np.zeros((1,), np.float32),
-             "v": rng.random(value.shape, np.float32), "m": np.zeros((1,), np.float32)}
-      for name, value in flat.items()})
-  state = {"target": params, "state": {"step": np.asarray(step, np.int32),
-                                       "param_states": param_states}}
-  dtype = None if save_dtype is None else jnp.dtype(save_dtype)
-  save_args = {"target": jax.tree.map(lambda _: ocp.SaveArgs(dtype=dtype), params),
-               "state": jax.tree.map(lambda _: ocp.SaveArgs(), state["state"])}
-  options = ocp.CheckpointManagerOptions(step_prefix="checkpoint", cleanup_tmp_directories=True)
-  with ocp.CheckpointManager(model_dir, options=options, item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True),
-      "dataset": _T5XDatasetHandler()}) as manager:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state, save_args=save_args), dataset=_T5XDatasetArgs()))
-    manager.wait_until_finished()
-  return model_dir / f"checkpoint_{step}"
-
-
-@pytest.fixture(scope="module")
-def t5x_orbax(t5_v11, tmp_path_factory):
-  """T5X's default checkpoint of the T5.1.1 weights, float32 and bfloat16 saves."""
-  root = tmp_path_factory.mktemp("t5x_orbax")
-  return {dtype: write_t5x_orbax(root / str(dtype), t5_v11.flat, 600, dtype)
-          for dtype in (None, "bfloat16")}
-
-
-def test_t5x_orbax_fixture_has_t5x_default_layout(t5x_orbax):
-  step_dir = t5x_orbax[None]
-  assert step_dir.name == "checkpoint_600" and (step_dir / "_CHECKPOINT_METADATA").is_file()
-  assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"state", "dataset"}
-  assert (step_dir / "state" / "manifest.ocdbt").is_file()  # OCDBT
-  assert not (step_dir / "_METADATA").exists()  # No PyTree in the step directory itself.
-
-
-@pytest.mark.parametrize("save_dtype, item", [(None, ""), ("bfloat16", ""), (None, "state")])
-def test_t5x_orbax_default_checkpoint_import_is_exact(t5_v11, t5x_orbax, tmp_path,
-                                                      save_dtype, item):
-  """T5X's default step directory (or its `state` item) imports with the parameters as
-  written (a bfloat16 save: the bfloat16 values); the optimizer state is not read."""
-  import ml_dtypes
-  cfg, params = _t5x_import(t5x_orbax[save_dtype] / item, tmp_path / "ours")
-  assert cfg == t5_v11.model.network.config
-  assert sorted(params) == sorted(t5_v11.flat)
-  for key, value in t5_v11.flat.items():
-    if save_dtype:
-      value = value.astype(ml_dtypes.bfloat16).astype(np.float32)
-    np.testing.assert_array_equal(params[key], value, err_msg=key)
-
-
-def test_t5x_orbax_pytree_in_the_step_directory_imports(t5_v10, tmp_path):
-  """A PyTree checkpoint of the train state written into the step directory itself
-  (no CheckpointManager items), per-array (no OCDBT)."""
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
-    checkpointer.save(tmp_path / "checkpoint_7", args=ocp.args.PyTreeSave({
-        "target": param_trees.unflatten(t5_v10.flat), "state": {"step": np.asarray(7)}}))
-  cfg, params = _t5x_import(tmp_path / "checkpoint_7", tmp_path / "ours",
-                            "--mlp_activation=relu")
-  assert cfg == t5_v10.model.network.config
-  for key, value in t5_v10.flat.items():
-    np.testing.assert_array_equal(params[key], value, err_msg=key)
-
-
-def test_t5x_to_hf_matches_the_original_transformers_model(t5_v11, tmp_path, capfd):
-  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
-  assert _convert("--from=t5x", "--to=hf", f"--checkpoint={tmp_path / 'checkpoint_100'}",
-                  f"--output={tmp_path / 'hf'}", "--relative_attention_max_distance=16") == 0
-  loaded, info, _ = load_hf(type(t5_v11.hf_model), tmp_path / "hf", capfd)
-  assert not (info["missing_keys"] or info["unexpected_keys"])
-  np.testing.assert_allclose(_hf_t5_logits(loaded, t5_v11.batch),
-                             _hf_t5_logits(t5_v11.hf_model, t5_v11.batch), atol=1e-6, rtol=0)
-
-
-def test_t5x_shape_mismatch_is_one_line_error_naming_the_path(t5_v11, tmp_path, capsys):
-  flat = dict(t5_v11.flat)
-  flat["encoder/layers_1/mlp/wo/kernel"] = flat["encoder/layers_1/mlp/wo/kernel"][:-1]
-  write_t5x_msgpack(tmp_path / "checkpoint_1", flat, scanned=False)
-  code = _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_1'}",
-                  f"--output={tmp_path / 'ours'}")
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and "encoder/layers_1/mlp/wo/kernel: got (63, 32)" in err
-  assert len(err.splitlines()) == 1 and not (tmp_path / "ours").exists()
-  assert not list(tmp_path.glob(".ours*"))
-
-
 # ---- End to end: convert, then `python -m t5xlike.infer --mode=score`. ----
 
 def _score_with_infer(out_dir: pathlib.Path, rows: list, tmp_path: pathlib.Path,
@@ -581,7 +392,7 @@ def test_cli_hf_and_t5x_to_infer_score_equals_transformers(t5_v11, llama, tmp_pa
   np.testing.assert_allclose(_score_with_infer(t5_v11.out_dir, _T5_ROWS, tmp_path, lengths),
                              expected, atol=1e-4, rtol=0)
   # The same weights as a scanned T5X checkpoint.
-  write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
+  t5x_checkpoints.write_t5x_msgpack(tmp_path / "checkpoint_100", t5_v11.flat, scanned=True)
   assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'checkpoint_100'}",
                   f"--output={tmp_path / 'from_t5x'}",
                   "--relative_attention_max_distance=16") == 0
@@ -596,18 +407,6 @@ def test_cli_hf_and_t5x_to_infer_score_equals_transformers(t5_v11, llama, tmp_pa
               for r in rows]
   np.testing.assert_allclose(_score_with_infer(llama.out_dir, rows, tmp_path, lengths),
                              expected, atol=1e-4, rtol=0)
-
-
-def test_t5x_orbax_default_checkpoint_to_infer_score_equals_transformers(t5_v11, t5x_orbax,
-                                                                        tmp_path):
-  """T5X's default orbax checkpoint, converted, scored by `python -m t5xlike.infer`."""
-  assert _convert("--from=t5x", f"--checkpoint={t5x_orbax[None]}",
-                  f"--output={tmp_path / 'from_orbax'}",
-                  "--relative_attention_max_distance=16") == 0
-  np.testing.assert_allclose(
-      _score_with_infer(tmp_path / "from_orbax", _T5_ROWS, tmp_path,
-                        "{'inputs': 10, 'targets': 8}"),
-      _hf_t5_scores(t5_v11.hf_model, _T5_ROWS), atol=1e-4, rtol=0)
 
 
 # ---- Bad input: one line, exit 2, nothing written. ----
@@ -627,67 +426,6 @@ def test_bad_input_is_one_line_exit_2_nothing_written(flags, message, tmp_path, 
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "out").exists()
-
-
-def _t5x_step_without_state(step_dir: pathlib.Path, flat) -> None:
-  """A CheckpointManager step of T5X's with the `dataset` item only."""
-  with ocp.CheckpointManager(step_dir.parent, options=ocp.CheckpointManagerOptions(
-      step_prefix="checkpoint"), item_handlers={"dataset": _T5XDatasetHandler()}) as manager:
-    manager.save(3, args=ocp.args.Composite(dataset=_T5XDatasetArgs()))
-
-
-def _t5x_state_without_target(step_dir: pathlib.Path, flat) -> None:
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True)) as checkpointer:
-    checkpointer.save(step_dir / "state", args=ocp.args.PyTreeSave(
-        {"state": {"step": np.asarray(3)}, "params_ema": {"x": np.ones(2, np.float32)}}))
-
-
-def _t5x_state_damaged(step_dir: pathlib.Path, flat) -> None:
-  write_t5x_orbax(step_dir.parent, flat, 3)
-  for data in (step_dir / "state").rglob("d/*"):
-    data.write_bytes(b"damaged")
-
-
-def _t5x_msgpack_garbage(step_dir: pathlib.Path, flat) -> None:
-  step_dir.mkdir(parents=True)
-  (step_dir / "checkpoint").write_bytes(b"\xc1 not msgpack")
-
-
-def _t5x_msgpack_without_target(step_dir: pathlib.Path, flat) -> None:
-  from flax import serialization
-  step_dir.mkdir(parents=True)
-  (step_dir / "checkpoint").write_bytes(serialization.msgpack_serialize(
-      {"version": 3, "optimizer": {"state": {"step": np.asarray(3)}}}))
-
-
-def _t5x_per_layer_relpos(step_dir: pathlib.Path, flat) -> None:
-  """T5X's scalable_t5 network unscanned: a relative position table in every layer."""
-  flat = dict(flat)
-  table = flat.pop("encoder/relpos_bias/rel_embedding")
-  for i in range(2):
-    flat[f"encoder/layers_{i}/relpos_bias/rel_embedding"] = table
-  write_t5x_msgpack(step_dir, flat, scanned=False)
-
-
-@pytest.mark.parametrize("build, message", [
-    (_t5x_step_without_state, "not a T5X checkpoint step directory: expected T5X's orbax"),
-    (_t5x_state_without_target, "holds no 'target' (T5X's parameters; found: params_ema, "
-                                "state)"),
-    (_t5x_state_damaged, "checkpoint_3/state: unreadable orbax"),
-    (_t5x_msgpack_garbage, "not a T5X msgpack checkpoint"),
-    (_t5x_msgpack_without_target, "has no 'target' (the parameters)"),
-    (_t5x_per_layer_relpos, "encoder/layers_0/relpos_bias/rel_embedding: a relative position "
-                            "table per layer (T5X's scalable_t5 network) is not supported"),
-])
-def test_unreadable_t5x_checkpoint_is_one_line_exit_2_nothing_written(t5_v11, tmp_path, capsys,
-                                                                    build, message):
-  build(tmp_path / "run" / "checkpoint_3", t5_v11.flat)
-  capsys.readouterr()
-  assert _convert("--from=t5x", f"--checkpoint={tmp_path / 'run' / 'checkpoint_3'}",
-                  f"--output={tmp_path / 'out'}") == 2
-  err = capsys.readouterr().err.strip()
-  assert message in err and len(err.splitlines()) == 1, err
-  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_cli_bad_checkpoint_prints_one_line_on_stderr_and_logs_to_stdout(tmp_path):
