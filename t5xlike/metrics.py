@@ -9,6 +9,7 @@ tensorboardX (no TensorFlow needed); the selected experiment trackers
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -131,10 +132,34 @@ class MetricsWriter:
   def close(self, failed: bool = False) -> None:
     """Closes the TensorBoard writers and the trackers (`failed`: the run stopped on an
     exception, which the trackers record)."""
-    for writer in self._tb.values():
-      writer.close()
-    for tracker in self.trackers:
-      tracker.close(failed=failed)
+    errors_seen: list[BaseException] = []
+    for close in [*(w.close for w in self._tb.values()),
+                  *(functools.partial(t.close, failed=failed) for t in self.trackers)]:
+      try:  # (every writer and tracker is closed even when one of them fails)
+        close()
+      except Exception as error:  # noqa: BLE001  (re-raised below, after the others)
+        errors_seen.append(error)
+    if errors_seen:
+      raise errors_seen[0]
+
+
+def write_eval_rows(output_dir: str | epath.Path, step: int,
+                    rows: Mapping[str, Mapping[str, Any]], command: str,
+                    trackers: Sequence[Tracker] = ()) -> None:
+  """The rows of an evaluation command (`eval`, `lm_eval`): one per task appended to
+  OUTPUT_DIR/metrics/eval.jsonl, TensorBoard and the open `trackers` (process 0 only), each
+  logged as `COMMAND step N TASK | metric value | ...`. The trackers record a failed run
+  if writing fails."""
+  writer = MetricsWriter(output_dir, enabled=jax.process_index() == 0, trackers=trackers)
+  failed = True
+  try:
+    for task, values in rows.items():
+      writer.write_eval(step, task, values)
+      log.info("%s step %d %s | %s", command, step, task, " | ".join(
+          f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)))
+    failed = False
+  finally:
+    writer.close(failed=failed)
 
 
 def format_duration(seconds: float) -> str:

@@ -226,6 +226,15 @@ def test_request_layouts_against_the_vocabulary():
   row = causal.scoring(ctx, cont)
   assert "inputs" not in row.example and row.scored == len(cont)
   assert row.example["targets"].tolist() == (ctx + cont)[-8:]
+  assert causal.truncated(ctx, cont) == (len(ctx) + len(cont) > 8)
+  # A context shorter than the room is kept whole (and is not reported as cut).
+  room = 8 - len(cont)
+  assert room >= 4
+  few = list(range(100, 100 + room - 1))  # shorter than the room, more than half of it
+  short = causal.scoring(few, cont)
+  assert short.example["targets"].tolist() == few + cont and short.scored == len(cont)
+  assert not causal.truncated(few, cont)
+  assert causal.scoring([], cont).example["targets"].tolist() == cont
   with pytest.raises(ValueError, match="longer than TASK_FEATURE_LENGTHS"):
     causal.scoring(ctx, list(range(5, 14)))
   with pytest.raises(ValueError, match="no prompt"):
@@ -242,3 +251,12 @@ def test_harness_rows_keep_numeric_metrics_per_filter():
   assert lm_eval_run.harness_rows(results) == {"t": {
       "acc": 0.5, "exact_match/strict-match": 1.0, "exact_match_stderr/strict-match": 0.25,
       "examples": 4}}
+
+
+def test_cut_contexts_are_counted_in_one_warning_per_task(caplog):
+  from t5xlike.inference import lm_eval_model
+  with caplog.at_level("WARNING", logger="t5xlike.inference.lm_eval_model"):
+    lm_eval_model._warn_cut(["a", "a", "b", "a"], [True, False, False, True], "scored")
+  assert [r.getMessage() for r in caplog.records] == [
+      "harness task a: 2 of 3 contexts scored were cut from the left to fit "
+      "TASK_FEATURE_LENGTHS (raise it to keep them whole)"]

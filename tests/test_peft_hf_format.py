@@ -21,7 +21,7 @@ import pytest
 from flax import traverse_util
 
 from t5xlike import partitioning
-from t5xlike.finetuning import lora
+from t5xlike.finetuning import lora, selection
 from t5xlike.inference import checkpoint_loading
 from t5xlike.interop import hf_names, hf_peft, param_trees
 
@@ -124,6 +124,17 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(bases, kind, tmp_pa
   np.testing.assert_allclose(base.hf_logits(peft_model), ours, atol=TOL, rtol=0)
   merged = peft_model.merge_and_unload()
   np.testing.assert_allclose(base.hf_logits(merged), ours_merged, atol=TOL, rtol=0)
+
+
+def test_lora_that_also_trains_base_parameters_writes_no_hf_adapter(bases, tmp_path):
+  """PEFT's adapter would lack the base parameters `also_train` trains: t5xlike's files only."""
+  method = lora.LoRA(rank=4, alpha=8.0, targets=EXPORT_TARGETS["t5"],
+                     also_train=(selection.NORM_PATTERN,))
+  _, params = _with_random_lora(method, bases["t5"])
+  written = method.export(params, tmp_path / "run", 7, str(bases["t5"].out_dir / "checkpoint"))
+  assert (written[0] / "peft.json").is_file()
+  assert not (written[0] / hf_peft.ADAPTER_CONFIG).exists()
+  assert not (written[0] / hf_peft.ADAPTER_WEIGHTS).exists()
 
 
 @pytest.fixture(scope="module")

@@ -243,3 +243,48 @@ def test_a_run_without_trackers_imports_neither_library(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.splitlines()[-1] == "[]"
   assert (tmp_path / "metrics" / "train.jsonl").exists()
+
+
+class _Recording(tracker.Tracker):
+  """A tracker that records what it is told; `fail_on` names a method that raises."""
+
+  def __init__(self, name, fail_on=None):
+    self.name, self.fail_on, self.calls = name, fail_on, []
+
+  def _call(self, what, *args):
+    self.calls.append((what, *args))
+    if what == self.fail_on:
+      raise OSError(f"{self.name}: {what} failed")
+
+  def open(self, run):
+    self._call("open")
+
+  def log(self, step, values):
+    self._call("log", step, dict(values))
+
+  def rewind(self, step):
+    self._call("rewind", step)
+
+  def close(self, failed=False):
+    self._call("close", failed)
+
+
+def test_eval_rows_close_every_tracker_and_record_a_failure(tmp_path):
+  from t5xlike import metrics
+  good = _Recording("good")
+  metrics.write_eval_rows(tmp_path / "ok", 5, {"t": {"accuracy": 50.0}}, "eval", [good])
+  assert good.calls == [("log", 5, {"eval/t/accuracy": 50.0}), ("close", False)]
+  assert rows(tmp_path / "ok" / "metrics" / "eval.jsonl") == [
+      {"step": 5, "task": "t", "accuracy": 50.0}]
+  # A tracker that fails to log: the other is closed as failed, the error goes on.
+  broken, other = _Recording("broken", fail_on="log"), _Recording("other")
+  with pytest.raises(OSError, match="broken: log failed"):
+    metrics.write_eval_rows(tmp_path / "bad", 5, {"t": {"accuracy": 1.0}}, "eval",
+                            [broken, other])
+  assert broken.calls[-1] == ("close", True) and other.calls[-1] == ("close", True)
+  # One that fails to close does not keep the next from closing.
+  first, second = _Recording("first", fail_on="close"), _Recording("second")
+  writer = metrics.MetricsWriter(tmp_path / "close", trackers=[first, second])
+  with pytest.raises(OSError, match="first: close failed"):
+    writer.close()
+  assert second.calls == [("close", False)]

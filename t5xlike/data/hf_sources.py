@@ -76,7 +76,7 @@ def _import_datasets() -> Any:
     import datasets  # noqa: PLC0415  (only where such a source is used)
   except ImportError:
     raise ConfigError("HfDatasetSource needs Hugging Face datasets: pip install "
-                      "'t5xlike[hf_datasets]' (or datasets>=3)") from None
+                      "'t5xlike[hf_datasets]' (or datasets>=4)") from None
   return datasets
 
 

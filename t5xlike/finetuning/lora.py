@@ -121,8 +121,17 @@ class LoRA(peft.PeftMethod):
   def write_hf_adapter(self, params: Any, directory: Any, base_checkpoint: str | None) -> None:
     """Writes `adapter_config.json` + `adapter_model.safetensors` (`hf_peft.write`) into
     `directory` on process 0 (every process gathers the LoRA arrays); a network without
-    a Hugging Face equivalent is logged and skipped. `base_model_name_or_path` is the
-    root of the base checkpoint's chain (`checkpoints.checkpoint_chain`), absolute."""
+    a Hugging Face equivalent is logged and skipped, and so is a run that also trains
+    base parameters (`also_train`: PEFT's adapter would lack them). `base_model_name_or_path`
+    is the root of the base checkpoint's chain (`checkpoints.checkpoint_chain`), absolute:
+    a t5xlike checkpoint, not a Hugging Face directory (`PeftModel.from_pretrained(base, dir)`
+    takes the base model given; `AutoPeftModel` cannot load it)."""
+    if self.also_train:
+      if jax.process_index() == 0:
+        log.info("no Hugging Face PEFT adapter written: also_train trains base parameters "
+                 "too, which adapter_model.safetensors would not hold (the PEFT checkpoint "
+                 "and merged/ have them)")
+      return
     flat = param_trees.flatten(params)
     lora = {name: _host(value) for name, value in flat.items()
             if re.search(self.param_pattern, name)}

@@ -96,7 +96,7 @@ class RequestEncoder:
                        f"TASK_FEATURE_LENGTHS['targets']={limit}")
     if self.layout == "causal":
       room = limit - len(continuation)
-      context = list(context_ids)[len(context_ids) - room:] if room else []
+      context = list(context_ids)[max(len(context_ids) - room, 0):] if room > 0 else []
       return Scoring({"targets": np.asarray(context + continuation, np.int32)},
                      len(continuation))
     return Scoring({"inputs": self.prompt(context_ids),

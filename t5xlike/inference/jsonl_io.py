@@ -158,10 +158,17 @@ def output_rows(mode: str, rows: Sequence[Mapping[str, Any]], results: Sequence[
 
 def write_jsonl(path: str | epath.Path, rows: Iterable[Mapping[str, Any]]) -> epath.Path:
   """Writes rows atomically (a temporary file renamed over `path` when complete)."""
+  return write_text_atomically(
+      path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_text_atomically(path: str | epath.Path, text: str) -> epath.Path:
+  """Writes `text` to `path` through a temporary file renamed over it when complete (a
+  reader sees the old file or the whole new one); creates the directory."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.parent / f".{path.name}.incomplete"
-  temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+  temporary.write_text(text)
   temporary.replace(path)
   return path
 

@@ -103,7 +103,9 @@ class HarnessLM(lm_eval_model.LM):
     """(summed log-likelihood of the continuation, whether it is the greedy one) per
     request; `Instance.args` = (context, continuation)."""
     pairs = [self.requests.encode_pair(*request.args) for request in requests]
-    results = self._score(pairs, [request.task_name for request in requests])
+    tasks = [request.task_name for request in requests]
+    _warn_cut(tasks, [self.requests.truncated(*pair) for pair in pairs], "scored")
+    results = self._score(pairs, tasks)
     for request, result in zip(requests, results):
       self.cache_hook.add_partial("loglikelihood", request.args, result)
     return results
@@ -114,6 +116,7 @@ class HarnessLM(lm_eval_model.LM):
     window = self.feature_lengths["targets"] - (self.requests.layout == "causal")
     if window < 1:
       raise errors.ConfigError("TASK_FEATURE_LENGTHS['targets'] is too short to score text")
+    keep = max(self.feature_lengths.values())  # (no row holds more of the text before)
     pairs, owners, tasks = [], [], []
     for index, request in enumerate(requests):
       tokens = self.requests.encode(request.args[0])
@@ -121,7 +124,7 @@ class HarnessLM(lm_eval_model.LM):
       for _, chunk in lm_eval_utils.get_rolling_token_windows(
           token_list=tokens, prefix_token=self.requests.eos_id, max_seq_len=window,
           context_len=1):
-        pairs.append((tokens[:start], chunk))
+        pairs.append((tokens[max(start - keep, 0):start], chunk))
         owners.append(index)
         tasks.append(request.task_name)
         start += len(chunk)
@@ -155,7 +158,7 @@ class HarnessLM(lm_eval_model.LM):
     """The generated text of each request (`Instance.args` = (context, generation
     kwargs)), cut at the first of its `until` strings."""
     jobs: dict[int, list[int]] = {}  # max_gen_toks -> request indices
-    prompts, stops = [], []
+    prompts, stops, cut = [], [], []
     for index, request in enumerate(requests):
       context, kwargs = request.args[0], dict(request.args[1] or {})
       until = kwargs.get("until") or []
@@ -165,11 +168,14 @@ class HarnessLM(lm_eval_model.LM):
                     request.task_name, self.decoding_config.method)
         self._warned_sampling = True
       try:
-        prompts.append(self.requests.prompt(self.requests.encode(context)))
+        context_ids = self.requests.encode(context)
+        prompts.append(self.requests.prompt(context_ids))
+        cut.append(self.requests.truncated(context_ids, []))
       except ValueError as error:
         raise errors.ConfigError(f"harness task {request.task_name!r}: DECODER_CONTEXT="
                                  f"'causal' cannot generate ({errors.one_line(error)})") from None
       jobs.setdefault(int(kwargs.get("max_gen_toks") or DEFAULT_MAX_GEN_TOKS), []).append(index)
+    _warn_cut([request.task_name for request in requests], cut, "generated from")
     texts = [""] * len(requests)
     for max_tokens, indices in jobs.items():
       predictions = self._generator(max_tokens).predict([{"inputs": prompts[i]}
@@ -187,3 +193,17 @@ class HarnessLM(lm_eval_model.LM):
           max_decode_length=max_tokens, eos_id=self.requests.eos_id, seed=self.seed,
           progress="lm_eval: generate_until")
     return self._generators[max_tokens]
+
+
+def _warn_cut(tasks: Sequence[str | None], cut: Sequence[bool], what: str) -> None:
+  """One warning per task whose contexts lost ids from the left to fit
+  TASK_FEATURE_LENGTHS (the harness would have read them whole)."""
+  counts: dict[str | None, list[int]] = {}
+  for task, was_cut in zip(tasks, cut):
+    counts.setdefault(task, [0, 0])[0] += int(was_cut)
+    counts[task][1] += 1
+  for task, (number, total) in counts.items():
+    if number:
+      log.warning("harness task %s: %d of %d contexts %s were cut from the left to fit "
+                  "TASK_FEATURE_LENGTHS (raise it to keep them whole)", task, number, total,
+                  what)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,14 +119,7 @@ def execute(plan: EvalPlan) -> dict[str, dict[str, Any]]:
   entry.mark_run_started()
   results = plan.evaluator.evaluate(plan.model, plan.params, plan.step, plan.output_dir,
                                     show_progress=True)
-  writer = metrics.MetricsWriter(plan.output_dir, trackers=_open_trackers(plan))
-  try:
-    for task, values in results.items():
-      writer.write_eval(plan.step, task, values)
-      log.info("eval step %d %s | %s", plan.step, task, " | ".join(
-          f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)))
-  finally:
-    writer.close()
+  metrics.write_eval_rows(plan.output_dir, plan.step, results, "eval", _open_trackers(plan))
   log.info("wrote %s", epath.Path(plan.output_dir) / "metrics" / "eval.jsonl")
   return results
 

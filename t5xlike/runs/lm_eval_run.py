@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import lm_eval
 from etils import epath
 from lm_eval import utils as lm_eval_utils
@@ -26,7 +26,7 @@ from lm_eval.tasks import TaskManager
 
 from t5xlike import errors, interfaces, metrics
 from t5xlike.cli import entry
-from t5xlike.inference import checkpoint_loading, decoding
+from t5xlike.inference import checkpoint_loading, decoding, jsonl_io
 from t5xlike.inference.lm_eval_model import HarnessLM, layout_of
 from t5xlike.runs.run_config import DataConfig, PartitioningConfig
 
@@ -173,22 +173,17 @@ def execute(plan: HarnessPlan) -> dict[str, dict[str, Any]]:
                                     log_samples=plan.log_samples, **plan.options)
   if results is None:  # not the harness's rank 0 (one process here)
     return {}
+  rows = harness_rows(results)
+  if jax.process_index() != 0:  # (every JAX process runs the harness; process 0 writes)
+    return rows
   directory = epath.Path(plan.output_dir) / "lm_eval"
   samples = results.pop("samples", None) or {}
   for task, records in samples.items():
-    _write_atomically(directory / f"samples-{task}-{plan.step}.jsonl", "".join(
+    jsonl_io.write_text_atomically(directory / f"samples-{task}-{plan.step}.jsonl", "".join(
         _json(record) + "\n" for record in records))
-  path = _write_atomically(directory / f"results-{plan.step}.json",
+  path = jsonl_io.write_text_atomically(directory / f"results-{plan.step}.json",
                            _json(results, indent=2) + "\n")
-  rows = harness_rows(results)
-  writer = metrics.MetricsWriter(plan.output_dir)
-  try:
-    for task, values in rows.items():
-      writer.write_eval(plan.step, task, values)
-      log.info("lm_eval step %d %s | %s", plan.step, task, " | ".join(
-          f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float) and math.isfinite(v)))
-  finally:
-    writer.close()
+  metrics.write_eval_rows(plan.output_dir, plan.step, rows, "lm_eval")
   log.info("wrote %s and %s", path, epath.Path(plan.output_dir) / "metrics" / "eval.jsonl")
   return rows
 
@@ -196,12 +191,3 @@ def execute(plan: HarnessPlan) -> dict[str, dict[str, Any]]:
 def _json(value: Any, indent: int | None = None) -> str:
   return json.dumps(value, indent=indent, ensure_ascii=False,
                     default=lm_eval_utils.handle_non_serializable)
-
-
-def _write_atomically(path: epath.Path, text: str) -> epath.Path:
-  """Writes `text` to `path` through a temporary file renamed over it."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.parent / f".{path.name}.incomplete"
-  temporary.write_text(text)
-  temporary.replace(path)
-  return path
