@@ -1,0 +1,51 @@
+"""scripts/benchmark_vs_t5x.py: alternating runs, ratios of like with like, one-line failures.
+The runs themselves are minutes each (docs/performance.md); here a stand-in harness."""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_vs_t5x.py"
+spec = importlib.util.spec_from_file_location("benchmark_vs_t5x", SCRIPT)
+vs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(vs)
+
+OURS = {"tokens_per_second": 13632.0, "step_time_s": 0.367, "cpu_s_per_step": 0.66,
+        "time_to_first_step_s": 16.6, "peak_memory_bytes": 2.45e9}
+T5X = {"tokens_per_second": 4921.0, "step_time_s": 1.018, "compile_s": 18.3,
+       "peak_rss_bytes": 2.98e9}
+
+
+def test_ratios_and_table_row():
+  r = vs.ratios(OURS, T5X)
+  assert r == pytest.approx({"tokens_per_second": 13632 / 4921, "time_to_first_step": 16.6 / 18.3,
+                             "peak_memory": 2.45 / 2.98})
+  row = vs.table([("tiny", "float32", OURS, T5X)]).splitlines()[2]
+  assert row == ("| tiny | float32 | 13,632 (0.367, 0.66) | 4,921 (1.018) | **2.77x** | "
+                 "16.6 / 18.3 s | 0.91x | 2.45 / 2.98 | 0.82x |")
+
+
+def test_runs_alternate_t5x_first_and_a_failing_harness_is_named(tmp_path, monkeypatch, capsys):
+  calls, real = [], vs._json_line
+
+  def fake(command, cwd):
+    calls.append(command)
+    return T5X if "bench.py" in command[1] else OURS
+  bench = tmp_path / "bench.py"
+  bench.write_text("")
+  monkeypatch.setattr(vs, "_json_line", fake)
+  assert vs.main([f"--t5x_bench={bench}", f"--t5x_python={sys.executable}",
+                  "--configs=tiny,small", "--dtypes=bfloat16"]) == 0
+  assert [(c[1].endswith("bench.py"), c[-1]) for c in calls] == [
+      (True, "bfloat16"), (False, "--dtype=bfloat16")] * 2
+  assert [c[3] for c in calls[::2]] == ["tiny", "small"]
+  assert calls[1][2:4] == ["--config=t5x_tiny", "--steps=20"]
+  out = capsys.readouterr().out.splitlines()
+  assert [json.loads(line)["stack"] for line in out[:4]] == ["t5x", "t5xlike"] * 2
+  assert out[-1].startswith("| small | bfloat16 |")
+  # The real runner: a harness that fails is one line naming it.
+  bench.write_text("import sys; print('boom', file=sys.stderr); sys.exit(3)\n")
+  with pytest.raises(SystemExit, match=r"bench.py --config tiny failed \(exit 3\): boom"):
+    real([sys.executable, str(bench), "--config", "tiny"], tmp_path)
