@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -120,6 +120,14 @@ def make_mesh(mesh_shape: Mapping[str, int] | None,
     device_array = np.asarray(devices).reshape(shape)
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def host_array(value: Any) -> np.ndarray:
+  """A whole host NumPy copy of an array: a multi-process sharded `jax.Array` is gathered
+  from every process first (`process_allgather`, tiled: every process must call this)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(jax.device_get(value))
 
 
 #: (key path, logical axis names or None, shape) of a parameter: see `boxed_leaves`.

@@ -44,9 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from t5xlike import checkpoints
+from t5xlike import checkpoints, partitioning
 from t5xlike.finetuning import peft, peft_registry, selection
 from t5xlike.interop import hf_peft, param_trees
 from t5xlike.models import layers
@@ -133,7 +132,7 @@ class LoRA(peft.PeftMethod):
                  "and merged/ have them)")
       return
     flat = param_trees.flatten(params)
-    lora = {name: _host(value) for name, value in flat.items()
+    lora = {name: partitioning.host_array(value) for name, value in flat.items()
             if re.search(self.param_pattern, name)}
     shapes = param_trees.unstacked_shapes({name: np.shape(v) for name, v in flat.items()})
     if param_trees.is_scanned(flat):
@@ -158,13 +157,6 @@ class LoRA(peft.PeftMethod):
     """Base-architecture parameters: every `{kernel, lora_a, lora_b}` module becomes
     `{kernel: kernel + scale * lora_a @ lora_b}` (scanned leaves layer by layer)."""
     return merge_lora(params, self.scale)
-
-
-def _host(value: Any) -> np.ndarray:
-  """A host NumPy copy of a (possibly multi-process sharded) array."""
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    value = multihost_utils.process_allgather(value, tiled=True)
-  return np.asarray(jax.device_get(value))
 
 
 def merge_lora(params: Any, scale: float) -> Any:

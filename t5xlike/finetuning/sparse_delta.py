@@ -39,9 +39,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from t5xlike import checkpoints
+from t5xlike import checkpoints, partitioning
 
 FORMAT = "t5xlike.sparse_delta.v1"
 DIRECTORY = "sparse_delta"
@@ -69,12 +68,6 @@ def flatten(tree: Any) -> dict[str, Any]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
-def _host(x: Any) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def from_params(params: Any, theta0: Mapping[str, Any], mask: Mapping[str, Any], *,
                 base_checkpoint: str | None = None, step: int | None = None) -> SparseDelta:
   """The delta theta - theta0 on `mask` (flat dicts by path; `params` nested or flat)."""
@@ -82,15 +75,15 @@ def from_params(params: Any, theta0: Mapping[str, Any], mask: Mapping[str, Any],
                        for k, v in dict(params).items()) else flatten(params)
   entries, shapes, dtypes = {}, {}, {}
   for name, value in flat.items():
-    value = _host(value)
+    value = partitioning.host_array(value)
     shapes[name], dtypes[name] = tuple(value.shape), str(value.dtype)
     if name not in mask:
       continue
-    where = np.asarray(_host(mask[name]), bool).ravel()
+    where = np.asarray(partitioning.host_array(mask[name]), bool).ravel()
     indices = np.flatnonzero(where).astype(np.int32 if where.size < 2**31 else np.int64)
     if indices.size:
       diff = (value.ravel()[indices].astype(np.float64)
-              - np.asarray(_host(theta0[name])).ravel()[indices].astype(np.float64))
+              - partitioning.host_array(theta0[name]).ravel()[indices].astype(np.float64))
       entries[name] = (indices, diff)
   return SparseDelta(entries, shapes, base_checkpoint, step, dtypes)
 
