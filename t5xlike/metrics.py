@@ -51,7 +51,7 @@ class MetricsWriter:
   Args:
     model_dir: the run directory (`metrics/` and `tensorboard/` are created inside).
     enabled: False on every process but 0.
-    trackers: experiment trackers, already open (`tracker.open_all`), that get every row
+    trackers: experiment trackers, already open (`tracker.open_for`), that get every row
       and are closed by `close`.
   """
 

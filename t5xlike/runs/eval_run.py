@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
-import jax
 from etils import epath
 
 from t5xlike import errors, interfaces, metrics
@@ -23,7 +22,7 @@ from t5xlike.cli import entry
 from t5xlike.inference import checkpoint_loading, decoding
 from t5xlike.inference.task_evaluator import InferenceEvaluator
 from t5xlike.runs.run_config import DataConfig, PartitioningConfig
-from t5xlike.trackers import gin_params, tracker as tracker_lib
+from t5xlike.trackers import tracker as tracker_lib
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +126,5 @@ def execute(plan: EvalPlan) -> dict[str, dict[str, Any]]:
 def _open_trackers(plan: EvalPlan) -> list[tracker_lib.Tracker]:
   """The selected trackers opened on process 0 for EVAL_OUTPUT_DIR, with the operative gin
   as the run's config and as its attached `config.gin`."""
-  if not plan.trackers or jax.process_index() != 0:
-    return []
-  operative = gin.operative_config_str()
-  run = tracker_lib.TrackedRun(model_dir=epath.Path(plan.output_dir),
-                               params=gin_params.flat(operative), files={"config.gin": operative})
-  return tracker_lib.open_all(plan.trackers, run)
+  return tracker_lib.open_for(plan.trackers, plan.output_dir,
+                              lambda: {"config.gin": gin.operative_config_str()})

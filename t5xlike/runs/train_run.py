@@ -26,7 +26,7 @@ from t5xlike.objectives.base import Objective
 from t5xlike.posttrain.on_policy import OnPolicySampling
 from t5xlike.runs import initial_state, run_config, startup_report
 from t5xlike.runs.train_plan import TrainPlan, plan_training
-from t5xlike.trackers import gin_params, tracker as tracker_lib
+from t5xlike.trackers import tracker as tracker_lib
 from t5xlike.training import loop, nan_policy as nan_policy_lib, preemption
 from t5xlike.training.fault_hooks import FaultHooks
 from t5xlike.training.train_state import TrainState
@@ -173,13 +173,9 @@ def _train(plan: TrainPlan, state: TrainState, start: int,
 def _open_trackers(plan: TrainPlan, model_dir: epath.Path) -> list[tracker_lib.Tracker]:
   """The selected trackers opened for this start (process 0; none elsewhere), with the
   operative gin as the run's config and `config.gin` and `plan.txt` attached."""
-  if not plan.trackers or jax.process_index() != 0:
-    return []
-  files = {name: (model_dir / name).read_text()
-           for name in ("config.gin", startup_report.PLAN_FILE)}  # (written by this start)
-  run = tracker_lib.TrackedRun(model_dir=model_dir, params=gin_params.flat(files["config.gin"]),
-                               files=files)
-  return tracker_lib.open_all(plan.trackers, run)
+  return tracker_lib.open_for(
+      plan.trackers, model_dir, lambda: {name: (model_dir / name).read_text()  # (this start's)
+                                         for name in ("config.gin", startup_report.PLAN_FILE)})
 
 
 def _evaluate(plan: TrainPlan, step: int, params: Any,

@@ -15,12 +15,14 @@ import abc
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 from etils import epath
 
 from t5xlike import errors
+from t5xlike.trackers import gin_params
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,20 @@ def checked(trackers: Sequence[Tracker], where: str) -> tuple[Tracker, ...]:
       raise errors.ConfigError(f"{where}: {tracker!r} is not a tracker "
                                f"(t5xlike.trackers: WandbTracker, MlflowTracker)")
   return tuple(trackers)
+
+
+def open_for(trackers: Sequence[Tracker], model_dir: str | epath.Path,
+             read_files: Callable[[], Mapping[str, str]]) -> list[Tracker]:
+  """`trackers` opened (`open_all`) for the run of `model_dir` on process 0; [] elsewhere
+  or when none is selected. `read_files()` (called only then) gives the files to attach,
+  {name: text}, among them `config.gin`, the operative gin, whose bindings are the run's
+  parameters (`gin_params.flat`)."""
+  if not trackers or jax.process_index() != 0:
+    return []
+  files = read_files()
+  run = TrackedRun(model_dir=epath.Path(model_dir), params=gin_params.flat(files["config.gin"]),
+                   files=files)
+  return open_all(trackers, run)
 
 
 def open_all(trackers: Sequence[Tracker], run: TrackedRun) -> list[Tracker]:
