@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -167,42 +168,37 @@ def import_peft(args, directory: pathlib.Path, final: pathlib.Path) -> None:
 
 def convert(args) -> pathlib.Path:
   """Reads the source, then writes OUT under a temporary name and renames it."""
+  output = pathlib.Path(args.output)
   if args.source == "peft":
-    return _write_peft(args)
+    return _publish(output, lambda temporary: import_peft(args, temporary, output),
+                    f"a LoRA PEFT checkpoint and {LORA_GIN}", (ValueError, KeyError))
   try:
     network_config, flat, vocabulary = load_source(args)
   except (ValueError, KeyError) as error:
     raise errors.ConfigError(errors.one_line(error).strip('"')) from None
-  output = pathlib.Path(args.output)
-  temporary = output.parent / f".{output.name}.incomplete"
-  shutil.rmtree(temporary, ignore_errors=True)
   if args.target == "t5xlike":
-    output_dir.write(temporary, network_config, flat, vocabulary, final=output)
-  else:
-    try:
-      hf_dir.write(temporary, network_config, flat, vocabulary, args.max_position_embeddings,
-                   args.hf_model_type)
-    except ValueError as error:  # The network has no such HF family: nothing left behind.
-      shutil.rmtree(temporary, ignore_errors=True)
-      raise errors.ConfigError(errors.one_line(error).strip('"')) from None
-  if output.exists():
-    output.rmdir()  # Empty (checked by validate).
-  temporary.rename(output)
-  log.info("wrote %s (%s)", output, args.target)
-  return output
+    return _publish(output, lambda temporary: output_dir.write(
+        temporary, network_config, flat, vocabulary, final=output), args.target, ())
+  # A ValueError: the network has no such HF family (nothing left behind).
+  return _publish(output, lambda temporary: hf_dir.write(
+      temporary, network_config, flat, vocabulary, args.max_position_embeddings,
+      args.hf_model_type), args.target, (ValueError,))
 
 
-def _write_peft(args) -> pathlib.Path:
-  output = pathlib.Path(args.output)
+def _publish(output: pathlib.Path, write: Callable[[pathlib.Path], object], what: str,
+             refused: tuple[type[Exception], ...]) -> pathlib.Path:
+  """`write(temporary)` into OUT's temporary name (`.OUT.incomplete`), then renamed to OUT
+  (an empty OUT, checked by `validate`, is replaced). An exception of the `refused` kinds
+  removes the temporary directory and is a one-line ConfigError."""
   temporary = output.parent / f".{output.name}.incomplete"
   shutil.rmtree(temporary, ignore_errors=True)
   try:
-    import_peft(args, temporary, output)
-  except (ValueError, KeyError) as error:
+    write(temporary)
+  except refused as error:
     shutil.rmtree(temporary, ignore_errors=True)
     raise errors.ConfigError(errors.one_line(error).strip('"')) from None
   if output.exists():
     output.rmdir()  # Empty (checked by validate).
   temporary.rename(output)
-  log.info("wrote %s (a LoRA PEFT checkpoint and %s)", output, LORA_GIN)
+  log.info("wrote %s (%s)", output, what)
   return output
