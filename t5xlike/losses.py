@@ -7,6 +7,8 @@ loss is per target token.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -99,15 +101,23 @@ CHUNK_LOGITS_BYTES = 8 * 2 ** 20
 def chunked_token_stats(hidden: Array, kernel: Array, targets: Array, weights: Array,
                         dtype: jnp.dtype = jnp.float32, z_loss: float = 0.0,
                         label_smoothing: float = 0.0,
-                        chunk_bytes: int = CHUNK_LOGITS_BYTES) -> dict[str, Array]:
+                        chunk_bytes: int | None = None) -> dict[str, Array]:
   """`token_stats` of logits = hidden @ kernel, without the [b, l, vocab] logits.
 
   The output layer and the loss run in a `lax.scan` over chunks of the
   length axis (the batch axis stays whole, so its sharding is kept), each
-  chunk [b, c, vocab] holding about `chunk_bytes` of float32 logits; the
-  chunk is rematerialised in the backward pass (one more output-layer
-  matmul, none of the [b, l, vocab] buffers of the plain path). Padding to a
-  multiple of c gets weight 0.
+  chunk [b, c, vocab] holding about `chunk_bytes` (default
+  `CHUNK_LOGITS_BYTES`) of float32 logits. Padding to a multiple of c gets
+  weight 0.
+
+  Differentiated, the same pass also computes the gradient of `loss_sum`
+  (a fused linear cross-entropy, `_fused_loss_sum`): per chunk the softmax
+  is formed once and d loss_sum / d logits = w * (p * (1 + 2 z_loss log_z)
+  - q) (q the smoothed one-hot target) goes straight into the hidden and
+  kernel gradients, so the backward pass neither rematerialises the
+  logits nor passes over them again. Only `loss_sum` carries a gradient;
+  `z_loss_sum`, `correct` and `weight_sum` are reported statistics
+  (`lax.stop_gradient`).
 
   Args:
     hidden: [b, l, embed] input of the output layer.
@@ -119,7 +129,8 @@ def chunked_token_stats(hidden: Array, kernel: Array, targets: Array, weights: A
   """
   batch, length, _ = hidden.shape
   per_position = batch * kernel.shape[-1] * 4
-  chunk = int(max(1, min(length, chunk_bytes // per_position)))
+  budget = CHUNK_LOGITS_BYTES if chunk_bytes is None else chunk_bytes
+  chunk = int(max(1, min(length, budget // per_position)))
   count = -(-length // chunk)
   pad = count * chunk - length
 
@@ -127,15 +138,104 @@ def chunked_token_stats(hidden: Array, kernel: Array, targets: Array, weights: A
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return x.reshape((batch, count, chunk) + x.shape[2:]).swapaxes(0, 1)
 
-  @jax.checkpoint
+  loss_sum, others = _fused_loss_sum(chunks(hidden), kernel, chunks(targets),
+                                     chunks(weights.astype(jnp.float32)),
+                                     jnp.dtype(dtype), float(z_loss), float(label_smoothing))
+  return {"loss_sum": loss_sum, **jax.lax.stop_gradient(others)}
+
+
+def _chunk_logits(h: Array, kernel: Array, dtype: jnp.dtype) -> Array:
+  """[b, c, embed] @ [embed, vocab] in `dtype`, float32 logits (as `layers.Dense`)."""
+  return jnp.dot(h.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+
+
+def _zero_stats() -> dict[str, Array]:
+  return {k: jnp.zeros((), jnp.float32) for k in ("z_loss_sum", "correct", "weight_sum")}
+
+
+def _chunk_stats(logits: Array, log_z: Array, t: Array, w: Array, z_loss: float,
+                 label_smoothing: float) -> tuple[Array, Array, dict[str, Array]]:
+  """One chunk's per-position loss [b, c] (cross entropy + z-loss, unweighted), its
+  z-loss [b, c] and its summed `z_loss_sum` / `correct` / `weight_sum`; as
+  `cross_entropy_with_z_loss` with log_z = logsumexp(logits) given."""
+  vocab = logits.shape[-1]
+  target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+  target_logprob = target_logit - log_z
+  if label_smoothing:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+    sum_logprob = jnp.sum(logits, axis=-1) - vocab * log_z
+    xent = -(low * sum_logprob + (confidence - low) * target_logprob) - entropy
+  else:
+    xent = -target_logprob
+  z = z_loss * jnp.square(log_z)
+  hits = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  sums = {"z_loss_sum": jnp.sum(z * w), "correct": jnp.sum(hits * w), "weight_sum": jnp.sum(w)}
+  return xent + z, z, sums
+
+
+def _add(total: dict[str, Array], more: dict[str, Array]) -> dict[str, Array]:
+  return jax.tree.map(jnp.add, total, more)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_loss_sum(hidden: Array, kernel: Array, targets: Array, weights: Array,
+                    dtype: jnp.dtype, z_loss: float,
+                    label_smoothing: float) -> tuple[Array, dict[str, Array]]:
+  """(loss_sum, the other sums) over chunked inputs: hidden [n, b, c, embed],
+  targets / weights [n, b, c]. Undifferentiated: one scan, no gradient work."""
+
   def body(total, inputs):
     h, t, w = inputs
-    logits = jnp.dot(h.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
-    stats = token_stats(logits, t, w, z_loss=z_loss, label_smoothing=label_smoothing)
-    return jax.tree.map(jnp.add, total, stats), None
+    logits = _chunk_logits(h, kernel, dtype)
+    loss, _, sums = _chunk_stats(logits, jax.nn.logsumexp(logits, axis=-1), t, w, z_loss,
+                                 label_smoothing)
+    loss_sum, others = total
+    return (loss_sum + jnp.sum(loss * w), _add(others, sums)), None
 
-  zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "correct",
-                                                   "weight_sum")}
-  total, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets),
-                                        chunks(weights.astype(jnp.float32))))
-  return total
+  (loss_sum, others), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), _zero_stats()),
+                                       (hidden, targets, weights))
+  return loss_sum, others
+
+
+def _fused_forward(hidden, kernel, targets, weights, dtype, z_loss, label_smoothing):
+  """The scan of `_fused_loss_sum` that also forms d loss_sum / d (hidden, kernel,
+  weights) per chunk (residuals: [n, b, c, embed], [embed, vocab] float32, [n, b, c])."""
+  cast_kernel = kernel.astype(dtype)
+
+  def body(carry, inputs):
+    loss_sum, others, grad_kernel = carry
+    h, t, w = inputs
+    logits = _chunk_logits(h, kernel, dtype)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    loss, _, sums = _chunk_stats(logits, log_z, t, w, z_loss, label_smoothing)
+    probs = jnp.exp(logits - log_z[..., None])
+    vocab = logits.shape[-1]
+    # d (xent + z) / d logits = p * (1 + 2 z_loss log_z) - q, q the smoothed one-hot.
+    low = label_smoothing / (vocab - 1) if label_smoothing else 0.0
+    target_mass = (1.0 - label_smoothing) - low
+    grad = probs * (1.0 + 2.0 * z_loss * log_z)[..., None] - low
+    grad = grad - target_mass * jax.nn.one_hot(t, vocab, dtype=jnp.float32)
+    grad = (grad * w[..., None]).astype(dtype)
+    grad_h = jnp.dot(grad, cast_kernel.T).astype(h.dtype)
+    grad_kernel = grad_kernel + jnp.einsum("bce,bcv->ev", h.astype(dtype), grad,
+                                           preferred_element_type=jnp.float32)
+    carry = (loss_sum + jnp.sum(loss * w), _add(others, sums), grad_kernel)
+    return carry, (grad_h, loss)
+
+  start = (jnp.zeros((), jnp.float32), _zero_stats(), jnp.zeros(kernel.shape, jnp.float32))
+  (loss_sum, others, grad_kernel), (grad_hidden, grad_weights) = jax.lax.scan(
+      body, start, (hidden, targets, weights))
+  return (loss_sum, others), (grad_hidden, grad_kernel.astype(kernel.dtype), grad_weights)
+
+
+def _fused_backward(dtype, z_loss, label_smoothing, residuals, cotangents):
+  del dtype, z_loss, label_smoothing
+  grad_hidden, grad_kernel, grad_weights = residuals
+  scale = cotangents[0]  # the other sums are stop_gradient'ed by the caller
+  return (grad_hidden * scale.astype(grad_hidden.dtype), grad_kernel * scale, None,
+          grad_weights * scale)
+
+
+_fused_loss_sum.defvjp(_fused_forward, _fused_backward)
