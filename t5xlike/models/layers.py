@@ -18,6 +18,8 @@ cache. `run_stack` applies a stack of layers as a loop or one `nn.scan`.
 """
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -283,7 +285,7 @@ class MultiHeadAttention(nn.Module):
     decode: autoregressive decoding with a KV cache in the `cache`
       collection (see below).
     attention_impl: the q.k / softmax / .v kernel ('auto', 'einsum', 'xla',
-      'cudnn', 'pallas'; see `t5xlike.models.attention`).
+      'cudnn', 'pallas', 'blocked'; see `t5xlike.models.attention`).
 
   KV cache (`decode=True`), per attention module:
     cached_key, cached_value: [batch, max_length, kv_heads, head_dim], the
@@ -380,34 +382,22 @@ class MultiHeadAttention(nn.Module):
       out = attention.pallas(query, key, value, mask, bias, self.dtype,
                              requested=self.attention_impl)
     else:
-      out = None if impl == "einsum" else attention.fused(impl, query, key, value, mask, bias,
-                                                          self.dtype)
+      out = None if impl in ("einsum", "blocked") else attention.fused(
+          impl, query, key, value, mask, bias, self.dtype)
     if out is not None:
       return self._output(out, inputs_q)
-    batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
-    group = self.num_heads // kv_heads
-    if group == 1:  # T5's einsum as it was: bit-identical values and gradients.
-      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
-    else:  # query head h * group + g uses key/value head h.
-      grouped = query.reshape(batch, q_len, kv_heads, group, self.head_dim)
-      logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key).reshape(
-          batch, self.num_heads, q_len, k_len)
-    if bias is not None:
-      logits = attention.add_bias(logits, bias)
-    if mask is not None:
-      logits = jnp.where(mask, logits, NEG_INF)
-    weights = jax.nn.softmax(logits).astype(self.dtype)
+    keep = None
     if not deterministic and self.dropout_rate > 0.0:
-      keep_prob = 1.0 - self.dropout_rate
       # Same dropout for every query of a head, as T5X's broadcast_dropout.
-      shape = weights.shape[:2] + (1,) + weights.shape[3:]
+      keep_prob = 1.0 - self.dropout_rate
+      shape = (query.shape[0], self.num_heads, 1, key.shape[1])
       keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
-      weights = weights * (keep.astype(self.dtype) / jnp.asarray(keep_prob, self.dtype))
-    if group == 1:
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(self.dtype))
+      keep = keep.astype(self.dtype) / jnp.asarray(keep_prob, self.dtype)
+    core = functools.partial(einsum_attention, dtype=self.dtype)
+    if impl == "blocked":
+      out = attention.batch_blocked(core, query, key, value, mask, bias)
     else:
-      weights = weights.reshape(batch, kv_heads, group, q_len, k_len)
-      out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(self.dtype))
+      out = core(query, key, value, mask, bias, keep)
     return self._output(out, inputs_q)
 
   def _output(self, out: Array, inputs_q: Array) -> Array:
@@ -552,3 +542,36 @@ def unstack_layer_params(stack: dict) -> dict:
   for i in range(count):
     tree[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return tree
+
+
+def einsum_attention(query: Array, key: Array, value: Array, mask: Array | None,
+                     bias: Array | None, keep: Array | None = None,
+                     dtype: jnp.dtype = jnp.float32) -> Array:
+  """The reference attention core: q.k logits, additive bias, `where` mask, softmax,
+  dropout, .v (T5's einsum; bit-identical values and gradients for plain heads).
+
+  query [b, q, heads, d]; key / value [b, k, kv_heads, d] (query head h * group
+  + g uses key/value head h); mask bool and bias broadcastable to
+  [b, heads, q, k]; keep: dropout's scaled keep mask [b, heads, 1, k] or None.
+  Returns [b, q, heads, d] in `dtype` ([b, q, kv_heads, group, d] with groups).
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  k_len, kv_heads = key.shape[1], key.shape[2]
+  group = num_heads // kv_heads
+  if group == 1:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+  else:
+    grouped = query.reshape(batch, q_len, kv_heads, group, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key).reshape(
+        batch, num_heads, q_len, k_len)
+  if bias is not None:
+    logits = attention.add_bias(logits, bias)
+  if mask is not None:
+    logits = jnp.where(mask, logits, NEG_INF)
+  weights = jax.nn.softmax(logits).astype(dtype)
+  if keep is not None:
+    weights = weights * keep
+  if group == 1:
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype))
+  weights = weights.reshape(batch, kv_heads, group, q_len, k_len)
+  return jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(dtype))
