@@ -64,3 +64,12 @@ def test_measure_peak_runs_our_matmul_in_a_fresh_process(monkeypatch):
                       lambda command, cwd: seen.append(command) or {"peak_tflops": 0.17})
   assert vs.measure_peak("float32") == 0.17
   assert seen[0][0] == sys.executable and "measured_matmul_tflops(dtype='float32'" in seen[0][2]
+  # The code it runs is valid Python that prints one JSON line (run here with a stub).
+  code = seen[0][2].replace("from t5xlike import flops", "import types; flops = types."
+                            "SimpleNamespace(measured_matmul_tflops=lambda **k: 0.2)")
+  code = code.replace("time.sleep(1.0)", "pass")
+  import contextlib, io  # noqa: E401, PLC0415
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(code, {})  # noqa: S102
+  assert json.loads(printed.getvalue()) == {"peak_tflops": 0.2}

@@ -34,7 +34,8 @@ def model(family: str, **kwargs):
 @pytest.mark.parametrize("family,label_smoothing", [
     pytest.param("t5", 0.1, marks=pytest.mark.slow), ("decoder", 0.0)])
 def test_chunked_loss_equals_dense_values_and_gradients(family, label_smoothing, monkeypatch):
-  # 3 rows x 4 positions x 256 vocabulary per chunk: 3 chunks over 11 positions, 1 padded.
+  # The budget is then twice the [16, 256] kernel's bytes: 3 rows x 10 positions x 256
+  # vocabulary per chunk, 2 chunks over 11 positions, 9 padded.
   monkeypatch.setattr(losses, "CHUNK_LOGITS_BYTES", 3 * 4 * 256 * 4)
   batch = make_batch(family, np.random.default_rng(0))
   options = dict(z_loss=1e-2, label_smoothing=label_smoothing)
