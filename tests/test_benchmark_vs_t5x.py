@@ -68,8 +68,9 @@ def test_measure_peak_runs_our_matmul_in_a_fresh_process(monkeypatch):
   code = seen[0][2].replace("from t5xlike import flops", "import types; flops = types."
                             "SimpleNamespace(measured_matmul_tflops=lambda **k: 0.2)")
   code = code.replace("time.sleep(1.0)", "pass")
-  import contextlib, io  # noqa: E401, PLC0415
+  import contextlib
+  import io
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    exec(code, {})  # noqa: S102
+    exec(code, {})
   assert json.loads(printed.getvalue()) == {"peak_tflops": 0.2}

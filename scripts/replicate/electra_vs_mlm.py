@@ -36,7 +36,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import protocol  # noqa: E402
+import protocol
 
 ELECTRA = ["gin_configs/objectives/electra.gin"]
 MLM = ["gin_configs/objectives/mlm.gin", "gin_configs/objectives/_encoder_adamw.gin"]
@@ -46,7 +46,7 @@ CLASSIFIER = ["gin_configs/finetune/electra_classifier.gin"]
 def sizes(fast: bool) -> dict:
   if fast:
     return {"pretrain_steps": 10, "finetune_steps": 10, "seeds": (0,)}
-  return {"pretrain_steps": 600, "finetune_steps": 300, "seeds": (0, 1, 2)}
+  return {"pretrain_steps": 400, "finetune_steps": 300, "seeds": (0, 1, 2)}
 
 
 def flops_per_step(model_dir: pathlib.Path) -> float:
@@ -62,7 +62,7 @@ def run(out_dir: str, fast: bool) -> dict:
   runs = protocol.Runs(out_dir, total=1 + len(seeds) * 5)
   steps = size["pretrain_steps"]
   common = {"EVAL_PERIOD": None, "LOG_PERIOD": 1 if fast else 25}
-  probe = runs.train("probe_mlm", MLM, {**common, "TRAIN_STEPS": 1, "CHECKPOINT_PERIOD": None})
+  probe = runs.train("probe_mlm", MLM, {**common, "TRAIN_STEPS": 1})
   results: dict = {"sizes": size, "runs": []}
   for seed in seeds:
     electra_dir = runs.train(f"electra_seed{seed}", ELECTRA, {
@@ -122,9 +122,9 @@ def rows(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4.2))
   starts = ("electra", "mlm", "random")
   for i, start in enumerate(starts):

@@ -32,7 +32,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import protocol  # noqa: E402
+import protocol
 
 MODEL = "gin_configs/models/t5_1_1/tiny.gin"
 EVAL = [MODEL, "gin_configs/runs/eval.gin"]
@@ -53,15 +53,13 @@ def task_figures(eval_dir: pathlib.Path) -> dict:
           for task in (TASK_A, TASK_B)}
 
 
-def run(out_dir: str, fast: bool) -> dict:
+def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
   size = sizes(fast)
-  total = 2 + 2 + len(METHODS) * len(size["seeds"]) * 2
+  total = (1 if base_checkpoint else 2) + 2 + len(METHODS) * len(size["seeds"]) * 2
   runs = protocol.Runs(out_dir, total=total)
   eval_bindings = {"EVAL_MAX_EXAMPLES": size["examples"],
                    "MIXTURE_OR_TASK_NAME": "multitask_offline"}
-  base = protocol.last_checkpoint(runs.train(
-      "base", ["gin_configs/quickstart.gin"],
-      {"TRAIN_STEPS": size["base_steps"], "EVAL_PERIOD": None}))
+  base = protocol.quickstart_base(runs, size["base_steps"], base_checkpoint)
   after_a = size["base_steps"] + size["steps"]
   after_b = after_a + size["steps"]
 
@@ -107,7 +105,7 @@ def run(out_dir: str, fast: bool) -> dict:
 def rows(results: dict) -> str:
   m, f = results["means"], results["findings"]
   before = results["before"][TASK_A]["loss"]
-  ours = "; ".join(f"{method}: +{v['forgetting']:.3f} on A, B loss {v['b_loss']:.3f}"
+  ours = "; ".join(f"{method}: {v['forgetting']:+.3f} on A, B loss {v['b_loss']:.3f}"
                    for method, v in m.items())
   return (f"| HFT (Hui et al. 2024, §4): freezing half of the parameters forgets less of an "
           f"earlier task than full fine-tuning | {TASK_A} loss {before:.3f} before {TASK_B}; "
@@ -117,9 +115,9 @@ def rows(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   colors = {"full": "C0", "hft": "C1", "lora": "C2"}
   for r in results["runs"]:
@@ -141,8 +139,10 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--output_dir", required=True)
   p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
+  p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its step "
+                 "must be the protocol's; default: train one in OUTPUT_DIR/base)")
   args = p.parse_args(argv)
-  run(args.output_dir, args.fast)
+  run(args.output_dir, args.fast, args.base_checkpoint)
   return 0
 
 

@@ -136,3 +136,17 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
   return json.loads(pathlib.Path(path).read_text())
+
+
+def quickstart_base(runs: Runs, steps: int, checkpoint: str | None = None) -> pathlib.Path:
+  """The pretrained base of the fine-tuning experiments: the quickstart
+  (`gin_configs/quickstart.gin`) trained for `steps` steps in OUT/base, or the given
+  quickstart checkpoint, whose step must be `steps` (the protocol's)."""
+  if checkpoint is None:
+    return last_checkpoint(runs.train("base", ["gin_configs/quickstart.gin"],
+                                      {"TRAIN_STEPS": steps, "EVAL_PERIOD": None}))
+  path = pathlib.Path(checkpoint).resolve()
+  if not path.is_dir() or path.name != f"checkpoint_{steps}":
+    raise SystemExit(f"replicate: --base_checkpoint {checkpoint} is not a checkpoint_{steps} "
+                     "directory of the quickstart")
+  return path

@@ -43,7 +43,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import protocol  # noqa: E402
+import protocol
 
 MODEL = "gin_configs/models/t5_1_1/tiny.gin"
 FINETUNE = [MODEL, "gin_configs/runs/finetune.gin"]
@@ -73,18 +73,16 @@ def summary(eval_dir: pathlib.Path, tasks: tuple[str, ...] | None = None) -> dic
           "metric": statistics.mean(metrics) if metrics else None, "tasks": per_task}
 
 
-def run(out_dir: str, fast: bool) -> dict:
+def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
   size = sizes(fast)
   ingredients = [(lr, seed) for lr in size["lrs"] for seed in size["seeds"]]
   merges = [(m, lam) for m in ("task_arithmetic", "breadcrumbs") for lam in size["lambdas"]]
-  total = 1 + len(ingredients) * 2 + 2 + 2 + 2 + len(merges) * 2 + 2
+  total = (0 if base_checkpoint else 1) + len(ingredients) * 2 + 2 + 2 + 2 + len(merges) * 2 + 2
   runs = protocol.Runs(out_dir, total=total)
   eval_bindings = {"EVAL_MAX_EXAMPLES": size["examples"],
                    "MIXTURE_OR_TASK_NAME": "multitask_offline"}
 
-  base_dir = runs.train("base", ["gin_configs/quickstart.gin"],
-                        {"TRAIN_STEPS": size["base_steps"], "EVAL_PERIOD": None})
-  base = protocol.last_checkpoint(base_dir)
+  base = protocol.quickstart_base(runs, size["base_steps"], base_checkpoint)
   end = size["base_steps"] + size["steps"]
 
   def finetune(name, lr, seed, task="multitask_offline"):
@@ -158,13 +156,15 @@ def findings(results: dict) -> None:
 def rows(results: dict) -> str:
   f, soups = results["findings"], results["soups"]
   kept = soups["greedy"]["members"]
+  greedy = ("agrees" if f["greedy_beats_best"] else "ties" if f["greedy_equals_best"]
+            else "does not agree")
+  uniform = "agrees" if f["uniform_beats_mean"] else "does not agree"
   soup_row = (
       f"| Model soups (Wortsman et al. 2022, §3, Fig. 1, Table 3): greedy soup > best single "
       f"fine-tune; uniform soup > mean | held-out loss: best single {f['best_single_loss']:.3f}, "
       f"mean {f['mean_single_loss']:.3f}, uniform soup {soups['uniform']['loss']:.3f}, greedy "
-      f"soup {soups['greedy']['loss']:.3f} ({len(kept)} of {len(results['ingredients'])} ingredients kept) | greedy: "
-      f"{'agrees' if f['greedy_beats_best'] else 'ties' if f['greedy_equals_best'] else 'does not agree'}"
-      f"; uniform > mean: {'agrees' if f['uniform_beats_mean'] else 'does not agree'} |")
+      f"soup {soups['greedy']['loss']:.3f} ({len(kept)} of {len(results['ingredients'])} "
+      f"ingredients kept) | greedy: {greedy}; uniform > mean: {uniform} |")
   merging = results["merging"]
   parts = [f"{k} {v['loss']:.3f}" for k, v in merging.items()]
   verdicts = [k for k, v in f.items() if " beats " in k]
@@ -176,9 +176,9 @@ def rows(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
   for seed, marker in ((0, "o"), (1, "s")):
     points = [r for r in results["ingredients"] if r["seed"] == seed]
@@ -210,8 +210,10 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--output_dir", required=True)
   p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
+  p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its step "
+                 "must be the protocol's; default: train one in OUTPUT_DIR/base)")
   args = p.parse_args(argv)
-  run(args.output_dir, args.fast)
+  run(args.output_dir, args.fast, args.base_checkpoint)
   return 0
 
 

@@ -19,7 +19,6 @@ cache. `run_stack` applies a stack of layers as a loop or one `nn.scan`.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
