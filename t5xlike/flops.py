@@ -303,7 +303,7 @@ def encoder_step_flops(cfg: encoder.EncoderConfig, batch: int, length: int, head
 def _single_network(model: interfaces.Model
                     ) -> base.TokenModel | classifier.ClassifierModel | None:
   """The model with one configured network that `model` is or wraps (SPDF's `SparseModel`),
-  None for ELECTRA (a generator and a discriminator: no formula here)."""
+  None for ELECTRA (a generator and a discriminator: `model_step_flops` sums the two)."""
   inner = model.model if isinstance(model, spdf.SparseModel) else model
   # Token models and classifiers hold one network with a `config` (TokenModel's
   # constructor reads it); a PEFT-wrapped copy is still an instance of its class.
@@ -347,8 +347,17 @@ def model_step_flops(model: interfaces.Model,
 
   SPDF models (`objectives.spdf.SparseModel`) and PEFT-wrapped models
   (`finetuning.peft.wrap_model`: a frozen base; LoRA's rank and targets) are
-  accounted for.
+  accounted for; ELECTRA (`objectives.electra.ElectraModel`, its `generator_config`
+  and `discriminator_config`) is the sum of its two networks.
   """
+  if hasattr(model, "generator_config") and "encoder_input_tokens" in batch_shapes:
+    # ELECTRA (`objectives.electra.ElectraModel`): the generator's masked LM over every
+    # position (its logits are [b, l, vocab]) plus the discriminator with its binary head.
+    batch, length = batch_shapes["encoder_input_tokens"].shape
+    parts = (encoder_step_flops(model.generator_config, batch, length, head="mlm"),
+             encoder_step_flops(model.discriminator_config, batch, length, head="binary"))
+    return StepFlops(*(sum(getattr(p, f.name) for p in parts)
+                       for f in dataclasses.fields(StepFlops)))
   inner = _single_network(model)
   if inner is None:
     return None

@@ -53,10 +53,11 @@ def dot_general_flops(stablehlo: str) -> float:
       continue
     match = _DOT.search(line)
     assert match, line
-    contracting = [int(i) for i in match.group(1).split(",")]
+    contracting = [int(i) for i in match.group(1).split(",") if i.strip()]
     lhs = [int(n) for n in match.group(2).split("x")]
     out = [int(n) for n in match.group(3).split("x")]
-    total += 2.0 * np.prod(out, dtype=np.float64) * np.prod([lhs[i] for i in contracting])
+    total += 2.0 * np.prod(out, dtype=np.float64) * np.prod([lhs[i] for i in contracting],
+                                                            dtype=np.float64)
     count += 1
   assert count > 10
   return total
@@ -187,3 +188,22 @@ def test_lora_run_counts_the_adapters_and_no_frozen_weight_gradients():
   assert ours.model - unneeded == pytest.approx(counted, rel=0.01)
   assert ours.model != pytest.approx(counted, rel=0.01)  # the correction matters
   assert ours.model < 0.75 * dense.model  # no weight gradients for the frozen base
+
+
+def test_electra_is_its_generator_plus_its_discriminator():
+  """ELECTRA's count (generator masked LM over every position + discriminator with the
+  binary head) against the dot_generals of its lowered train step."""
+  from t5xlike.models import encoder
+  from t5xlike.objectives import electra
+  common = dict(vocab_size=512, num_layers=1, head_dim=64, embedding_dim=128, max_length=64)
+  model = electra.ElectraModel(
+      generator=encoder.EncoderConfig(emb_dim=128, num_heads=2, mlp_dim=256, **common),
+      discriminator=encoder.EncoderConfig(emb_dim=256, num_heads=4, mlp_dim=512, **common))
+  batch = shapes({"encoder_input_tokens": (2, 64), "encoder_target_tokens": (2, 64),
+                  "mlm_weights": (2, 64)})
+  ours = flops.model_step_flops(model, batch)
+  stablehlo = make_trainer(model).lower_train_step(batch).as_text()
+  assert ours.model == pytest.approx(dot_general_flops(stablehlo), rel=0.02)
+  gen = flops.encoder_step_flops(model.generator_config, 2, 64, head="mlm")
+  disc = flops.encoder_step_flops(model.discriminator_config, 2, 64, head="binary")
+  assert ours.model == gen.model + disc.model

@@ -29,7 +29,6 @@ steps, 10 fine-tuning steps, one seed (the mechanics only).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -97,10 +96,7 @@ def run(out_dir: str, fast: bool) -> dict:
                          "electra_beats_random":
                          results["means"]["electra"] > results["means"]["random"],
                          "mlm_beats_random": results["means"]["mlm"] > results["means"]["random"]}
-  protocol.write_json(pathlib.Path(out_dir) / "results.json", results)
-  plot(results, pathlib.Path(out_dir) / "electra_vs_mlm.png")
-  (pathlib.Path(out_dir) / "rows.md").write_text(rows(results) + "\n")
-  print(rows(results))
+  protocol.finish(out_dir, "electra_vs_mlm", results, figure(results), rows(results))
   return results
 
 
@@ -121,7 +117,7 @@ def rows(results: dict) -> str:
           f"{'+' if f['mlm_beats_random'] else '-'}) |")
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
+def figure(results: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -136,18 +132,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax.set_ylabel("cls_word_order validation accuracy (%)")
   ax.set_title("Fine-tuned after equal-FLOP pretraining (dots: seeds)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--output_dir", required=True)
-  p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
-  args = p.parse_args(argv)
-  run(args.output_dir, args.fast)
-  return 0
+  return protocol.main(argv, __doc__, run)
 
 
 if __name__ == "__main__":

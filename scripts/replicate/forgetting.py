@@ -26,7 +26,6 @@ Writes OUT/results.json, OUT/forgetting.png, OUT/rows.md. `--fast`: a 40-step ba
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -95,10 +94,7 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
                          means["hft"]["forgetting"] < means["full"]["forgetting"],
                          "lora_forgets_less_than_full":
                          means["lora"]["forgetting"] < means["full"]["forgetting"]}
-  protocol.write_json(pathlib.Path(out_dir) / "results.json", results)
-  plot(results, pathlib.Path(out_dir) / "forgetting.png")
-  (pathlib.Path(out_dir) / "rows.md").write_text(rows(results) + "\n")
-  print(rows(results))
+  protocol.finish(out_dir, "forgetting", results, figure(results), rows(results))
   return results
 
 
@@ -114,7 +110,7 @@ def rows(results: dict) -> str:
           f"{'forgets less' if f['lora_forgets_less_than_full'] else 'forgets more'} than full) |")
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
+def figure(results: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -130,20 +126,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax.set_ylabel(f"{TASK_A} held-out loss (old task; higher = forgotten)")
   ax.set_title("Sequential fine-tuning: A, then B")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--output_dir", required=True)
-  p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
-  p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its step "
-                 "must be the protocol's; default: train one in OUTPUT_DIR/base)")
-  args = p.parse_args(argv)
-  run(args.output_dir, args.fast, args.base_checkpoint)
-  return 0
+  return protocol.main(argv, __doc__, run, shares_base=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ line (`SystemExit`), after its own partial output is removed.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -150,3 +151,40 @@ def quickstart_base(runs: Runs, steps: int, checkpoint: str | None = None) -> pa
     raise SystemExit(f"replicate: --base_checkpoint {checkpoint} is not a checkpoint_{steps} "
                      "directory of the quickstart")
   return path
+
+
+def pyplot():
+  """`matplotlib.pyplot` on the file-only Agg backend (imported when a plot is drawn)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def finish(out_dir: str | os.PathLike, name: str, results: dict, figure, row: str) -> None:
+  """Writes OUT/results.json, the matplotlib `figure` as OUT/<name>.png and the table row(s)
+  as OUT/rows.md, and prints the row(s)."""
+  out = pathlib.Path(out_dir)
+  write_json(out / "results.json", results)
+  figure.tight_layout()
+  figure.savefig(out / f"{name}.png", dpi=110)
+  pyplot().close(figure)
+  (out / "rows.md").write_text(row + "\n")
+  print(row)
+
+
+def main(argv: Sequence[str] | None, doc: str, run, shares_base: bool = False) -> int:
+  """The command line of an experiment: --output_dir, --fast and, for the fine-tuning
+  experiments (`shares_base`), --base_checkpoint; calls `run(output_dir, fast[, base])`."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument("--output_dir", required=True)
+  p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
+  if shares_base:
+    p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its "
+                   "step must be the protocol's; default: train one in OUTPUT_DIR/base)")
+  args = p.parse_args(argv)
+  if shares_base:
+    run(args.output_dir, args.fast, args.base_checkpoint)
+  else:
+    run(args.output_dir, args.fast)
+  return 0

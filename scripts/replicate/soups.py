@@ -37,7 +37,6 @@ not the finding.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -129,10 +128,7 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
     results["merging"][f"{method} λ={lam:g}"] = summary(
         runs.evaluate(f"eval_{name}", EVAL, merged, eval_bindings), pair)
   findings(results)
-  protocol.write_json(pathlib.Path(out_dir) / "results.json", results)
-  plot(results, pathlib.Path(out_dir) / "soups.png")
-  (pathlib.Path(out_dir) / "rows.md").write_text(rows(results) + "\n")
-  print(rows(results))
+  protocol.finish(out_dir, "soups", results, figure(results), rows(results))
   return results
 
 
@@ -175,7 +171,7 @@ def rows(results: dict) -> str:
   return soup_row + "\n" + merge_row
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
+def figure(results: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -201,20 +197,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
   right.set_ylabel("held-out loss per target token")
   right.set_title("Merging two single-task fine-tunes")
   right.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--output_dir", required=True)
-  p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
-  p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its step "
-                 "must be the protocol's; default: train one in OUTPUT_DIR/base)")
-  args = p.parse_args(argv)
-  run(args.output_dir, args.fast, args.base_checkpoint)
-  return 0
+  return protocol.main(argv, __doc__, run, shares_base=True)
 
 
 if __name__ == "__main__":
