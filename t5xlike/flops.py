@@ -350,12 +350,15 @@ def model_step_flops(model: interfaces.Model,
   accounted for; ELECTRA (`objectives.electra.ElectraModel`, its `generator_config`
   and `discriminator_config`) is the sum of its two networks.
   """
-  if hasattr(model, "generator_config") and "encoder_input_tokens" in batch_shapes:
+  generator = getattr(model, "generator_config", None)
+  discriminator = getattr(model, "discriminator_config", None)
+  if generator is not None and discriminator is not None and (
+      "encoder_input_tokens" in batch_shapes):
     # ELECTRA (`objectives.electra.ElectraModel`): the generator's masked LM over every
     # position (its logits are [b, l, vocab]) plus the discriminator with its binary head.
     batch, length = batch_shapes["encoder_input_tokens"].shape
-    parts = (encoder_step_flops(model.generator_config, batch, length, head="mlm"),
-             encoder_step_flops(model.discriminator_config, batch, length, head="binary"))
+    parts = (encoder_step_flops(generator, batch, length, head="mlm"),
+             encoder_step_flops(discriminator, batch, length, head="binary"))
     return StepFlops(*(sum(getattr(p, f.name) for p in parts)
                        for f in dataclasses.fields(StepFlops)))
   inner = _single_network(model)
