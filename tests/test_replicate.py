@@ -26,7 +26,9 @@ def test_a_finished_run_is_kept_and_a_failing_one_is_one_line(tmp_path, capsys):
   runs = protocol.Runs(tmp_path, total=2)
   done = tmp_path / "kept"
   done.mkdir()
-  (done / ".done").write_text("{}\n")
+  command = ["python", "-m", "t5xlike.train", "--gin_file=gin_configs/missing.gin",
+             f"--gin.MODEL_DIR='{done}'"]
+  (done / ".done").write_text(json.dumps({"command": command}) + "\n")
   assert runs.train("kept", ["gin_configs/missing.gin"], {}) == done  # not run again
   with pytest.raises(SystemExit, match=r"run broken failed \(exit 2; log .*broken.log\): "):
     runs.train("broken", ["gin_configs/missing.gin"], {"TRAIN_STEPS": 3})
@@ -35,6 +37,10 @@ def test_a_finished_run_is_kept_and_a_failing_one_is_one_line(tmp_path, capsys):
   assert "--gin.MODEL_DIR=" in log.splitlines()[0] and "--gin.TRAIN_STEPS=3" in log
   out = capsys.readouterr().out.splitlines()
   assert out[0] == "[1/2] kept: done before, kept" and out[1].startswith("[2/2] broken: running")
+  # The same name made by another command (other bindings) is not taken for it.
+  with pytest.raises(SystemExit, match="run kept failed"):
+    runs.train("kept", ["gin_configs/missing.gin"], {"TRAIN_STEPS": 5})
+  assert not done.exists()
 
 
 def test_eval_rows_and_last_checkpoint(tmp_path):

@@ -7,9 +7,11 @@ a user would. `Runs(out_dir)` executes them one at a time:
   OUT/<name>/          the run's MODEL_DIR (train) or EVAL_OUTPUT_DIR (eval) or
                        --output (merge)
   OUT/logs/<name>.log  its stdout and stderr
-  OUT/<name>/.done     written after the command exited 0: a re-invocation of the
-                       experiment skips the run (a run that failed or was
-                       interrupted is started again from a clean directory)
+  OUT/<name>/.done     written after the command exited 0, with the command: a
+                       re-invocation of the experiment skips the run when its
+                       command is the same (a run that failed, was interrupted or
+                       was made by another command, e.g. `--fast`, is started
+                       again from a clean directory)
 
 and prints one progress line per run (`[3/14] ft_lr3e-4_s0: 41 s`). A failing
 command ends the experiment with one line naming the run and its log's last
@@ -78,17 +80,18 @@ class Runs:
     self.count += 1
     where = self.path(name)
     label = f"[{self.count}/{self.total or '?'}] {name}"
-    if (where / ".done").exists():
-      print(f"{label}: done before, kept", flush=True)
-      return where
-    if where.exists():
-      shutil.rmtree(where)
     if dir_binding:
       bindings = {**bindings, dir_binding: str(where)}
     command = [sys.executable, "-m", module]
     command += [f"--gin_file={gin}" for gin in gin_files]
     command += [f"--gin.{key}={gin_value(value)}" for key, value in bindings.items()]
     command += list(extra)
+    done = where / ".done"
+    if done.exists() and json.loads(done.read_text())["command"][1:] == command[1:]:
+      print(f"{label}: done before, kept", flush=True)
+      return where
+    if where.exists():  # unfinished, or made by another command (e.g. --fast): again
+      shutil.rmtree(where)
     log = self.out / "logs" / f"{name}.log"
     start = time.perf_counter()
     print(f"{label}: running ({module})", flush=True)
