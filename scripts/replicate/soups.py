@@ -76,7 +76,7 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
   size = sizes(fast)
   ingredients = [(lr, seed) for lr in size["lrs"] for seed in size["seeds"]]
   merges = [(m, lam) for m in ("task_arithmetic", "breadcrumbs") for lam in size["lambdas"]]
-  total = (0 if base_checkpoint else 1) + len(ingredients) * 2 + 2 + 2 + 2 + len(merges) * 2 + 2
+  total = (0 if base_checkpoint else 1) + len(ingredients) * 2 + 2 + 2 + 2 + len(merges) * 2 + 3
   runs = protocol.Runs(out_dir, total=total)
   eval_bindings = {"EVAL_MAX_EXAMPLES": size["examples"],
                    "MIXTURE_OR_TASK_NAME": "multitask_offline"}
