@@ -30,9 +30,18 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
   Returns:
     (sum of weights * (cross entropy + z-loss), sum of weights * z-loss), scalars.
   """
-  vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
+  xent, z = token_cross_entropy(logits, jax.nn.logsumexp(logits, axis=-1), targets, z_loss,
+                                label_smoothing)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum((xent + z) * weights), jnp.sum(z * weights)
+
+
+def token_cross_entropy(logits: Array, log_z: Array, targets: Array, z_loss: float,
+                        label_smoothing: float) -> tuple[Array, Array]:
+  """Per position, unweighted: (cross entropy, z-loss) of float32 `logits` [..., vocab]
+  with `log_z` = logsumexp(logits) [...] given (`cross_entropy_with_z_loss`'s terms)."""
+  vocab = logits.shape[-1]
   log_softmax = logits - log_z[..., None]
   target_logprob = jnp.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
   if label_smoothing:
@@ -44,9 +53,7 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
     xent = -soft_logprob - entropy
   else:
     xent = -target_logprob
-  z = z_loss * jnp.square(log_z)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum((xent + z) * weights), jnp.sum(z * weights)
+  return xent, z_loss * jnp.square(log_z)
 
 
 def correct_count(logits: Array, targets: Array, weights: Array) -> Array:
@@ -159,25 +166,13 @@ def _zero_stats() -> dict[str, Array]:
 
 
 def _chunk_stats(logits: Array, log_z: Array, t: Array, w: Array, z_loss: float,
-                 label_smoothing: float) -> tuple[Array, Array, dict[str, Array]]:
-  """One chunk's per-position loss [b, c] (cross entropy + z-loss, unweighted), its
-  z-loss [b, c] and its summed `z_loss_sum` / `correct` / `weight_sum`; as
-  `cross_entropy_with_z_loss` with log_z = logsumexp(logits) given."""
-  vocab = logits.shape[-1]
-  target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-  target_logprob = target_logit - log_z
-  if label_smoothing:
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    sum_logprob = jnp.sum(logits, axis=-1) - vocab * log_z
-    xent = -(low * sum_logprob + (confidence - low) * target_logprob) - entropy
-  else:
-    xent = -target_logprob
-  z = z_loss * jnp.square(log_z)
-  hits = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-  sums = {"z_loss_sum": jnp.sum(z * w), "correct": jnp.sum(hits * w), "weight_sum": jnp.sum(w)}
-  return xent + z, z, sums
+                 label_smoothing: float) -> tuple[Array, dict[str, Array]]:
+  """One chunk's per-position loss [b, c] (cross entropy + z-loss, unweighted) and its
+  summed `z_loss_sum` / `correct` / `weight_sum`."""
+  xent, z = token_cross_entropy(logits, log_z, t, z_loss, label_smoothing)
+  sums = {"z_loss_sum": jnp.sum(z * w), "correct": correct_count(logits, t, w),
+          "weight_sum": jnp.sum(w)}
+  return xent + z, sums
 
 
 def _add(total: dict[str, Array], more: dict[str, Array]) -> dict[str, Array]:
@@ -194,8 +189,8 @@ def _fused_loss_sum(hidden: Array, kernel: Array, targets: Array, weights: Array
   def body(total, inputs):
     h, t, w = inputs
     logits = _chunk_logits(h, kernel, dtype)
-    loss, _, sums = _chunk_stats(logits, jax.nn.logsumexp(logits, axis=-1), t, w, z_loss,
-                                 label_smoothing)
+    loss, sums = _chunk_stats(logits, jax.nn.logsumexp(logits, axis=-1), t, w, z_loss,
+                              label_smoothing)
     loss_sum, others = total
     return (loss_sum + jnp.sum(loss * w), _add(others, sums)), None
 
@@ -214,7 +209,7 @@ def _fused_forward(hidden, kernel, targets, weights, dtype, z_loss, label_smooth
     h, t, w = inputs
     logits = _chunk_logits(h, kernel, dtype)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    loss, _, sums = _chunk_stats(logits, log_z, t, w, z_loss, label_smoothing)
+    loss, sums = _chunk_stats(logits, log_z, t, w, z_loss, label_smoothing)
     probs = jnp.exp(logits - log_z[..., None])
     vocab = logits.shape[-1]
     # d (xent + z) / d logits = p * (1 + 2 z_loss log_z) - q, q the smoothed one-hot.

@@ -201,12 +201,11 @@ def batch_blocked(core, query: Array, key: Array, value: Array, mask: Array | No
                 and batch // n * row_bytes <= budget), batch)
   if count == 1:
     return core(query, key, value, mask, bias)
-  per_row = lambda x: x is not None and x.ndim == 4 and x.shape[0] == batch and batch > 1
+  per_row = lambda x: x is not None and x.ndim == 4 and x.shape[0] == batch
   split = lambda x: x.reshape((batch // count, count) + x.shape[1:]).swapaxes(0, 1)
-  rows = {"mask": mask, "bias": bias}
-  rows = {name: split(x) for name, x in rows.items() if per_row(x)}
-  shared = {"mask": mask, "bias": bias}
-  shared = {name: x for name, x in shared.items() if name not in rows}
+  operands = {"mask": mask, "bias": bias}
+  rows = {name: split(x) for name, x in operands.items() if per_row(x)}
+  shared = {name: x for name, x in operands.items() if name not in rows}
 
   @jax.checkpoint
   def body(inputs):
