@@ -114,12 +114,13 @@ def sigmoid_cross_entropy(logits, labels):
   return -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
 
 
-def electra_loss(params, batch, gen_heads, disc_heads, noise, sampling_vocab_size,
+def electra_loss(params, batch, gen_heads, disc_heads, uniforms, sampling_vocab_size,
                  discriminator_weight=50.0, temperature=1.0):
   """ELECTRA §2: L = mean_masked CE(generator) + λ · mean_nonpad BCE(discriminator).
 
-  `noise` [b, l, vocab] is the Gumbel noise of the sampling
-  (argmax(logits / T + noise) over the allowed ids 1 .. sampling_vocab_size-1).
+  `uniforms` [b, l] are the sampling's uniform numbers: each position takes the first
+  id k with sum_{j<=k} p_j > u, p = softmax(logits / T) over the allowed ids
+  1 .. sampling_vocab_size-1 (inverse transform sampling, float64).
   Returns a dict of the loss, its two terms, the samples and the labels.
   """
   targets = np.asarray(batch["encoder_target_tokens"])
@@ -130,8 +131,10 @@ def electra_loss(params, batch, gen_heads, disc_heads, noise, sampling_vocab_siz
   gen_term = np.sum(cross_entropy(gen_logits, targets) * weights) / weights.sum()
   vocab = gen_logits.shape[-1]
   allowed = (np.arange(vocab) > 0) & (np.arange(vocab) < sampling_vocab_size)
-  scores = np.where(allowed, gen_logits / temperature + f64(noise), -np.inf)
-  sampled = scores.argmax(-1)
+  scores = np.where(allowed, gen_logits / temperature, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+  sampled = (cdf <= f64(uniforms)[..., None]).sum(-1)
   corrupted = np.where(weights > 0, sampled, targets)
   labels = ((corrupted != targets) & (targets > 0)).astype(np.float64)
   disc_logits = forward(params["embedder"], params["discriminator"], "binary", corrupted,

@@ -81,10 +81,10 @@ def electra_setup():
 @pytest.fixture(scope="module")
 def electra_reference(electra_setup):
   model, params, batch, _, _ = electra_setup
-  noise = jax.random.gumbel(model.rngs(None)[2], batch["encoder_input_tokens"].shape + (VOCAB,),
-                            jnp.float32)
+  uniforms = jax.random.uniform(model.rngs(None)[2], batch["encoder_input_tokens"].shape,
+                                jnp.float32)
   return ref.electra_loss(jax.device_get(params), batch, GEN.num_heads, DISC.num_heads,
-                          np.asarray(noise), REAL_VOCAB, LAMBDA, TEMPERATURE)
+                          np.asarray(uniforms), REAL_VOCAB, LAMBDA, TEMPERATURE)
 
 
 # -- ELECTRA ----------------------------------------------------------------------------------
@@ -164,6 +164,29 @@ def test_sampling_skips_padding_and_padded_rows(electra_setup, electra_reference
   assert ((favourite == 0) | (favourite >= REAL_VOCAB)).all()
   sampled = electra_reference["sampled"][masked]
   assert ((sampled > 0) & (sampled < REAL_VOCAB)).all()
+
+
+def test_inverse_cdf_sampling_draws_the_first_id_past_the_uniform_number():
+  """`sample_by_inverse_cdf` against float64 prefix sums: a vocabulary that is not a
+  multiple of the block, masked ids at both ends, u = 0 and the largest u below 1."""
+  rng = np.random.default_rng(0)
+  logits = (3 * rng.normal(size=(256, 300))).astype(np.float32)
+  logits[:, 0] = -np.inf
+  logits[:, 250:] = -np.inf
+  uniforms = rng.random(256).astype(np.float32)
+  uniforms[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+  got = np.asarray(jax.jit(lambda l, u: electra.sample_by_inverse_cdf(l, u, block=32))(
+      logits, uniforms))
+  probs = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+  cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+  np.testing.assert_array_equal(got, (cdf <= uniforms[:, None].astype(np.float64)).sum(-1))
+  assert got[0] == 1 and got[1] == 249  # the first and the last id with mass
+  # Frequencies over many draws follow the probabilities (one row, 4,000 draws).
+  row = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+  draws = np.asarray(electra.sample_by_inverse_cdf(
+      jnp.broadcast_to(row, (4000, 4)), jax.random.uniform(jax.random.key(3), (4000,)), block=2))
+  np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
+                             atol=0.025)
 
 
 def test_eval_is_deterministic_and_training_samples_vary(electra_setup):
