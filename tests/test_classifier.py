@@ -215,6 +215,16 @@ def test_word_order_task_flows_through_the_sources():
   assert all(len(source[i]["inputs"]) <= classification.MAX_TOKENS for i in range(len(source)))
 
 
+def test_small_word_order_task_is_the_first_300_training_sentences():
+  small = sources.load_in_memory("cls_word_order_300", "train")
+  full = sources.load_in_memory("cls_word_order", "train")
+  assert len(small) == classification.SMALL_TRAIN_EXAMPLES == 300
+  for i in (0, 1, 150, 299):
+    np.testing.assert_array_equal(small[i]["inputs"], full[i]["inputs"])
+    assert int(small[i]["label"]) == int(full[i]["label"])
+  assert len(sources.load_in_memory("cls_word_order_300", "validation")) == 512
+
+
 def test_sst2_task_offline_with_mock_data():
   """The task's examples are TFDS's rows (read directly under the same mock): `sentence`
   tokenized (EOS added at batching), `label` as int32; the batch pads / truncates them."""

@@ -58,7 +58,8 @@ def test_eval_rows_and_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["soups", "forgetting", "electra_vs_mlm"])
+@pytest.mark.parametrize("experiment", ["soups", "forgetting", "electra_vs_mlm", "ul2_vs_sc_vs_clm",
+                                        "spdf", "stability"])
 def test_fast_pipeline_end_to_end(experiment, tmp_path):
   module = load(experiment)
   results = module.run(str(tmp_path), fast=True)

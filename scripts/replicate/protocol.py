@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,27 @@ def eval_rows(directory: str | os.PathLike, step: int | None = None) -> dict[str
   return {row["task"]: row for row in rows if row["step"] == step}
 
 
+#: The headline metric of a multitask task, the first of these its eval row has.
+HEADLINE = ("accuracy", "sequence_accuracy", "rouge1")
+
+
+def task_summary(eval_dir: str | os.PathLike, tasks: Sequence[str] | None = None) -> dict:
+  """{'loss': mean over the tasks, 'metric': mean of their headline metrics (None when
+  none has one), 'tasks': {task: {'loss', 'metric'}}} of an eval run's last rows (every
+  task but the mixture's own row, or only `tasks`)."""
+  rows = {task: row for task, row in eval_rows(eval_dir).items()
+          if (tasks is None or task in tasks) and "loss" in row
+          and not task.startswith("multitask_offline")}
+  if not rows:
+    raise SystemExit(f"replicate: {eval_dir} has no loss for {tasks or 'any task'}")
+  per_task = {task: {"loss": row["loss"], "metric": next((row[m] for m in HEADLINE if m in row),
+                                                         None)}
+              for task, row in sorted(rows.items())}
+  metrics = [r["metric"] for r in per_task.values() if r["metric"] is not None]
+  return {"loss": statistics.mean(r["loss"] for r in per_task.values()),
+          "metric": statistics.mean(metrics) if metrics else None, "tasks": per_task}
+
+
 def last_checkpoint(model_dir: str | os.PathLike) -> pathlib.Path:
   """The highest `checkpoint_<step>` directory of a run."""
   found = sorted(pathlib.Path(model_dir).glob("checkpoint_*"),
@@ -183,8 +205,9 @@ def main(argv: Sequence[str] | None, doc: str, run, shares_base: bool = False) -
   p.add_argument("--output_dir", required=True)
   p.add_argument("--fast", action="store_true", help="a toy size: the mechanics only")
   if shares_base:
-    p.add_argument("--base_checkpoint", help="a quickstart checkpoint to start from (its "
-                   "step must be the protocol's; default: train one in OUTPUT_DIR/base)")
+    p.add_argument("--base_checkpoint", help="the pretrained checkpoint to start from, as "
+                   "the script's docstring says (its step must be the protocol's; default: "
+                   "train one in OUTPUT_DIR/base)")
   args = p.parse_args(argv)
   if shares_base:
     run(args.output_dir, args.fast, args.base_checkpoint)

@@ -48,7 +48,6 @@ MODEL = "gin_configs/models/t5_1_1/tiny.gin"
 FINETUNE = [MODEL, "gin_configs/runs/finetune.gin"]
 EVAL = [MODEL, "gin_configs/runs/eval.gin"]
 TASK_A, TASK_B = "mt_first_word", "mt_count_words"
-HEADLINE = ("accuracy", "sequence_accuracy", "rouge1")
 
 
 def sizes(fast: bool) -> dict:
@@ -57,19 +56,6 @@ def sizes(fast: bool) -> dict:
             "lambdas": (1.0,)}
   return {"base_steps": 400, "steps": 200, "lrs": (5e-4, 1e-3, 2e-3), "seeds": (0, 1),
           "examples": 256, "lambdas": (0.5, 1.0)}
-
-
-def summary(eval_dir: pathlib.Path, tasks: tuple[str, ...] | None = None) -> dict:
-  """Mean loss and mean headline metric over the tasks of an eval run, and per task."""
-  rows = {task: row for task, row in protocol.eval_rows(eval_dir).items()
-          if tasks is None or task in tasks}
-  rows = {task: row for task, row in rows.items() if "loss" in row and task != "multitask_offline"}
-  per_task = {task: {"loss": row["loss"],
-                     "metric": next((row[m] for m in HEADLINE if m in row), None)}
-              for task, row in sorted(rows.items())}
-  metrics = [r["metric"] for r in per_task.values() if r["metric"] is not None]
-  return {"loss": statistics.mean(r["loss"] for r in per_task.values()),
-          "metric": statistics.mean(metrics) if metrics else None, "tasks": per_task}
 
 
 def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
@@ -92,7 +78,7 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
     return protocol.last_checkpoint(directory)
 
   def evaluate(name, checkpoint):
-    return summary(runs.evaluate(f"eval_{name}", EVAL, checkpoint, eval_bindings))
+    return protocol.task_summary(runs.evaluate(f"eval_{name}", EVAL, checkpoint, eval_bindings))
 
   results: dict = {"sizes": size, "ingredients": [], "soups": {}, "merging": {}}
   checkpoints = []
@@ -115,8 +101,8 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
   pair = (TASK_A, TASK_B)
   for task, checkpoint in singles.items():
     directory = runs.evaluate(f"eval_single_{task}", EVAL, checkpoint, eval_bindings)
-    results["merging"][f"only {task}"] = summary(directory, pair)
-  results["merging"]["base"] = summary(
+    results["merging"][f"only {task}"] = protocol.task_summary(directory, pair)
+  results["merging"]["base"] = protocol.task_summary(
       runs.evaluate("eval_base", EVAL, base, eval_bindings), pair)
   both = ",".join(str(singles[t]) for t in pair)
   for method, lam in merges:
@@ -125,7 +111,7 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
         "--beta=0.007", "--gamma=0.85", f"--lam={lam}"]
     name = f"{method}_lam{lam:g}"
     merged = protocol.last_checkpoint(runs.merge(name, flags))
-    results["merging"][f"{method} λ={lam:g}"] = summary(
+    results["merging"][f"{method} λ={lam:g}"] = protocol.task_summary(
         runs.evaluate(f"eval_{name}", EVAL, merged, eval_bindings), pair)
   findings(results)
   protocol.finish(out_dir, "soups", results, figure(results), rows(results))

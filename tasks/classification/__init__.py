@@ -18,6 +18,10 @@ Registered seqio tasks:
                   machine. `train`: 4,096 sentences of the corpus's train
                   documents; `validation`: 512 of its validation documents
                   (about half of each class).
+  cls_word_order_300  the small-training-set regime (Tinn et al. 2023's
+                  fine-tuning stability): the first 300 `train` sentences of
+                  cls_word_order (themselves a hash-picked sample), the same
+                  `validation`.
   glue_sst2_cls   GLUE SST-2 (TFDS `glue/sst2:2.0.0`; `sentence` -> inputs,
                   `label` 0 negative / 1 positive; the `test` split's labels
                   are -1, which `ClassifierModel` does not score). The TFDS
@@ -39,6 +43,8 @@ from t5xlike.tasks import embedded
 SPLITS = ("train", "validation")
 #: Sentences per split of cls_word_order.
 NUM_EXAMPLES = {"train": 4096, "validation": 512}
+#: Training sentences of cls_word_order_300.
+SMALL_TRAIN_EXAMPLES = 300
 MIN_WORDS, MAX_WORDS = 6, 24
 #: Tokens of a sentence at most (EOS makes 64, the configs' feature length).
 MAX_TOKENS = 63
@@ -114,9 +120,14 @@ def word_order_examples(split: str) -> tuple[tuple[str, int], ...]:
   return tuple(picked)
 
 
-def _word_order_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+def _word_order_fn(split: str, shuffle_files: bool, seed: int | None = None,
+                   train_examples: int | None = None) -> tf.data.Dataset:
+  """cls_word_order's `split`; `train_examples`: only the first so many of `train`."""
   del shuffle_files, seed  # Deterministic order; the pipeline shuffles by index.
-  texts, labels = zip(*word_order_examples(split))
+  examples = word_order_examples(split)
+  if split == "train" and train_examples is not None:
+    examples = examples[:train_examples]
+  texts, labels = zip(*examples)
   return tf.data.Dataset.from_tensor_slices({"inputs": list(texts),
                                              "label": np.asarray(labels, np.int32)})
 
@@ -127,17 +138,20 @@ def _label_to_int32(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 
 def register() -> None:
-  """Registers cls_word_order and glue_sst2_cls (idempotent)."""
+  """Registers cls_word_order, cls_word_order_300 and glue_sst2_cls (idempotent)."""
   if "cls_word_order" in seqio.TaskRegistry.names():
     return
   features = {"inputs": _inputs_feature(), "label": label_feature(2)}
-  seqio.TaskRegistry.add(
-      "cls_word_order",
-      source=seqio.FunctionDataSource(_word_order_fn, splits=SPLITS),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features=features,
-      metric_fns=[])
+  for name, train_examples in (("cls_word_order", None),
+                               (f"cls_word_order_{SMALL_TRAIN_EXAMPLES}", SMALL_TRAIN_EXAMPLES)):
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            functools.partial(_word_order_fn, train_examples=train_examples), splits=SPLITS),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                       seqio.preprocessors.append_eos_after_trim],
+        output_features=features,
+        metric_fns=[])
   seqio.TaskRegistry.add(
       "glue_sst2_cls",
       source=seqio.TfdsDataSource(tfds_name=SST2_TFDS_NAME,
