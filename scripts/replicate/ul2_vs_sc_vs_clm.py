@@ -113,7 +113,7 @@ def rows(results: dict) -> str:
     run = next(r for r in results["runs"] if r["objective"] == name)
     metric = run["finetuned"]["metric"]
     cells.append(f"{name}: fine-tuned {results['means'][name]['finetuned']:.3f}"
-                 f"{f' ({100 * metric:.1f} %)' if metric is not None else ''}, prompted "
+                 f"{f' (mean task metric {metric:.1f})' if metric is not None else ''}, prompted "
                  f"{results['means'][name]['prompted']:.3f}, held-out "
                  f"{results['means'][name]['held_out']:.3f}")
   f = results["findings"]
