@@ -89,9 +89,9 @@ def run(out_dir: str, fast: bool) -> dict:
           "pretrain_steps": start_step,
           "pretrain_flops": start_step * (electra_flops if start == "electra"
                                           else flops_per_step(probe))})
-  mean = lambda start: statistics.mean(r["accuracy"] for r in results["runs"]
-                                       if r["start"] == start)
-  results["means"] = {start: mean(start) for start in ("electra", "mlm", "random")}
+  accuracies = protocol.grouped(results["runs"], "start", "accuracy")
+  results["means"] = {start: statistics.mean(accuracies[start])
+                      for start in ("electra", "mlm", "random")}
   results["findings"] = {"electra_beats_mlm": results["means"]["electra"] > results["means"]["mlm"],
                          "electra_beats_random":
                          results["means"]["electra"] > results["means"]["random"],
@@ -101,11 +101,11 @@ def run(out_dir: str, fast: bool) -> dict:
 
 
 def rows(results: dict) -> str:
-  by = lambda start: [r for r in results["runs"] if r["start"] == start]
+  by_start = protocol.grouped(results["runs"], "start", lambda r: r)
   cells = []
   for start in ("electra", "mlm", "random"):
-    accs = ", ".join(f"{100 * r['accuracy']:.1f}" for r in by(start))
-    steps = by(start)[0]["pretrain_steps"]
+    accs = ", ".join(f"{100 * r['accuracy']:.1f}" for r in by_start[start])
+    steps = by_start[start][0]["pretrain_steps"]
     cells.append(f"{start} ({steps} pretraining steps): {accs} (mean "
                  f"{100 * results['means'][start]:.1f})")
   f = results["findings"]
@@ -118,13 +118,11 @@ def rows(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = protocol.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.2))
-  starts = ("electra", "mlm", "random")
-  for i, start in enumerate(starts):
-    accs = [100 * r["accuracy"] for r in results["runs"] if r["start"] == start]
+  by_start = protocol.grouped(results["runs"], "start", lambda r: 100 * r["accuracy"])
+  for i, start in enumerate(("electra", "mlm", "random")):
+    accs = by_start[start]
     ax.plot([i] * len(accs), accs, "o", color=f"C{i}", alpha=0.7)
     ax.plot([i - 0.2, i + 0.2], [statistics.mean(accs)] * 2, "-", color=f"C{i}", lw=3)
   ax.axhline(50.6, ls=":", color="gray", label="majority class")

@@ -111,9 +111,7 @@ def rows(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = protocol.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   colors = {"full": "C0", "hft": "C1", "lora": "C2"}
   for r in results["runs"]:

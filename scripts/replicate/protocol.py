@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -144,6 +144,17 @@ def task_summary(eval_dir: str | os.PathLike, tasks: Sequence[str] | None = None
   metrics = [r["metric"] for r in per_task.values() if r["metric"] is not None]
   return {"loss": statistics.mean(r["loss"] for r in per_task.values()),
           "metric": statistics.mean(metrics) if metrics else None, "tasks": per_task}
+
+
+def grouped(rows: Sequence[Mapping[str, Any]], by: str,
+            value: str | Callable[[Mapping[str, Any]], Any]) -> dict[Any, list]:
+  """{group: [value of each row]} of result rows by their `by` field, groups in the order
+  they first appear; `value` is a field name or a function of the row."""
+  read = value if callable(value) else (lambda row: row[value])
+  out: dict[Any, list] = {}
+  for row in rows:
+    out.setdefault(row[by], []).append(read(row))
+  return out
 
 
 def last_checkpoint(model_dir: str | os.PathLike) -> pathlib.Path:

@@ -158,9 +158,7 @@ def rows(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = protocol.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
   for seed, marker in ((0, "o"), (1, "s")):
     points = [r for r in results["ingredients"] if r["seed"] == seed]

@@ -93,9 +93,8 @@ def run(out_dir: str, fast: bool) -> dict:
       results["runs"].append({"start": label, "sparsity": sparsity, "seed": seed,
                               "pretrain_flops": flops[0], "dense_pretrain_flops": flops[1],
                               **summary})
-  labels = list(dict.fromkeys(r["start"] for r in results["runs"]))
-  results["means"] = {label: statistics.mean(r["loss"] for r in results["runs"]
-                                             if r["start"] == label) for label in labels}
+  results["means"] = {label: statistics.mean(losses) for label, losses in
+                      protocol.grouped(results["runs"], "start", "loss").items()}
   m = results["means"]
   gain = m["random"] - m["sparse0"]
   results["findings"] = {

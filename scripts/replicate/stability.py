@@ -82,11 +82,10 @@ def run(out_dir: str, fast: bool, base_checkpoint: str | None = None) -> dict:
       row = protocol.eval_rows(directory)[TASK]
       results["runs"].append({"technique": technique, "seed": seed,
                               "accuracy": row["accuracy"]})
-  results["stats"] = {}
-  for technique in TECHNIQUES:
-    accs = [r["accuracy"] for r in results["runs"] if r["technique"] == technique]
-    results["stats"][technique] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs),
-                                   "min": min(accs), "max": max(accs)}
+  results["stats"] = {
+      technique: {"mean": statistics.mean(accs), "std": statistics.stdev(accs),
+                  "min": min(accs), "max": max(accs)}
+      for technique, accs in protocol.grouped(results["runs"], "technique", "accuracy").items()}
   standard = results["stats"]["standard"]
   results["findings"] = {
       f"{t}_lowers_std": results["stats"][t]["std"] < standard["std"] for t in TECHNIQUES
@@ -114,8 +113,9 @@ def rows(results: dict) -> str:
 def figure(results: dict):
   plt = protocol.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  by_technique = protocol.grouped(results["runs"], "technique", lambda r: 100 * r["accuracy"])
   for i, technique in enumerate(TECHNIQUES):
-    accs = [100 * r["accuracy"] for r in results["runs"] if r["technique"] == technique]
+    accs = by_technique[technique]
     ax.plot([i] * len(accs), accs, "o", color=f"C{i}", alpha=0.7)
     ax.errorbar(i + 0.15, statistics.mean(accs), yerr=statistics.stdev(accs), fmt="s",
                 color=f"C{i}", capsize=4)

@@ -38,6 +38,7 @@ and 10 fine-tuning steps, 16 examples per task (the mechanics only).
 from __future__ import annotations
 
 import pathlib
+import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -91,7 +92,8 @@ def run(out_dir: str, fast: bool) -> dict:
           "objective": name, "seed": seed, "prompted": prompted,
           "finetuned": protocol.task_summary(tuned_dir, trained_tasks),
           "held_out": protocol.task_summary(tuned_dir, [HELD_OUT])})
-  results["means"] = {name: {key: _mean(results, name, key)
+  by_objective = protocol.grouped(results["runs"], "objective", lambda r: r)
+  results["means"] = {name: {key: statistics.mean(r[key]["loss"] for r in by_objective[name])
                              for key in ("finetuned", "prompted", "held_out")}
                       for name in OBJECTIVES}
   best = {key: min(OBJECTIVES, key=lambda n: results["means"][n][key])
@@ -100,11 +102,6 @@ def run(out_dir: str, fast: bool) -> dict:
   results["findings"]["ul2_best_in_all"] = all(name == "ul2" for name in best.values())
   protocol.finish(out_dir, "ul2_vs_sc_vs_clm", results, figure(results), rows(results))
   return results
-
-
-def _mean(results: dict, objective: str, key: str) -> float:
-  losses = [r[key]["loss"] for r in results["runs"] if r["objective"] == objective]
-  return sum(losses) / len(losses)
 
 
 def rows(results: dict) -> str:
