@@ -12,7 +12,7 @@ each reduce that variance (and raise the mean).
 Protocol (fixed before the runs, once per seed):
   1. base       ELECTRA Tiny's discriminator after `objectives/electra.gin` for 400
                 steps, seed 0 (or --base_checkpoint: such a discriminator's
-                checkpoint_400, e.g. the ELECTRA replication's seed 0).
+                checkpoint_400, e.g. OUT/electra of the ELECTRA replication).
   2. fine-tune  `finetune/electra_classifier.gin` (AdamW, lr 1e-3 constant, dropout
                 0.1, fresh classifier head from RANDOM_SEED) on `cls_word_order_300`
                 (the first 300 training sentences of cls_word_order) for STEPS steps
