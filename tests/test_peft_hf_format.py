@@ -31,7 +31,10 @@ peft = pytest.importorskip("peft")
 
 from tests import hf_reference, test_convert  # noqa: E402  (torch, transformers: above)
 
-TOL = 1e-4
+#: Logits (|x| up to ~10) of the same float32 model in PyTorch and in JAX: the two sum in
+#: other orders, and a fresh-clone CI run measured differences up to 1.4e-4 (1e-4 had
+#: passed before); far below what the adapter changes (> 100 x TOL, asserted below).
+TOL = 3e-4
 #: t5xlike LoRA targets of the export test: T5 q and v of the encoder only (PEFT's
 #: target_modules then name every module) and every wo; Llama q, v and gate in every layer.
 EXPORT_TARGETS = {"t5": r"encoder/layers/attention/(query|value)$|mlp/wo$",
