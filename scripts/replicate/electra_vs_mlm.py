@@ -25,7 +25,7 @@ Protocol (fixed before the runs, once per seed):
              50.6 %) at the end of fine-tuning: per start the five seeds, their mean
              and median (the paper reports the median of fine-tuning runs from one
              pretraining). One pretraining per objective keeps the command within
-             ~15 minutes here (two ELECTRA-Tiny-sized pretrainings take 7 of them).
+             ~18 minutes here (the two pretrainings take 7 of them).
 
 Writes OUT/results.json, OUT/electra_vs_mlm.png, OUT/rows.md. `--fast`: 10 pretraining
 steps, 10 fine-tuning steps, two fine-tuning seeds (the mechanics only).
@@ -67,14 +67,14 @@ def run(out_dir: str, fast: bool) -> dict:
   electra_dir = runs.train("electra", ELECTRA, {
       **common, "TRAIN_STEPS": steps, "CHECKPOINT_PERIOD": steps,
       "optim.cosine.decay_steps": steps})
-  electra_flops = flops_per_step(electra_dir)
-  mlm_steps = round(steps * electra_flops / flops_per_step(probe))
+  electra_flops, mlm_flops = flops_per_step(electra_dir), flops_per_step(probe)
+  mlm_steps = round(steps * electra_flops / mlm_flops)
   mlm_dir = runs.train("mlm", MLM, {
       **common, "TRAIN_STEPS": mlm_steps, "CHECKPOINT_PERIOD": mlm_steps,
       "optim.cosine.decay_steps": mlm_steps})
   starts = {"electra": (protocol.last_checkpoint(electra_dir / "discriminator"), steps,
                         electra_flops),
-            "mlm": (protocol.last_checkpoint(mlm_dir), mlm_steps, flops_per_step(probe)),
+            "mlm": (protocol.last_checkpoint(mlm_dir), mlm_steps, mlm_flops),
             "random": (None, 0, 0.0)}
   results: dict = {"sizes": size, "runs": []}
   for start, (checkpoint, start_step, step_flops) in starts.items():

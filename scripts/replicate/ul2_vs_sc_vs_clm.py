@@ -12,7 +12,7 @@ Protocol (fixed before the runs, once per seed):
                   `objectives/ul2.gin` (32 rows of 128 input + 128 target positions
                   per step, PRETRAIN_STEPS = 250 steps, its inverse-square-root
                   schedule; 250 keeps the command within ~20 minutes here: each
-                  pretraining step is 0.76 s),
+                  pretraining step is 0.8-1.0 s),
                   with three denoiser tables:
                     ul2  the shipped 7-denoiser mixture, paradigm tokens as text;
                     sc   one denoiser: T5's span corruption (r 0.15, mean span 3), no
