@@ -99,3 +99,22 @@ def test_two_hosts_with_a_dcn_mesh():
   # Each host's 8 GPUs form the fsdp axis; the data axis crosses hosts.
   assert [{d.process_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
   assert report.fits and report.cudnn_attention_kernels == 4
+
+
+def test_gpu_depth_probe_extrapolates_the_hbm_traffic_of_the_unrolled_step():
+  """XLA's GPU cost analysis counts a loop body once, so `--estimate=probe` takes the HBM
+  term from the step unrolled at 2 and 4 layers: for 6 layers it equals (within 5%) the
+  6-layer step compiled unrolled, whose bytes accessed count every layer."""
+  overrides = BF16_CUDNN + [("MESH_SHAPE", "{'fsdp': 8}"), ("LOGICAL_AXIS_RULES", "'fsdp'"),
+                            ("decoder.DecoderConfig.num_layers", "6"),
+                            ("decoder.DecoderConfig.scan_layers", "False")]
+  plan, unrolled = compiled(["objectives/causal_lm.gin"], overrides, "h100-8")
+  exact = unrolled.bytes_accessed / targets.CHIPS["h100"].hbm_bytes_per_s
+  depths, points = compile_run.probe_points(plan)
+  probe = compile_run.probe_depths(plan, depths, points)
+  assert probe.term == "hbm" and [p["num_layers"] for p in points] == [2, 4]
+  assert probe.step_seconds == pytest.approx(exact, rel=0.05)
+  report = unrolled.with_probe(probe)
+  assert report.roofline["hbm_s"] == probe.step_seconds
+  assert report.step_seconds == max(report.roofline.values())
+  assert "unrolled step at shallow depths" in report.estimate_source

@@ -161,6 +161,66 @@ def test_collectives_count_loop_trips_and_full_buffers():
   assert stats.unknown_trip_counts == 1
 
 
+DCN_HLO = """HloModule jit_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0} parameter(0)
+  %token = token[] after-all()
+  %send = (f32[256]{0}, u32[], token[]) send(%p, %token), channel_id=4, is_host_transfer=true, \
+frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",\
+_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[256]{0}, u32[], token[]) recv(%token), channel_id=3, is_host_transfer=true, \
+frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %out = f32[256]{0} get-tuple-element(%recv), index=0
+}
+
+%cond (p: f32[256]) -> pred[] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %t = pred[] constant(false)
+}
+
+ENTRY %main (v: f32[256], w: bf16[64]) -> f32[256] {
+  %v = f32[256]{0} parameter(0)
+  %w = bf16[64]{0} parameter(1)
+  %t = token[] after-all()
+  %send.2 = (bf16[64]{0}, u32[], token[]) send(%w, %t), channel_id=5, is_host_transfer=true, \
+frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}
+  %loop = f32[256]{0} while(%v), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %ar = f32[256]{0} all-reduce(%loop), replica_groups={{0,1}}, to_apply=%add
+}
+"""  # a backslash at a line's end joins it to the next
+
+
+def test_transfers_between_slices_count_as_dcn_collectives():
+  """Multi-slice collectives are megascale host transfers: each `send` counts (per loop
+  trip) under 'dcn-' + its transfer type, apart from the collectives over the links."""
+  stats = hlo_stats.hlo_stats(DCN_HLO)
+  assert stats.collectives == {"dcn-all-reduce": (3, 3 * 256 * 4.0),
+                               "dcn-all-gather": (1, 64 * 2.0),
+                               "all-reduce": (1, 256 * 4.0)}
+  assert stats.dcn_bytes == 3 * 1024 + 128 and stats.collective_bytes == 1024
+
+
+def test_dcn_time_is_a_ring_all_reduce_at_the_chips_share_of_the_network():
+  v5p = targets.parse_target("v5p-8", num_slices=2)    # 50 Gb/s per chip
+  assert step_report.dcn_seconds(6.25e9, v5p) == pytest.approx(1.0)
+  four = targets.parse_target("v5p-8", num_slices=4)
+  assert step_report.dcn_seconds(6.25e9, four) == pytest.approx(1.5)   # 2 (n - 1) / n
+  step, source = step_report.with_dcn(0.5, "libtpu", 1.0, v5p)
+  assert step == 1.5 and "transfers between slices at 50 Gb/s" in source
+  v4 = targets.parse_target("v4-8", num_slices=2)      # no published DCN bandwidth
+  assert math.isinf(step_report.dcn_seconds(1e6, v4))
+  step, source = step_report.with_dcn(0.5, "libtpu", math.inf, v4)
+  assert step is None and "no published data-center network bandwidth for v4" in source
+
+
 def test_shape_bytes():
   assert hlo_stats.shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == 2048
   assert hlo_stats.shape_bytes("(f32[2,3]{1,0}, s32[], /*index=2*/pred[4])") == 24 + 4 + 4

@@ -19,6 +19,14 @@ result; reduce-scatter: the operand before scattering; the others move
 buffers of equal size), summed over executions. That is the data each
 device sends or receives up to the factor (n - 1) / n of a ring over n
 devices, or 2 (n - 1) / n for an all-reduce.
+
+Collectives between TPU slices (multi-slice over the data-center network)
+are not collective instructions: libtpu compiles them to host transfers of
+the multi-slice ("megascale") runtime, a `send` / `recv` pair per buffer
+whose `_xla_megascale_transfer_type` names the collective. Each `send` counts
+as one collective of kind 'dcn-' + that type ('dcn-all-reduce'), with the
+bytes of the buffer it sends (`HloStats.dcn_bytes`; `collective_bytes` is the
+rest, the collectives over the chips' own links).
 """
 from __future__ import annotations
 
@@ -41,6 +49,9 @@ _CALLEES = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_DCN_TRANSFER = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+#: The prefix of the kinds of collectives between slices (`HloStats.dcn_bytes`).
+DCN_PREFIX = "dcn-"
 
 
 def shape_bytes(type_text: str) -> float:
@@ -162,7 +173,15 @@ class HloStats:
 
   @property
   def collective_bytes(self) -> float:
-    return sum(size for _, size in self.collectives.values())
+    """Bytes per step of the collectives over the chips' own links (ICI, NVLink)."""
+    return sum(size for kind, (_, size) in self.collectives.items()
+               if not kind.startswith(DCN_PREFIX))
+
+  @property
+  def dcn_bytes(self) -> float:
+    """Bytes per step one chip sends to other slices (multi-slice host transfers)."""
+    return sum(size for kind, (_, size) in self.collectives.items()
+               if kind.startswith(DCN_PREFIX))
 
 
 def _executions(computations: dict[str, list[Instruction]], entry: str
@@ -283,7 +302,13 @@ def hlo_stats(text: str) -> HloStats:
             if i.opcode.endswith("-done") and i.operands}
     for instruction in instructions:
       kind = instruction.opcode.removesuffix("-start")
-      if kind in COLLECTIVES:
+      dcn = _DCN_TRANSFER.search(instruction.attributes) if kind == "send" else None
+      if dcn is not None:
+        kind = DCN_PREFIX + dcn.group(1).lower().replace("_", "-")
+        entry_ = collectives.setdefault(kind, [0, 0.0])
+        entry_[0] += times
+        entry_[1] += times * shape_bytes(types.get(instruction.operands[0], ""))
+      elif kind in COLLECTIVES:
         result = done.get(instruction.name, instruction.type_text) if (
             instruction.opcode.endswith("-start")) else instruction.type_text
         operands = sum(shape_bytes(types.get(op, "")) for op in instruction.operands)

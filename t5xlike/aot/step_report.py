@@ -60,9 +60,11 @@ from t5xlike.aot.targets import GIB, Target
 MOSAIC_TARGETS = ("tpu_custom_call",)
 #: Kernels (custom calls outside fusions) for which libtpu's cost model adds -1 to
 #: `optimal_seconds` instead of a time, once per instruction (inside a loop too), found by
-#: compiling: memory-space assignment's `ConcatBitcast`; `AllocateBuffer` and Mosaic
-#: kernels add their own estimates or 0.
-UNESTIMATED_TARGETS = ("ConcatBitcast",)
+#: compiling: memory-space assignment's `ConcatBitcast`, multi-slice programs' `ZeroCrop`
+#: and `SliceId` (a tiny decoder on 2 x v5e:2x2: 12 ZeroCrop and 4 ConcatBitcast, -16 s;
+#: under fsdp 9 ZeroCrop and a SliceId, -10 s); `AllocateBuffer` and Mosaic kernels add
+#: their own estimates or 0.
+UNESTIMATED_TARGETS = ("ConcatBitcast", "ZeroCrop", "SliceId")
 CUDNN_ATTENTION_TARGETS = ("__cudnn$fmha",)
 
 
@@ -117,20 +119,26 @@ class DepthProbe:
   Attributes:
     depths: the network's depth field(s) -> layers.
     points: the probed depths, each like `depths`.
-    seconds: libtpu's estimate of each probe's step (micro-batch loops scaled).
-    step_seconds: the extrapolation to `depths`.
+    seconds: each probe's figure, per `term` (micro-batch loops scaled).
+    step_seconds: the extrapolation of `seconds` to `depths`.
     compile_seconds: wall time of the probes' compilations.
+    term: what `seconds` are: 'step' (TPU: libtpu's estimate of the step) or 'hbm'
+      (GPU: the roofline's HBM term, XLA's bytes accessed of the loop-free probe at
+      the chip's HBM bandwidth).
   """
   depths: Mapping[str, int]
   points: tuple[Mapping[str, int], ...]
   seconds: tuple[float, ...]
   step_seconds: float
   compile_seconds: float
+  term: str = "step"
 
   def describe(self) -> str:
     probes = ", ".join(f"{'+'.join(map(str, p.values()))}: {t:.4g} s"
                        for p, t in zip(self.points, self.seconds))
-    return (f"libtpu's cost model on the unrolled step at shallow depths ({probes}), "
+    what = ("libtpu's cost model" if self.term == "step" else
+            "the HBM traffic (XLA's bytes accessed at HBM bandwidth)")
+    return (f"{what} of the unrolled step at shallow depths ({probes}), "
             f"extrapolated to {'+'.join(map(str, self.depths.values()))} layers")
 
 
@@ -181,10 +189,20 @@ class StepReport:
   loop_scaled_seconds: float | None = None
 
   def with_probe(self, probe: DepthProbe) -> StepReport:
-    """This report with the depth probe's step time (the loop-scaled one kept aside)."""
+    """This report with the depth probe's step time (the loop-scaled one kept aside). A
+    GPU probe gives the roofline's HBM term; the step is then the roofline's largest."""
+    if probe.term == "hbm":
+      roofline = {**self.roofline, "hbm_s": probe.step_seconds}
+      return dataclasses.replace(
+          self, probe=probe, roofline=roofline, step_seconds=max(roofline.values()),
+          estimate_source=(f"roofline (ours: max of compute at peak, collectives at NVLink "
+                           f"bandwidth and {probe.describe()})"),
+          loop_scaled_seconds=self.step_seconds)
+    source = probe.describe()
+    if "dcn_s" in self.roofline:
+      source += ", each probe with its transfers between slices (ours; not overlapped)"
     return dataclasses.replace(self, probe=probe, step_seconds=probe.step_seconds,
-                               estimate_source=probe.describe(),
-                               loop_scaled_seconds=self.step_seconds)
+                               estimate_source=source, loop_scaled_seconds=self.step_seconds)
 
   @classmethod
   def from_compiled(cls, compiled: Any, target: Target, figures: StepFigures, *,
@@ -222,6 +240,8 @@ class StepReport:
         "hbm_s": (accessed or 0.0) * expansion / chip.hbm_bytes_per_s,
         "collectives_s": stats.collective_bytes / chip.link_bytes_per_s,
     }
+    if stats.dcn_bytes:
+      roofline["dcn_s"] = dcn_seconds(stats.dcn_bytes, target)
     unestimated = 0
     if chip.platform == "tpu":
       step, unestimated, source = tpu_estimate(cost, stats)
@@ -229,6 +249,8 @@ class StepReport:
       if expansion != 1.0:
         source += (f"; loop bodies, which it counts once, scaled by their trip counts "
                    f"(x{expansion:.3g} in its per-kernel cycle estimates)")
+      if step and stats.dcn_bytes:
+        step, source = with_dcn(step, source, roofline["dcn_s"], target)
     else:
       step = max(roofline.values()) or None
       source = ("roofline (ours: max of compute at peak, HBM traffic, collectives at "
@@ -322,7 +344,8 @@ class StepReport:
         "loop_scaled_step_s": self.loop_scaled_seconds,
         "depth_probe": None if self.probe is None else {
             "depths": dict(self.probe.depths), "points": [dict(p) for p in self.probe.points],
-            "seconds": list(self.probe.seconds), "compile_s": self.probe.compile_seconds},
+            "seconds": list(self.probe.seconds), "term": self.probe.term,
+            "compile_s": self.probe.compile_seconds},
         "unestimated_kernels": self.unestimated_kernels,
         "estimated_tokens_per_s_per_chip": self.tokens_per_second_per_chip,
         "estimated_mfu": self.mfu,
@@ -330,6 +353,7 @@ class StepReport:
         "collectives": {kind: {"count": count, "bytes": size}
                         for kind, (count, size) in sorted(self.stats.collectives.items())},
         "collective_bytes_per_step": self.stats.collective_bytes,
+        "dcn_bytes_per_step": self.stats.dcn_bytes,
         "unknown_trip_counts": self.stats.unknown_trip_counts,
         "compile_s": self.compile_seconds, "compile_cpu_s": self.compile_cpu_seconds,
     }
@@ -389,8 +413,9 @@ class StepReport:
     if self.out_of_memory:
       return "\n".join(lines)
     roof = self.roofline
+    dcn = f", between slices {roof['dcn_s']:.4g} s" if "dcn_s" in roof else ""
     lines.append(f"roofline    compute {roof['compute_s']:.4g} s, HBM {roof['hbm_s']:.4g} s, "
-                 f"collectives {roof['collectives_s']:.4g} s: {self.bottleneck()}-bound")
+                 f"collectives {roof['collectives_s']:.4g} s{dcn}: {self.bottleneck()}-bound")
     kinds = [f"{kind} {count} x {size / GIB:.3g} GiB"
              for kind, (count, size) in sorted(self.stats.collectives.items())]
     lines.append("collectives " + ("; ".join(kinds) or "none") + " per step and chip")
@@ -423,6 +448,29 @@ def memory_of(stats: Any, target: Target) -> dict[str, int]:
   memory["hbm"] = int(target.chip.hbm_bytes)
   memory["headroom"] = memory["hbm"] - memory["total"]
   return memory
+
+
+def dcn_seconds(dcn_bytes: float, target: Target) -> float:
+  """Seconds per step of the transfers between slices: each chip's buffers all-reduced
+  over the slices by a ring, 2 (n - 1) / n of their bytes sent (and as many received)
+  at the chip's share of its host's data-center network (inf without a figure)."""
+  n = max(target.num_slices, 2)
+  if not target.chip.dcn_bytes_per_s:
+    return math.inf
+  return dcn_bytes * 2 * (n - 1) / n / target.chip.dcn_bytes_per_s
+
+
+def with_dcn(step: float, source: str, dcn_s: float, target: Target
+             ) -> tuple[float | None, str]:
+  """A multi-slice step's estimate: libtpu's (which prices the host transfers between
+  slices as free) plus their time over the data-center network, not overlapped (the
+  multi-slice runtime may overlap them with the backward pass: a pessimistic sum)."""
+  if not math.isfinite(dcn_s):
+    return None, (f"{source}; no estimate: no published data-center network bandwidth "
+                  f"for {target.chip.name} to time the transfers between slices")
+  return step + dcn_s, (f"{source}, plus {dcn_s:.3g} s of transfers between slices at "
+                        f"{target.chip.dcn_bytes_per_s * 8 / 1e9:.0f} Gb/s per chip "
+                        f"(ours; not overlapped)")
 
 
 def tpu_estimate(cost: Mapping[str, float], stats: hlo_stats_lib.HloStats

@@ -44,7 +44,8 @@ class Chip:
     link_bytes_per_s: chip-to-chip bandwidth inside a slice / node, per chip and
       direction, bytes/s (TPU ICI; NVLink).
     dcn_bytes_per_s: per-chip bandwidth between slices / hosts, bytes/s (GPUs: one
-      400 Gb/s InfiniBand NIC per GPU; TPUs: not modelled, 0).
+      400 Gb/s InfiniBand NIC per GPU; TPUs: the host's data-center network
+      bandwidth over its chips; 0 where Google publishes none: v4).
     cores_per_chip_in_name: TensorCores per chip counted by the accelerator name
       (v4-8 is 4 chips: 2), else 1.
     torus_dims: dimensions of a TPU slice's torus (3: v4, v5p; 2: v5e, v6e); 0 for GPUs.
@@ -62,15 +63,17 @@ class Chip:
 
 # Google Cloud TPU system-architecture pages (bf16 peak, HBM, HBM bandwidth, ICI
 # bandwidth per chip: v4 2,400 Gbps, v5e 1,600, v5p 4,800, v6e 3,584 in both
-# directions: half each way) and NVIDIA's data sheets (SXM parts, dense bf16; NVLink
-# 600 / 900 / 900 / 1,800 GB/s total, half each way; HBM 80 / 80 / 141 / 180 GB).
+# directions: half each way; data-center network per chip: v5e 2 x 100 Gbps NICs and
+# v6e 4 x 200 Gbps per host of 8 chips, v5p 50 Gbps per chip) and NVIDIA's data sheets
+# (SXM parts, dense bf16; NVLink 600 / 900 / 900 / 1,800 GB/s total, half each way; HBM
+# 80 / 80 / 141 / 180 GB).
 CHIPS: dict[str, Chip] = {chip.name: chip for chip in (
     Chip("v4", "tpu", 32 * GIB, 275.0, 1200e9, 2400e9 / 16, cores_per_chip_in_name=2,
          torus_dims=3),
-    Chip("v5e", "tpu", 16 * GIB, 197.0, 819e9, 1600e9 / 16, torus_dims=2),
-    Chip("v5p", "tpu", 95 * GIB, 459.0, 2765e9, 4800e9 / 16, cores_per_chip_in_name=2,
+    Chip("v5e", "tpu", 16 * GIB, 197.0, 819e9, 1600e9 / 16, 200e9 / 8 / 8, torus_dims=2),
+    Chip("v5p", "tpu", 95 * GIB, 459.0, 2765e9, 4800e9 / 16, 50e9 / 8, cores_per_chip_in_name=2,
          torus_dims=3),
-    Chip("v6e", "tpu", 32 * GIB, 918.0, 1640e9, 3584e9 / 16, torus_dims=2),
+    Chip("v6e", "tpu", 32 * GIB, 918.0, 1640e9, 3584e9 / 16, 800e9 / 8 / 8, torus_dims=2),
     Chip("a100", "gpu", 80 * GIB, 312.0, 2039e9, 300e9, 25e9),
     Chip("h100", "gpu", 80 * GIB, 989.0, 3350e9, 450e9, 50e9),
     Chip("h200", "gpu", 141 * GIB, 989.0, 4800e9, 450e9, 50e9),

@@ -304,10 +304,7 @@ def _compiled_report(plan: CompilePlan, lowered: Any,
 
 def probe_points(plan: CompilePlan) -> tuple[dict[str, int], list[dict[str, int]]]:
   """(the network's stack depths, the shallow depths to probe) for `--estimate=probe`;
-  `errors.ConfigError` where there is no cost model (GPU) or no single network (ELECTRA)."""
-  if plan.target.chip.platform != "tpu":
-    raise errors.ConfigError("--estimate=probe needs a TPU target: GPU estimates are a "
-                             "roofline, with no cost model to probe")
+  `errors.ConfigError` for a model without a single network (ELECTRA)."""
   try:
     depths = depth_probe.stack_depths(plan.model)
   except ValueError as error:
@@ -319,22 +316,29 @@ def probe_depths(plan: CompilePlan, depths: dict[str, int],
                  points: list[dict[str, int]]) -> step_report.DepthProbe:
   """The step time from the unrolled step at the shallow depths `points`
   (`aot.depth_probe`): each probe is the planned step with fewer layers and
-  `scan_layers=False`, compiled and priced by libtpu's cost model. `errors.RunError`
-  where a probe gets no estimate."""
+  `scan_layers=False`, compiled and priced by libtpu's cost model (TPU) or, on GPUs,
+  timed by its HBM traffic (XLA's bytes accessed, exact without loops, times the
+  micro-batches) at the chip's HBM bandwidth. `errors.RunError` where a probe gets
+  no estimate."""
+  gpu = plan.target.chip.platform == "gpu"
   seconds, compile_seconds = [], 0.0
   for point in points:
     model = depth_probe.with_depth(plan.model, point)
     log.info("depth probe: compiling the step unrolled at %s", point)
     probe = dataclasses.replace(plan, model=model, trainer=plan.trainer_for(model))
     report = _compiled_report(probe, probe.trainer.lower_train_step(plan.batch_shapes), None)
-    if not report.step_seconds:
+    figure = report.step_seconds
+    if gpu and report.bytes_accessed:
+      figure = (report.bytes_accessed * report.figures.num_microbatches
+                / plan.target.chip.hbm_bytes_per_s)
+    if not figure:
       raise errors.RunError(f"depth probe {point}: no estimate ({report.estimate_source})")
-    seconds.append(report.step_seconds)
+    seconds.append(figure)
     compile_seconds += report.compile_seconds
   return step_report.DepthProbe(
       depths=depths, points=tuple(points), seconds=tuple(seconds),
       step_seconds=depth_probe.extrapolate(depths, points, seconds),
-      compile_seconds=compile_seconds)
+      compile_seconds=compile_seconds, term="hbm" if gpu else "step")
 
 
 def compile_step(topology: str, num_slices: int = 1, hlo_path: str | None = None,
