@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from t5xlike import compile as compile_command, partitioning
 from t5xlike.aot import hlo_stats, targets
 from t5xlike.cli import gin_config
+from t5xlike.models import attention
 from t5xlike.runs import compile_run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -228,14 +231,47 @@ def test_pallas_compiles_for_every_generation(topology):
   assert report.mosaic_kernels == 6
 
 
-@pytest.mark.slow
 def test_two_slices_over_dcn():
-  plan, report = compiled(DECODER, [("BATCH_SIZE", "16"), ("MESH_SHAPE", "{'fsdp': 4}"),
-                                    ("LOGICAL_AXIS_RULES", "'fsdp'")], "v5e:2x2", num_slices=2)
+  """The tiny decoder under fsdp inside each of 2 v5e:2x2 slices: the gradients cross the
+  data-center network as megascale all-reduces of each chip's shard (the parameters' bytes
+  per chip), timed at v5e's 25 Gb/s per chip on top of libtpu's estimate, which prices those
+  host transfers as free: what is left is one slice's step with as many rows per chip."""
+  fsdp = [("MESH_SHAPE", "{'fsdp': 4}"), ("LOGICAL_AXIS_RULES", "'fsdp'")]
+  plan, report = compiled(DECODER, [("BATCH_SIZE", "16"), *fsdp], "v5e:2x2", num_slices=2)
   assert report.target.chips == 8 and report.figures.dcn_mesh == {"data": 2}
   assert dict(plan.partitioner.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert {d.slice_index for d in plan.partitioner.mesh.devices[0].flat} == {0}
   assert {d.slice_index for d in plan.partitioner.mesh.devices[1].flat} == {1}
+  assert "dcn-all-reduce" in report.stats.collectives
+  assert report.stats.dcn_bytes == pytest.approx(report.figures.params_bytes, rel=0.1)
+  dcn_s = report.roofline["dcn_s"]
+  assert dcn_s == pytest.approx(report.stats.dcn_bytes / (25e9 / 8))   # 2 slices: 2(n-1)/n = 1
+  assert report.step_seconds and "transfers between slices" in report.estimate_source
+  _, one_slice = compiled(DECODER, [("BATCH_SIZE", "8"), *fsdp], "v5e:2x2")
+  assert report.step_seconds - dcn_s == pytest.approx(one_slice.step_seconds, rel=0.25)
+
+
+def test_pallas_block_follows_the_generation_of_the_mesh(monkeypatch):
+  """The block size is the target generation's (`PALLAS_BLOCKS`, by the device kind of the
+  mesh in context), or the smallest one where it does not divide the lengths."""
+  devices = targets.compile_devices(targets.parse_target("v5e:2x2"))
+  mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+  monkeypatch.setitem(attention.PALLAS_BLOCKS, "TPU v5 lite", 256)
+  with jax.set_mesh(mesh):
+    assert attention.pallas_block(512, 1024) == 256
+    assert attention.pallas_block(384, 512) == attention.PALLAS_BLOCK
+  assert attention.pallas_block(512, 512) == attention.PALLAS_BLOCK   # no mesh: the CPU's
+
+
+@pytest.mark.slow
+def test_pallas_blocks_are_the_cost_models_choice(tmp_path):
+  """scripts/pallas_blocks.py compiles the kernel per generation and block size and exits 1
+  when `PALLAS_BLOCKS` is not its choice."""
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "pallas_blocks.py"
+  result = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "b.md")],
+                          capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "(chosen)" in (tmp_path / "b.md").read_text()
 
 
 def test_libtpu_counts_a_loop_body_once_and_the_cycles_say_how_often_it_runs():

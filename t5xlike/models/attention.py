@@ -63,10 +63,14 @@ the T5 relative-position bias as `ab`, whose gradient the kernel returns).
 
 The platform is the target's: that of the mesh in context
 (`target_platform`), so a step compiled for a TPU slice from a CPU host
-takes the TPU routes. Block sizes stay 128 on every generation: libtpu's
-cost model prices a Mosaic kernel by the kernel's own `CostEstimate`, which
-does not depend on the blocks, so it cannot choose them (tune them on the
-hardware).
+takes the TPU routes. Block sizes are per TPU generation (`PALLAS_BLOCKS`,
+by the mesh's device kind), chosen by `scripts/pallas_blocks.py` from
+libtpu's estimate of the kernel's forward and backward pass on the scale
+table's attention shapes (docs/pallas_blocks.md): 128 on v4, v5e, v5p and
+v6e. The Mosaic kernels carry no cycle estimate of their own, so the cost
+model ranks the blocks by the work around them (residuals as wide as a key
+block, layout copies); a block that does not divide the lengths falls back
+to `PALLAS_BLOCK`.
 """
 from __future__ import annotations
 
@@ -86,8 +90,11 @@ Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas", "blocked")
 _said: set[str] = set()
-#: The Pallas kernel's block size: query and key lengths must be multiples of it.
+#: The Pallas kernel's smallest block size: query and key lengths must be multiples of it.
 PALLAS_BLOCK = 128
+#: The Pallas kernel's block size per TPU device kind, from libtpu's cost model
+#: (`scripts/pallas_blocks.py`, docs/pallas_blocks.md); other kinds take `PALLAS_BLOCK`.
+PALLAS_BLOCKS = {"TPU v4": 128, "TPU v5 lite": 128, "TPU v5": 128, "TPU v6 lite": 128}
 #: float32 logits [rows, heads, q, k] one group of 'blocked' holds (a quarter of a
 #: 32 MiB L3 cache: the group's logits, probabilities and gradients stay in it).
 BLOCK_LOGITS_BYTES = 8 * 2 ** 20
@@ -226,6 +233,16 @@ def target_platform() -> str:
   return jax.default_backend() if device is None else str(device.platform)
 
 
+def pallas_block(q_len: int, k_len: int) -> int:
+  """The Pallas block size for the target's TPU generation (`PALLAS_BLOCKS`, by the device
+  kind of the mesh in context), or `PALLAS_BLOCK` where it does not divide both lengths."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  kind = getattr(device, "device_kind", None)
+  block = PALLAS_BLOCKS.get(str(kind), PALLAS_BLOCK)
+  return block if q_len % block == 0 and k_len % block == 0 else PALLAS_BLOCK
+
+
 def mesh_size() -> int:
   """Devices of the mesh in context (`jax.set_mesh`, `Partitioner.activate`); 1 if none."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -274,7 +291,7 @@ def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Arr
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
     segments = flash_attention.SegmentIds(q=segment_ids, kv=segment_ids)
-  block = PALLAS_BLOCK
+  block = pallas_block(q_len, k_len)
   sizes = flash_attention.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
                            block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
                            block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
