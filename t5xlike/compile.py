@@ -2,7 +2,7 @@
 
     python -m t5xlike.compile --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
         --topology=v4-256 [--num_slices=2] [--json] [--dump_hlo=FILE]
-        [--estimate=loops|probe] [--step=train|decode]
+        [--estimate=auto|loops|probe] [--step=train|decode]
 
 Takes the gin files and overrides of `python -m t5xlike.train` and compiles
 exactly the train step that run would execute (model, optimizer, logical
@@ -22,9 +22,10 @@ the cost model's estimated step time with the tokens/s/chip and MFU it
 implies; collectives per step; compile time) and one JSON line (`--json`:
 the line alone on stdout, the progress log on stderr); `--dump_hlo=FILE`
 also writes the optimised HLO text. The step time is the compiler cost
-model's estimate (TPU) or a roofline (GPU), never a measurement; on TPUs,
-`--estimate=probe` takes it from the unrolled step compiled at 2 and 4 layers
-and extrapolated to the model's depth (`aot.depth_probe`), instead of scaling
+model's estimate (TPU) or a roofline (GPU), never a measurement.
+`--estimate=probe` (the default on GPUs, `auto`) takes it (on GPUs the
+roofline's HBM term) from the unrolled step compiled at 2 and 4 layers and
+extrapolated to the model's depth (`aot.depth_probe`), instead of scaling
 the scanned step's loops by their trip counts. Exit codes:
 0 reported (also when the step does not fit: the report says so), 2 bad
 input (unknown topology, a mesh that does not match the chips, compiler not
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", default="train", choices=("train", "decode"),
                         help="train: the train step of a training run's gin files; decode: "
                              "the generation of an infer run's (runs/infer.gin)")
-    parser.add_argument("--estimate", default="loops", metavar="{loops,probe}",
-                        help="TPU step time: the scanned step's loops scaled by their trip "
-                             "counts (loops), or the unrolled step at 2 and 4 layers "
-                             "extrapolated to the model's depth (probe: 2-3 more compiles)")
+    parser.add_argument("--estimate", default="auto", metavar="{auto,loops,probe}",
+                        help="step time (GPU: HBM traffic): the scanned step's loops scaled "
+                             "by their trip counts (loops), or the unrolled step at 2 and 4 "
+                             "layers extrapolated to the model's depth (probe: 2-3 more "
+                             "compiles); auto: loops on TPUs, probe on GPUs")
 
   def call_root(args):
     from t5xlike import errors  # noqa: PLC0415  (after the flags, like the run)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
       _log_to_stderr()
     if args.step == "decode":
       from t5xlike.runs import compile_decode_run  # noqa: PLC0415  (as compile_run)
-      if args.dump_hlo or args.estimate != "loops":
+      if args.dump_hlo or args.estimate != "auto":
         raise errors.ConfigError("--step=decode takes neither --dump_hlo nor --estimate")
       decode = compile_decode_run.compile_decode(args.topology, args.num_slices)
       if not args.json:

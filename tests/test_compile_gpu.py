@@ -102,19 +102,21 @@ def test_two_hosts_with_a_dcn_mesh():
 
 
 def test_gpu_depth_probe_extrapolates_the_hbm_traffic_of_the_unrolled_step():
-  """XLA's GPU cost analysis counts a loop body once, so `--estimate=probe` takes the HBM
-  term from the step unrolled at 2 and 4 layers: for 6 layers it equals (within 5%) the
-  6-layer step compiled unrolled, whose bytes accessed count every layer."""
+  """XLA's GPU cost analysis counts a loop body once, so on GPUs the default estimate
+  ('auto' = `--estimate=probe`) takes the HBM term from the step unrolled at 2 and 4
+  layers: for 6 layers it equals (within 5%) the 6-layer step compiled unrolled, whose
+  bytes accessed count every layer."""
+  base = ["objectives/causal_lm.gin"]
   overrides = BF16_CUDNN + [("MESH_SHAPE", "{'fsdp': 8}"), ("LOGICAL_AXIS_RULES", "'fsdp'"),
-                            ("decoder.DecoderConfig.num_layers", "6"),
-                            ("decoder.DecoderConfig.scan_layers", "False")]
-  plan, unrolled = compiled(["objectives/causal_lm.gin"], overrides, "h100-8")
+                            ("decoder.DecoderConfig.num_layers", "6")]
+  _, unrolled = compiled(base, overrides + [("decoder.DecoderConfig.scan_layers", "False")],
+                         "h100-8")
   exact = unrolled.bytes_accessed / targets.CHIPS["h100"].hbm_bytes_per_s
-  depths, points = compile_run.probe_points(plan)
-  probe = compile_run.probe_depths(plan, depths, points)
-  assert probe.term == "hbm" and [p["num_layers"] for p in points] == [2, 4]
-  assert probe.step_seconds == pytest.approx(exact, rel=0.05)
-  report = unrolled.with_probe(probe)
-  assert report.roofline["hbm_s"] == probe.step_seconds
+  gin_config.configure(base, overrides + [("decoder.DecoderConfig.scan_layers", "True")])
+  report = compile_run.compile_step("h100-8")
+  assert report.probe is not None and report.probe.term == "hbm"
+  assert [p["num_layers"] for p in report.probe.points] == [2, 4]
+  assert report.roofline["hbm_s"] == report.probe.step_seconds
+  assert report.probe.step_seconds == pytest.approx(exact, rel=0.05)
   assert report.step_seconds == max(report.roofline.values())
   assert "unrolled step at shallow depths" in report.estimate_source

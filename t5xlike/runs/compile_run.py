@@ -37,10 +37,12 @@ from t5xlike.training import nan_policy as nan_policy_lib, trainer as trainer_li
 
 log = logging.getLogger(__name__)
 
-#: `--estimate`: the TPU step time from the scanned step's loops scaled by their trip
-#: counts ('loops', `aot.step_report`), or from the unrolled step at two shallow depths
-#: ('probe', `aot.depth_probe`: two or three more compilations).
-ESTIMATES = ("loops", "probe")
+#: `--estimate`: the step time (GPU: the roofline's HBM term) from the scanned step's loops
+#: scaled by their trip counts ('loops', `aot.step_report`), or from the unrolled step at
+#: two shallow depths ('probe', `aot.depth_probe`: two or three more compilations); 'auto':
+#: 'loops' on TPUs, 'probe' on GPUs (cheap compiles; XLA's GPU bytes have no per-kernel
+#: cycles to scale the loops by) unless the model has no single network to probe.
+ESTIMATES = ("auto", "loops", "probe")
 #: The arguments of `train_run.train` that decide the train step.
 STEP_ARGUMENTS = ("model", "data", "optimizer", "partitioning", "finetuning", "nan_policy")
 
@@ -342,13 +344,20 @@ def probe_depths(plan: CompilePlan, depths: dict[str, int],
 
 
 def compile_step(topology: str, num_slices: int = 1, hlo_path: str | None = None,
-                 estimate: str = "loops") -> step_report.StepReport:
+                 estimate: str = "auto") -> step_report.StepReport:
   """The report of the configured step compiled for `topology` (`execute`); with
-  `estimate='probe'` its step time is `probe_depths`' (`--estimate`)."""
+  `estimate='probe'` (on GPUs also 'auto') its step time is `probe_depths`' (`--estimate`)."""
   if estimate not in ESTIMATES:
     raise errors.ConfigError(f"--estimate must be one of {ESTIMATES}, got {estimate!r}")
   plan = plan_compile(topology, num_slices)
-  probe = probe_points(plan) if estimate == "probe" else None  # checked before compiling
+  probe = None
+  if estimate == "probe" or (estimate == "auto" and plan.target.chip.platform == "gpu"):
+    try:
+      probe = probe_points(plan)  # checked before compiling
+    except errors.ConfigError:
+      if estimate == "probe":
+        raise
+      log.info("no depth probe for this model: the loops are scaled instead")
   report = execute(plan, hlo_path)
   if probe is not None and not report.out_of_memory:
     report = report.with_probe(probe_depths(plan, *probe))
