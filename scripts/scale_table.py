@@ -113,13 +113,13 @@ ROWS = (
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v5p-128", 256,
         "{'targets': 8192}", "{'fsdp': 64}", "fsdp", "full", fixes="remat", estimate="probe"),
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v6e-256", 512,
-        "{'targets': 8192}", "{'fsdp': 256}", "fsdp", "full"),
+        "{'targets': 8192}", "{'fsdp': 256}", "fsdp", "full", estimate="probe"),
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v5p-64", 256,
-        "{'targets': 8192}", "{'fsdp': 32}", "fsdp", "full", num_slices=2),
+        "{'targets': 8192}", "{'fsdp': 32}", "fsdp", "full", num_slices=2, estimate="probe"),
     Row("T5.1.1-large", "models/t5_1_1/large.gin", "h100-8", 128, T5_LENGTHS,
-        "{'data': 8}", "data_parallel", "none", extra=T5_VOCAB),
+        "{'data': 8}", "data_parallel", "none", extra=T5_VOCAB, estimate="probe"),
     Row("decoder-1.1B", "models/decoder/1b.gin", "h100-8", 64, "{'targets': 2048}",
-        "{'fsdp': 8}", "fsdp", "full"),
+        "{'fsdp': 8}", "fsdp", "full", estimate="probe"),
 )
 
 
@@ -163,8 +163,15 @@ def _cell(report: dict, row: Row) -> list[str]:
           f"{state:.2f}", f"{memory['total'] / GIB:.1f} / {memory['hbm'] / GIB:.0f}", fits,
           mfu_cell,
           f"{report['estimated_step_s']:.3g}" if report["estimated_step_s"] else "-",
-          f"{report['collective_bytes_per_step'] / GIB:.2f} ({bound})", attention,
+          _collectives(report) + f" ({bound})", attention,
           f"{report['compile_s']:.0f} / {report['compile_cpu_s']:.0f}"]
+
+
+def _collectives(report: dict) -> str:
+  """GiB per step and chip over the chips' links, plus those sent between slices."""
+  dcn = report.get("dcn_bytes_per_step") or 0
+  cell = f"{report['collective_bytes_per_step'] / GIB:.2f}"
+  return cell + (f" + {dcn / GIB:.2f} DCN" if dcn else "")
 
 
 #: libtpu's cost model prices a lone large bf16 matmul on v5p at 86% of peak at best
@@ -231,25 +238,37 @@ NOTES = [
     "  (~600 CPU-s), the 8B's 1,580 s wall (~900 CPU-s), on the loaded 2-core host.",
     "- **(loops: see below)** marks a loop-scaled estimate faster than its FLOPs (with",
     "  remat) at the 86% of peak the cost model gives a lone big matmul, where the",
-    "  loop scaling may be under-scaled as it was for XL. The 8B on v6e-256 (75%) is",
-    "  the v5p-128 row's model, whose probe (72%) came within 5% of its loop-scaled",
-    "  figure; `--estimate=probe` on that row would settle it (not run: ~30 min here).",
-    "- **2 x v5p-64 over DCN**: no estimate. libtpu's cost model returns a negative",
-    "  `optimal_seconds` (-2.4 s) for this multi-slice program, whose cross-slice",
-    "  reductions compile to host transfers of the multi-slice runtime; the report",
-    "  keeps no figure it cannot explain. Memory (61 of 95 GiB) and the collectives",
-    "  inside a slice are the compiler's; the roofline's compute term (5.44 s) is",
-    "  the single-slice row's.",
+    "  loop scaling may be under-scaled as it was for XL. The 8B on v6e-256 is probed:",
+    "  2 layers 0.169 s, 4 layers 0.258 s, so 32 layers 1.51 s, **68%** (the loop",
+    "  scaling had said 1.37 s, 75%).",
+    "- **2 x v5p-64 over DCN**: libtpu's cost model prices the multi-slice program's",
+    "  transfers between slices (host transfers of the multi-slice runtime, `dcn-*` in",
+    "  the JSON's collectives) as free and adds -1 s for each of its `ZeroCrop` and",
+    "  `SliceId` kernels (taken out again, as `ConcatBitcast`'s). The estimate is",
+    "  therefore libtpu's figure for the slices' own work plus the transfers' time at",
+    "  v5p's 50 Gb/s of data-center network per chip (a ring all-reduce over the",
+    "  slices: 2 (n - 1) / n of the bytes), not overlapped with the backward pass: a",
+    "  pessimistic sum. Checked on the tiny decoder (fsdp 4 in each of 2 x v5e:2x2,",
+    "  `tests/test_compile_tpu.py`): what is left after the transfers is within 25%",
+    "  of one slice's step with as many rows per chip (measured 6%). The 8B: 0.50 GiB",
+    "  per chip per step between slices (its gradient shard, reduced in bfloat16),",
+    "  0.09 s; probed 2 layers 0.668 s, 4 layers 1.020 s, so 5.95 s, **70%** (one",
+    "  slice of 64 chips, same batch: 5.77 s, 72%).",
     "- **GPU rows** (`h100-8`): XLA's GPU compiler exposes no cost model, so the step",
     "  is our roofline: the largest of compute at peak, HBM traffic and collectives",
-    "  at NVLink bandwidth, perfectly overlapped. Compute-bound, it is an upper",
-    "  bound (decoder-1.1B: 74%, i.e. model over hardware FLOPs at peak). Its HBM",
-    "  term is coarse: XLA's HLO cost analysis counts loop bodies once and is scaled",
-    "  by the analytic over the counted FLOPs, which also multiplies work outside",
-    "  the loops (the optimizer update of 2.9 GiB of replicated parameters); the",
-    "  6.9% of T5.1.1-large is that over-count, not a prediction. Per-GPU memory and",
-    "  the cuDNN fused-attention kernels taken (no fallback) are the compiler's",
-    "  figures; `scripts/gpu_mfu.py` measures MFU on a real H100 / H200.",
+    "  at NVLink bandwidth, perfectly overlapped. XLA's HLO cost analysis counts a",
+    "  loop body once, so the HBM term is taken from the step unrolled at 2 and 4",
+    "  layers (`--estimate=probe`, bytes accessed at HBM bandwidth) and extrapolated;",
+    "  the loop scaling it replaces multiplied the work outside the loops too",
+    "  (T5.1.1-large: 0.35 s, 6.9%). T5.1.1-large: 2+2 layers 5.0 ms, 4+4 7.9 ms of",
+    "  HBM traffic, so 36.7 ms at 24+24 against 24.3 ms of FLOPs at peak: HBM-bound,",
+    "  **66%**. decoder-1.1B (full remat): HBM 78 ms, FLOPs 159 ms: compute-bound,",
+    "  **76%**, the model over the hardware FLOPs (remat's recompute), an upper",
+    "  bound. Per-GPU memory and the cuDNN fused-attention kernels taken (no",
+    "  fallback) are the compiler's figures; `scripts/gpu_mfu.py` measures MFU on a",
+    "  real H100 / H200.",
+    "- **Pallas block sizes**: 128 on every generation, the cost model's choice",
+    "  (`scripts/pallas_blocks.py`, docs/pallas_blocks.md).",
     "- **Compile times** are wall / CPU seconds on a shared 2-core host: several",
     "  rows compiled while other jobs held the cores (wall well above CPU).",
 ]
