@@ -44,8 +44,8 @@ class Row:
     num_slices: `--num_slices`.
     extra: more `--gin.NAME=VALUE` overrides.
     fixes: what this row changes to make the row above it (same model and target) fit.
-    estimate: `--estimate` (TPU): 'loops' (the scanned step's loops scaled by their trip
-      counts) or 'probe' (the unrolled step at 2 and 4 layers, extrapolated).
+    estimate: `--estimate`: 'probe' (the unrolled step at 2 and 4 layers, extrapolated;
+      every row) or 'loops' (the scanned step's loops scaled by their trip counts).
   """
   name: str
   model_gin: str
@@ -59,7 +59,7 @@ class Row:
   num_slices: int = 1
   extra: tuple[str, ...] = ()
   fixes: str = ""
-  estimate: str = "loops"
+  estimate: str = "probe"
 
   @property
   def network(self) -> str:
@@ -96,7 +96,7 @@ ROWS = (
     Row("T5.1.1-large", "models/t5_1_1/large.gin", "v4-32", 512, T5_LENGTHS,
         "{'fsdp': 16}", "fsdp", "full", extra=T5_VOCAB, fixes="remat"),
     Row("T5.1.1-XL", "models/t5_1_1/xl.gin", "v5p-128", 1024, T5_LENGTHS,
-        "{'data': 4, 'fsdp': 16}", "fsdp", "none", extra=T5_VOCAB, estimate="probe"),
+        "{'data': 4, 'fsdp': 16}", "fsdp", "none", extra=T5_VOCAB),
     Row("T5.1.1-XXL", "models/t5_1_1/xxl.gin", "v4-256", 1024, T5_LENGTHS,
         "{'data': 128}", "data_parallel", "full", extra=T5_VOCAB),
     Row("T5.1.1-XXL", "models/t5_1_1/xxl.gin", "v4-256", 1024, T5_LENGTHS,
@@ -111,15 +111,15 @@ ROWS = (
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v5p-128", 256,
         "{'targets': 8192}", "{'fsdp': 64}", "fsdp", "none"),
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v5p-128", 256,
-        "{'targets': 8192}", "{'fsdp': 64}", "fsdp", "full", fixes="remat", estimate="probe"),
+        "{'targets': 8192}", "{'fsdp': 64}", "fsdp", "full", fixes="remat"),
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v6e-256", 512,
-        "{'targets': 8192}", "{'fsdp': 256}", "fsdp", "full", estimate="probe"),
+        "{'targets': 8192}", "{'fsdp': 256}", "fsdp", "full"),
     Row("Llama-3-8B-shaped", "models/decoder/llama3_8b.gin", "v5p-64", 256,
-        "{'targets': 8192}", "{'fsdp': 32}", "fsdp", "full", num_slices=2, estimate="probe"),
+        "{'targets': 8192}", "{'fsdp': 32}", "fsdp", "full", num_slices=2),
     Row("T5.1.1-large", "models/t5_1_1/large.gin", "h100-8", 128, T5_LENGTHS,
-        "{'data': 8}", "data_parallel", "none", extra=T5_VOCAB, estimate="probe"),
+        "{'data': 8}", "data_parallel", "none", extra=T5_VOCAB),
     Row("decoder-1.1B", "models/decoder/1b.gin", "h100-8", 64, "{'targets': 2048}",
-        "{'fsdp': 8}", "fsdp", "full", estimate="probe"),
+        "{'fsdp': 8}", "fsdp", "full"),
 )
 
 
@@ -215,8 +215,8 @@ NOTES = [
     "  Checked on T5.1.1-XL cut to 4+4 layers on v5p-8 (`fsdp: 4`, 16 rows per chip,",
     "  as in the XL row): scanned and scaled 0.0628 s per step, unrolled (no loop,",
     "  libtpu's figure as it is) 0.0620 s: 1.4% apart (53% est. MFU).",
-    "- **Depth probe** (`--estimate=probe`, `t5xlike/aot/depth_probe.py`; the rows",
-    "  marked '(probe)'): the loop scaling above can be far off, so these rows take the",
+    "- **Depth probe** (`--estimate=probe`, `t5xlike/aot/depth_probe.py`; every row,",
+    "  marked '(probe)'): the loop scaling above can be far off, so the rows take the",
     "  step time from the step compiled unrolled at 2 and 4 layers (no loop for libtpu",
     "  to count once) and extrapolated linearly to the full depth. Checked on tiny",
     "  decoders on v5e:2x2: 6 layers 0.386 ms probed against 0.378 ms for the 6-layer",
@@ -234,13 +234,27 @@ NOTES = [
     "  model's terms: compute-bound (collectives 0.06 s and 0.16 s at ICI bandwidth,",
     "  HBM traffic below compute); the 8B would gain most from a remat policy that",
     "  keeps some matmul outputs (42 of 95 GiB used). Measured MFU on the hardware",
-    "  will be lower. The probes cost compile time: XL's two probes 1,200 s wall",
-    "  (~600 CPU-s), the 8B's 1,580 s wall (~900 CPU-s), on the loaded 2-core host.",
-    "- **(loops: see below)** marks a loop-scaled estimate faster than its FLOPs (with",
-    "  remat) at the 86% of peak the cost model gives a lone big matmul, where the",
-    "  loop scaling may be under-scaled as it was for XL. The 8B on v6e-256 is probed:",
-    "  2 layers 0.169 s, 4 layers 0.258 s, so 32 layers 1.51 s, **68%** (the loop",
-    "  scaling had said 1.37 s, 75%).",
+    "  will be lower. The 8B on v6e-256: 2 layers 0.169 s, 4 layers 0.258 s, so 32",
+    "  layers 1.51 s, **68%**. The other rows against their loop scaling (the JSON's",
+    "  `loop_scaled_step_s`): T5.1.1-small 0.081 s vs 0.088, base 0.244 vs 0.237,",
+    "  large (v4-32) 1.23 vs 1.55, XXL 2.70 vs 3.44, UL2-20B 1.07 vs 1.26,",
+    "  decoder-1.1B 1.21 vs 1.43, the 8B on v6e-256 1.51 vs 1.37: 3-27% apart, the",
+    "  loop scaling mostly too slow for these. Probes cost compile time (XL's two",
+    "  1,200 s wall and the 8B's 1,580 s on a loaded host; 150-290 s for the others",
+    "  on a quiet one).",
+    "- **The T5 rows below XL** come out far slower than their FLOPs at peak",
+    "  (T5.1.1-large on v4-32: 1.23 s probed against 0.23 s; XXL 2.70 s against",
+    "  0.83 s). Where libtpu puts that time was not traced: the table's bound and",
+    "  roofline terms are loop-scaled (as coarse as the loop scaling), and T5's",
+    "  relative-position bias, which the Pallas kernel takes as a dense float32",
+    "  [rows, heads, q, k] array, accounts for under 0.1 s of HBM traffic per step on",
+    "  the large row by hand (32 rows x 16 heads x 512 x 512 x 4 bytes, written and",
+    "  read ~7 times in each of 24 encoder layers, forward, recomputed, backward).",
+    "  UL2-20B (4x the width per head) reaches **51%**.",
+    "- **(loops: see below)** would mark a loop-scaled estimate faster than its FLOPs",
+    "  (with remat) at the 86% of peak the cost model gives a lone big matmul, where",
+    "  the loop scaling may be under-scaled as it was for XL; no row is marked now,",
+    "  every row being probed.",
     "- **2 x v5p-64 over DCN**: libtpu's cost model prices the multi-slice program's",
     "  transfers between slices (host transfers of the multi-slice runtime, `dcn-*` in",
     "  the JSON's collectives) as free and adds -1 s for each of its `ZeroCrop` and",
