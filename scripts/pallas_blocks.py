@@ -62,13 +62,11 @@ def estimate(device, shape: Shape, block: int) -> tuple[float | None, str]:
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
   from t5xlike.aot import hlo_stats, step_report
+  from t5xlike.models import attention
 
   if block > shape.length:
     return None, f"block {block} > length {shape.length}"
-  sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
-                        block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
-                        block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
-                        block_q_dq=block)
+  sizes = attention.pallas_block_sizes(block)
   sharding = jax.sharding.SingleDeviceSharding(device)
   qkv = jax.ShapeDtypeStruct((shape.batch, shape.heads, shape.length, shape.head_dim),
                              jnp.bfloat16, sharding=sharding)
@@ -88,9 +86,8 @@ def estimate(device, shape: Shape, block: int) -> tuple[float | None, str]:
         qkv, qkv, qkv, segments, bias).compile()
   except Exception as error:
     return None, str(error).splitlines()[0][:120]
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  seconds, _, source = step_report.tpu_estimate(cost, hlo_stats.hlo_stats(compiled.as_text()))
+  seconds, _, source = step_report.tpu_estimate(compiled.cost_analysis(),
+                                                hlo_stats.hlo_stats(compiled.as_text()))
   return seconds, "" if seconds else source
 
 

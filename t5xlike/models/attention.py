@@ -228,19 +228,32 @@ def target_platform() -> str:
   """The platform the traced computation is for: that of the mesh in context
   (`jax.set_mesh`, `Partitioner.activate`), whose devices may be compile-only TPU or
   GPU devices of a machine that is not here (`t5xlike.aot`); else JAX's default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh is None or mesh.empty else mesh.abstract_device
+  device = _mesh_device()
   return jax.default_backend() if device is None else str(device.platform)
+
+
+def _mesh_device():
+  """The abstract device (platform, device kind) of the mesh in context; None if none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh.abstract_device
 
 
 def pallas_block(q_len: int, k_len: int) -> int:
   """The Pallas block size for the target's TPU generation (`PALLAS_BLOCKS`, by the device
   kind of the mesh in context), or `PALLAS_BLOCK` where it does not divide both lengths."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh is None or mesh.empty else mesh.abstract_device
-  kind = getattr(device, "device_kind", None)
+  kind = getattr(_mesh_device(), "device_kind", None)
   block = PALLAS_BLOCKS.get(str(kind), PALLAS_BLOCK)
   return block if q_len % block == 0 and k_len % block == 0 else PALLAS_BLOCK
+
+
+def pallas_block_sizes(block: int):
+  """The Pallas kernel's `BlockSizes` with every block (queries, keys, and the backward
+  pass's) `block` long."""
+  from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: PLC0415  (TPU only)
+  return flash_attention.BlockSizes(
+      block_q=block, block_k_major=block, block_k=block, block_b=1, block_q_major_dkv=block,
+      block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block, block_k_major_dq=block,
+      block_k_dq=block, block_q_dq=block)
 
 
 def mesh_size() -> int:
@@ -291,13 +304,8 @@ def pallas(query: Array, key: Array, value: Array, mask: Array | None, bias: Arr
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
     segments = flash_attention.SegmentIds(q=segment_ids, kv=segment_ids)
-  block = pallas_block(q_len, k_len)
-  sizes = flash_attention.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
-                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
-                           block_q_dkv=block, block_k_major_dq=block, block_k_dq=block,
-                           block_q_dq=block)
   kernel = functools.partial(flash_attention.flash_attention, causal=causal, sm_scale=1.0,
-                             block_sizes=sizes)
+                             block_sizes=pallas_block_sizes(pallas_block(q_len, k_len)))
   try:
     out = _per_shard(kernel, batch, heads)(query, key, value, ab, segments)
   except (ValueError, NotImplementedError) as error:
